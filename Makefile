@@ -1,0 +1,63 @@
+# podvisor: a Kubernetes CRI runtime where every pod is a KVM microVM.
+#
+#   make demo   boot a microVM with the guest agent and show its console
+#   make test   everything the CI runs: setup, guest build, lint, all tests
+#
+# Both install what they need first (Debian 12, as root).
+
+CARGO        ?= cargo
+GUEST_DIR    := build/guest
+TARGET       := x86_64-unknown-linux-gnu
+STATIC_FLAGS := -C target-feature=+crt-static
+AGENT_BIN    := target/$(TARGET)/release/podvisor-agent
+PROBE_BIN    := target/$(TARGET)/release/guest-probe
+
+.PHONY: all setup kernel agent probe rootfs guest build vmm-release lint test unit-test e2e-test demo bench clean
+
+all: guest build
+
+setup:
+	@scripts/setup.sh
+
+kernel: setup
+	@images/build-kernel.sh $(GUEST_DIR)
+
+# Static guest binaries: an explicit --target keeps them apart from host builds.
+agent:
+	RUSTFLAGS='$(STATIC_FLAGS)' $(CARGO) build --release --target $(TARGET) -p podvisor-agent
+
+probe:
+	RUSTFLAGS='$(STATIC_FLAGS)' $(CARGO) build --release --target $(TARGET) -p podvisor-tests --bin guest-probe
+
+rootfs: agent
+	@images/build-rootfs.sh $(AGENT_BIN) $(GUEST_DIR)
+
+guest: kernel rootfs
+
+build:
+	$(CARGO) build --workspace --all-targets
+
+vmm-release:
+	$(CARGO) build --release -p podvisor-vmm
+
+lint:
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+unit-test: build
+	$(CARGO) test --workspace --lib --bins
+
+e2e-test: guest probe build
+	$(CARGO) test -p podvisor-tests --tests -- --test-threads=2
+
+test: setup guest probe lint unit-test e2e-test
+
+demo: setup guest vmm-release
+	@scripts/demo.sh
+
+bench: setup guest probe vmm-release
+	$(CARGO) run --release -p podvisor-tests --bin boot-bench -- --runs 5
+
+clean:
+	rm -rf build
+	$(CARGO) clean

@@ -1,0 +1,188 @@
+//! Process I/O: pipes or a pseudo-terminal, output pumps that keep stdout and stderr apart,
+//! and the single ProcessIo attachment.
+
+use std::fs::File;
+use std::io::Read;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::Mutex;
+
+use nix::fcntl::OFlag;
+use podvisor_proto::v1::{ProcessOutput, Stream};
+use tokio::sync::{mpsc, watch};
+
+use super::spawn::ChildStdio;
+
+/// Output chunks buffered per process before the pumps block (backpressure to the process).
+const OUTPUT_QUEUE: usize = 256;
+const CHUNK: usize = 32 * 1024;
+
+/// The agent's side of a process's standard I/O.
+#[derive(Debug)]
+pub struct ProcessIo {
+    /// stdin pipe or pty master; None when closed or not requested.
+    pub stdin: Mutex<Option<File>>,
+    /// pty master for resizing.
+    pub pty: Option<OwnedFd>,
+    /// Taken by the (single) ProcessIo attachment.
+    pub output: Mutex<Option<mpsc::Receiver<ProcessOutput>>>,
+    /// Number of output streams still open; 0 once all output was drained.
+    pub open_streams: watch::Receiver<usize>,
+}
+
+fn pipe() -> nix::Result<(OwnedFd, OwnedFd)> {
+    nix::unistd::pipe2(OFlag::O_CLOEXEC)
+}
+
+fn devnull() -> std::io::Result<OwnedFd> {
+    Ok(std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")?
+        .into())
+}
+
+/// Creates the descriptors; returns the child's ends and the agent's.
+pub fn create(
+    terminal: bool,
+    stdin: bool,
+    size: (u16, u16),
+) -> std::io::Result<(ChildStdio, ProcessIo)> {
+    let (tx, rx) = mpsc::channel(OUTPUT_QUEUE);
+    if terminal {
+        let ws = nix::pty::Winsize {
+            ws_row: size.1,
+            ws_col: size.0,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        let pty = nix::pty::openpty(Some(&ws), None).map_err(std::io::Error::from)?;
+        for fd in [&pty.master, &pty.slave] {
+            nix::fcntl::fcntl(
+                fd,
+                nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+            )
+            .map_err(std::io::Error::from)?;
+        }
+        let (open_tx, open_rx) = watch::channel(1);
+        let reader = File::from(pty.master.try_clone()?);
+        pump(reader, Stream::Stdout, tx, open_tx.into());
+        let child = ChildStdio {
+            stdin: pty.slave.try_clone()?,
+            stdout: pty.slave.try_clone()?,
+            stderr: pty.slave,
+            tty: true,
+        };
+        let io = ProcessIo {
+            stdin: Mutex::new(
+                stdin
+                    .then(|| pty.master.try_clone().map(File::from))
+                    .transpose()?,
+            ),
+            pty: Some(pty.master),
+            output: Mutex::new(Some(rx)),
+            open_streams: open_rx,
+        };
+        return Ok((child, io));
+    }
+    let (out_r, out_w) = pipe()?;
+    let (err_r, err_w) = pipe()?;
+    let (child_in, agent_in) = if stdin {
+        let (r, w) = pipe()?;
+        (r, Some(File::from(w)))
+    } else {
+        (devnull()?, None)
+    };
+    let (open_tx, open_rx) = watch::channel(2);
+    let open_tx = std::sync::Arc::new(open_tx);
+    pump(
+        File::from(out_r),
+        Stream::Stdout,
+        tx.clone(),
+        open_tx.clone(),
+    );
+    pump(File::from(err_r), Stream::Stderr, tx, open_tx);
+    Ok((
+        ChildStdio {
+            stdin: child_in,
+            stdout: out_w,
+            stderr: err_w,
+            tty: false,
+        },
+        ProcessIo {
+            stdin: Mutex::new(agent_in),
+            pty: None,
+            output: Mutex::new(Some(rx)),
+            open_streams: open_rx,
+        },
+    ))
+}
+
+/// Reads `r` until EOF on a blocking thread, forwarding chunks (dropped once nobody listens),
+/// then sends the stream's eof and counts it closed.
+fn pump(
+    mut r: File,
+    stream: Stream,
+    tx: mpsc::Sender<ProcessOutput>,
+    open: std::sync::Arc<watch::Sender<usize>>,
+) {
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; CHUNK];
+        let mut listening = true;
+        loop {
+            match r.read(&mut buf) {
+                // EIO: the pty's last slave was closed.
+                Ok(0) => break,
+                Err(e) if e.raw_os_error() == Some(libc::EIO) => break,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    tracing::warn!("read process output: {e}");
+                    break;
+                }
+                Ok(n) if listening => {
+                    let msg = ProcessOutput {
+                        stream: stream as i32,
+                        data: buf[..n].to_vec(),
+                        eof: false,
+                    };
+                    listening = tx.blocking_send(msg).is_ok();
+                }
+                Ok(_) => {}
+            }
+        }
+        let _ = tx.blocking_send(ProcessOutput {
+            stream: stream as i32,
+            data: Vec::new(),
+            eof: true,
+        });
+        open.send_modify(|n| *n = n.saturating_sub(1));
+    });
+}
+
+impl ProcessIo {
+    /// Waits until every output stream reached EOF.
+    pub async fn drained(&self) {
+        let mut rx = self.open_streams.clone();
+        let _ = rx.wait_for(|n| *n == 0).await;
+    }
+
+    pub fn close_stdin(&self) {
+        self.stdin.lock().unwrap_or_else(|e| e.into_inner()).take();
+    }
+
+    pub fn resize(&self, width: u16, height: u16) -> nix::Result<()> {
+        let Some(pty) = &self.pty else {
+            return Err(nix::Error::ENOTTY);
+        };
+        let ws = libc::winsize {
+            ws_row: height,
+            ws_col: width,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        // SAFETY: TIOCSWINSZ on our pty master with a valid winsize.
+        if unsafe { libc::ioctl(pty.as_raw_fd(), libc::TIOCSWINSZ, &ws) } < 0 {
+            return Err(nix::Error::last());
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,568 @@
+//! Container root file systems, prepared in the agent's mount namespace before the container's
+//! process is cloned (the clone inherits a copy): the image block device mounted read-only once
+//! and shared, an overlay per container with its upper layer on a tmpfs, /dev, /sys, the
+//! sandbox's /etc files and the request's mounts. What needs the container's own namespaces
+//! (/proc, masked and read-only paths, pivot_root) is done by the child, see `spawn`.
+
+use std::collections::HashMap;
+use std::ffi::CString;
+use std::fs;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use nix::fcntl::{AT_FDCWD, OFlag, openat};
+use nix::mount::{MntFlags, MsFlags, mount, umount2};
+use nix::sys::stat::{Mode, SFlag, makedev, mknodat};
+use podvisor_proto::v1::Mount;
+
+use crate::safepath::{self, PathError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RootfsError {
+    #[error("no block device with virtio serial {0:?}")]
+    NoDevice(String),
+    #[error("invalid {what} {value:?}")]
+    Invalid { what: &'static str, value: String },
+    #[error(transparent)]
+    Path(#[from] PathError),
+    #[error("mount {what} on {target}")]
+    Mount {
+        what: String,
+        target: String,
+        #[source]
+        source: nix::Error,
+    },
+    #[error("{op} {path}")]
+    Io {
+        op: &'static str,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl RootfsError {
+    pub fn is_invalid_argument(&self) -> bool {
+        match self {
+            RootfsError::Invalid { .. } => true,
+            RootfsError::Path(p) => p.is_invalid_argument(),
+            _ => false,
+        }
+    }
+}
+
+fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> RootfsError + 'a {
+    move |source| RootfsError::Io {
+        op,
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+fn mnt(
+    source: Option<&Path>,
+    target: &Path,
+    fstype: Option<&str>,
+    flags: MsFlags,
+    data: Option<&str>,
+) -> Result<(), RootfsError> {
+    mount(source, target, fstype, flags, data).map_err(|e| RootfsError::Mount {
+        what: fstype
+            .map(str::to_owned)
+            .or_else(|| source.map(|s| s.display().to_string()))
+            .unwrap_or_else(|| "remount".to_owned()),
+        target: target.display().to_string(),
+        source: e,
+    })
+}
+
+/// Finds `/dev/vdX` whose `/sys/block/vdX/serial` is `serial`.
+pub fn find_block_device(sys_block: &Path, serial: &str) -> Result<PathBuf, RootfsError> {
+    if serial.is_empty()
+        || serial.len() > 20
+        || !serial
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+    {
+        return Err(RootfsError::Invalid {
+            what: "block device serial",
+            value: serial.to_owned(),
+        });
+    }
+    let entries = fs::read_dir(sys_block).map_err(io_err("read", sys_block))?;
+    for e in entries.flatten() {
+        let Ok(s) = fs::read_to_string(e.path().join("serial")) else {
+            continue;
+        };
+        if s.trim_end_matches(['\n', '\0']) == serial {
+            return Ok(Path::new("/dev").join(e.file_name()));
+        }
+    }
+    Err(RootfsError::NoDevice(serial.to_owned()))
+}
+
+/// Read-only image mounts shared by the containers using them.
+#[derive(Debug, Default)]
+pub struct ImageMounts {
+    mounts: HashMap<String, (PathBuf, usize)>,
+}
+
+impl ImageMounts {
+    /// Mounts the ext4 image with virtio serial `serial` read-only under `images_dir` (once) and
+    /// returns its mount point.
+    pub fn acquire(&mut self, images_dir: &Path, serial: &str) -> Result<PathBuf, RootfsError> {
+        if let Some((p, n)) = self.mounts.get_mut(serial) {
+            *n += 1;
+            return Ok(p.clone());
+        }
+        let dev = find_block_device(Path::new("/sys/block"), serial)?;
+        let target = images_dir.join(serial);
+        fs::create_dir_all(&target).map_err(io_err("mkdir", &target))?;
+        mnt(
+            Some(&dev),
+            &target,
+            Some("ext4"),
+            MsFlags::MS_RDONLY | MsFlags::MS_NODEV | MsFlags::MS_NOSUID,
+            Some("noload"),
+        )?;
+        self.mounts.insert(serial.to_owned(), (target.clone(), 1));
+        Ok(target)
+    }
+
+    /// Drops one user; the last one unmounts.
+    pub fn release(&mut self, serial: &str) {
+        let Some((p, n)) = self.mounts.get_mut(serial) else {
+            return;
+        };
+        *n -= 1;
+        if *n == 0 {
+            if let Err(e) = umount2(p.as_path(), MntFlags::MNT_DETACH) {
+                tracing::warn!("unmount image {}: {e}", p.display());
+            }
+            self.mounts.remove(serial);
+        }
+    }
+}
+
+/// Refuses characters overlayfs would take as option separators.
+fn overlay_path(p: &Path) -> Result<String, RootfsError> {
+    let s = p.to_str().ok_or_else(|| RootfsError::Invalid {
+        what: "overlay path",
+        value: p.display().to_string(),
+    })?;
+    if s.contains([',', ':', '\\', '\n']) {
+        return Err(RootfsError::Invalid {
+            what: "overlay path",
+            value: s.to_owned(),
+        });
+    }
+    Ok(s.to_owned())
+}
+
+/// The overlayfs mount data for one container.
+pub fn overlay_options(lower: &Path, upper: &Path, work: &Path) -> Result<String, RootfsError> {
+    Ok(format!(
+        "lowerdir={},upperdir={},workdir={}",
+        overlay_path(lower)?,
+        overlay_path(upper)?,
+        overlay_path(work)?
+    ))
+}
+
+/// mount(8)-style options split into flags and file-system data.
+#[derive(Debug, PartialEq, Eq)]
+pub struct MountOptions {
+    pub flags: MsFlags,
+    pub bind: bool,
+    pub recursive: bool,
+    pub data: String,
+}
+
+pub fn parse_mount_options(opts: &[String], readonly: bool) -> MountOptions {
+    let mut m = MountOptions {
+        flags: MsFlags::empty(),
+        bind: false,
+        recursive: false,
+        data: String::new(),
+    };
+    let mut data = Vec::new();
+    for o in opts {
+        match o.as_str() {
+            "ro" => m.flags |= MsFlags::MS_RDONLY,
+            "rw" => m.flags &= !MsFlags::MS_RDONLY,
+            "nosuid" => m.flags |= MsFlags::MS_NOSUID,
+            "nodev" => m.flags |= MsFlags::MS_NODEV,
+            "noexec" => m.flags |= MsFlags::MS_NOEXEC,
+            "noatime" => m.flags |= MsFlags::MS_NOATIME,
+            "nodiratime" => m.flags |= MsFlags::MS_NODIRATIME,
+            "relatime" => m.flags |= MsFlags::MS_RELATIME,
+            "strictatime" => m.flags |= MsFlags::MS_STRICTATIME,
+            "suid" | "dev" | "exec" | "atime" | "defaults" => {}
+            "bind" => m.bind = true,
+            "rbind" => {
+                m.bind = true;
+                m.recursive = true;
+            }
+            // Propagation is always private inside the VM.
+            "private" | "rprivate" | "shared" | "rshared" | "slave" | "rslave" => {}
+            other => data.push(other),
+        }
+    }
+    if readonly {
+        m.flags |= MsFlags::MS_RDONLY;
+    }
+    m.data = data.join(",");
+    m
+}
+
+/// Everything a container's rootfs preparation needs to know.
+#[derive(Debug)]
+pub struct RootfsSpec<'a> {
+    /// Lower (image) directory.
+    pub lower: PathBuf,
+    /// Container bundle directory (created here).
+    pub bundle: PathBuf,
+    pub mounts: &'a [Mount],
+    pub readonly: bool,
+    /// (file in the sandbox dir, destination) pairs to bind read-only when present.
+    pub etc_files: Vec<(PathBuf, &'static str)>,
+    /// Sandbox /dev/shm directory when IPC is pod-shared; None for a private tmpfs.
+    pub shared_shm: Option<PathBuf>,
+}
+
+/// A prepared rootfs: the mount point and an O_PATH descriptor of it.
+#[derive(Debug)]
+pub struct PreparedRootfs {
+    pub rootfs: PathBuf,
+    pub fd: OwnedFd,
+}
+
+pub fn rootfs_dir(bundle: &Path) -> PathBuf {
+    bundle.join("rootfs")
+}
+
+const DEVICES: [(&str, u64, u64); 6] = [
+    ("null", 1, 3),
+    ("zero", 1, 5),
+    ("full", 1, 7),
+    ("random", 1, 8),
+    ("urandom", 1, 9),
+    ("tty", 5, 0),
+];
+
+/// Validates the request's mounts without touching anything.
+pub fn validate_mounts(mounts: &[Mount]) -> Result<(), RootfsError> {
+    for m in mounts {
+        safepath::relative_components(&m.destination)?;
+        let o = parse_mount_options(&m.options, m.readonly);
+        if o.bind || m.r#type == "bind" || m.r#type.is_empty() {
+            safepath::relative_components(&m.source)?;
+        } else if !m
+            .r#type
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.')
+        {
+            return Err(RootfsError::Invalid {
+                what: "mount type",
+                value: m.r#type.clone(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Mounts and populates the container's rootfs; on error, what was mounted is undone by
+/// [`cleanup`].
+pub fn prepare(spec: &RootfsSpec<'_>) -> Result<PreparedRootfs, RootfsError> {
+    validate_mounts(spec.mounts)?;
+    let upper = spec.bundle.join("upper");
+    let rootfs = rootfs_dir(&spec.bundle);
+    for d in [&upper, &rootfs] {
+        fs::create_dir_all(d).map_err(io_err("mkdir", d))?;
+    }
+    mnt(
+        Some(Path::new("tmpfs")),
+        &upper,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=0755"),
+    )?;
+    let (diff, work) = (upper.join("diff"), upper.join("work"));
+    for d in [&diff, &work] {
+        fs::create_dir_all(d).map_err(io_err("mkdir", d))?;
+    }
+    let data = overlay_options(&spec.lower, &diff, &work)?;
+    mnt(
+        Some(Path::new("overlay")),
+        &rootfs,
+        Some("overlay"),
+        MsFlags::empty(),
+        Some(&data),
+    )?;
+    let fd = openat(
+        AT_FDCWD,
+        &rootfs,
+        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| io_err("open", &rootfs)(e.into()))?;
+    let d755 = Mode::from_bits_truncate(0o755);
+    for d in ["proc", "sys", "dev", "etc"] {
+        safepath::mkdir_all_beneath(&fd, Path::new(d), d755, None)?;
+    }
+
+    // /dev
+    let dev = rootfs.join("dev");
+    mnt(
+        Some(Path::new("tmpfs")),
+        &dev,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("mode=0755,size=65536k"),
+    )?;
+    let devfd = safepath::open_beneath(
+        &fd,
+        Path::new("dev"),
+        OFlag::O_PATH | OFlag::O_DIRECTORY,
+        Mode::empty(),
+    )?;
+    for (name, major, minor) in DEVICES {
+        mknodat(
+            &devfd,
+            name,
+            SFlag::S_IFCHR,
+            Mode::from_bits_truncate(0o666),
+            makedev(major, minor),
+        )
+        .map_err(|e| io_err("mknod", &dev.join(name))(e.into()))?;
+    }
+    for (target, link) in [
+        ("pts/ptmx", "ptmx"),
+        ("/proc/self/fd", "fd"),
+        ("/proc/self/fd/0", "stdin"),
+        ("/proc/self/fd/1", "stdout"),
+        ("/proc/self/fd/2", "stderr"),
+    ] {
+        nix::unistd::symlinkat(target, &devfd, link)
+            .map_err(|e| io_err("symlink", &dev.join(link))(e.into()))?;
+    }
+    for d in ["pts", "shm"] {
+        safepath::mkdir_all_beneath(&devfd, Path::new(d), d755, None)?;
+    }
+    mnt(
+        Some(Path::new("devpts")),
+        &dev.join("pts"),
+        Some("devpts"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("newinstance,ptmxmode=0666,mode=0620,gid=5"),
+    )?;
+    match &spec.shared_shm {
+        Some(shm) => mnt(Some(shm), &dev.join("shm"), None, MsFlags::MS_BIND, None)?,
+        None => mnt(
+            Some(Path::new("shm")),
+            &dev.join("shm"),
+            Some("tmpfs"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+            Some("mode=1777,size=65536k"),
+        )?,
+    }
+
+    // /sys, read-only.
+    mnt(
+        Some(Path::new("sysfs")),
+        &rootfs.join("sys"),
+        Some("sysfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC | MsFlags::MS_RDONLY,
+        None,
+    )?;
+
+    // Sandbox files, unless the request mounts something there itself.
+    for (src, dest) in &spec.etc_files {
+        if !src.exists() || spec.mounts.iter().any(|m| m.destination == *dest) {
+            continue;
+        }
+        bind(&fd, &rootfs, src, dest, true, MsFlags::empty(), false)?;
+    }
+
+    for m in spec.mounts {
+        let o = parse_mount_options(&m.options, m.readonly);
+        if o.bind || m.r#type == "bind" || m.r#type.is_empty() {
+            bind(
+                &fd,
+                &rootfs,
+                Path::new(&m.source),
+                &m.destination,
+                m.readonly,
+                o.flags,
+                o.recursive,
+            )?;
+        } else {
+            let rel = safepath::relative_components(&m.destination)?;
+            let target = safepath::mkdir_all_beneath(&fd, &rel, d755, None)?;
+            let src = if m.source.is_empty() {
+                m.r#type.as_str()
+            } else {
+                m.source.as_str()
+            };
+            mnt(
+                Some(Path::new(src)),
+                &safepath::fd_path(&target),
+                Some(&m.r#type),
+                o.flags,
+                (!o.data.is_empty()).then_some(o.data.as_str()),
+            )?;
+        }
+    }
+
+    if spec.readonly {
+        mnt(
+            None,
+            &rootfs,
+            None,
+            MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY,
+            None,
+        )?;
+    }
+    Ok(PreparedRootfs { rootfs, fd })
+}
+
+/// Bind-mounts `src` (a file or directory in the guest) onto `dest` inside the rootfs, creating
+/// the mount point without following symlinks.
+fn bind(
+    rootfd: &OwnedFd,
+    rootfs: &Path,
+    src: &Path,
+    dest: &str,
+    readonly: bool,
+    extra: MsFlags,
+    recursive: bool,
+) -> Result<(), RootfsError> {
+    let rel = safepath::relative_components(dest)?;
+    let meta = fs::metadata(src).map_err(io_err("stat bind source", src))?;
+    let target = if meta.is_dir() {
+        safepath::mkdir_all_beneath(rootfd, &rel, Mode::from_bits_truncate(0o755), None)?
+    } else {
+        let parent = safepath::mkdir_all_beneath(
+            rootfd,
+            rel.parent().unwrap_or(Path::new("")),
+            Mode::from_bits_truncate(0o755),
+            None,
+        )?;
+        let name = rel.file_name().map(Path::new).unwrap_or(Path::new("."));
+        safepath::open_beneath(
+            parent.as_fd(),
+            name,
+            OFlag::O_CREAT | OFlag::O_RDONLY,
+            Mode::from_bits_truncate(0o644),
+        )?
+    };
+    let mut flags = MsFlags::MS_BIND;
+    if recursive {
+        flags |= MsFlags::MS_REC;
+    }
+    let target_path = safepath::fd_path(&target);
+    mnt(Some(src), &target_path, None, flags, None)?;
+    let ro_flags = extra & (MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC);
+    if readonly || !ro_flags.is_empty() {
+        let mut f = MsFlags::MS_REMOUNT | MsFlags::MS_BIND | ro_flags;
+        if readonly {
+            f |= MsFlags::MS_RDONLY;
+        }
+        // The descriptor names the covered directory; the path names the new bind mount.
+        mnt(None, &rootfs.join(&rel), None, f, None)?;
+    }
+    Ok(())
+}
+
+/// Unmounts everything below the bundle and removes it.
+pub fn cleanup(bundle: &Path) {
+    for p in [rootfs_dir(bundle), bundle.join("upper")] {
+        match umount2(&p, MntFlags::MNT_DETACH) {
+            Ok(()) | Err(nix::Error::EINVAL) | Err(nix::Error::ENOENT) => {}
+            Err(e) => tracing::warn!("unmount {}: {e}", p.display()),
+        }
+    }
+    if let Err(e) = fs::remove_dir_all(bundle)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        tracing::warn!("remove {}: {e}", bundle.display());
+    }
+}
+
+/// C string of a path (paths from requests were checked for NUL bytes).
+pub fn cpath(p: &Path) -> CString {
+    CString::new(p.as_os_str().as_bytes()).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overlay_option_strings() {
+        assert_eq!(
+            overlay_options(Path::new("/img/a"), Path::new("/b/u"), Path::new("/b/w")).expect("ok"),
+            "lowerdir=/img/a,upperdir=/b/u,workdir=/b/w"
+        );
+        assert!(overlay_options(Path::new("/img/a,b"), Path::new("/u"), Path::new("/w")).is_err());
+        assert!(overlay_options(Path::new("/img:x"), Path::new("/u"), Path::new("/w")).is_err());
+    }
+
+    #[test]
+    fn mount_options() {
+        let o = parse_mount_options(
+            &[
+                "rbind".into(),
+                "nosuid".into(),
+                "size=64m".into(),
+                "rprivate".into(),
+                "mode=755".into(),
+            ],
+            true,
+        );
+        assert!(o.bind && o.recursive);
+        assert_eq!(o.flags, MsFlags::MS_NOSUID | MsFlags::MS_RDONLY);
+        assert_eq!(o.data, "size=64m,mode=755");
+        let bad = [Mount {
+            source: "/run/podvisor/volumes/v".into(),
+            destination: "/data/../../etc".into(),
+            r#type: "bind".into(),
+            ..Default::default()
+        }];
+        assert!(
+            validate_mounts(&bad)
+                .expect_err("dotdot")
+                .is_invalid_argument()
+        );
+        let bad_type = [Mount {
+            destination: "/x".into(),
+            r#type: "tmpfs,evil".into(),
+            ..Default::default()
+        }];
+        assert!(validate_mounts(&bad_type).is_err());
+    }
+
+    #[test]
+    fn block_device_lookup_by_serial() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for (dev, serial) in [("vda", "rootfs"), ("vdb", "img-abc123")] {
+            fs::create_dir(dir.path().join(dev)).expect("mkdir");
+            fs::write(dir.path().join(dev).join("serial"), format!("{serial}\n")).expect("write");
+        }
+        fs::create_dir(dir.path().join("loop0")).expect("mkdir");
+        assert_eq!(
+            find_block_device(dir.path(), "img-abc123").expect("found"),
+            Path::new("/dev/vdb")
+        );
+        assert!(matches!(
+            find_block_device(dir.path(), "nope"),
+            Err(RootfsError::NoDevice(_))
+        ));
+        assert!(
+            find_block_device(dir.path(), "../x")
+                .expect_err("bad")
+                .is_invalid_argument()
+        );
+    }
+}

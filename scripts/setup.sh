@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Installs what podvisor's build, demo and tests need on Debian 12.
+# Idempotent: packages already present are not touched.
+set -euo pipefail
+
+packages=(
+    # guest kernel build
+    linux-source-6.1 bc flex bison libelf-dev build-essential cpio xz-utils
+    # guest images and tests
+    busybox-static e2fsprogs iproute2 kmod curl file
+    # benchmark comparison
+    qemu-system-x86
+    # CRI tests (later issues): registry and CNI plugins
+    docker-registry containernetworking-plugins iptables
+)
+
+missing=()
+for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "[setup] installing: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q
+    apt-get install -y -q --no-install-recommends "${missing[@]}"
+    # The registry package starts a service on install; tests start their own.
+    if command -v systemctl >/dev/null 2>&1; then
+        systemctl disable --now docker-registry >/dev/null 2>&1 || true
+    fi
+else
+    echo "[setup] all packages present"
+fi
+
+if ! command -v cargo >/dev/null 2>&1; then
+    echo "[setup] cargo not found: install Rust (rustup) first" >&2
+    exit 1
+fi
+if ! rustup target list --installed 2>/dev/null | grep -q x86_64-unknown-linux-gnu; then
+    rustup target add x86_64-unknown-linux-gnu
+fi
+[ -e /dev/kvm ] || { echo "[setup] /dev/kvm is missing: podvisor needs KVM" >&2; exit 1; }
+[ -e /dev/net/tun ] || { mkdir -p /dev/net && mknod /dev/net/tun c 10 200; }
+echo "[setup] done"

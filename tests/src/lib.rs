@@ -1,0 +1,23 @@
+//! podvisor end-to-end test support: builds what a guest needs, boots
+//! podvisor-vmm microVMs and watches their consoles.
+//!
+//! Everything here is written for a kvm_pvm host (see the shared notes):
+//! the guest kernel is emulated and slow, so waits are on readiness markers
+//! with generous deadlines, never on fixed sleeps, and nothing asserts on
+//! timings.
+//!
+//! - [`paths`]: the workspace, the guest kernel, the target directory.
+//! - [`artifacts`]: podvisor-vmm and the static `guest-probe`, built on demand.
+//! - [`image`]: the ext4 test disk (busybox, guest-probe, `/init`, `/tests/*.sh`).
+//! - [`vm`]: a running microVM with its console, API and clean-up.
+//! - [`netns`]: a throw-away network namespace holding a TAP.
+//! - [`procfs`]: resident memory of a VMM, guest RAM excluded.
+
+pub mod artifacts;
+pub mod image;
+pub mod netns;
+pub mod paths;
+pub mod procfs;
+pub mod vm;
+
+pub use vm::{DriveSpec, Pattern, Vm, VmSpec};

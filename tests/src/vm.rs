@@ -1,0 +1,383 @@
+//! A podvisor-vmm microVM under test: spawned with its console in a file,
+//! watched through console markers, killed and cleaned up on drop.
+
+use std::fmt;
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow, bail};
+use podvisor_vmm::api::VmInfo;
+use regex::Regex;
+
+use crate::netns::NetNs;
+use crate::{artifacts, image, paths};
+
+/// How often the console file and the process are looked at while waiting.
+const POLL: Duration = Duration::from_millis(50);
+
+/// An extra drive.
+#[derive(Debug, Clone)]
+pub struct DriveSpec {
+    /// Host file.
+    pub path: PathBuf,
+    /// Attach read-only.
+    pub read_only: bool,
+    /// Drive id (the guest's virtio serial).
+    pub id: String,
+}
+
+/// What to boot. The test image is always the first drive (`/dev/vda`, id `root`).
+#[derive(Debug, Clone)]
+pub struct VmSpec {
+    /// The guest script to run: `/tests/<test>.sh`.
+    pub test: String,
+    /// vCPUs.
+    pub vcpus: u8,
+    /// Guest memory.
+    pub mem_mib: u64,
+    /// Drives after the root drive.
+    pub drives: Vec<DriveSpec>,
+    /// A TAP to attach (it must exist where the VMM runs).
+    pub net_tap: Option<String>,
+    /// A vsock device with this CID (its socket lives in the VM's directory).
+    pub vsock_cid: Option<u64>,
+    /// Serve the control API (its socket lives in the VM's directory).
+    pub api: bool,
+}
+
+impl VmSpec {
+    /// One vCPU, 128 MiB, no device but the root drive.
+    pub fn new(test: &str) -> Self {
+        Self {
+            test: test.into(),
+            vcpus: 1,
+            mem_mib: 128,
+            drives: Vec::new(),
+            net_tap: None,
+            vsock_cid: None,
+            api: false,
+        }
+    }
+}
+
+/// The command line every test boot uses.
+pub fn test_cmdline(test: &str) -> String {
+    format!("quiet root=/dev/vda ro rootfstype=ext4 init=/init podvisor.test={test}")
+}
+
+/// What to wait for on the console.
+#[derive(Debug, Clone)]
+pub enum Pattern {
+    /// A line containing this text.
+    Substring(String),
+    /// A line matching this regex.
+    Regex(Regex),
+}
+
+impl Pattern {
+    /// A regex pattern; panics on a bad regex (a bug in the test).
+    #[allow(clippy::expect_used)]
+    pub fn regex(re: &str) -> Self {
+        Self::Regex(Regex::new(re).expect("test regex is valid"))
+    }
+
+    /// Whether `line` matches.
+    pub fn matches(&self, line: &str) -> bool {
+        match self {
+            Self::Substring(s) => line.contains(s.as_str()),
+            Self::Regex(r) => r.is_match(line),
+        }
+    }
+}
+
+impl From<&str> for Pattern {
+    fn from(s: &str) -> Self {
+        Self::Substring(s.into())
+    }
+}
+
+impl From<String> for Pattern {
+    fn from(s: String) -> Self {
+        Self::Substring(s)
+    }
+}
+
+impl fmt::Display for Pattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Substring(s) => write!(f, "{s:?}"),
+            Self::Regex(r) => write!(f, "/{}/", r.as_str()),
+        }
+    }
+}
+
+/// A running (or ended) podvisor-vmm.
+#[derive(Debug)]
+pub struct Vm {
+    child: Child,
+    status: Option<ExitStatus>,
+    started: Instant,
+    dir: tempfile::TempDir,
+    console: PathBuf,
+    stderr: PathBuf,
+    console_read: u64,
+    partial: String,
+    lines: Vec<String>,
+    api_sock: Option<PathBuf>,
+    vsock_uds: Option<PathBuf>,
+}
+
+impl Vm {
+    /// Boots `spec` with the test image and kernel, optionally inside `netns`.
+    pub fn boot(spec: &VmSpec, netns: Option<&NetNs>) -> anyhow::Result<Self> {
+        paths::require_kvm()?;
+        let kernel = paths::guest_kernel()?;
+        let vmm = artifacts::vmm_binary()?;
+        let img = image::test_image()?;
+        let dir = tempfile::Builder::new()
+            .prefix("podvisor-vm-")
+            .tempdir()
+            .context("create the VM's temporary directory")?;
+        let console = dir.path().join("console.log");
+        let stderr = dir.path().join("vmm.stderr");
+        let mut args: Vec<String> = vec![
+            "--kernel".into(),
+            kernel.display().to_string(),
+            "--cmdline".into(),
+            test_cmdline(&spec.test),
+            "--vcpus".into(),
+            spec.vcpus.to_string(),
+            "--mem-mib".into(),
+            spec.mem_mib.to_string(),
+            "--serial".into(),
+            console.display().to_string(),
+            "--drive".into(),
+            format!("{},ro,id=root", img.display()),
+        ];
+        for d in &spec.drives {
+            args.push("--drive".into());
+            args.push(format!(
+                "{}{},id={}",
+                d.path.display(),
+                if d.read_only { ",ro" } else { "" },
+                d.id
+            ));
+        }
+        if let Some(tap) = &spec.net_tap {
+            args.push("--net".into());
+            args.push(format!("tap={tap}"));
+        }
+        let vsock_uds = spec.vsock_cid.map(|_| dir.path().join("vsock.sock"));
+        if let (Some(cid), Some(uds)) = (spec.vsock_cid, &vsock_uds) {
+            args.push("--vsock".into());
+            args.push(format!("cid={cid},uds={}", uds.display()));
+        }
+        let api_sock = spec.api.then(|| dir.path().join("api.sock"));
+        if let Some(sock) = &api_sock {
+            args.push("--api-sock".into());
+            args.push(sock.display().to_string());
+        }
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(ns.exec_prefix()).arg(&vmm);
+                c
+            }
+            None => Command::new(&vmm),
+        };
+        cmd.args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(File::create(&stderr).context("create the VMM's stderr file")?);
+        let started = Instant::now();
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("spawn {} {}", vmm.display(), args.join(" ")))?;
+        Ok(Self {
+            child,
+            status: None,
+            started,
+            dir,
+            console,
+            stderr,
+            console_read: 0,
+            partial: String::new(),
+            lines: Vec::new(),
+            api_sock,
+            vsock_uds,
+        })
+    }
+
+    /// The VMM's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// When the VMM was spawned.
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
+    /// The VM's temporary directory (removed on drop).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The control API socket, if the VM has one.
+    pub fn api_sock(&self) -> anyhow::Result<&Path> {
+        self.api_sock.as_deref().ok_or_else(|| anyhow!("this VM has no API socket"))
+    }
+
+    /// The vsock Unix socket, if the VM has a vsock device.
+    pub fn vsock_uds(&self) -> anyhow::Result<&Path> {
+        self.vsock_uds.as_deref().ok_or_else(|| anyhow!("this VM has no vsock device"))
+    }
+
+    /// One control API call; the body of a 2xx answer.
+    pub fn api(&self, method: &str, uri: &str, body: Option<&str>) -> anyhow::Result<String> {
+        let sock = self.api_sock()?;
+        podvisor_vmm::api::client::call(sock, method, uri, body)
+            .with_context(|| format!("API {method} {uri}"))
+    }
+
+    /// `GET /vm`.
+    pub fn info(&self) -> anyhow::Result<VmInfo> {
+        let body = self.api("GET", "/vm", None)?;
+        serde_json::from_str(&body).with_context(|| format!("parse GET /vm answer {body}"))
+    }
+
+    /// Everything the VMM wrote to stderr so far.
+    pub fn stderr(&self) -> String {
+        std::fs::read(&self.stderr)
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_else(|e| format!("<cannot read stderr: {e}>"))
+    }
+
+    /// Console lines read so far.
+    pub fn console_lines(&mut self) -> &[String] {
+        let _ = self.read_console();
+        &self.lines
+    }
+
+    fn read_console(&mut self) -> anyhow::Result<()> {
+        let mut f = match File::open(&self.console) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e).with_context(|| format!("open {}", self.console.display())),
+        };
+        f.seek(SeekFrom::Start(self.console_read))?;
+        let mut buf = Vec::new();
+        f.read_to_end(&mut buf)
+            .with_context(|| format!("read {}", self.console.display()))?;
+        self.console_read += buf.len() as u64;
+        self.partial.push_str(&String::from_utf8_lossy(&buf));
+        while let Some(i) = self.partial.find('\n') {
+            let line: String = self.partial.drain(..=i).collect();
+            self.lines.push(line.trim_end_matches(['\r', '\n']).to_string());
+        }
+        Ok(())
+    }
+
+    fn find(&self, pat: &Pattern) -> Option<String> {
+        self.lines
+            .iter()
+            .find(|l| pat.matches(l))
+            .cloned()
+            .or_else(|| pat.matches(&self.partial).then(|| self.partial.clone()))
+    }
+
+    /// Whether the VMM has ended (without waiting).
+    pub fn try_status(&mut self) -> anyhow::Result<Option<ExitStatus>> {
+        if self.status.is_none() {
+            self.status = self.child.try_wait().context("wait for the VMM")?;
+        }
+        Ok(self.status)
+    }
+
+    /// Waits until a console line (any line since boot) matches `pat`;
+    /// returns that line. Fails when `timeout` passes or the VMM ends first.
+    pub fn wait_for_console(&mut self, pat: impl Into<Pattern>, timeout: Duration) -> anyhow::Result<String> {
+        let pat = pat.into();
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.read_console()?;
+            if let Some(line) = self.find(&pat) {
+                return Ok(line);
+            }
+            if let Some(status) = self.try_status()? {
+                self.read_console()?;
+                if let Some(line) = self.find(&pat) {
+                    return Ok(line);
+                }
+                bail!(
+                    "the VMM ended ({status}) before the console showed {pat}\n{}",
+                    self.report()
+                );
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "the console did not show {pat} within {timeout:?}\n{}",
+                    self.report()
+                );
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+
+    /// Waits for the VMM to end; kills it when `timeout` passes.
+    pub fn wait_exit(&mut self, timeout: Duration) -> anyhow::Result<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.try_status()? {
+                let _ = self.read_console();
+                return Ok(status);
+            }
+            if Instant::now() >= deadline {
+                self.kill();
+                bail!("the VMM did not end within {timeout:?}; killed\n{}", self.report());
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+
+    /// Kills the VMM (if still running) and reaps it.
+    pub fn kill(&mut self) {
+        if matches!(self.try_status(), Ok(None)) {
+            let _ = self.child.kill();
+            self.status = self.child.wait().ok();
+        }
+    }
+
+    /// The tail of the console and stderr, for failure messages.
+    pub fn report(&mut self) -> String {
+        let _ = self.read_console();
+        let tail = |lines: &[String], n: usize| {
+            lines[lines.len().saturating_sub(n)..]
+                .iter()
+                .map(|l| format!("  | {l}"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        let mut console = self.lines.clone();
+        if !self.partial.is_empty() {
+            console.push(self.partial.clone());
+        }
+        let stderr: Vec<String> = self.stderr().lines().map(str::to_string).collect();
+        format!(
+            "--- console (last 40 of {} lines, {:.1} s since spawn) ---\n{}\n--- VMM stderr (last 30 lines) ---\n{}",
+            console.len(),
+            self.started.elapsed().as_secs_f64(),
+            tail(&console, 40),
+            tail(&stderr, 30)
+        )
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

@@ -1,0 +1,118 @@
+//! Serves the control API on a thread of its own.
+
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::http::{self, HttpError, Request};
+use super::types::{BootInfo, DeviceInfo, DriveSwap, ErrorBody, VmInfo, VmRunState};
+use crate::exit::ExitReason;
+use crate::virtio::mmio::lock;
+use crate::vm::VmHandle;
+
+/// Accepts connections until the process ends; a bad client never stops it.
+pub fn serve(listener: UnixListener, vm: Arc<VmHandle>) {
+    for conn in listener.incoming() {
+        match conn {
+            Ok(stream) => handle_connection(stream, &vm),
+            Err(e) => tracing::warn!("control API accept: {e}"),
+        }
+    }
+}
+
+fn handle_connection(mut stream: UnixStream, vm: &VmHandle) {
+    // A client that stalls must not hold the API forever.
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+    let _ = stream.set_write_timeout(Some(Duration::from_secs(5)));
+    let (status, body) = match http::read_request(&mut stream) {
+        Ok(req) => route(&req, vm),
+        Err(HttpError::TooLarge) => (413, error_body("request too large")),
+        Err(e) => (400, error_body(&e.to_string())),
+    };
+    if let Err(e) = http::write_response(&mut stream, status, &body) {
+        tracing::debug!("control API answer: {e}");
+    }
+}
+
+fn error_body(msg: &str) -> String {
+    serde_json::to_string(&ErrorBody {
+        error: msg.to_string(),
+    })
+    .unwrap_or_default()
+}
+
+fn route(req: &Request, vm: &VmHandle) -> (u16, String) {
+    let path = req.path.split('?').next().unwrap_or_default();
+    match (req.method.as_str(), path) {
+        ("GET", "/vm") => match serde_json::to_string(&info(vm)) {
+            Ok(body) => (200, body),
+            Err(e) => (500, error_body(&e.to_string())),
+        },
+        ("PUT", "/vm/pause") => {
+            vm.control.pause();
+            tracing::info!("paused");
+            (204, String::new())
+        }
+        ("PUT", "/vm/resume") => {
+            vm.control.resume();
+            tracing::info!("resumed");
+            (204, String::new())
+        }
+        ("PUT", "/vm/stop") => {
+            vm.exit.trigger(ExitReason::Stopped);
+            (204, String::new())
+        }
+        ("PUT", p) if p.starts_with("/drives/") => swap_drive(&p["/drives/".len()..], &req.body, vm),
+        (_, "/vm" | "/vm/pause" | "/vm/resume" | "/vm/stop") => (405, error_body("method not allowed")),
+        _ => (404, error_body(&format!("no such resource {path}"))),
+    }
+}
+
+fn swap_drive(id: &str, body: &[u8], vm: &VmHandle) -> (u16, String) {
+    let swap: DriveSwap = match serde_json::from_slice(body) {
+        Ok(s) => s,
+        Err(e) => return (400, error_body(&format!("drive swap body: {e}"))),
+    };
+    let Some((_, block)) = vm.drives.iter().find(|(d, _)| d == id) else {
+        return (404, error_body(&format!("no drive with id {id:?}")));
+    };
+    match lock(block).swap_backing(&swap.path, swap.read_only) {
+        Ok(()) => {
+            tracing::info!(drive = id, path = %swap.path.display(), "drive backing swapped");
+            (204, String::new())
+        }
+        Err(e) => (400, error_body(&format!("swap drive {id}: {e}"))),
+    }
+}
+
+fn info(vm: &VmHandle) -> VmInfo {
+    let ms = |us: Option<u64>| us.map(|u| u as f64 / 1000.0);
+    VmInfo {
+        state: if vm.control.is_paused() {
+            VmRunState::Paused
+        } else {
+            VmRunState::Running
+        },
+        pid: std::process::id(),
+        vcpus: vm.vcpus,
+        mem_mib: vm.mem_mib,
+        boot: BootInfo {
+            first_vcpu_entry_ms: ms(vm.times.first_vcpu_entry_us()),
+            init_ms: ms(vm.times.init_us()),
+        },
+        devices: vm
+            .mmio
+            .transports()
+            .map(|t| {
+                let t = lock(t);
+                let dev = lock(t.device());
+                DeviceInfo {
+                    name: dev.name(),
+                    state: format!("{:?}", t.state()),
+                    counters: dev.counters().into(),
+                    transport: t.counters().into(),
+                }
+            })
+            .collect(),
+    }
+}

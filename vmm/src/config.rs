@@ -1,0 +1,360 @@
+//! What a VM is made of: parsed from the command line or a JSON file.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::boot::mptable::MAX_VCPUS;
+use crate::layout::MAX_VIRTIO_DEVICES;
+use crate::memory::{MAX_MEM_MIB, MIN_MEM_MIB};
+
+/// A virtio-blk drive.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DriveConfig {
+    /// Raw image file on the host.
+    pub path: PathBuf,
+    /// Attach read-only.
+    #[serde(default)]
+    pub read_only: bool,
+    /// Drive id, also its virtio serial (GET_ID); at most 20 bytes.
+    pub id: String,
+}
+
+/// A virtio-net interface on a TAP device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetDeviceConfig {
+    /// TAP device name.
+    pub tap: String,
+    /// Guest MAC address.
+    pub mac: [u8; 6],
+}
+
+/// A virtio-vsock device with its host side on Unix sockets.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VsockDeviceConfig {
+    /// Guest context id (3 or more).
+    pub cid: u64,
+    /// Host Unix socket; guest connections to port P go to `<uds>_<P>`.
+    pub uds: PathBuf,
+}
+
+/// Where the serial console goes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum SerialOutput {
+    /// The VMM's standard output.
+    #[default]
+    Stdout,
+    /// Appended to a file.
+    File(PathBuf),
+    /// Discarded.
+    Null,
+}
+
+/// A whole VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmConfig {
+    /// Kernel: ELF vmlinux with a PVH note, or bzImage.
+    pub kernel: PathBuf,
+    /// Optional initramfs.
+    #[serde(default)]
+    pub initrd: Option<PathBuf>,
+    /// The caller's kernel command line (the VMM adds what it must).
+    #[serde(default)]
+    pub cmdline: String,
+    /// vCPUs.
+    #[serde(default = "default_vcpus")]
+    pub vcpus: u8,
+    /// Guest memory in MiB.
+    #[serde(default = "default_mem_mib")]
+    pub mem_mib: u64,
+    /// Drives, in order: the first is /dev/vda.
+    #[serde(default)]
+    pub drives: Vec<DriveConfig>,
+    /// Network interface.
+    #[serde(default)]
+    pub net: Option<NetDeviceConfig>,
+    /// vsock device.
+    #[serde(default)]
+    pub vsock: Option<VsockDeviceConfig>,
+    /// Control API socket.
+    #[serde(default)]
+    pub api_sock: Option<PathBuf>,
+    /// Serial console output.
+    #[serde(default)]
+    pub serial: SerialOutput,
+}
+
+fn default_vcpus() -> u8 {
+    1
+}
+
+fn default_mem_mib() -> u64 {
+    128
+}
+
+/// A configuration the VMM refuses.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    /// Malformed `--drive`, `--net` or `--vsock` value.
+    #[error("{option} {value:?}: {why}")]
+    Option {
+        /// The option.
+        option: &'static str,
+        /// What was given.
+        value: String,
+        /// What is wrong.
+        why: String,
+    },
+    /// vCPU count out of range.
+    #[error("vcpus {0} is out of range (1..={MAX_VCPUS})")]
+    Vcpus(u8),
+    /// Memory size out of range.
+    #[error("mem-mib {0} is out of range ({MIN_MEM_MIB}..={MAX_MEM_MIB})")]
+    Memory(u64),
+    /// The kernel file is missing.
+    #[error("kernel {0} does not exist")]
+    MissingKernel(PathBuf),
+    /// The initrd file is missing.
+    #[error("initrd {0} does not exist")]
+    MissingInitrd(PathBuf),
+    /// Two drives with one id.
+    #[error("drive id {0:?} is used twice")]
+    DuplicateDrive(String),
+    /// Drive id empty or too long.
+    #[error("drive id {0:?} must be 1 to 20 bytes")]
+    DriveId(String),
+    /// More devices than IRQs.
+    #[error("{0} virtio devices is more than the {MAX_VIRTIO_DEVICES} a microVM has IRQs for")]
+    TooManyDevices(usize),
+    /// Reserved vsock CID.
+    #[error("vsock cid {0} is reserved (use 3 or more)")]
+    Cid(u64),
+}
+
+fn opt_err(option: &'static str, value: &str, why: impl Into<String>) -> ConfigError {
+    ConfigError::Option {
+        option,
+        value: value.to_string(),
+        why: why.into(),
+    }
+}
+
+/// Parses `PATH[,ro][,id=ID]`; `index` names drives without an id.
+pub fn parse_drive(value: &str, index: usize) -> Result<DriveConfig, ConfigError> {
+    let mut parts = value.split(',');
+    let path = parts.next().filter(|p| !p.is_empty());
+    let Some(path) = path else {
+        return Err(opt_err("--drive", value, "missing path"));
+    };
+    let mut drive = DriveConfig {
+        path: PathBuf::from(path),
+        read_only: false,
+        id: format!("drive{index}"),
+    };
+    for p in parts {
+        match p.split_once('=') {
+            None if p == "ro" => drive.read_only = true,
+            None if p == "rw" => drive.read_only = false,
+            Some(("id", id)) => drive.id = id.to_string(),
+            _ => return Err(opt_err("--drive", value, format!("unknown part {p:?}"))),
+        }
+    }
+    Ok(drive)
+}
+
+/// Parses a MAC written `aa:bb:cc:dd:ee:ff`.
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in &mut mac {
+        let p = parts.next()?;
+        if p.len() != 2 {
+            return None;
+        }
+        *b = u8::from_str_radix(p, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
+/// Parses `tap=NAME[,mac=MAC]`. Without a MAC, one is derived from the TAP
+/// name (locally administered, unicast) so it is stable across restarts.
+pub fn parse_net(value: &str) -> Result<NetDeviceConfig, ConfigError> {
+    let mut tap = None;
+    let mut mac = None;
+    for p in value.split(',') {
+        match p.split_once('=') {
+            Some(("tap", t)) if !t.is_empty() && t.len() < 16 => tap = Some(t.to_string()),
+            Some(("tap", _)) => return Err(opt_err("--net", value, "TAP name must be 1 to 15 bytes")),
+            Some(("mac", m)) => {
+                mac = Some(parse_mac(m).ok_or_else(|| opt_err("--net", value, "bad MAC"))?)
+            }
+            _ => return Err(opt_err("--net", value, format!("unknown part {p:?}"))),
+        }
+    }
+    let tap = tap.ok_or_else(|| opt_err("--net", value, "missing tap=NAME"))?;
+    let mac = mac.unwrap_or_else(|| derived_mac(&tap));
+    Ok(NetDeviceConfig { tap, mac })
+}
+
+fn derived_mac(name: &str) -> [u8; 6] {
+    // FNV-1a of the name, with the locally-administered bit set.
+    let h = name
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+    let b = h.to_le_bytes();
+    [0x02, b[0], b[1], b[2], b[3], b[4]]
+}
+
+/// Parses `cid=N,uds=PATH`.
+pub fn parse_vsock(value: &str) -> Result<VsockDeviceConfig, ConfigError> {
+    let mut cid = None;
+    let mut uds = None;
+    for p in value.split(',') {
+        match p.split_once('=') {
+            Some(("cid", c)) => {
+                cid = Some(c.parse::<u64>().map_err(|_| opt_err("--vsock", value, "cid is not a number"))?)
+            }
+            Some(("uds", u)) if !u.is_empty() => uds = Some(PathBuf::from(u)),
+            _ => return Err(opt_err("--vsock", value, format!("unknown part {p:?}"))),
+        }
+    }
+    Ok(VsockDeviceConfig {
+        cid: cid.ok_or_else(|| opt_err("--vsock", value, "missing cid=N"))?,
+        uds: uds.ok_or_else(|| opt_err("--vsock", value, "missing uds=PATH"))?,
+    })
+}
+
+impl VmConfig {
+    /// Checks everything that can be checked before touching KVM.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
+            return Err(ConfigError::Vcpus(self.vcpus));
+        }
+        if !(MIN_MEM_MIB..=MAX_MEM_MIB).contains(&self.mem_mib) {
+            return Err(ConfigError::Memory(self.mem_mib));
+        }
+        if !self.kernel.is_file() {
+            return Err(ConfigError::MissingKernel(self.kernel.clone()));
+        }
+        if let Some(i) = &self.initrd
+            && !i.is_file()
+        {
+            return Err(ConfigError::MissingInitrd(i.clone()));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for d in &self.drives {
+            if d.id.is_empty() || d.id.len() > 20 {
+                return Err(ConfigError::DriveId(d.id.clone()));
+            }
+            if !seen.insert(&d.id) {
+                return Err(ConfigError::DuplicateDrive(d.id.clone()));
+            }
+        }
+        let n = self.drives.len() + usize::from(self.net.is_some()) + usize::from(self.vsock.is_some());
+        if n > MAX_VIRTIO_DEVICES {
+            return Err(ConfigError::TooManyDevices(n));
+        }
+        if let Some(v) = &self.vsock
+            && v.cid < 3
+        {
+            return Err(ConfigError::Cid(v.cid));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drives_parse() {
+        let d = parse_drive("/a.img,ro,id=rootfs", 0).unwrap();
+        assert_eq!(
+            d,
+            DriveConfig {
+                path: "/a.img".into(),
+                read_only: true,
+                id: "rootfs".into()
+            }
+        );
+        assert_eq!(parse_drive("/b.img", 3).unwrap().id, "drive3");
+        assert!(parse_drive(",ro", 0).is_err());
+        assert!(parse_drive("/a,rx", 0).is_err());
+    }
+
+    #[test]
+    fn net_parses_with_and_without_mac() {
+        let n = parse_net("tap=tap0,mac=02:00:00:00:00:01").unwrap();
+        assert_eq!(n.mac, [2, 0, 0, 0, 0, 1]);
+        let n = parse_net("tap=tap0").unwrap();
+        assert_eq!(n.mac[0], 0x02, "locally administered unicast");
+        assert_eq!(n.mac, parse_net("tap=tap0").unwrap().mac, "stable");
+        assert!(parse_net("mac=02:00:00:00:00:01").is_err());
+        assert!(parse_net("tap=t,mac=02:00:00:00:00").is_err());
+        assert!(parse_net("tap=t,mac=zz:00:00:00:00:00").is_err());
+        assert!(parse_net("tap=abcdefghijklmnopq").is_err());
+    }
+
+    #[test]
+    fn vsock_parses() {
+        let v = parse_vsock("cid=3,uds=/run/v.sock").unwrap();
+        assert_eq!(v.cid, 3);
+        assert!(parse_vsock("cid=x,uds=/a").is_err());
+        assert!(parse_vsock("uds=/a").is_err());
+    }
+
+    fn base() -> VmConfig {
+        VmConfig {
+            kernel: "/proc/self/exe".into(),
+            initrd: None,
+            cmdline: String::new(),
+            vcpus: 1,
+            mem_mib: 128,
+            drives: vec![],
+            net: None,
+            vsock: None,
+            api_sock: None,
+            serial: SerialOutput::Null,
+        }
+    }
+
+    #[test]
+    fn validation_names_the_bad_value() {
+        assert_eq!(base().validate(), Ok(()));
+        let c = VmConfig { vcpus: 0, ..base() };
+        assert_eq!(c.validate(), Err(ConfigError::Vcpus(0)));
+        let c = VmConfig { mem_mib: 1, ..base() };
+        assert_eq!(c.validate(), Err(ConfigError::Memory(1)));
+        let c = VmConfig {
+            kernel: "/nonexistent/vmlinux".into(),
+            ..base()
+        };
+        assert!(c.validate().unwrap_err().to_string().contains("/nonexistent/vmlinux"));
+        let d = parse_drive("/x,id=a", 0).unwrap();
+        let c = VmConfig {
+            drives: vec![d.clone(), d],
+            ..base()
+        };
+        assert_eq!(c.validate(), Err(ConfigError::DuplicateDrive("a".into())));
+        let c = VmConfig {
+            vsock: Some(parse_vsock("cid=2,uds=/x").unwrap()),
+            ..base()
+        };
+        assert_eq!(c.validate(), Err(ConfigError::Cid(2)));
+    }
+
+    #[test]
+    fn json_config_round_trips() {
+        let mut c = base();
+        c.drives.push(parse_drive("/r.img,ro,id=root", 0).unwrap());
+        c.serial = SerialOutput::File("/tmp/console.log".into());
+        let s = serde_json::to_string(&c).unwrap();
+        let back: VmConfig = serde_json::from_str(&s).unwrap();
+        assert_eq!(back, c);
+        let min: VmConfig = serde_json::from_str(r#"{"kernel":"/k"}"#).unwrap();
+        assert_eq!(min.vcpus, 1);
+        assert_eq!(min.mem_mib, 128);
+    }
+}

@@ -1,0 +1,17 @@
+//! podvisor-vmm: a KVM microVM monitor on rust-vmm crates, one process per pod.
+//!
+//! One thread per vCPU, one event-loop thread for device I/O, one thread for
+//! the control API. The guest is hostile: every value it hands over is
+//! checked before use, and nothing it sizes is allocated without a cap.
+
+pub mod boot;
+pub mod bus;
+pub mod devices;
+pub mod exit;
+pub mod layout;
+pub mod memory;
+pub mod vcpu;
+pub mod virtio;
+pub mod api;
+pub mod config;
+pub mod vm;

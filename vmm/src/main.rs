@@ -1,0 +1,108 @@
+//! `podvisor-vmm`: boots one microVM and runs it until it ends.
+//!
+//! Exit code: 0 when the guest powers off or reboots (or the API stops it),
+//! 2 when the guest kernel panics, 1 on a VMM error.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Context;
+use clap::Parser;
+use podvisor_vmm::config::{self, SerialOutput, VmConfig};
+
+/// A KVM microVM monitor: one process per pod.
+#[derive(Debug, Parser)]
+#[command(name = "podvisor-vmm", version)]
+struct Cli {
+    /// A JSON VM configuration (instead of the options below).
+    #[arg(long, conflicts_with_all = ["kernel"])]
+    config: Option<PathBuf>,
+    /// Guest kernel: ELF vmlinux with a PVH note, or bzImage.
+    #[arg(long, required_unless_present = "config")]
+    kernel: Option<PathBuf>,
+    /// Initramfs.
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    /// Kernel command line (the VMM adds console, devices and host flags).
+    #[arg(long, default_value = "")]
+    cmdline: String,
+    /// vCPUs.
+    #[arg(long, default_value_t = 1)]
+    vcpus: u8,
+    /// Guest memory in MiB.
+    #[arg(long = "mem-mib", default_value_t = 128)]
+    mem_mib: u64,
+    /// A drive: PATH[,ro][,id=ID]; repeat for more.
+    #[arg(long = "drive")]
+    drives: Vec<String>,
+    /// Network: tap=NAME[,mac=MAC].
+    #[arg(long)]
+    net: Option<String>,
+    /// vsock: cid=N,uds=PATH.
+    #[arg(long)]
+    vsock: Option<String>,
+    /// Control API socket.
+    #[arg(long = "api-sock")]
+    api_sock: Option<PathBuf>,
+    /// Serial console: stdout, null or a file path.
+    #[arg(long, default_value = "stdout")]
+    serial: String,
+}
+
+fn vm_config(cli: Cli) -> anyhow::Result<VmConfig> {
+    if let Some(path) = cli.config {
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("read config {}", path.display()))?;
+        return serde_json::from_str(&text).with_context(|| format!("parse config {}", path.display()));
+    }
+    let drives = cli
+        .drives
+        .iter()
+        .enumerate()
+        .map(|(i, d)| config::parse_drive(d, i))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(VmConfig {
+        kernel: cli.kernel.context("--kernel is required")?,
+        initrd: cli.initrd,
+        cmdline: cli.cmdline,
+        vcpus: cli.vcpus,
+        mem_mib: cli.mem_mib,
+        drives,
+        net: cli.net.as_deref().map(config::parse_net).transpose()?,
+        vsock: cli.vsock.as_deref().map(config::parse_vsock).transpose()?,
+        api_sock: cli.api_sock,
+        serial: match cli.serial.as_str() {
+            "stdout" => SerialOutput::Stdout,
+            "null" => SerialOutput::Null,
+            path => SerialOutput::File(path.into()),
+        },
+    })
+}
+
+fn main() {
+    let start = Instant::now();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let result = vm_config(Cli::parse())
+        .and_then(|c| podvisor_vmm::vm::run(c, start).map_err(anyhow::Error::from));
+    match result {
+        Ok(reason) => {
+            let code = reason.exit_code();
+            if code == 0 {
+                tracing::info!("VM ended: {reason}");
+            } else {
+                tracing::error!("VM ended: {reason}");
+            }
+            std::process::exit(code);
+        }
+        Err(e) => {
+            eprintln!("podvisor-vmm: error: {e:#}");
+            std::process::exit(1);
+        }
+    }
+}

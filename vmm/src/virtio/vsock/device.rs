@@ -1,0 +1,263 @@
+//! The vsock device: configuration, features, config space, activation and
+//! reset.
+
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
+
+use vmm_sys_util::epoll::EventSet;
+
+use super::handler::{Active, LISTENER_TOKEN, queue_token};
+use super::muxer::Muxer;
+use super::{NUM_QUEUES, QUEUE_SIZE};
+use crate::virtio::{
+    ActivateContext, ActivateError, DeviceCounters, EventToken, TYPE_VSOCK, VIRTIO_F_VERSION_1,
+    VirtioDevice,
+};
+
+/// How the VMM configures a vsock device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VsockConfig {
+    /// The guest's context id (3 ..= 0xffff_fffe; 0-2 and `u32::MAX` are
+    /// reserved).
+    pub guest_cid: u64,
+    /// The Unix socket host clients connect to (`CONNECT <port>\n`); guest
+    /// connections to host port `P` go to `<uds_path>_<P>`.
+    pub uds_path: PathBuf,
+}
+
+/// Why a vsock device could not be created.
+#[derive(Debug, thiserror::Error)]
+pub enum VsockError {
+    /// The CID is reserved or does not fit the 32 bits guests use.
+    #[error("invalid guest cid {0}")]
+    InvalidCid(u64),
+    /// Something already exists at the socket path; the device does not
+    /// remove files it did not create.
+    #[error("vsock socket path {0} already exists")]
+    PathExists(PathBuf),
+    /// Binding the listener failed.
+    #[error("bind vsock socket {path}")]
+    Bind {
+        /// The socket path.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Making the listener non-blocking failed.
+    #[error("set vsock socket {path} non-blocking")]
+    Nonblocking {
+        /// The socket path.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A virtio-vsock device whose host side is a Unix socket. Dropping it
+/// unlinks the socket path it bound.
+#[derive(Debug)]
+pub struct Vsock {
+    guest_cid: u64,
+    uds_path: PathBuf,
+    listener: UnixListener,
+    counters: DeviceCounters,
+    pub(super) active: Option<Active>,
+}
+
+impl Vsock {
+    /// Binds the host-side listener at `cfg.uds_path` (which must not
+    /// exist).
+    pub fn new(cfg: VsockConfig) -> Result<Self, VsockError> {
+        let VsockConfig {
+            guest_cid,
+            uds_path,
+        } = cfg;
+        if !(3..u64::from(u32::MAX)).contains(&guest_cid) {
+            return Err(VsockError::InvalidCid(guest_cid));
+        }
+        // bind() fails on an existing path too, but checking first gives a
+        // clear error and never touches a socket another VMM is serving.
+        if uds_path.symlink_metadata().is_ok() {
+            return Err(VsockError::PathExists(uds_path));
+        }
+        let listener = UnixListener::bind(&uds_path).map_err(|source| VsockError::Bind {
+            path: uds_path.clone(),
+            source,
+        })?;
+        // From here on the path is ours: dropping `vsock` on error unlinks it.
+        let vsock = Self {
+            guest_cid,
+            uds_path,
+            listener,
+            counters: DeviceCounters::default(),
+            active: None,
+        };
+        vsock
+            .listener
+            .set_nonblocking(true)
+            .map_err(|source| VsockError::Nonblocking {
+                path: vsock.uds_path.clone(),
+                source,
+            })?;
+        Ok(vsock)
+    }
+
+    /// The guest's CID.
+    pub fn guest_cid(&self) -> u64 {
+        self.guest_cid
+    }
+
+    /// The host-side socket path.
+    pub fn uds_path(&self) -> &std::path::Path {
+        &self.uds_path
+    }
+
+    /// Forwarded connections currently open (0 before activation).
+    pub fn connection_count(&self) -> usize {
+        self.active
+            .as_ref()
+            .map_or(0, |active| active.muxer.connection_count())
+    }
+
+    /// Tells the driver its connections are gone (used after a snapshot
+    /// restore, when host sockets did not survive): a
+    /// `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET` goes into an event buffer if the
+    /// driver posted one, and every connection is dropped.
+    pub fn send_transport_reset(&mut self) {
+        match self.active.as_mut() {
+            Some(active) => active.transport_reset(&mut self.counters),
+            None => tracing::debug!("vsock: transport reset before activation ignored"),
+        }
+    }
+
+    /// Unregisters everything from the event loop and drops the
+    /// connections and queues.
+    fn deactivate(&mut self) {
+        if let Some(mut active) = self.active.take() {
+            active.muxer.clear();
+            active.events.remove(self.listener.as_raw_fd());
+            for evt in &active.queue_events {
+                active.events.remove(evt.as_raw_fd());
+            }
+        }
+    }
+}
+
+impl Drop for Vsock {
+    fn drop(&mut self) {
+        self.deactivate();
+        if let Err(e) = std::fs::remove_file(&self.uds_path) {
+            tracing::debug!("vsock: remove {}: {e}", self.uds_path.display());
+        }
+    }
+}
+
+impl VirtioDevice for Vsock {
+    fn device_type(&self) -> u32 {
+        TYPE_VSOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE; NUM_QUEUES]
+    }
+
+    fn device_features(&self) -> u64 {
+        // VIRTIO_VSOCK_F_STREAM (bit 0) is implied when no socket type bit
+        // is offered; SEQPACKET is not supported.
+        VIRTIO_F_VERSION_1
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        // struct virtio_vsock_config { le64 guest_cid; }
+        let config = self.guest_cid.to_le_bytes();
+        for (i, byte) in data.iter_mut().enumerate() {
+            *byte = offset
+                .checked_add(i as u64)
+                .and_then(|pos| usize::try_from(pos).ok())
+                .and_then(|pos| config.get(pos).copied())
+                .unwrap_or(0);
+        }
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        tracing::debug!(
+            "vsock: ignoring {}-byte write to read-only config at {offset:#x}",
+            data.len()
+        );
+    }
+
+    fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
+        // A second DRIVER_OK without a reset would leak registrations.
+        self.deactivate();
+        let ActivateContext {
+            mem,
+            queues,
+            queue_events,
+            interrupt,
+            events,
+            ..
+        } = ctx;
+        let queues: [_; NUM_QUEUES] =
+            queues
+                .try_into()
+                .map_err(|q: Vec<_>| ActivateError::QueueCount {
+                    expected: NUM_QUEUES,
+                    got: q.len(),
+                })?;
+        let queue_events: [_; NUM_QUEUES] =
+            queue_events
+                .try_into()
+                .map_err(|e: Vec<_>| ActivateError::QueueCount {
+                    expected: NUM_QUEUES,
+                    got: e.len(),
+                })?;
+
+        let mut fds: Vec<(RawFd, EventToken)> = queue_events
+            .iter()
+            .enumerate()
+            .map(|(i, evt)| (evt.as_raw_fd(), queue_token(i)))
+            .collect();
+        fds.push((self.listener.as_raw_fd(), LISTENER_TOKEN));
+        for (n, &(fd, token)) in fds.iter().enumerate() {
+            if let Err(source) = events.add(fd, token, EventSet::IN) {
+                for &(done, _) in fds.iter().take(n) {
+                    events.remove(done);
+                }
+                return Err(ActivateError::Register { fd, source });
+            }
+        }
+
+        let muxer = Muxer::new(self.guest_cid, self.uds_path.clone(), events.clone());
+        self.active = Some(Active::new(
+            mem,
+            queues,
+            queue_events,
+            interrupt,
+            events,
+            muxer,
+        ));
+        Ok(())
+    }
+
+    fn handle_event(&mut self, token: u32, events: u32) {
+        match self.active.as_mut() {
+            Some(active) => active.handle_event(token, events, &self.listener, &mut self.counters),
+            None => tracing::debug!("vsock: event {token} before activation"),
+        }
+    }
+
+    fn reset(&mut self) {
+        self.deactivate();
+    }
+
+    fn name(&self) -> String {
+        format!("vsock cid={}", self.guest_cid)
+    }
+
+    fn counters(&self) -> DeviceCounters {
+        self.counters.clone()
+    }
+}

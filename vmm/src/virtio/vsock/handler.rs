@@ -1,0 +1,247 @@
+//! Queue processing: TX packets into the muxer, muxer output into guest RX
+//! buffers, transport events into the event queue, and the dispatch of
+//! event loop callbacks.
+
+use std::os::unix::net::UnixListener;
+use std::sync::Arc;
+use std::time::Instant;
+
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_vsock::packet::VsockPacket;
+use vm_memory::Bytes;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::muxer::Muxer;
+use super::{EVENT_QUEUE, EVENT_TRANSPORT_RESET, MAX_PKT_DATA, NUM_QUEUES, RX_QUEUE, TX_QUEUE};
+use crate::virtio::{DeviceCounters, EventRegistrar, EventToken, GuestMemory, Interrupt};
+
+/// Event token of a queue's notify eventfd: the queue index.
+pub(super) const fn queue_token(queue: usize) -> EventToken {
+    queue as EventToken
+}
+/// Event token of the device's Unix listener.
+pub(super) const LISTENER_TOKEN: EventToken = NUM_QUEUES as EventToken;
+
+/// Everything that exists only between activate and reset.
+#[derive(Debug)]
+pub(super) struct Active {
+    pub mem: GuestMemory,
+    pub queues: [Queue; NUM_QUEUES],
+    pub queue_events: [EventFd; NUM_QUEUES],
+    pub interrupt: Arc<Interrupt>,
+    pub events: EventRegistrar,
+    pub muxer: Muxer,
+    /// TX processing paused because replies are backed up behind a guest
+    /// that is not posting RX buffers; an RX kick resumes it.
+    pub tx_stalled: bool,
+    /// Queues that got used buffers since the last interrupt.
+    used: [bool; NUM_QUEUES],
+}
+
+impl Active {
+    pub fn new(
+        mem: GuestMemory,
+        queues: [Queue; NUM_QUEUES],
+        queue_events: [EventFd; NUM_QUEUES],
+        interrupt: Arc<Interrupt>,
+        events: EventRegistrar,
+        muxer: Muxer,
+    ) -> Self {
+        Self {
+            mem,
+            queues,
+            queue_events,
+            interrupt,
+            events,
+            muxer,
+            tx_stalled: false,
+            used: [false; NUM_QUEUES],
+        }
+    }
+
+    /// One event loop callback. Whatever it was, replies and host data
+    /// then go to the guest and the interrupt fires at most once.
+    pub fn handle_event(
+        &mut self,
+        token: EventToken,
+        events: u32,
+        listener: &UnixListener,
+        counters: &mut DeviceCounters,
+    ) {
+        match token {
+            t if t == queue_token(RX_QUEUE) => {
+                self.drain_queue_event(RX_QUEUE, events);
+            }
+            t if t == queue_token(TX_QUEUE) => {
+                self.drain_queue_event(TX_QUEUE, events);
+                self.process_tx(counters);
+            }
+            // Event buffers are only consumed by a transport reset.
+            t if t == queue_token(EVENT_QUEUE) => self.drain_queue_event(EVENT_QUEUE, events),
+            LISTENER_TOKEN => self.muxer.accept(listener, counters),
+            t => self.muxer.handle_stream_event(t, events, counters),
+        }
+        self.muxer.sweep(Instant::now());
+        self.process_rx(counters);
+        if self.tx_stalled && !self.muxer.rx_backlogged() {
+            self.process_tx(counters);
+            self.process_rx(counters);
+        }
+        self.notify();
+    }
+
+    /// Consumes a queue kick. Read only when epoll reported it readable, so
+    /// a spurious call cannot block on an empty eventfd.
+    fn drain_queue_event(&mut self, queue: usize, events: u32) {
+        if events & libc::EPOLLIN as u32 == 0 {
+            return;
+        }
+        if let Some(evt) = self.queue_events.get(queue)
+            && let Err(e) = evt.read()
+            && e.kind() != std::io::ErrorKind::WouldBlock
+        {
+            tracing::warn!("vsock: read queue {queue} eventfd: {e}");
+        }
+    }
+
+    /// Takes every available TX chain, hands its packet to the muxer and
+    /// returns the chain (nothing is written to TX buffers: used length 0).
+    pub fn process_tx(&mut self, counters: &mut DeviceCounters) {
+        let Self {
+            mem,
+            queues,
+            muxer,
+            used,
+            tx_stalled,
+            ..
+        } = self;
+        let queue = &mut queues[TX_QUEUE];
+        loop {
+            if muxer.rx_backlogged() {
+                *tx_stalled = true;
+                return;
+            }
+            let Some(mut chain) = queue.pop_descriptor_chain(&*mem) else {
+                break;
+            };
+            let head = chain.head_index();
+            match VsockPacket::from_tx_virtq_chain(&*mem, &mut chain, MAX_PKT_DATA) {
+                Ok(pkt) => {
+                    if muxer.handle_tx(&pkt, counters) {
+                        counters.completed += 1;
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!("vsock: malformed TX chain {head}: {e}");
+                    counters.malformed_chains += 1;
+                }
+            }
+            if let Err(e) = queue.add_used(&*mem, head, 0) {
+                tracing::warn!("vsock: TX add_used {head}: {e}");
+            }
+            used[TX_QUEUE] = true;
+        }
+        *tx_stalled = false;
+    }
+
+    /// Fills guest RX buffers while the muxer has packets for them. With no
+    /// buffers left the work stays queued (host bytes stay in their
+    /// sockets) until the next RX kick.
+    pub fn process_rx(&mut self, counters: &mut DeviceCounters) {
+        let Self {
+            mem,
+            queues,
+            muxer,
+            used,
+            ..
+        } = self;
+        let queue = &mut queues[RX_QUEUE];
+        while muxer.has_rx_work() {
+            let Some(mut chain) = queue.pop_descriptor_chain(&*mem) else {
+                break;
+            };
+            let head = chain.head_index();
+            let len = match VsockPacket::from_rx_virtq_chain(&*mem, &mut chain, MAX_PKT_DATA) {
+                // Linux always posts header plus data space; a header-only
+                // buffer could not carry the data that may be next.
+                Ok(pkt) if pkt.data_slice().is_none() => {
+                    tracing::debug!("vsock: RX chain {head} has no data space");
+                    counters.malformed_chains += 1;
+                    0
+                }
+                Ok(mut pkt) => match muxer.fill_rx(&mut pkt, counters) {
+                    Some(len) => {
+                        counters.completed += 1;
+                        len
+                    }
+                    None => {
+                        // Nothing was owed after all (the host stream had no
+                        // bytes): the buffer stays with the device.
+                        queue.go_to_previous_position();
+                        break;
+                    }
+                },
+                Err(e) => {
+                    tracing::debug!("vsock: malformed RX chain {head}: {e}");
+                    counters.malformed_chains += 1;
+                    0
+                }
+            };
+            if let Err(e) = queue.add_used(&*mem, head, len) {
+                tracing::warn!("vsock: RX add_used {head}: {e}");
+            }
+            used[RX_QUEUE] = true;
+        }
+    }
+
+    /// Puts a transport reset event in the first usable event buffer (a
+    /// writable descriptor of at least 4 bytes) and drops all connections.
+    pub fn transport_reset(&mut self, counters: &mut DeviceCounters) {
+        let Self {
+            mem, queues, used, ..
+        } = self;
+        let queue = &mut queues[EVENT_QUEUE];
+        let mut delivered = false;
+        while let Some(mut chain) = queue.pop_descriptor_chain(&*mem) {
+            let head = chain.head_index();
+            let written = match chain.next() {
+                Some(desc) if desc.is_write_only() && desc.len() >= 4 => mem
+                    .write_obj(EVENT_TRANSPORT_RESET.to_le(), desc.addr())
+                    .is_ok(),
+                _ => false,
+            };
+            let len = if written { 4 } else { 0 };
+            if let Err(e) = queue.add_used(&*mem, head, len) {
+                tracing::warn!("vsock: event add_used {head}: {e}");
+            }
+            used[EVENT_QUEUE] = true;
+            if written {
+                delivered = true;
+                break;
+            }
+            tracing::debug!("vsock: malformed event chain {head}");
+            counters.malformed_chains += 1;
+        }
+        if !delivered {
+            tracing::warn!("vsock: no event buffer for the transport reset");
+        }
+        self.muxer.drop_connections();
+        self.notify();
+    }
+
+    /// Raises the interrupt once if any queue that got used buffers wants
+    /// a notification.
+    fn notify(&mut self) {
+        let mut signal = false;
+        for (queue, used) in self.queues.iter_mut().zip(self.used.iter_mut()) {
+            if !std::mem::take(used) {
+                continue;
+            }
+            // On a broken ring, notify anyway: the driver finds out.
+            signal |= queue.needs_notification(&self.mem).unwrap_or(true);
+        }
+        if signal {
+            self.interrupt.signal_used_queue();
+        }
+    }
+}
