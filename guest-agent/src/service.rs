@@ -101,9 +101,7 @@ impl v1::agent_server::Agent for AgentService {
                 _ => Status::invalid_argument(msg),
             }
         })?;
-        self.manager
-            .set_sandbox_id(&req.sandbox_id)
-            .map_err(Status::from)?;
+        self.manager.set_sandbox_id(&req.sandbox_id)?;
         tracing::info!(sandbox = %req.sandbox_id, hostname = %req.hostname, "sandbox set up");
         Ok(Response::new(SetupSandboxResponse {}))
     }

@@ -3,6 +3,8 @@
 //! The host connects to the guest agent over vsock on [`AGENT_VSOCK_PORT`]. Both the client
 //! ([`AgentClient`]) and the server ([`AgentServer`], [`Agent`]) are exported.
 
+pub mod hybrid;
+
 /// vsock port the guest agent listens on.
 pub const AGENT_VSOCK_PORT: u32 = 1024;
 

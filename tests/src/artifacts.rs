@@ -22,7 +22,8 @@ fn cargo() -> Command {
     let mut c = Command::new(cargo);
     c.current_dir(paths::workspace_root());
     // Flags of an outer build must not leak into these builds.
-    c.env_remove("CARGO_ENCODED_RUSTFLAGS").env_remove("RUSTFLAGS");
+    c.env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .env_remove("RUSTFLAGS");
     c
 }
 
@@ -40,7 +41,10 @@ fn run_cargo(mut cmd: Command, what: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn once(cell: &'static OnceLock<Result<PathBuf, String>>, f: impl FnOnce() -> anyhow::Result<PathBuf>) -> anyhow::Result<PathBuf> {
+fn once(
+    cell: &'static OnceLock<Result<PathBuf, String>>,
+    f: impl FnOnce() -> anyhow::Result<PathBuf>,
+) -> anyhow::Result<PathBuf> {
     cell.get_or_init(|| f().map_err(|e| format!("{e:#}")))
         .clone()
         .map_err(|e| anyhow!(e))
@@ -59,7 +63,14 @@ pub fn vmm_binary() -> anyhow::Result<PathBuf> {
             return Ok(PathBuf::from(p));
         }
         let mut cmd = cargo();
-        cmd.args(["build", "--quiet", "-p", "podvisor-vmm", "--bin", "podvisor-vmm"]);
+        cmd.args([
+            "build",
+            "--quiet",
+            "-p",
+            "podvisor-vmm",
+            "--bin",
+            "podvisor-vmm",
+        ]);
         let profile = if release_profile() {
             cmd.arg("--release");
             "release"

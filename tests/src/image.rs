@@ -91,7 +91,8 @@ fn build_once() -> anyhow::Result<PathBuf> {
 /// Builds an image at `img` from a staging directory `root` (created here).
 pub fn build(root: &Path, probe: &Path, scripts: &Path, img: &Path) -> anyhow::Result<()> {
     for d in ["bin", "tests", "proc", "sys", "dev", "tmp", "mnt"] {
-        std::fs::create_dir_all(root.join(d)).with_context(|| format!("create {}/{d}", root.display()))?;
+        std::fs::create_dir_all(root.join(d))
+            .with_context(|| format!("create {}/{d}", root.display()))?;
     }
     if !Path::new(HOST_BUSYBOX).is_file() {
         bail!("{HOST_BUSYBOX} is missing: install busybox-static");
@@ -116,7 +117,8 @@ pub fn build(root: &Path, probe: &Path, scripts: &Path, img: &Path) -> anyhow::R
             .with_context(|| format!("symlink applet {applet}"))?;
     }
     write_executable(&root.join("init"), INIT_SCRIPT)?;
-    let entries = std::fs::read_dir(scripts).with_context(|| format!("read {}", scripts.display()))?;
+    let entries =
+        std::fs::read_dir(scripts).with_context(|| format!("read {}", scripts.display()))?;
     for e in entries {
         let e = e.with_context(|| format!("read {}", scripts.display()))?;
         let name = e.file_name();

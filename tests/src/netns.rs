@@ -32,7 +32,11 @@ impl NetNs {
     /// Creates a fresh namespace (replacing a stale one of the same name).
     pub fn create() -> anyhow::Result<Self> {
         static NEXT: AtomicU32 = AtomicU32::new(0);
-        let name = format!("pvtest-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::SeqCst));
+        let name = format!(
+            "pvtest-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::SeqCst)
+        );
         let _ = ip(&["netns", "del", &name]);
         ip(&["netns", "add", &name]).context("create a network namespace (needs root)")?;
         let ns = Self { name };

@@ -25,7 +25,11 @@ pub fn target_dir() -> PathBuf {
     match std::env::var_os("CARGO_TARGET_DIR") {
         Some(d) => {
             let d = PathBuf::from(d);
-            if d.is_absolute() { d } else { workspace_root().join(d) }
+            if d.is_absolute() {
+                d
+            } else {
+                workspace_root().join(d)
+            }
         }
         None => workspace_root().join("target"),
     }

@@ -80,7 +80,10 @@ pub fn parse_smaps(text: &str, guest: GuestRam) -> Rss {
             .max_by_key(|m| m.size),
     }
     .map(|m| m.rss_kib);
-    Rss { total_kib, guest_kib }
+    Rss {
+        total_kib,
+        guest_kib,
+    }
 }
 
 /// Whether a process exists.
@@ -111,7 +114,13 @@ Rss:                  12 kB
         assert_eq!(r.total_kib, 20912);
         assert_eq!(r.guest_kib, Some(20000));
         assert_eq!(r.vmm_kib(), Some(912));
-        assert_eq!(parse_smaps(SMAPS, GuestRam::Exact(64 << 20)).guest_kib, None);
-        assert_eq!(parse_smaps(SMAPS, GuestRam::AtLeast(126 << 20)).guest_kib, Some(20000));
+        assert_eq!(
+            parse_smaps(SMAPS, GuestRam::Exact(64 << 20)).guest_kib,
+            None
+        );
+        assert_eq!(
+            parse_smaps(SMAPS, GuestRam::AtLeast(126 << 20)).guest_kib,
+            Some(20000)
+        );
     }
 }

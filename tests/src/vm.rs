@@ -68,6 +68,18 @@ pub fn test_cmdline(test: &str) -> String {
     format!("quiet root=/dev/vda ro rootfstype=ext4 init=/init podvisor.test={test}")
 }
 
+/// Serializes booting tests inside one test process.
+///
+/// Two microVMs booting at once on this 2-core kvm_pvm host (plus whatever
+/// else runs) were seen to stall in the guest kernel's clocksource switch
+/// for many minutes; booting tests take this lock so `--test-threads=N`
+/// only parallelizes the tests that do not boot.
+pub fn boot_slot() -> std::sync::MutexGuard<'static, ()> {
+    static SLOT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    SLOT.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// What to wait for on the console.
 #[derive(Debug, Clone)]
 pub enum Pattern {
@@ -189,6 +201,7 @@ impl Vm {
             None => Command::new(&vmm),
         };
         cmd.args(&args)
+            .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(File::create(&stderr).context("create the VMM's stderr file")?);
@@ -228,12 +241,16 @@ impl Vm {
 
     /// The control API socket, if the VM has one.
     pub fn api_sock(&self) -> anyhow::Result<&Path> {
-        self.api_sock.as_deref().ok_or_else(|| anyhow!("this VM has no API socket"))
+        self.api_sock
+            .as_deref()
+            .ok_or_else(|| anyhow!("this VM has no API socket"))
     }
 
     /// The vsock Unix socket, if the VM has a vsock device.
     pub fn vsock_uds(&self) -> anyhow::Result<&Path> {
-        self.vsock_uds.as_deref().ok_or_else(|| anyhow!("this VM has no vsock device"))
+        self.vsock_uds
+            .as_deref()
+            .ok_or_else(|| anyhow!("this VM has no vsock device"))
     }
 
     /// One control API call; the body of a 2xx answer.
@@ -276,7 +293,8 @@ impl Vm {
         self.partial.push_str(&String::from_utf8_lossy(&buf));
         while let Some(i) = self.partial.find('\n') {
             let line: String = self.partial.drain(..=i).collect();
-            self.lines.push(line.trim_end_matches(['\r', '\n']).to_string());
+            self.lines
+                .push(line.trim_end_matches(['\r', '\n']).to_string());
         }
         Ok(())
     }
@@ -299,7 +317,11 @@ impl Vm {
 
     /// Waits until a console line (any line since boot) matches `pat`;
     /// returns that line. Fails when `timeout` passes or the VMM ends first.
-    pub fn wait_for_console(&mut self, pat: impl Into<Pattern>, timeout: Duration) -> anyhow::Result<String> {
+    pub fn wait_for_console(
+        &mut self,
+        pat: impl Into<Pattern>,
+        timeout: Duration,
+    ) -> anyhow::Result<String> {
         let pat = pat.into();
         let deadline = Instant::now() + timeout;
         loop {
@@ -337,7 +359,10 @@ impl Vm {
             }
             if Instant::now() >= deadline {
                 self.kill();
-                bail!("the VMM did not end within {timeout:?}; killed\n{}", self.report());
+                bail!(
+                    "the VMM did not end within {timeout:?}; killed\n{}",
+                    self.report()
+                );
             }
             std::thread::sleep(POLL);
         }
@@ -366,8 +391,28 @@ impl Vm {
             console.push(self.partial.clone());
         }
         let stderr: Vec<String> = self.stderr().lines().map(str::to_string).collect();
+        let api = match (self.status, &self.api_sock) {
+            (None, Some(_)) => match self.info() {
+                Ok(i) => {
+                    let devices: Vec<String> = i
+                        .devices
+                        .iter()
+                        .map(|d| {
+                            format!("{}: {} completed={}", d.name, d.state, d.counters.completed)
+                        })
+                        .collect();
+                    format!(
+                        "\n--- GET /vm ---\n  boot={:?}\n  {}",
+                        i.boot,
+                        devices.join("\n  ")
+                    )
+                }
+                Err(e) => format!("\n--- GET /vm failed: {e:#}"),
+            },
+            _ => String::new(),
+        };
         format!(
-            "--- console (last 40 of {} lines, {:.1} s since spawn) ---\n{}\n--- VMM stderr (last 30 lines) ---\n{}",
+            "--- console (last 40 of {} lines, {:.1} s since spawn) ---\n{}\n--- VMM stderr (last 30 lines) ---\n{}{api}",
             console.len(),
             self.started.elapsed().as_secs_f64(),
             tail(&console, 40),

@@ -19,8 +19,9 @@ use podvisor_tests::netns::NetNs;
 use podvisor_tests::{DriveSpec, Pattern, Vm, VmSpec, artifacts, paths};
 use sha2::{Digest, Sha256};
 
-/// From spawn to the guest's init marker.
-const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
+/// From spawn to the guest's init marker: generous, as a loaded kvm_pvm host
+/// can take minutes (override with `PODVISOR_TEST_BOOT_TIMEOUT=<seconds>`).
+const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
 /// From one marker to the next (guest steps include 180 s guest-side timeouts).
 const STEP_TIMEOUT: Duration = Duration::from_secs(240);
 /// From power-off or panic to the VMM's exit.
@@ -33,13 +34,28 @@ const SWAP_OLD_SIZE: usize = 64 << 10;
 const SWAP_NEW_SIZE: usize = 192 << 10;
 const TAP: &str = "pvtap0";
 
+fn boot_timeout() -> Duration {
+    std::env::var("PODVISOR_TEST_BOOT_TIMEOUT")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .map_or(BOOT_TIMEOUT, Duration::from_secs)
+}
+
 fn sha256_hex(data: &[u8]) -> String {
-    Sha256::digest(data).iter().map(|b| format!("{b:02x}")).collect()
+    Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// The 512 bytes main.sh writes: `yes podvisor-pattern- | head -c 512`.
 fn guest_pattern() -> Vec<u8> {
-    b"podvisor-pattern-\n".iter().copied().cycle().take(512).collect()
+    b"podvisor-pattern-\n"
+        .iter()
+        .copied()
+        .cycle()
+        .take(512)
+        .collect()
 }
 
 /// A swap image: a 16-byte ASCII head, then filler.
@@ -100,7 +116,10 @@ impl Checks {
 
 /// The host end of guest → host vsock: listens on `<uds>_<port>`, takes one
 /// connection, reads one line (or to EOF), echoes it and returns it.
-fn host_vsock_listener(path: PathBuf, deadline: Instant) -> anyhow::Result<JoinHandle<anyhow::Result<String>>> {
+fn host_vsock_listener(
+    path: PathBuf,
+    deadline: Instant,
+) -> anyhow::Result<JoinHandle<anyhow::Result<String>>> {
     let listener = UnixListener::bind(&path).with_context(|| format!("bind {}", path.display()))?;
     listener.set_nonblocking(true)?;
     Ok(std::thread::spawn(move || {
@@ -122,7 +141,8 @@ fn host_vsock_listener(path: PathBuf, deadline: Instant) -> anyhow::Result<JoinH
         BufReader::new(&conn)
             .read_line(&mut line)
             .context("read the guest's message")?;
-        conn.write_all(line.as_bytes()).context("echo to the guest")?;
+        conn.write_all(line.as_bytes())
+            .context("echo to the guest")?;
         conn.shutdown(std::net::Shutdown::Write)?;
         Ok(line.trim_end().to_string())
     }))
@@ -132,36 +152,53 @@ fn host_vsock_listener(path: PathBuf, deadline: Instant) -> anyhow::Result<JoinH
 fn host_vsock_echo(uds: &Path, port: u32, message: &str) -> anyhow::Result<()> {
     let mut s = UnixStream::connect(uds).with_context(|| format!("connect {}", uds.display()))?;
     s.set_read_timeout(Some(STEP_TIMEOUT))?;
-    write!(s, "CONNECT {port}\n")?;
+    s.write_all(format!("CONNECT {port}\n").as_bytes())?;
     let mut ack = Vec::new();
     let mut byte = [0u8; 1];
     while ack.last() != Some(&b'\n') && ack.len() < 64 {
         let n = s.read(&mut byte).context("read the CONNECT answer")?;
-        ensure!(n == 1, "EOF after {:?} while waiting for the CONNECT answer", String::from_utf8_lossy(&ack));
+        ensure!(
+            n == 1,
+            "EOF after {:?} while waiting for the CONNECT answer",
+            String::from_utf8_lossy(&ack)
+        );
         ack.push(byte[0]);
     }
     let ack = String::from_utf8_lossy(&ack);
-    ensure!(ack.starts_with("OK "), "CONNECT {port} answered {ack:?}, expected \"OK <n>\\n\"");
+    ensure!(
+        ack.starts_with("OK "),
+        "CONNECT {port} answered {ack:?}, expected \"OK <n>\\n\""
+    );
     s.write_all(format!("{message}\n").as_bytes())?;
     s.shutdown(std::net::Shutdown::Write)?;
     let mut echo = String::new();
     s.read_to_string(&mut echo).context("read the echo")?;
-    ensure!(echo == format!("{message}\n"), "echo was {echo:?}, sent {message:?}");
+    ensure!(
+        echo == format!("{message}\n"),
+        "echo was {echo:?}, sent {message:?}"
+    );
     Ok(())
 }
 
 #[test]
 fn main_vm_devices_vsock_net_drive_swap_poweroff() {
+    let _slot = podvisor_tests::vm::boot_slot();
     let mut checks = Checks::new("main_vm");
-    let fatal = main_vm(&mut checks);
+    let mut console = Vec::new();
+    let fatal = main_vm(&mut checks, &mut console);
+    if !checks.failures.is_empty() || fatal.is_err() {
+        println!("[main_vm] --- guest console ---\n{}", console.join("\n"));
+    }
     checks.finish(fatal);
 }
 
-fn main_vm(checks: &mut Checks) -> anyhow::Result<()> {
+fn main_vm(checks: &mut Checks, console: &mut Vec<String>) -> anyhow::Result<()> {
     // The namespace is declared first so it is dropped last, after the VMM is killed.
     let ns = NetNs::create()?;
     ns.add_tap(TAP, "10.213.0.1/24")?;
-    let files = tempfile::Builder::new().prefix("podvisor-main-vm-").tempdir()?;
+    let files = tempfile::Builder::new()
+        .prefix("podvisor-main-vm-")
+        .tempdir()?;
     let data_path = files.path().join("data.img");
     let mut data = vec![0u8; DATA_SIZE];
     std::fs::File::open("/dev/urandom")
@@ -170,7 +207,10 @@ fn main_vm(checks: &mut Checks) -> anyhow::Result<()> {
     std::fs::write(&data_path, &data)?;
     let swap_old = files.path().join("swap-old.img");
     let swap_new = files.path().join("swap-new.img");
-    std::fs::write(&swap_old, swap_image("swap-old-content", b'o', SWAP_OLD_SIZE))?;
+    std::fs::write(
+        &swap_old,
+        swap_image("swap-old-content", b'o', SWAP_OLD_SIZE),
+    )?;
 
     let spec = VmSpec {
         vcpus: 2,
@@ -196,10 +236,16 @@ fn main_vm(checks: &mut Checks) -> anyhow::Result<()> {
     let uds = vm.vsock_uds()?.to_path_buf();
     let mut uds_5001 = uds.clone().into_os_string();
     uds_5001.push("_5001");
-    let listener = host_vsock_listener(PathBuf::from(uds_5001), Instant::now() + BOOT_TIMEOUT + 4 * STEP_TIMEOUT)?;
+    let listener = host_vsock_listener(
+        PathBuf::from(uds_5001),
+        Instant::now() + boot_timeout() + 4 * STEP_TIMEOUT,
+    )?;
 
-    let init = vm.wait_for_console("PROBE: init=started", BOOT_TIMEOUT)?;
-    println!("[main_vm] init after {:.1} s: {init}", vm.started().elapsed().as_secs_f64());
+    let init = vm.wait_for_console("PROBE: init=started", boot_timeout())?;
+    println!(
+        "[main_vm] init after {:.1} s: {init}",
+        vm.started().elapsed().as_secs_f64()
+    );
 
     // (a) a static program from the image runs.
     let line = vm.wait_for_console("PROBE: probe=", STEP_TIMEOUT)?;
@@ -209,7 +255,10 @@ fn main_vm(checks: &mut Checks) -> anyhow::Result<()> {
 
     // (e) two vCPUs.
     let line = vm.wait_for_console("PROBE: nproc=", STEP_TIMEOUT)?;
-    checks.check("(e) nproc is 2", ensure_eq(field(&line, "nproc")?, "2", &line));
+    checks.check(
+        "(e) nproc is 2",
+        ensure_eq(field(&line, "nproc")?, "2", &line),
+    );
 
     let line = vm.wait_for_console("PROBE: serials=", STEP_TIMEOUT)?;
     checks.check(
@@ -225,21 +274,31 @@ fn main_vm(checks: &mut Checks) -> anyhow::Result<()> {
     );
     let line = vm.wait_for_console("PROBE: vdb-write=", STEP_TIMEOUT)?;
     println!("[main_vm] {line}");
-    checks.check("(b) guest write reaches the host file at the offset", (|| {
-        ensure_eq(field(&line, "vdb-write")?, "done", &line)?;
-        let after = std::fs::read(&data_path)?;
-        ensure!(after.len() == DATA_SIZE, "host file is now {} bytes", after.len());
-        let got = &after[PATTERN_OFFSET..PATTERN_OFFSET + 512];
-        ensure!(
-            got == guest_pattern().as_slice(),
-            "bytes at {PATTERN_OFFSET}: {:?}...",
-            String::from_utf8_lossy(&got[..32])
-        );
-        let mut expected = data.clone();
-        expected[PATTERN_OFFSET..PATTERN_OFFSET + 512].copy_from_slice(&guest_pattern());
-        ensure!(after == expected, "bytes outside the written sector changed");
-        Ok(())
-    })());
+    checks.check(
+        "(b) guest write reaches the host file at the offset",
+        (|| {
+            ensure_eq(field(&line, "vdb-write")?, "done", &line)?;
+            let after = std::fs::read(&data_path)?;
+            ensure!(
+                after.len() == DATA_SIZE,
+                "host file is now {} bytes",
+                after.len()
+            );
+            let got = &after[PATTERN_OFFSET..PATTERN_OFFSET + 512];
+            ensure!(
+                got == guest_pattern().as_slice(),
+                "bytes at {PATTERN_OFFSET}: {:?}...",
+                String::from_utf8_lossy(&got[..32])
+            );
+            let mut expected = data.clone();
+            expected[PATTERN_OFFSET..PATTERN_OFFSET + 512].copy_from_slice(&guest_pattern());
+            ensure!(
+                after == expected,
+                "bytes outside the written sector changed"
+            );
+            Ok(())
+        })(),
+    );
 
     // (c) vsock both ways.
     vm.wait_for_console("VSOCK-LISTENING 5000", STEP_TIMEOUT)?;
@@ -248,84 +307,152 @@ fn main_vm(checks: &mut Checks) -> anyhow::Result<()> {
         host_vsock_echo(&uds, 5000, "hello-from-host"),
     );
     let line = vm.wait_for_console("PROBE: vsock-server=done", STEP_TIMEOUT)?;
-    checks.check("(c) guest echo server ended cleanly", ensure_eq(field(&line, "rc")?, "0", &line));
+    checks.check(
+        "(c) guest echo server ended cleanly",
+        ensure_eq(field(&line, "rc")?, "0", &line),
+    );
     let line = vm.wait_for_console("PROBE: vsock-client=done", STEP_TIMEOUT)?;
     let reply = vm
         .console_lines()
         .iter()
         .find(|l| l.starts_with("VSOCK-REPLY"))
         .cloned();
-    checks.check("(c) guest -> host vsock: guest got its echo", (|| {
-        ensure_eq(field(&line, "rc")?, "0", &line)?;
-        ensure!(
-            reply.as_deref() == Some("VSOCK-REPLY hello-from-guest"),
-            "guest printed {reply:?}"
-        );
-        Ok(())
-    })());
-    checks.check("(c) guest -> host vsock: host listener got the bytes", (|| {
-        let got = listener
-            .join()
-            .map_err(|_| anyhow!("listener thread panicked"))??;
-        ensure_eq(&got, "hello-from-guest", "host listener")
-    })());
+    checks.check(
+        "(c) guest -> host vsock: guest got its echo",
+        (|| {
+            ensure_eq(field(&line, "rc")?, "0", &line)?;
+            ensure!(
+                reply.as_deref() == Some("VSOCK-REPLY hello-from-guest"),
+                "guest printed {reply:?}"
+            );
+            Ok(())
+        })(),
+    );
+    checks.check(
+        "(c) guest -> host vsock: host listener got the bytes",
+        (|| {
+            let got = listener
+                .join()
+                .map_err(|_| anyhow!("listener thread panicked"))??;
+            ensure_eq(&got, "hello-from-guest", "host listener")
+        })(),
+    );
 
     // (d) network, inside the namespace only.
     let line = vm.wait_for_console("PROBE: ping=", STEP_TIMEOUT)?;
     println!("[main_vm] {line}");
-    checks.check("(d) guest pings the TAP address", ensure_eq(field(&line, "ping")?, "ok", &line));
-    checks.check("(d) TAP counters moved", (|| {
-        let rx = ns.net_stat(TAP, "rx_packets")?;
-        let tx = ns.net_stat(TAP, "tx_packets")?;
-        println!("[main_vm] {TAP}: rx_packets={rx} tx_packets={tx}");
-        ensure!(rx >= 3 && tx >= 3, "rx_packets={rx} tx_packets={tx}, expected >= 3 each");
-        Ok(())
-    })());
+    checks.check(
+        "(d) guest pings the TAP address",
+        ensure_eq(field(&line, "ping")?, "ok", &line),
+    );
+    checks.check(
+        "(d) TAP counters moved",
+        (|| {
+            let rx = ns.net_stat(TAP, "rx_packets")?;
+            let tx = ns.net_stat(TAP, "tx_packets")?;
+            println!("[main_vm] {TAP}: rx_packets={rx} tx_packets={tx}");
+            ensure!(
+                rx >= 3 && tx >= 3,
+                "rx_packets={rx} tx_packets={tx}, expected >= 3 each"
+            );
+            Ok(())
+        })(),
+    );
 
     // (g) drive swap while the guest waits for it.
     let line = vm.wait_for_console("PROBE: swap-before", STEP_TIMEOUT)?;
-    checks.check("(g) swap drive before: size and head", (|| {
-        ensure_eq(field(&line, "size")?, &(SWAP_OLD_SIZE / 512).to_string(), &line)?;
-        ensure_eq(field(&line, "head")?, "swap-old-content", &line)
-    })());
-    checks.check("GET /vm: devices and counters", (|| {
-        let info = vm.info()?;
-        println!(
-            "[main_vm] GET /vm: state={:?} vcpus={} mem_mib={} boot={:?}",
-            info.state, info.vcpus, info.mem_mib, info.boot
-        );
-        for d in &info.devices {
-            println!("[main_vm]   {} state={} counters={:?} transport={:?}", d.name, d.state, d.counters, d.transport);
-        }
-        ensure!(info.devices.len() == 5, "{} devices, configured 5 (3 drives, net, vsock)", info.devices.len());
-        ensure!(info.vcpus == 2 && info.mem_mib == 256, "vcpus={} mem_mib={}", info.vcpus, info.mem_mib);
-        let data = info
-            .devices
-            .iter()
-            .find(|d| d.name.contains("data"))
-            .ok_or_else(|| anyhow!("no device named like the data drive"))?;
-        ensure!(data.counters.completed > 0, "data drive completed = 0");
-        ensure!(info.boot.first_vcpu_entry_ms.is_some(), "boot.first_vcpu_entry_ms missing");
-        ensure!(info.boot.init_ms.is_some(), "boot.init_ms missing after guest-probe boot-marker");
-        Ok(())
-    })());
-    std::fs::write(&swap_new, swap_image("swap-new-content", b'n', SWAP_NEW_SIZE))?;
+    checks.check(
+        "(g) swap drive before: size and head",
+        (|| {
+            ensure_eq(
+                field(&line, "size")?,
+                &(SWAP_OLD_SIZE / 512).to_string(),
+                &line,
+            )?;
+            ensure_eq(field(&line, "head")?, "swap-old-content", &line)
+        })(),
+    );
+    checks.check(
+        "GET /vm: devices and counters",
+        (|| {
+            let info = vm.info()?;
+            println!(
+                "[main_vm] GET /vm: state={:?} vcpus={} mem_mib={} boot={:?}",
+                info.state, info.vcpus, info.mem_mib, info.boot
+            );
+            for d in &info.devices {
+                println!(
+                    "[main_vm]   {} state={} counters={:?} transport={:?}",
+                    d.name, d.state, d.counters, d.transport
+                );
+            }
+            ensure!(
+                info.devices.len() == 5,
+                "{} devices, configured 5 (3 drives, net, vsock)",
+                info.devices.len()
+            );
+            ensure!(
+                info.vcpus == 2 && info.mem_mib == 256,
+                "vcpus={} mem_mib={}",
+                info.vcpus,
+                info.mem_mib
+            );
+            let data = info
+                .devices
+                .iter()
+                .find(|d| d.name.contains("data"))
+                .ok_or_else(|| anyhow!("no device named like the data drive"))?;
+            ensure!(data.counters.completed > 0, "data drive completed = 0");
+            ensure!(
+                info.boot.first_vcpu_entry_ms.is_some(),
+                "boot.first_vcpu_entry_ms missing"
+            );
+            ensure!(
+                info.boot.init_ms.is_some(),
+                "boot.init_ms missing after guest-probe boot-marker"
+            );
+            Ok(())
+        })(),
+    );
+    std::fs::write(
+        &swap_new,
+        swap_image("swap-new-content", b'n', SWAP_NEW_SIZE),
+    )?;
     let body = serde_json::json!({"path": swap_new, "read_only": false}).to_string();
-    checks.check("(g) PUT /drives/swap", vm.api("PUT", "/drives/swap", Some(&body)).map(drop));
+    checks.check(
+        "(g) PUT /drives/swap",
+        vm.api("PUT", "/drives/swap", Some(&body)).map(drop),
+    );
     let line = vm.wait_for_console("PROBE: swap-after", STEP_TIMEOUT)?;
-    checks.check("(g) swap drive after: new size and content", (|| {
-        ensure_eq(field(&line, "size")?, &(SWAP_NEW_SIZE / 512).to_string(), &line)?;
-        ensure_eq(field(&line, "head")?, "swap-new-content", &line)
-    })());
+    checks.check(
+        "(g) swap drive after: new size and content",
+        (|| {
+            ensure_eq(
+                field(&line, "size")?,
+                &(SWAP_NEW_SIZE / 512).to_string(),
+                &line,
+            )?;
+            ensure_eq(field(&line, "head")?, "swap-new-content", &line)
+        })(),
+    );
+
+    *console = vm.console_lines().to_vec();
 
     // (f) power-off ends the VMM with 0.
     vm.wait_for_console("PROBE: main=done", STEP_TIMEOUT)?;
     let status = vm.wait_exit(EXIT_TIMEOUT)?;
     let report = vm.report();
-    checks.check("(f) poweroff -f: the VMM exits 0", (|| {
-        ensure!(status.code() == Some(0), "VMM ended with {status}\n{report}");
-        Ok(())
-    })());
+    *console = vm.console_lines().to_vec();
+    checks.check(
+        "(f) poweroff -f: the VMM exits 0",
+        (|| {
+            ensure!(
+                status.code() == Some(0),
+                "VMM ended with {status}\n{report}"
+            );
+            Ok(())
+        })(),
+    );
     Ok(())
 }
 
@@ -336,12 +463,20 @@ fn ensure_eq(got: &str, want: &str, context: &str) -> anyhow::Result<()> {
 
 #[test]
 fn panic_vm_exits_2() {
+    let _slot = podvisor_tests::vm::boot_slot();
     let result = (|| -> anyhow::Result<()> {
         let mut vm = Vm::boot(&VmSpec::new("panic"), None)?;
-        vm.wait_for_console("PROBE: panic=exiting-init", BOOT_TIMEOUT)?;
-        vm.wait_for_console(Pattern::regex(r"Kernel panic.*Attempted to kill init"), EXIT_TIMEOUT)?;
+        vm.wait_for_console("PROBE: panic=exiting-init", boot_timeout())?;
+        vm.wait_for_console(
+            Pattern::regex(r"Kernel panic.*Attempted to kill init"),
+            EXIT_TIMEOUT,
+        )?;
         let status = vm.wait_exit(EXIT_TIMEOUT)?;
-        ensure!(status.code() == Some(2), "VMM ended with {status}, want exit code 2\n{}", vm.report());
+        ensure!(
+            status.code() == Some(2),
+            "VMM ended with {status}, want exit code 2\n{}",
+            vm.report()
+        );
         Ok(())
     })();
     if let Err(e) = result {
@@ -369,7 +504,9 @@ fn expect_vmm_error(args: &[&str], needle: &str) {
             if Instant::now() > deadline {
                 let _ = child.kill();
                 let _ = child.wait();
-                bail!("podvisor-vmm {args:?} still ran after 60 s (expected a quick error); killed");
+                bail!(
+                    "podvisor-vmm {args:?} still ran after 60 s (expected a quick error); killed"
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         };
@@ -377,7 +514,10 @@ fn expect_vmm_error(args: &[&str], needle: &str) {
         if let Some(mut e) = child.stderr.take() {
             e.read_to_string(&mut stderr)?;
         }
-        ensure!(status.code() == Some(1), "podvisor-vmm {args:?}: {status}, want exit 1; stderr: {stderr}");
+        ensure!(
+            status.code() == Some(1),
+            "podvisor-vmm {args:?}: {status}, want exit 1; stderr: {stderr}"
+        );
         ensure!(
             stderr.contains("podvisor-vmm: error:") && stderr.contains(needle),
             "podvisor-vmm {args:?}: stderr does not name {needle:?}: {stderr}"
@@ -400,7 +540,10 @@ fn some_kernel() -> String {
 
 #[test]
 fn missing_kernel_exits_1() {
-    expect_vmm_error(&["--kernel", "/nonexistent/pvtest-vmlinux"], "/nonexistent/pvtest-vmlinux");
+    expect_vmm_error(
+        &["--kernel", "/nonexistent/pvtest-vmlinux"],
+        "/nonexistent/pvtest-vmlinux",
+    );
 }
 
 #[test]
@@ -418,14 +561,22 @@ fn zero_vcpus_exits_1() {
 #[test]
 fn bad_drive_spec_exits_1() {
     let k = some_kernel();
-    expect_vmm_error(&["--kernel", &k, "--drive", "/tmp/pvtest.img,bogus"], "bogus");
+    expect_vmm_error(
+        &["--kernel", &k, "--drive", "/tmp/pvtest.img,bogus"],
+        "bogus",
+    );
 }
 
 #[test]
 fn missing_drive_file_exits_1() {
     let k = some_kernel();
     expect_vmm_error(
-        &["--kernel", &k, "--drive", "/nonexistent/pvtest-disk.img,id=d"],
+        &[
+            "--kernel",
+            &k,
+            "--drive",
+            "/nonexistent/pvtest-disk.img,id=d",
+        ],
         "/nonexistent/pvtest-disk.img",
     );
 }

@@ -62,13 +62,13 @@ impl Process {
     }
 
     pub fn exited(&self) -> Option<WaitProcessResponse> {
-        self.exit.borrow().clone()
+        *self.exit.borrow()
     }
 
     pub async fn wait(&self) -> WaitProcessResponse {
         let mut rx = self.exit.clone();
         match rx.wait_for(Option::is_some).await {
-            Ok(v) => v.clone().unwrap_or_default(),
+            Ok(v) => (*v).unwrap_or_default(),
             Err(_) => WaitProcessResponse::default(),
         }
     }

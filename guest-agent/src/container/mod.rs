@@ -164,6 +164,7 @@ impl Manager {
         let pid = self
             .reaper
             .spawn(|| {
+                // SAFETY: clone_args is plain data; all-zero is its default.
                 let mut args: libc::clone_args = unsafe { std::mem::zeroed() };
                 args.flags = libc::CLONE_NEWPID as u64;
                 args.exit_signal = libc::SIGCHLD as u64;
@@ -514,10 +515,6 @@ impl Manager {
         plan.rootfs = Some(spawn::RootfsPlan {
             proc: rootfs::cpath(&prepared.rootfs.join("proc")),
             rootfs: rootfs_c,
-            rootfs_fd: prepared
-                .fd
-                .try_clone()
-                .map_err(|e| fail(internal("dup", &e)))?,
             masked,
             readonly,
             sysctls,

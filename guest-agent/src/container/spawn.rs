@@ -85,7 +85,6 @@ pub enum SpawnError {
 pub struct RootfsPlan {
     /// Absolute rootfs path in the agent's mount namespace.
     pub rootfs: CString,
-    pub rootfs_fd: OwnedFd,
     /// `<rootfs>/proc`
     pub proc: CString,
     /// (path relative to the rootfs, absolute path) of masked paths.
@@ -386,7 +385,7 @@ fn open_beneath_raw(dirfd: RawFd, rel: &CString) -> RawFd {
 
 fn setup_rootfs(r: &RootfsPlan, sync_fd: RawFd) {
     let null = std::ptr::null::<libc::c_char>();
-    // SAFETY (whole function): mount/chdir/pivot_root/umount/open/write/close with C strings and
+    // SAFETY: mount/chdir/pivot_root/umount/open/write/close with C strings and
     // descriptors prepared by the agent; failures are reported and end the child.
     unsafe {
         check(
@@ -413,6 +412,13 @@ fn setup_rootfs(r: &RootfsPlan, sync_fd: RawFd) {
             Stage::MountProc,
             NO_ITEM,
         );
+        // A descriptor of the rootfs as this mount namespace sees it (with /proc mounted): the
+        // agent's descriptor resolves in the agent's namespace.
+        let root = libc::open(
+            r.rootfs.as_ptr(),
+            libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        );
+        check(root, sync_fd, Stage::MaskPath, NO_ITEM);
         for (i, (path, value)) in r.sysctls.iter().enumerate() {
             let fd = libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
             check(fd, sync_fd, Stage::Sysctl, i as u32);
@@ -423,7 +429,7 @@ fn setup_rootfs(r: &RootfsPlan, sync_fd: RawFd) {
             libc::close(fd);
         }
         for (i, (rel, abs)) in r.masked.iter().enumerate() {
-            let fd = open_beneath_raw(r.rootfs_fd.as_raw_fd(), rel);
+            let fd = open_beneath_raw(root, rel);
             if fd < 0 {
                 if errno() == libc::ENOENT {
                     continue;
@@ -459,7 +465,7 @@ fn setup_rootfs(r: &RootfsPlan, sync_fd: RawFd) {
             libc::close(fd);
         }
         for (i, (rel, abs)) in r.readonly.iter().enumerate() {
-            let fd = open_beneath_raw(r.rootfs_fd.as_raw_fd(), rel);
+            let fd = open_beneath_raw(root, rel);
             if fd < 0 {
                 if errno() == libc::ENOENT {
                     continue;
@@ -498,6 +504,7 @@ fn setup_rootfs(r: &RootfsPlan, sync_fd: RawFd) {
                 i as u32,
             );
         }
+        libc::close(root);
         check(libc::chdir(r.rootfs.as_ptr()), sync_fd, Stage::PivotRoot, 0);
         check(
             libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) as libc::c_int,
@@ -522,7 +529,7 @@ fn child_main(
     start_fd: RawFd,
     sync_fd: RawFd,
 ) -> ! {
-    // SAFETY (whole function): only raw system calls on data prepared before the clone; every
+    // SAFETY: only raw system calls on data prepared before the clone; every
     // path ends in execve or _exit.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();

@@ -101,7 +101,7 @@ pub fn resolve(user: &User, passwd: &str, group: &str) -> Result<Identity, UserE
         additional.extend(
             parse_group(group)
                 .into_iter()
-                .filter(|g| g.members.iter().any(|m| *m == e.name))
+                .filter(|g| g.members.contains(&e.name))
                 .map(|g| g.gid),
         );
     }

@@ -26,7 +26,9 @@ fn main() -> ExitCode {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let result = match args.as_slice() {
         ["vsock-echo-server", port] => parse_port(port).and_then(echo_server),
-        ["vsock-echo-client", port, message] => parse_port(port).and_then(|p| echo_client(p, message)),
+        ["vsock-echo-client", port, message] => {
+            parse_port(port).and_then(|p| echo_client(p, message))
+        }
         ["boot-marker"] => boot_marker(),
         _ => Err(format!(
             "usage: guest-probe vsock-echo-server PORT | vsock-echo-client PORT MESSAGE | boot-marker (got {args:?})"
@@ -156,7 +158,9 @@ fn echo_client(port: u32, message: &str) -> Result<(), String> {
     // SAFETY: addr is a valid sockaddr_vm of ADDR_LEN bytes that outlives the call.
     let rc = unsafe { libc::connect(sock.as_raw_fd(), (&raw const addr).cast(), ADDR_LEN) };
     if rc != 0 {
-        return Err(os_err(&format!("connect to vsock {VMADDR_CID_HOST}:{port}")));
+        return Err(os_err(&format!(
+            "connect to vsock {VMADDR_CID_HOST}:{port}"
+        )));
     }
     write_all(&sock, format!("{message}\n").as_bytes())?;
     // SAFETY: shutdown() takes no pointers.

@@ -76,8 +76,18 @@ fn swap_drive(id: &str, body: &[u8], vm: &VmHandle) -> (u16, String) {
     let Some((_, block)) = vm.drives.iter().find(|(d, _)| d == id) else {
         return (404, error_body(&format!("no drive with id {id:?}")));
     };
-    match lock(block).swap_backing(&swap.path, swap.read_only) {
+    let swapped = lock(block).swap_backing(&swap.path, swap.read_only);
+    match swapped {
         Ok(()) => {
+            // Bump the transport's config generation too, so the guest's
+            // multi-word capacity read cannot mix old and new halves.
+            let block_ptr = Arc::as_ptr(block).cast::<u8>();
+            for t in vm.mmio.transports() {
+                let mut t = lock(t);
+                if Arc::as_ptr(t.device()).cast::<u8>() == block_ptr {
+                    t.config_changed();
+                }
+            }
             tracing::info!(drive = id, path = %swap.path.display(), "drive backing swapped");
             (204, String::new())
         }

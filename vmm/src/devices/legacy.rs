@@ -19,8 +19,9 @@ pub const EXIT_PORT_POWER_OFF: u16 = EXIT_PORT;
 pub const EXIT_PORT_PANIC: u16 = EXIT_PORT + 1;
 /// Restart.
 pub const EXIT_PORT_RESTART: u16 = EXIT_PORT + 2;
-/// The guest agent writes any byte here when init starts: boot-to-init time.
-pub const BOOT_MARKER_PORT: u16 = 0x505;
+/// Our guest kernel writes here just before it runs init (its last
+/// initcall): boot-to-init time.
+pub const BOOT_MARKER_PORT: u16 = EXIT_PORT + 4;
 /// i8042 command/status port.
 pub const I8042_COMMAND_PORT: u16 = 0x64;
 /// i8042 data port.
