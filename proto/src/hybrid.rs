@@ -65,10 +65,11 @@ pub async fn dial(uds: &Path, port: u32) -> Result<UnixStream, HybridError> {
     // to the handshake.
     let mut line = Vec::with_capacity(MAX_ANSWER);
     loop {
-        let b = stream
-            .read_u8()
-            .await
-            .map_err(|e| fail(format!("no answer ({e}): is anything listening on that port?")))?;
+        let b = stream.read_u8().await.map_err(|e| {
+            fail(format!(
+                "no answer ({e}): is anything listening on that port?"
+            ))
+        })?;
         if b == b'\n' {
             break;
         }

@@ -2,8 +2,8 @@
 # that the host waits for, in this order. Runs as PID 1 (exec'd by /init).
 # Drives: vda = root (this image), vdb = data (4 MiB, rw), vdc = swap.
 
-# (a) a static program from the image runs; it also writes the boot marker.
-if guest-probe boot-marker; then echo "PROBE: probe=ok"; else echo "PROBE: probe=failed rc=$?"; fi
+# (a) a static program from the image runs.
+if guest-probe hello; then echo "PROBE: probe=ok"; else echo "PROBE: probe=failed rc=$?"; fi
 
 # (e) both vCPUs are online.
 echo "PROBE: nproc=$(nproc)"

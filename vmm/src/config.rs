@@ -185,7 +185,9 @@ pub fn parse_net(value: &str) -> Result<NetDeviceConfig, ConfigError> {
     for p in value.split(',') {
         match p.split_once('=') {
             Some(("tap", t)) if !t.is_empty() && t.len() < 16 => tap = Some(t.to_string()),
-            Some(("tap", _)) => return Err(opt_err("--net", value, "TAP name must be 1 to 15 bytes")),
+            Some(("tap", _)) => {
+                return Err(opt_err("--net", value, "TAP name must be 1 to 15 bytes"));
+            }
             Some(("mac", m)) => {
                 mac = Some(parse_mac(m).ok_or_else(|| opt_err("--net", value, "bad MAC"))?)
             }
@@ -199,9 +201,9 @@ pub fn parse_net(value: &str) -> Result<NetDeviceConfig, ConfigError> {
 
 fn derived_mac(name: &str) -> [u8; 6] {
     // FNV-1a of the name, with the locally-administered bit set.
-    let h = name
-        .bytes()
-        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+    let h = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    });
     let b = h.to_le_bytes();
     [0x02, b[0], b[1], b[2], b[3], b[4]]
 }
@@ -213,7 +215,10 @@ pub fn parse_vsock(value: &str) -> Result<VsockDeviceConfig, ConfigError> {
     for p in value.split(',') {
         match p.split_once('=') {
             Some(("cid", c)) => {
-                cid = Some(c.parse::<u64>().map_err(|_| opt_err("--vsock", value, "cid is not a number"))?)
+                cid = Some(
+                    c.parse::<u64>()
+                        .map_err(|_| opt_err("--vsock", value, "cid is not a number"))?,
+                )
             }
             Some(("uds", u)) if !u.is_empty() => uds = Some(PathBuf::from(u)),
             _ => return Err(opt_err("--vsock", value, format!("unknown part {p:?}"))),
@@ -251,7 +256,8 @@ impl VmConfig {
                 return Err(ConfigError::DuplicateDrive(d.id.clone()));
             }
         }
-        let n = self.drives.len() + usize::from(self.net.is_some()) + usize::from(self.vsock.is_some());
+        let n =
+            self.drives.len() + usize::from(self.net.is_some()) + usize::from(self.vsock.is_some());
         if n > MAX_VIRTIO_DEVICES {
             return Err(ConfigError::TooManyDevices(n));
         }
@@ -325,13 +331,21 @@ mod tests {
         assert_eq!(base().validate(), Ok(()));
         let c = VmConfig { vcpus: 0, ..base() };
         assert_eq!(c.validate(), Err(ConfigError::Vcpus(0)));
-        let c = VmConfig { mem_mib: 1, ..base() };
+        let c = VmConfig {
+            mem_mib: 1,
+            ..base()
+        };
         assert_eq!(c.validate(), Err(ConfigError::Memory(1)));
         let c = VmConfig {
             kernel: "/nonexistent/vmlinux".into(),
             ..base()
         };
-        assert!(c.validate().unwrap_err().to_string().contains("/nonexistent/vmlinux"));
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("/nonexistent/vmlinux")
+        );
         let d = parse_drive("/x,id=a", 0).unwrap();
         let c = VmConfig {
             drives: vec![d.clone(), d],

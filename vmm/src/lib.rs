@@ -4,14 +4,14 @@
 //! the control API. The guest is hostile: every value it hands over is
 //! checked before use, and nothing it sizes is allocated without a cap.
 
+pub mod api;
 pub mod boot;
 pub mod bus;
+pub mod config;
 pub mod devices;
 pub mod exit;
 pub mod layout;
 pub mod memory;
 pub mod vcpu;
 pub mod virtio;
-pub mod api;
-pub mod config;
 pub mod vm;

@@ -53,7 +53,8 @@ fn vm_config(cli: Cli) -> anyhow::Result<VmConfig> {
     if let Some(path) = cli.config {
         let text = std::fs::read_to_string(&path)
             .with_context(|| format!("read config {}", path.display()))?;
-        return serde_json::from_str(&text).with_context(|| format!("parse config {}", path.display()));
+        return serde_json::from_str(&text)
+            .with_context(|| format!("parse config {}", path.display()));
     }
     let drives = cli
         .drives

@@ -230,14 +230,16 @@ pub fn configure(
             regs.rsi = ZERO_PAGE_START;
         }
     }
-    vcpu.set_sregs(&sregs).map_err(kvm_err(id, "KVM_SET_SREGS"))?;
+    vcpu.set_sregs(&sregs)
+        .map_err(kvm_err(id, "KVM_SET_SREGS"))?;
     vcpu.set_regs(&regs).map_err(kvm_err(id, "KVM_SET_REGS"))?;
 
     // LINT0 delivers the legacy PIC (ExtINT), LINT1 NMIs, as on a PC.
     let mut lapic = vcpu.get_lapic().map_err(kvm_err(id, "KVM_GET_LAPIC"))?;
     set_lvt_mode(&mut lapic.regs, APIC_LVT0, APIC_MODE_EXTINT);
     set_lvt_mode(&mut lapic.regs, APIC_LVT1, APIC_MODE_NMI);
-    vcpu.set_lapic(&lapic).map_err(kvm_err(id, "KVM_SET_LAPIC"))?;
+    vcpu.set_lapic(&lapic)
+        .map_err(kvm_err(id, "KVM_SET_LAPIC"))?;
     Ok(())
 }
 
@@ -291,7 +293,12 @@ impl VcpuControl {
     }
 
     fn kick_all(&self) {
-        for t in self.threads.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+        for t in self
+            .threads
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
             // SAFETY: `t` is a live vCPU thread (they only end with the
             // process), and the signal has a handler installed.
             unsafe { libc::pthread_kill(*t, kick_signal()) };

@@ -20,7 +20,9 @@ use crate::config::{SerialOutput, VmConfig};
 use crate::devices::legacy::{BootTimes, LegacyPorts};
 use crate::devices::serial::{ConsoleOut, SerialConsole};
 use crate::exit::{ExitReason, ExitSignal};
-use crate::layout::{KVM_TSS_ADDRESS, SERIAL_IRQ, VIRTIO_IRQ_BASE, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE};
+use crate::layout::{
+    KVM_TSS_ADDRESS, SERIAL_IRQ, VIRTIO_IRQ_BASE, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE,
+};
 use crate::memory;
 use crate::vcpu::{self, VcpuControl, VcpuRunner};
 use crate::virtio::block::{Block, BlockConfig};
@@ -291,7 +293,8 @@ pub fn run(config: VmConfig, start: Instant) -> Result<ExitReason, VmError> {
         let base = VIRTIO_MMIO_BASE + slot as u64 * VIRTIO_MMIO_SIZE;
         let irq = VIRTIO_IRQ_BASE + slot as u32;
         let irq_evt = EventFd::new(EFD_NONBLOCK).map_err(host_err("create irq eventfd"))?;
-        vm.register_irqfd(&irq_evt, irq).map_err(kvm_err("register irqfd"))?;
+        vm.register_irqfd(&irq_evt, irq)
+            .map_err(kvm_err("register irqfd"))?;
         let interrupt = Arc::new(Interrupt::new(irq_evt));
         let transport = MmioTransport::new(
             dev.clone(),
@@ -304,8 +307,12 @@ pub fn run(config: VmConfig, start: Instant) -> Result<ExitReason, VmError> {
             message: e.to_string(),
         })?;
         for (q, evt) in transport.queue_events().iter().enumerate() {
-            vm.register_ioevent(evt, &IoEventAddress::Mmio(base + REG_QUEUE_NOTIFY), q as u32)
-                .map_err(kvm_err("register ioeventfd"))?;
+            vm.register_ioevent(
+                evt,
+                &IoEventAddress::Mmio(base + REG_QUEUE_NOTIFY),
+                q as u32,
+            )
+            .map_err(kvm_err("register ioeventfd"))?;
         }
         mmio.add(base, transport);
         decls.push(cmdline::MmioDeclaration { base, irq });

@@ -5,13 +5,13 @@
 //! cargo run --release -p podvisor-tests --bin boot-bench -- [--runs N] [--qemu-runs N] [--no-qemu] [--mem-mib N]
 //! ```
 //!
-//! The guest script is tests/guest/bench.sh: `guest-probe boot-marker`,
-//! print `PROBE: bench=init`, hold 1 s (so memory can be sampled at init),
+//! The guest script is tests/guest/bench.sh (the kernel wrote the boot marker
+//! just before running it): print `PROBE: bench=init`, hold 1 s (so memory can be sampled at init),
 //! `poweroff -f`. So "exit" figures include that 1 s hold, on both VMMs.
 //!
 //! Figures per run (milliseconds from spawning the VMM process):
 //! - vcpu: first KVM_RUN (`GET /vm` `boot.first_vcpu_entry_ms`, polled early);
-//! - init(api): the guest wrote the boot-marker port (`boot.init_ms`);
+//! - init(api): the guest kernel wrote the boot-marker port just before running init (`boot.init_ms`);
 //! - init(con): the host saw `PROBE: bench=init` on the console file (50 ms polls),
 //!   measured the same way for QEMU, so that is the column the ratio uses;
 //! - exit: the VMM process ended;

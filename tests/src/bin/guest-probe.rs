@@ -4,7 +4,7 @@
 //! ```text
 //! guest-probe vsock-echo-server PORT        # listen on VMADDR_CID_ANY:PORT, echo one connection
 //! guest-probe vsock-echo-client PORT MSG    # connect to the host (CID 2), send MSG, print the reply
-//! guest-probe boot-marker                   # write the VMM's boot-to-init marker port (0x505)
+//! guest-probe hello                         # prove a static program runs: print uid and pid
 //! ```
 //!
 //! Every line meant for the test starts with a fixed word (`VSOCK-LISTENING`,
@@ -14,8 +14,6 @@ use std::io::{self, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::process::ExitCode;
 
-/// The boot marker port of podvisor-vmm (`devices::legacy::BOOT_MARKER_PORT`).
-const BOOT_MARKER_PORT: u16 = 0x505;
 /// The host's vsock context id.
 const VMADDR_CID_HOST: u32 = 2;
 /// Longest reply the client keeps.
@@ -29,9 +27,9 @@ fn main() -> ExitCode {
         ["vsock-echo-client", port, message] => {
             parse_port(port).and_then(|p| echo_client(p, message))
         }
-        ["boot-marker"] => boot_marker(),
+        ["hello"] => hello(),
         _ => Err(format!(
-            "usage: guest-probe vsock-echo-server PORT | vsock-echo-client PORT MESSAGE | boot-marker (got {args:?})"
+            "usage: guest-probe vsock-echo-server PORT | vsock-echo-client PORT MESSAGE | hello (got {args:?})"
         )),
     };
     match result {
@@ -182,15 +180,9 @@ fn echo_client(port: u32, message: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn boot_marker() -> Result<(), String> {
-    // SAFETY: ioperm() takes no pointers; it only changes this process's I/O bitmap.
-    if unsafe { libc::ioperm(libc::c_ulong::from(BOOT_MARKER_PORT), 1, 1) } != 0 {
-        return Err(os_err(&format!("ioperm({BOOT_MARKER_PORT:#x})")));
-    }
-    // SAFETY: ioperm() above granted this port; the write has no memory effect here.
-    unsafe {
-        std::arch::asm!("out dx, al", in("dx") BOOT_MARKER_PORT, in("al") 1u8, options(nomem, nostack, preserves_flags));
-    }
-    say("BOOT-MARKER written");
+fn hello() -> Result<(), String> {
+    // SAFETY: getuid() takes no arguments and cannot fail.
+    let uid = unsafe { libc::getuid() };
+    say(&format!("HELLO uid={uid} pid={}", std::process::id()));
     Ok(())
 }

@@ -35,13 +35,19 @@ pub enum ClientError {
 }
 
 /// Sends one request and returns the body of a 2xx answer.
-pub fn call(sock: &Path, method: &str, uri: &str, body: Option<&str>) -> Result<String, ClientError> {
+pub fn call(
+    sock: &Path,
+    method: &str,
+    uri: &str,
+    body: Option<&str>,
+) -> Result<String, ClientError> {
     let io = |source| ClientError::Io {
         path: sock.display().to_string(),
         source,
     };
     let mut s = UnixStream::connect(sock).map_err(io)?;
-    s.set_read_timeout(Some(Duration::from_secs(30))).map_err(io)?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))
+        .map_err(io)?;
     let body = body.unwrap_or("");
     write!(
         s,

@@ -50,18 +50,22 @@ pub fn read_request<R: Read>(stream: &mut R) -> Result<Request, HttpError> {
         }
         let n = stream.read(&mut chunk)?;
         if n == 0 {
-            return Err(HttpError::Malformed("connection closed before the end of the head"));
+            return Err(HttpError::Malformed(
+                "connection closed before the end of the head",
+            ));
         }
         buf.extend_from_slice(&chunk[..n]);
     };
     if head_end > MAX_HEAD {
         return Err(HttpError::TooLarge);
     }
-    let head = std::str::from_utf8(&buf[..head_end]).map_err(|_| HttpError::Malformed("head is not UTF-8"))?;
+    let head = std::str::from_utf8(&buf[..head_end])
+        .map_err(|_| HttpError::Malformed("head is not UTF-8"))?;
     let mut lines = head.split("\r\n");
     let request_line = lines.next().unwrap_or_default();
     let mut parts = request_line.split(' ');
-    let (Some(method), Some(path), Some(version)) = (parts.next(), parts.next(), parts.next()) else {
+    let (Some(method), Some(path), Some(version)) = (parts.next(), parts.next(), parts.next())
+    else {
         return Err(HttpError::Malformed("request line"));
     };
     if !version.starts_with("HTTP/1.") || method.is_empty() || !path.starts_with('/') {
@@ -153,9 +157,15 @@ mod tests {
     #[test]
     fn refuses_oversized_and_malformed_requests() {
         let big = format!("GET / HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(MAX_HEAD));
-        assert!(matches!(read_request(&mut big.as_bytes()), Err(HttpError::TooLarge)));
+        assert!(matches!(
+            read_request(&mut big.as_bytes()),
+            Err(HttpError::TooLarge)
+        ));
         let body = format!("PUT / HTTP/1.1\r\nContent-Length: {}\r\n\r\n", MAX_BODY + 1);
-        assert!(matches!(read_request(&mut body.as_bytes()), Err(HttpError::TooLarge)));
+        assert!(matches!(
+            read_request(&mut body.as_bytes()),
+            Err(HttpError::TooLarge)
+        ));
         for bad in [
             &b"garbage\r\n\r\n"[..],
             b"GET / SPDY/3\r\n\r\n",
@@ -164,7 +174,11 @@ mod tests {
             b"PUT / HTTP/1.1\r\nContent-Length: 10\r\n\r\nshort",
             b"GET / HTTP/1.1\r\n",
         ] {
-            assert!(read_request(&mut &bad[..]).is_err(), "{:?}", String::from_utf8_lossy(bad));
+            assert!(
+                read_request(&mut &bad[..]).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
         }
     }
 

@@ -62,8 +62,12 @@ fn route(req: &Request, vm: &VmHandle) -> (u16, String) {
             vm.exit.trigger(ExitReason::Stopped);
             (204, String::new())
         }
-        ("PUT", p) if p.starts_with("/drives/") => swap_drive(&p["/drives/".len()..], &req.body, vm),
-        (_, "/vm" | "/vm/pause" | "/vm/resume" | "/vm/stop") => (405, error_body("method not allowed")),
+        ("PUT", p) if p.starts_with("/drives/") => {
+            swap_drive(&p["/drives/".len()..], &req.body, vm)
+        }
+        (_, "/vm" | "/vm/pause" | "/vm/resume" | "/vm/stop") => {
+            (405, error_body("method not allowed"))
+        }
         _ => (404, error_body(&format!("no such resource {path}"))),
     }
 }

@@ -29,16 +29,11 @@ pub struct MmioDeclaration {
 /// The VMM always adds: the serial console, reboot through the keyboard
 /// controller, the exit port our guest kernel reports power-off and panics
 /// on, and the virtio-mmio devices; on a kvm_pvm host also [`PVM_FLAGS`].
-pub fn build(
-    user: &str,
-    devices: &[MmioDeclaration],
-    pvm: bool,
-) -> Result<CString, String> {
+pub fn build(user: &str, devices: &[MmioDeclaration], pvm: bool) -> Result<CString, String> {
     let mut parts: Vec<String> = vec![
         "console=ttyS0".into(),
         "8250.nr_uarts=1".into(),
         "reboot=k".into(),
-        "tsc=reliable".into(),
         format!("podvisor.exit_port={EXIT_PORT:#x}"),
     ];
     if pvm {

@@ -218,7 +218,7 @@ impl MmioTransport {
             return;
         }
         // Registers are 32 bits wide and must be read as such.
-        if data.len() != 4 || offset % 4 != 0 {
+        if data.len() != 4 || !offset.is_multiple_of(4) {
             data.fill(0);
             return;
         }
@@ -261,7 +261,7 @@ impl MmioTransport {
             self.counters.refused_writes += 1;
             return;
         };
-        if offset % 4 != 0 {
+        if !offset.is_multiple_of(4) {
             self.counters.refused_writes += 1;
             return;
         }
@@ -271,13 +271,8 @@ impl MmioTransport {
             REG_DRIVER_FEATURES_SEL => self.driver_features_sel = v,
             REG_DRIVER_FEATURES => self.write_driver_features(v),
             REG_QUEUE_SEL => self.queue_sel = v,
-            REG_QUEUE_NUM
-            | REG_QUEUE_READY
-            | REG_QUEUE_DESC_LOW
-            | REG_QUEUE_DESC_HIGH
-            | REG_QUEUE_AVAIL_LOW
-            | REG_QUEUE_AVAIL_HIGH
-            | REG_QUEUE_USED_LOW
+            REG_QUEUE_NUM | REG_QUEUE_READY | REG_QUEUE_DESC_LOW | REG_QUEUE_DESC_HIGH
+            | REG_QUEUE_AVAIL_LOW | REG_QUEUE_AVAIL_HIGH | REG_QUEUE_USED_LOW
             | REG_QUEUE_USED_HIGH => self.write_queue_reg(offset, v),
             REG_QUEUE_NOTIFY => self.notify(v),
             REG_INTERRUPT_ACK => self.interrupt.ack(v),
@@ -356,7 +351,9 @@ impl MmioTransport {
         // Bits may only be added, one step at a time, in order.
         let next = match (self.state, v) {
             (TransportState::Reset, s) if s == ACKNOWLEDGE => TransportState::Acknowledged,
-            (TransportState::Acknowledged, s) if s == ACKNOWLEDGE | DRIVER => TransportState::Driver,
+            (TransportState::Acknowledged, s) if s == ACKNOWLEDGE | DRIVER => {
+                TransportState::Driver
+            }
             (TransportState::Driver, s) if s == ACKNOWLEDGE | DRIVER | FEATURES_OK => {
                 if !self.features_acceptable() {
                     // FEATURES_OK stays clear; the driver reads it back and fails.
@@ -365,7 +362,9 @@ impl MmioTransport {
                 }
                 TransportState::FeaturesOk
             }
-            (TransportState::FeaturesOk, s) if s == ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK => {
+            (TransportState::FeaturesOk, s)
+                if s == ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK =>
+            {
                 self.activate();
                 return;
             }

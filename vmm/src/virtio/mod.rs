@@ -66,7 +66,10 @@ pub struct ActivateContext {
 impl std::fmt::Debug for ActivateContext {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ActivateContext")
-            .field("acked_features", &format_args!("{:#x}", self.acked_features))
+            .field(
+                "acked_features",
+                &format_args!("{:#x}", self.acked_features),
+            )
             .field("queues", &self.queues.len())
             .finish_non_exhaustive()
     }

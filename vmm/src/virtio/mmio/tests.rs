@@ -107,7 +107,11 @@ fn bring_up(t: &mut MmioTransport) {
     negotiate(t, VIRTIO_F_VERSION_1 | 1);
     setup_queue(t, 0, 0x1_0000);
     setup_queue(t, 1, 0x2_0000);
-    w32(t, REG_STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK);
+    w32(
+        t,
+        REG_STATUS,
+        ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK,
+    );
 }
 
 #[test]
@@ -137,7 +141,11 @@ fn full_bring_up_activates_with_acked_features() {
 #[test]
 fn status_steps_cannot_be_skipped_or_cleared() {
     let (mut t, _) = setup(Recorder::default());
-    w32(&mut t, REG_STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK);
+    w32(
+        &mut t,
+        REG_STATUS,
+        ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK,
+    );
     assert_eq!(t.state(), TransportState::Reset);
     w32(&mut t, REG_STATUS, ACKNOWLEDGE);
     w32(&mut t, REG_STATUS, ACKNOWLEDGE | DRIVER);
@@ -172,7 +180,11 @@ fn features_are_frozen_after_features_ok() {
     w32(&mut t, REG_DRIVER_FEATURES, 0b101);
     setup_queue(&mut t, 0, 0x1_0000);
     setup_queue(&mut t, 1, 0x2_0000);
-    w32(&mut t, REG_STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK);
+    w32(
+        &mut t,
+        REG_STATUS,
+        ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK,
+    );
     assert_eq!(dev.lock().unwrap().activations[0].0, VIRTIO_F_VERSION_1);
 }
 
@@ -219,7 +231,11 @@ fn invalid_queue_at_driver_ok_needs_reset() {
     setup_queue(&mut t, 0, 0x1_0000);
     // Queue 1 points outside guest memory.
     setup_queue(&mut t, 1, 0xf000_0000);
-    w32(&mut t, REG_STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK);
+    w32(
+        &mut t,
+        REG_STATUS,
+        ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK,
+    );
     assert_eq!(t.state(), TransportState::Failed);
     assert_ne!(r32(&mut t, REG_STATUS) & DEVICE_NEEDS_RESET, 0);
     assert!(dev.lock().unwrap().activations.is_empty());
