@@ -52,6 +52,61 @@ fi
 exec /bin/busybox sh "/tests/$name.sh"
 "#;
 
+/// Applets linked in [`container_image`]s (`trap` and `test` are shell builtins; `test` is
+/// linked anyway).
+pub const CONTAINER_APPLETS: &[&str] = &[
+    "sh", "echo", "cat", "sleep", "readlink", "ls", "dd", "head", "tail", "yes", "tty", "test",
+    "touch", "rm", "mkdir", "id", "hostname", "true", "false", "ps", "grep", "wc",
+];
+
+/// `/etc/passwd` of container images: root and `app` (uid 1000).
+pub const CONTAINER_PASSWD: &str =
+    "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:app:/home/app:/bin/sh\n";
+/// `/etc/group` of container images.
+pub const CONTAINER_GROUP: &str = "root:x:0:\napp:x:1000:\n";
+
+/// Builds a container image for the agent at `img`: an ext4 file system (made with
+/// `mkfs.ext4 -d`, nothing is mounted) holding busybox with [`CONTAINER_APPLETS`],
+/// `/etc/passwd`, `/etc/group` and empty `/tmp /proc /sys /dev /root /home/app`. `stage` is
+/// a staging directory created here.
+pub fn container_image(stage: &Path, img: &Path) -> anyhow::Result<()> {
+    if !Path::new(HOST_BUSYBOX).is_file() {
+        bail!("{HOST_BUSYBOX} is missing: install busybox-static");
+    }
+    for d in ["bin", "etc", "tmp", "proc", "sys", "dev", "root", "home/app"] {
+        std::fs::create_dir_all(stage.join(d))
+            .with_context(|| format!("create {}/{d}", stage.display()))?;
+    }
+    std::fs::set_permissions(stage.join("tmp"), std::fs::Permissions::from_mode(0o1777))
+        .context("chmod /tmp")?;
+    std::fs::copy(HOST_BUSYBOX, stage.join("bin/busybox"))
+        .context("copy busybox into the container image")?;
+    for applet in CONTAINER_APPLETS {
+        symlink("busybox", stage.join("bin").join(applet))
+            .with_context(|| format!("symlink applet {applet}"))?;
+    }
+    std::fs::write(stage.join("etc/passwd"), CONTAINER_PASSWD).context("write /etc/passwd")?;
+    std::fs::write(stage.join("etc/group"), CONTAINER_GROUP).context("write /etc/group")?;
+    let size_mib = dir_size(stage)? / (1 << 20) + 8;
+    let out = Command::new("mkfs.ext4")
+        .args(["-q", "-E", "root_owner=0:0", "-d"])
+        .arg(stage)
+        .arg(img)
+        .arg(format!("{size_mib}M"))
+        .output()
+        .context("run mkfs.ext4 (install e2fsprogs)")?;
+    if !out.status.success() {
+        bail!(
+            "mkfs.ext4 -d {} {} failed ({}): {}",
+            stage.display(),
+            img.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
 /// Builds the test image once per process and returns its path.
 pub fn test_image() -> anyhow::Result<PathBuf> {
     static IMAGE: OnceLock<Result<PathBuf, String>> = OnceLock::new();

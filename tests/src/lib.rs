@@ -7,8 +7,10 @@
 //! timings.
 //!
 //! - [`paths`]: the workspace, the guest kernel, the target directory.
-//! - [`artifacts`]: podvisor-vmm and the static `guest-probe`, built on demand.
-//! - [`image`]: the ext4 test disk (busybox, guest-probe, `/init`, `/tests/*.sh`).
+//! - [`artifacts`]: podvisor-vmm, the static `guest-probe` and the agent's guest root
+//!   image, built on demand.
+//! - [`image`]: the ext4 test disk (busybox, guest-probe, `/init`, `/tests/*.sh`) and
+//!   busybox container images for the agent.
 //! - [`vm`]: a running microVM with its console, API and clean-up.
 //! - [`netns`]: a throw-away network namespace holding a TAP.
 //! - [`procfs`]: resident memory of a VMM, guest RAM excluded.
@@ -20,4 +22,4 @@ pub mod paths;
 pub mod procfs;
 pub mod vm;
 
-pub use vm::{DriveSpec, Pattern, Vm, VmSpec};
+pub use vm::{DriveSpec, GuestRoot, Pattern, Vm, VmSpec};

@@ -54,6 +54,11 @@ pub fn guest_kernel() -> anyhow::Result<PathBuf> {
         .with_context(|| format!("resolve guest kernel {}", path.display()))
 }
 
+/// The guest root image with the agent as init (`make rootfs`, images/build-rootfs.sh).
+pub fn agent_rootfs_path() -> PathBuf {
+    workspace_root().join("build/guest/rootfs.ext4")
+}
+
 /// Fails clearly when this host cannot run microVMs at all.
 pub fn require_kvm() -> anyhow::Result<()> {
     let kvm = Path::new("/dev/kvm");

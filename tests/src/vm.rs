@@ -29,10 +29,24 @@ pub struct DriveSpec {
     pub id: String,
 }
 
-/// What to boot. The test image is always the first drive (`/dev/vda`, id `root`).
+/// The root file system a VM boots (always the first drive: `/dev/vda`, id `root`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuestRoot {
+    /// The busybox test image ([`image::test_image`]); init is a shell script that runs
+    /// `/tests/<VmSpec::test>.sh`.
+    TestImage,
+    /// The real guest root image `build/guest/rootfs.ext4` ([`artifacts::agent_rootfs`],
+    /// refreshed with `make rootfs`); init is the podvisor agent, which prints
+    /// [`AGENT_READY`] on the console once it serves the API on vsock.
+    AgentRootfs,
+}
+
+/// What to boot.
 #[derive(Debug, Clone)]
 pub struct VmSpec {
-    /// The guest script to run: `/tests/<test>.sh`.
+    /// The root file system and init.
+    pub root: GuestRoot,
+    /// The guest script to run: `/tests/<test>.sh` (only with [`GuestRoot::TestImage`]).
     pub test: String,
     /// vCPUs.
     pub vcpus: u8,
@@ -49,9 +63,11 @@ pub struct VmSpec {
 }
 
 impl VmSpec {
-    /// One vCPU, 128 MiB, no device but the root drive.
+    /// The test image running `/tests/<test>.sh`: one vCPU, 128 MiB, no device but the root
+    /// drive.
     pub fn new(test: &str) -> Self {
         Self {
+            root: GuestRoot::TestImage,
             test: test.into(),
             vcpus: 1,
             mem_mib: 128,
@@ -66,6 +82,37 @@ impl VmSpec {
 /// The command line every test boot uses.
 pub fn test_cmdline(test: &str) -> String {
     format!("quiet root=/dev/vda ro rootfstype=ext4 init=/init podvisor.test={test}")
+}
+
+/// The command line of a VM booting the guest root image with the agent as init.
+pub const AGENT_CMDLINE: &str = "quiet root=/dev/vda ro rootfstype=ext4 init=/sbin/podvisor-agent";
+
+/// The console line the agent prints once it serves the API.
+pub const AGENT_READY: &str = "podvisor-agent: ready";
+
+/// The guest CID [`VmSpec::agent`] gives the vsock device.
+pub const AGENT_VSOCK_CID: u64 = 3;
+
+impl VmSpec {
+    /// The guest root image with the agent as init, a vsock device (its Unix socket is
+    /// [`Vm::vsock_uds`]) and the control API: one vCPU, 128 MiB.
+    pub fn agent() -> Self {
+        Self {
+            root: GuestRoot::AgentRootfs,
+            test: String::new(),
+            vsock_cid: Some(AGENT_VSOCK_CID),
+            api: true,
+            ..Self::new("")
+        }
+    }
+
+    /// The root image and the kernel command line for this spec.
+    fn root_and_cmdline(&self) -> anyhow::Result<(PathBuf, String)> {
+        match self.root {
+            GuestRoot::TestImage => Ok((image::test_image()?, test_cmdline(&self.test))),
+            GuestRoot::AgentRootfs => Ok((artifacts::agent_rootfs()?, AGENT_CMDLINE.to_owned())),
+        }
+    }
 }
 
 /// Serializes booting tests inside one test process.
@@ -143,12 +190,13 @@ pub struct Vm {
 }
 
 impl Vm {
-    /// Boots `spec` with the test image and kernel, optionally inside `netns`.
+    /// Boots `spec` (its root image, see [`GuestRoot`]) with the guest kernel, optionally
+    /// inside `netns`.
     pub fn boot(spec: &VmSpec, netns: Option<&NetNs>) -> anyhow::Result<Self> {
         paths::require_kvm()?;
         let kernel = paths::guest_kernel()?;
         let vmm = artifacts::vmm_binary()?;
-        let img = image::test_image()?;
+        let (img, cmdline) = spec.root_and_cmdline()?;
         let dir = tempfile::Builder::new()
             .prefix("podvisor-vm-")
             .tempdir()
@@ -159,7 +207,7 @@ impl Vm {
             "--kernel".into(),
             kernel.display().to_string(),
             "--cmdline".into(),
-            test_cmdline(&spec.test),
+            cmdline,
             "--vcpus".into(),
             spec.vcpus.to_string(),
             "--mem-mib".into(),
@@ -277,6 +325,17 @@ impl Vm {
     pub fn console_lines(&mut self) -> &[String] {
         let _ = self.read_console();
         &self.lines
+    }
+
+    /// The whole console so far, one string (for failure reports).
+    pub fn console(&mut self) -> String {
+        let _ = self.read_console();
+        let mut s = self.lines.join("\n");
+        if !self.partial.is_empty() {
+            s.push('\n');
+            s.push_str(&self.partial);
+        }
+        s
     }
 
     fn read_console(&mut self) -> anyhow::Result<()> {
