@@ -184,6 +184,8 @@ pub struct Vm {
     stderr: PathBuf,
     console_read: u64,
     partial: String,
+    /// Bytes of the line being written, not yet decoded.
+    pending: Vec<u8>,
     lines: Vec<String>,
     api_sock: Option<PathBuf>,
     vsock_uds: Option<PathBuf>,
@@ -266,6 +268,7 @@ impl Vm {
             stderr,
             console_read: 0,
             partial: String::new(),
+            pending: Vec::new(),
             lines: Vec::new(),
             api_sock,
             vsock_uds,
@@ -349,20 +352,30 @@ impl Vm {
         f.read_to_end(&mut buf)
             .with_context(|| format!("read {}", self.console.display()))?;
         self.console_read += buf.len() as u64;
-        self.partial.push_str(&String::from_utf8_lossy(&buf));
-        while let Some(i) = self.partial.find('\n') {
-            let line: String = self.partial.drain(..=i).collect();
-            self.lines
-                .push(line.trim_end_matches(['\r', '\n']).to_string());
+        // Decode whole lines only: a read may end inside a UTF-8 sequence.
+        self.pending.extend_from_slice(&buf);
+        while let Some(i) = self.pending.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = self.pending.drain(..=i).collect();
+            self.lines.push(
+                String::from_utf8_lossy(&line)
+                    .trim_end_matches(['\r', '\n'])
+                    .to_string(),
+            );
         }
+        self.partial = String::from_utf8_lossy(&self.pending).into_owned();
         Ok(())
     }
 
+    /// The first complete console line matching `pat`. A line still being
+    /// written is never matched: its value may be cut short.
     fn find(&self, pat: &Pattern) -> Option<String> {
-        self.lines
-            .iter()
-            .find(|l| pat.matches(l))
-            .cloned()
+        self.lines.iter().find(|l| pat.matches(l)).cloned()
+    }
+
+    /// Like [`Self::find`], and also the unterminated last line, once the
+    /// VMM has ended and nothing more will be written.
+    fn find_final(&self, pat: &Pattern) -> Option<String> {
+        self.find(pat)
             .or_else(|| pat.matches(&self.partial).then(|| self.partial.clone()))
     }
 
@@ -390,7 +403,7 @@ impl Vm {
             }
             if let Some(status) = self.try_status()? {
                 self.read_console()?;
-                if let Some(line) = self.find(&pat) {
+                if let Some(line) = self.find_final(&pat) {
                     return Ok(line);
                 }
                 bail!(
