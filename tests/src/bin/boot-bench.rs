@@ -36,6 +36,8 @@ use podvisor_tests::{Vm, VmSpec, artifacts, image, paths};
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
 const EXIT_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long QEMU gets to exit after init (see `qemu_run`).
+const QEMU_EXIT_TIMEOUT: Duration = Duration::from_secs(30);
 const INIT_MARKER: &str = "PROBE: bench=init";
 /// QEMU's isa-debug-exit at the guest kernel's power-off port exits with (0 << 1) | 1.
 const QEMU_POWER_OFF_STATUS: i32 = 1;
@@ -46,6 +48,9 @@ struct Options {
     qemu_runs: usize,
     mem_mib: u64,
 }
+
+/// QEMU's CPU model: the host's, less what a kvm_pvm host cannot set.
+const QEMU_CPU: &str = "host,arch-capabilities=off";
 
 fn parse_options() -> anyhow::Result<Options> {
     let mut o = Options {
@@ -143,7 +148,7 @@ fn qemu_run(mem_mib: u64, dir: &Path) -> anyhow::Result<Run> {
     // The flags podvisor-vmm adds itself (see podvisor_vmm::boot::cmdline::build);
     // QEMU adds the virtio_mmio.device declarations.
     let mut append = format!(
-        "{} console=ttyS0 8250.nr_uarts=1 reboot=k tsc=reliable podvisor.exit_port={:#x}",
+        "{} console=ttyS0 8250.nr_uarts=1 reboot=k podvisor.exit_port={:#x}",
         test_cmdline("bench"),
         podvisor_vmm::devices::legacy::EXIT_PORT
     );
@@ -157,7 +162,8 @@ fn qemu_run(mem_mib: u64, dir: &Path) -> anyhow::Result<Run> {
         "microvm,x-option-roms=off,rtc=off,acpi=off",
         "-enable-kvm",
         "-cpu",
-        "host",
+        // kvm_pvm refuses IA32_ARCH_CAPABILITIES writes, which QEMU asserts on.
+        QEMU_CPU,
     ])
     .args([
         "-m",
@@ -216,23 +222,30 @@ fn qemu_run(mem_mib: u64, dir: &Path) -> anyhow::Result<Run> {
             run.rss_total_kib = Some(rss.total_kib);
             run.rss_vmm_kib = rss.vmm_kib();
         }
-        let deadline = Instant::now() + EXIT_TIMEOUT;
+        // Under kvm_pvm, QEMU's isa-debug-exit was seen not to end QEMU on
+        // the guest's power-off write: keep the init figures and leave the
+        // exit time empty rather than dropping the run.
+        let deadline = Instant::now() + QEMU_EXIT_TIMEOUT;
         let status = loop {
             if let Some(s) = child.try_wait()? {
-                break s;
+                break Some(s);
             }
-            ensure!(
-                Instant::now() < deadline,
-                "QEMU did not exit within {EXIT_TIMEOUT:?} after init"
-            );
+            if Instant::now() >= deadline {
+                eprintln!(
+                    "qemu: no exit within {QEMU_EXIT_TIMEOUT:?} after the guest powered off; exit time not measured"
+                );
+                break None;
+            }
             std::thread::sleep(Duration::from_millis(20));
         };
-        run.exit_ms = Some(ms(started.elapsed()));
-        ensure!(
-            status.code() == Some(QEMU_POWER_OFF_STATUS),
-            "QEMU ended with {status} (power-off through isa-debug-exit is {QEMU_POWER_OFF_STATUS}); stderr: {}",
-            stderr_of().trim()
-        );
+        if let Some(status) = status {
+            run.exit_ms = Some(ms(started.elapsed()));
+            ensure!(
+                status.code() == Some(QEMU_POWER_OFF_STATUS),
+                "QEMU ended with {status} (power-off through isa-debug-exit is {QEMU_POWER_OFF_STATUS}); stderr: {}",
+                stderr_of().trim()
+            );
+        }
         Ok(())
     })();
     if child.try_wait().ok().flatten().is_none() {
