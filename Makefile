@@ -12,7 +12,7 @@ STATIC_FLAGS := -C target-feature=+crt-static
 AGENT_BIN    := target/$(TARGET)/release/podvisor-agent
 PROBE_BIN    := target/$(TARGET)/release/guest-probe
 
-.PHONY: all setup kernel agent probe rootfs guest build vmm-release lint test unit-test e2e-test demo bench clean
+.PHONY: all setup kernel agent probe rootfs guest build vmm-release lint test unit-test e2e-test agent-test demo bench clean
 
 all: guest build
 
@@ -51,6 +51,11 @@ e2e-test: guest probe build
 	$(CARGO) test -p podvisor-tests --tests -- --test-threads=2
 
 test: setup guest probe lint unit-test e2e-test
+
+# The agent's end-to-end test (issue 3): one microVM, real containers. Slow on
+# kvm_pvm hosts, so not part of `make test` yet.
+agent-test: guest probe build
+	$(CARGO) test -p podvisor-tests --test agent -- --ignored --nocapture
 
 demo: setup guest vmm-release
 	@scripts/demo.sh

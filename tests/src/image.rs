@@ -56,7 +56,7 @@ exec /bin/busybox sh "/tests/$name.sh"
 /// linked anyway).
 pub const CONTAINER_APPLETS: &[&str] = &[
     "sh", "echo", "cat", "sleep", "readlink", "ls", "dd", "head", "tail", "yes", "tty", "test",
-    "touch", "rm", "mkdir", "id", "hostname", "true", "false", "ps", "grep", "wc",
+    "touch", "rm", "mkdir", "cp", "id", "hostname", "true", "false", "ps", "grep", "wc",
 ];
 
 /// `/etc/passwd` of container images: root and `app` (uid 1000).
@@ -73,7 +73,9 @@ pub fn container_image(stage: &Path, img: &Path) -> anyhow::Result<()> {
     if !Path::new(HOST_BUSYBOX).is_file() {
         bail!("{HOST_BUSYBOX} is missing: install busybox-static");
     }
-    for d in ["bin", "etc", "tmp", "proc", "sys", "dev", "root", "home/app"] {
+    for d in [
+        "bin", "etc", "tmp", "proc", "sys", "dev", "root", "home/app",
+    ] {
         std::fs::create_dir_all(stage.join(d))
             .with_context(|| format!("create {}/{d}", stage.display()))?;
     }

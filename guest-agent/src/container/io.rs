@@ -1,9 +1,11 @@
 //! Process I/O: pipes or a pseudo-terminal, output pumps that keep stdout and stderr apart,
 //! and the single ProcessIo attachment.
 
+use std::ffi::CString;
 use std::fs::File;
 use std::io::Read;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::Path;
 use std::sync::Mutex;
 
 use nix::fcntl::OFlag;
@@ -41,27 +43,101 @@ fn devnull() -> std::io::Result<OwnedFd> {
         .into())
 }
 
-/// Creates the descriptors; returns the child's ends and the agent's.
+/// A pseudo-terminal: the master, a slave and, when the pair comes from a container's own
+/// devpts instance, the slave's path inside that container.
+struct Pty {
+    master: OwnedFd,
+    slave: OwnedFd,
+    name: Option<CString>,
+}
+
+/// Opens a pty pair from the devpts instance mounted at `dev/pts` beneath `root` (a
+/// container's rootfs): the container then sees its terminal as `/dev/pts/N` and `ttyname(3)`,
+/// `tty(1)` and job control work. The slave is opened from the master (TIOCGPTPEER), never by
+/// a path the container could change.
+fn container_pty(root: &OwnedFd) -> std::io::Result<Pty> {
+    let master = crate::safepath::open_beneath(
+        root,
+        Path::new("dev/pts/ptmx"),
+        OFlag::O_RDWR | OFlag::O_NOCTTY,
+        nix::sys::stat::Mode::empty(),
+    )
+    .map_err(|e| std::io::Error::other(crate::service::error_chain(&e)))?;
+    let unlock: libc::c_int = 0;
+    // SAFETY: TIOCSPTLCK reads an int from a valid pointer; the descriptor is our ptmx.
+    if unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSPTLCK, &unlock) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mut n: libc::c_uint = 0;
+    // SAFETY: TIOCGPTN writes an unsigned int to a valid pointer.
+    if unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCGPTN, &mut n) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: TIOCGPTPEER takes open flags by value and returns a new descriptor we own.
+    let slave = unsafe {
+        libc::ioctl(
+            master.as_raw_fd(),
+            libc::TIOCGPTPEER,
+            libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC,
+        )
+    };
+    if slave < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `slave` was just returned by the kernel and is owned by nothing else.
+    let slave = unsafe { OwnedFd::from_raw_fd(slave) };
+    Ok(Pty {
+        master,
+        slave,
+        name: Some(pts_name(n)),
+    })
+}
+
+/// `/dev/pts/<n>`.
+pub fn pts_name(n: u32) -> CString {
+    CString::new(format!("/dev/pts/{n}")).unwrap_or_default()
+}
+
+/// A pty pair from the agent's own /dev/ptmx (no container devpts at hand).
+fn agent_pty() -> std::io::Result<Pty> {
+    let pty = nix::pty::openpty(None, None).map_err(std::io::Error::from)?;
+    for fd in [&pty.master, &pty.slave] {
+        nix::fcntl::fcntl(
+            fd,
+            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+        )
+        .map_err(std::io::Error::from)?;
+    }
+    Ok(Pty {
+        master: pty.master,
+        slave: pty.slave,
+        name: None,
+    })
+}
+
+/// Creates the descriptors; returns the child's ends and the agent's. With a terminal, the pty
+/// comes from the devpts instance beneath `container_root` (the container's rootfs) when given.
 pub fn create(
     terminal: bool,
     stdin: bool,
     size: (u16, u16),
+    container_root: Option<&OwnedFd>,
 ) -> std::io::Result<(ChildStdio, ProcessIo)> {
     let (tx, rx) = mpsc::channel(OUTPUT_QUEUE);
     if terminal {
-        let ws = nix::pty::Winsize {
+        let pty = match container_root {
+            Some(root) => container_pty(root)?,
+            None => agent_pty()?,
+        };
+        let ws = libc::winsize {
             ws_row: size.1,
             ws_col: size.0,
             ws_xpixel: 0,
             ws_ypixel: 0,
         };
-        let pty = nix::pty::openpty(Some(&ws), None).map_err(std::io::Error::from)?;
-        for fd in [&pty.master, &pty.slave] {
-            nix::fcntl::fcntl(
-                fd,
-                nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
-            )
-            .map_err(std::io::Error::from)?;
+        // SAFETY: TIOCSWINSZ on our pty master with a valid winsize.
+        if unsafe { libc::ioctl(pty.master.as_raw_fd(), libc::TIOCSWINSZ, &ws) } < 0 {
+            return Err(std::io::Error::last_os_error());
         }
         let (open_tx, open_rx) = watch::channel(1);
         let reader = File::from(pty.master.try_clone()?);
@@ -71,6 +147,7 @@ pub fn create(
             stdout: pty.slave.try_clone()?,
             stderr: pty.slave,
             tty: true,
+            tty_name: pty.name,
         };
         let io = ProcessIo {
             stdin: Mutex::new(
@@ -107,6 +184,7 @@ pub fn create(
             stdout: out_w,
             stderr: err_w,
             tty: false,
+            tty_name: None,
         },
         ProcessIo {
             stdin: Mutex::new(agent_in),

@@ -476,7 +476,7 @@ impl Manager {
             process.console_width.clamp(1, u16::MAX.into()) as u16,
             process.console_height.clamp(1, u16::MAX.into()) as u16,
         );
-        let (stdio, pio) = io::create(process.terminal, process.stdin, size)
+        let (stdio, pio) = io::create(process.terminal, process.stdin, size, Some(&prepared.fd))
             .map_err(|e| fail(internal("create stdio", &e)))?;
         let mut plan = self
             .process_plan(process, &prepared.fd, stdio)
@@ -709,7 +709,17 @@ impl Manager {
                 process.console_width.clamp(1, u16::MAX.into()) as u16,
                 process.console_height.clamp(1, u16::MAX.into()) as u16,
             );
-            let (stdio, pio) = io::create(process.terminal, process.stdin, size)
+            // The container's rootfs as the agent mounted it: its devpts is the container's.
+            let rootfs = rootfs::rootfs_dir(&c2.bundle);
+            let rootfs_fd: OwnedFd = nix::fcntl::open(
+                &rootfs,
+                nix::fcntl::OFlag::O_PATH
+                    | nix::fcntl::OFlag::O_DIRECTORY
+                    | nix::fcntl::OFlag::O_CLOEXEC,
+                nix::sys::stat::Mode::empty(),
+            )
+            .map_err(|e| internal(&format!("open {}", rootfs.display()), &e))?;
+            let (stdio, pio) = io::create(process.terminal, process.stdin, size, Some(&rootfs_fd))
                 .map_err(|e| internal("create stdio", &e))?;
             let mut plan = me.process_plan(&process, &root, stdio)?;
             plan.pid_ns = Some(ns("pid")?);

@@ -101,6 +101,11 @@ pub struct ChildStdio {
     pub stdout: OwnedFd,
     pub stderr: OwnedFd,
     pub tty: bool,
+    /// The terminal's path inside the container (`/dev/pts/N` of the container's devpts): the
+    /// child reopens it there so that the descriptors it execs with name a path it can see
+    /// (ttyname(3)). Falls back to the inherited descriptors if that path is not the same
+    /// terminal.
+    pub tty_name: Option<CString>,
 }
 
 /// Everything the child needs, prepared by the agent.
@@ -522,6 +527,32 @@ fn setup_rootfs(r: &RootfsPlan, sync_fd: RawFd) {
     }
 }
 
+/// Opens the terminal `name` (a path in the child's mount namespace) if it is the same device
+/// as `inherited`; returns the new descriptor or -1. Raw system calls only (runs in the child).
+fn reopen_tty(name: &CString, inherited: RawFd) -> RawFd {
+    // SAFETY: open/fstat/close with a valid C string and stack buffers.
+    unsafe {
+        let fd = libc::open(
+            name.as_ptr(),
+            libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC,
+        );
+        if fd < 0 {
+            return -1;
+        }
+        let mut a: libc::stat = std::mem::zeroed();
+        let mut b: libc::stat = std::mem::zeroed();
+        if libc::fstat(fd, &mut a) == 0
+            && libc::fstat(inherited, &mut b) == 0
+            && a.st_mode & libc::S_IFMT == libc::S_IFCHR
+            && a.st_rdev == b.st_rdev
+        {
+            return fd;
+        }
+        libc::close(fd);
+        -1
+    }
+}
+
 fn child_main(
     plan: &ChildPlan,
     argv: &[*const libc::c_char],
@@ -559,16 +590,20 @@ fn child_main(
         if s.tty {
             check(libc::setsid(), sync_fd, Stage::Stdio, 0);
         }
+        let reopened = s
+            .tty_name
+            .as_ref()
+            .map_or(-1, |name| reopen_tty(name, s.stdout.as_raw_fd()));
         for (i, (fd, target)) in [(&s.stdin, 0), (&s.stdout, 1), (&s.stderr, 2)]
             .into_iter()
             .enumerate()
         {
-            check(
-                libc::dup2(fd.as_raw_fd(), target),
-                sync_fd,
-                Stage::Stdio,
-                i as u32 + 1,
-            );
+            let src = if reopened >= 0 {
+                reopened
+            } else {
+                fd.as_raw_fd()
+            };
+            check(libc::dup2(src, target), sync_fd, Stage::Stdio, i as u32 + 1);
         }
         if s.tty {
             check(libc::ioctl(0, libc::TIOCSCTTY, 0), sync_fd, Stage::Stdio, 4);

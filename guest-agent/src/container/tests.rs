@@ -28,7 +28,7 @@ fn busybox_image(dir: &Path) {
     std::fs::copy(BUSYBOX, bin.join("busybox")).expect("copy busybox");
     for applet in [
         "sh", "cat", "echo", "id", "hostname", "ls", "sleep", "readlink", "wc", "head", "touch",
-        "grep",
+        "grep", "tty",
     ] {
         std::os::unix::fs::symlink("busybox", bin.join(applet)).expect("symlink");
     }
@@ -323,4 +323,78 @@ async fn signals_exec_and_bad_input() {
         m.start("nope").await.expect_err("unknown").code(),
         tonic::Code::NotFound
     );
+}
+
+/// Reads a process's (single, pty) output stream to its end.
+async fn pty_output(m: &Manager, id: &str, exec_id: &str) -> String {
+    let p = m.process(id, exec_id).expect("process");
+    let mut rx = p.io.output.lock().expect("lock").take().expect("output");
+    let mut out = Vec::new();
+    while let Some(o) = rx.recv().await {
+        out.extend(o.data);
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A terminal is a pty of the container's own devpts, so `ttyname(3)` finds it at
+/// /dev/pts/N inside the container (it used to come from the agent's devpts: `tty` printed
+/// "not a tty" although stdin was a terminal).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn terminals_are_named_inside_the_container() {
+    if !can_run() {
+        return;
+    }
+    let f = fixture();
+    let m = f.manager.clone();
+    let mut req = request(
+        "t1",
+        "tty; test -t 0 && echo isatty; echo started; sleep 60",
+    );
+    if let Some(p) = req.process.as_mut() {
+        p.terminal = true;
+    }
+    m.create_from_dir(&req, &f.image).expect("create");
+    let init_out = {
+        let m = m.clone();
+        tokio::spawn(async move { pty_output(&m, "t1", "").await })
+    };
+    m.start("t1").await.expect("start");
+
+    m.clone()
+        .exec(ExecProcessRequest {
+            container_id: "t1".into(),
+            exec_id: "e1".into(),
+            process: Some(Process {
+                args: vec![
+                    "sh".into(),
+                    "-c".into(),
+                    "tty; test -t 1 && echo isatty".into(),
+                ],
+                terminal: true,
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect("exec");
+    let out = pty_output(&m, "t1", "e1").await;
+    let e = m.wait("t1", "e1").await.expect("wait exec");
+    assert_eq!(e.exit_code, 0, "{out}");
+    assert!(
+        out.starts_with("/dev/pts/") && out.contains("isatty"),
+        "exec: {out:?}"
+    );
+
+    m.signal(&SignalProcessRequest {
+        container_id: "t1".into(),
+        signal: libc::SIGKILL as u32,
+        ..Default::default()
+    })
+    .expect("kill");
+    m.wait("t1", "").await.expect("wait");
+    let out = init_out.await.expect("output");
+    assert!(
+        out.starts_with("/dev/pts/0\r\nisatty\r\n"),
+        "container init: {out:?}"
+    );
+    m.delete("t1", false).await.expect("delete");
 }
