@@ -89,24 +89,7 @@ pub fn container_image(stage: &Path, img: &Path) -> anyhow::Result<()> {
     }
     std::fs::write(stage.join("etc/passwd"), CONTAINER_PASSWD).context("write /etc/passwd")?;
     std::fs::write(stage.join("etc/group"), CONTAINER_GROUP).context("write /etc/group")?;
-    let size_mib = dir_size(stage)? / (1 << 20) + 8;
-    let out = Command::new("mkfs.ext4")
-        .args(["-q", "-E", "root_owner=0:0", "-d"])
-        .arg(stage)
-        .arg(img)
-        .arg(format!("{size_mib}M"))
-        .output()
-        .context("run mkfs.ext4 (install e2fsprogs)")?;
-    if !out.status.success() {
-        bail!(
-            "mkfs.ext4 -d {} {} failed ({}): {}",
-            stage.display(),
-            img.display(),
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(())
+    mkfs_ext4(stage, img, &["-E", "root_owner=0:0"], 8)
 }
 
 /// Builds the test image once per process and returns its path.
@@ -185,12 +168,17 @@ pub fn build(root: &Path, probe: &Path, scripts: &Path, img: &Path) -> anyhow::R
             write_executable(&root.join("tests").join(&name), &text)?;
         }
     }
-    // Room for the files plus ext4's own structures.
-    let size_mib = dir_size(root)? / (1 << 20) + 12;
+    mkfs_ext4(root, img, &["-L", LABEL], 12)
+}
+
+/// Makes an ext4 image of `dir` with `mkfs.ext4 -d` (no mount): the files
+/// plus `slack_mib` MiB for ext4's own structures.
+fn mkfs_ext4(dir: &Path, img: &Path, extra: &[&str], slack_mib: u64) -> anyhow::Result<()> {
+    let size_mib = dir_size(dir)? / (1 << 20) + slack_mib;
     let out = Command::new("mkfs.ext4")
         .args(["-q", "-d"])
-        .arg(root)
-        .args(["-L", LABEL])
+        .arg(dir)
+        .args(extra)
         .arg(img)
         .arg(format!("{size_mib}M"))
         .output()
@@ -198,7 +186,7 @@ pub fn build(root: &Path, probe: &Path, scripts: &Path, img: &Path) -> anyhow::R
     if !out.status.success() {
         bail!(
             "mkfs.ext4 -d {} {} failed ({}): {}",
-            root.display(),
+            dir.display(),
             img.display(),
             out.status,
             String::from_utf8_lossy(&out.stderr)
