@@ -12,6 +12,8 @@ packages=(
     qemu-system-x86
     # CRI tests (later issues): registry and CNI plugins
     docker-registry containernetworking-plugins iptables
+    # CRI types (k8s-cri's build script runs protoc)
+    protobuf-compiler
 )
 
 missing=()

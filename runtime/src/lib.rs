@@ -1,1 +1,16 @@
-//! podvisor runtime.
+//! podvisor runtime: `podvisord` serves CRI v1 and runs every pod in its own microVM.
+//!
+//! One module, one job:
+//! - [`config`]: `podvisord --config FILE` (TOML).
+//! - [`state`]: persisted sandbox and container records (write, fsync, rename).
+//! - [`logs`]: container logs in the CRI format.
+//! - [`image`]: pulling, the blob store and one ext4 image per image id.
+//! - [`vmm`]: one detached `podvisor-vmm` process per pod, found again after a restart.
+//! - [`cri`]: the gRPC services.
+
+pub mod config;
+pub mod cri;
+pub mod image;
+pub mod logs;
+pub mod state;
+pub mod vmm;

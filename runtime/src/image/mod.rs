@@ -1,0 +1,1 @@
+//! Images: see the crate documentation.
