@@ -52,16 +52,16 @@ e2e-test: guest probe build
 
 test: setup guest probe lint unit-test e2e-test
 
-# The agent's end-to-end test (issue 3): one microVM, real containers. Slow on
-# kvm_pvm hosts, so not part of `make test` yet.
+# The agent's end-to-end test alone (also part of e2e-test), with its progress shown.
 agent-test: guest probe build
-	$(CARGO) test -p podvisor-tests --test agent -- --ignored --nocapture
+	$(CARGO) test -p podvisor-tests --test agent -- --nocapture
 
 demo: setup guest vmm-release
 	@scripts/demo.sh
 
 bench: setup guest probe vmm-release
 	$(CARGO) run --release -p podvisor-tests --bin boot-bench -- --runs 5
+	$(CARGO) run --release -p podvisor-tests --bin agent-bench -- --runs 5
 
 clean:
 	rm -rf build

@@ -6,6 +6,7 @@
 //! with generous deadlines, never on fixed sleeps, and nothing asserts on
 //! timings.
 //!
+//! - [`agent`]: a client of the guest agent (requests, output by stream, waits).
 //! - [`paths`]: the workspace, the guest kernel, the target directory.
 //! - [`artifacts`]: podvisor-vmm, the static `guest-probe` and the agent's guest root
 //!   image, built on demand.
@@ -15,6 +16,7 @@
 //! - [`netns`]: a throw-away network namespace holding a TAP.
 //! - [`procfs`]: resident memory of a VMM, guest RAM excluded.
 
+pub mod agent;
 pub mod artifacts;
 pub mod image;
 pub mod netns;

@@ -60,6 +60,8 @@ pub struct VmSpec {
     pub vsock_cid: Option<u64>,
     /// Serve the control API (its socket lives in the VM's directory).
     pub api: bool,
+    /// Appended to the kernel command line (`KEY=value` words reach init's environment).
+    pub cmdline_extra: String,
 }
 
 impl VmSpec {
@@ -75,6 +77,7 @@ impl VmSpec {
             net_tap: None,
             vsock_cid: None,
             api: false,
+            cmdline_extra: String::new(),
         }
     }
 }
@@ -108,10 +111,15 @@ impl VmSpec {
 
     /// The root image and the kernel command line for this spec.
     fn root_and_cmdline(&self) -> anyhow::Result<(PathBuf, String)> {
-        match self.root {
-            GuestRoot::TestImage => Ok((image::test_image()?, test_cmdline(&self.test))),
-            GuestRoot::AgentRootfs => Ok((artifacts::agent_rootfs()?, AGENT_CMDLINE.to_owned())),
+        let (root, mut cmdline) = match self.root {
+            GuestRoot::TestImage => (image::test_image()?, test_cmdline(&self.test)),
+            GuestRoot::AgentRootfs => (artifacts::agent_rootfs()?, AGENT_CMDLINE.to_owned()),
+        };
+        if !self.cmdline_extra.is_empty() {
+            cmdline.push(' ');
+            cmdline.push_str(&self.cmdline_extra);
         }
+        Ok((root, cmdline))
     }
 }
 

@@ -177,7 +177,7 @@ impl Manager {
                     )
                 };
                 if r == 0 {
-                    spawn::close_all_but(&[-1, -1]);
+                    spawn::close_all_but(&[-1, -1, -1]);
                     // SAFETY: async-signal-safe calls only.
                     unsafe {
                         libc::signal(libc::SIGCHLD, libc::SIG_IGN);
@@ -359,15 +359,21 @@ impl Manager {
                 "container {id:?} already exists"
             )));
         }
+        let t = std::time::Instant::now();
         let image_root = lock(&self.images)
-            .acquire(&self.paths.images(), &image.block_device_serial)
+            .acquire(
+                &self.paths.images(),
+                &image.block_device_serial,
+                image.size_bytes,
+            )
             .map_err(|e| match e {
-                rootfs::RootfsError::NoDevice(_) => {
+                rootfs::RootfsError::NoDevice(_) | rootfs::RootfsError::SizeMismatch { .. } => {
                     Status::failed_precondition(format!("image: {}", error_chain(&e)))
                 }
                 e if e.is_invalid_argument() => invalid("image", &e),
                 e => internal("mount image", &e),
             })?;
+        tracing::debug!(container = %id, ms = t.elapsed().as_millis(), "image mounted");
         let result = self.create_in(&r, &process, image_root.join(&lower_rel), &bundle);
         match result {
             Ok((c, pid)) => {
@@ -432,6 +438,7 @@ impl Manager {
         let ipc_mode = mode(ns.ipc, "ipc")?;
         let uts_mode = mode(ns.uts, "uts")?;
 
+        let t = std::time::Instant::now();
         let prepared = rootfs::prepare(&rootfs::RootfsSpec {
             lower,
             bundle: bundle.to_path_buf(),
@@ -453,6 +460,8 @@ impl Manager {
             }
         })?;
 
+        tracing::debug!(container = %r.container_id, ms = t.elapsed().as_millis(), "rootfs prepared");
+        let t = std::time::Instant::now();
         let cgroup = if self.use_cgroups {
             let sandbox = lock(&self.sandbox_id).clone();
             let cg = Cgroup::create(&self.paths.cgroup_podvisor(), &sandbox, &r.container_id)
@@ -543,6 +552,8 @@ impl Manager {
             ),
             None => None,
         };
+        tracing::debug!(container = %r.container_id, ms = t.elapsed().as_millis(), "cgroup and plan ready");
+        let t = std::time::Instant::now();
         let spawned = spawn::spawn(plan, &self.reaper, true).map_err(|e| {
             fail(Status::failed_precondition(format!(
                 "create container {:?}: {}",
@@ -553,7 +564,7 @@ impl Manager {
         let pid = spawned.pid.as_raw();
         let init = Process::track(pid, Arc::new(pio), spawned.exit, cgroup.clone());
         let start = spawned.start.map(|s| (s, spawned.sync));
-        tracing::info!(container = %r.container_id, pid, "container created");
+        tracing::info!(container = %r.container_id, pid, spawn_ms = t.elapsed().as_millis(), "container created");
         Ok((
             Container {
                 bundle: bundle.to_path_buf(),
@@ -592,13 +603,14 @@ impl Manager {
         *lock(&c.state) = State::Running;
         *lock(&c.init.started_at) = exit::now_nanos();
         let id2 = id.to_owned();
+        let t = std::time::Instant::now();
         tokio::task::spawn_blocking(move || spawn::start(start_fd, &mut sync))
             .await
             .map_err(|e| internal("start task", &e))?
             .map_err(|e| {
                 Status::failed_precondition(format!("start container {id2:?}: {}", error_chain(&e)))
             })?;
-        tracing::info!(container = %id, "container started");
+        tracing::info!(container = %id, exec_ms = t.elapsed().as_millis(), "container started");
         Ok(())
     }
 
@@ -732,12 +744,20 @@ impl Manager {
                 Some(cg) => Some(cg.open_dir().map_err(|e| internal("open cgroup", &e))?),
                 None => None,
             };
+            let t = std::time::Instant::now();
             let mut spawned = spawn::spawn(plan, &me.reaper, false)
                 .map_err(|e| Status::failed_precondition(format!("exec: {}", error_chain(&e))))?;
             let pid = spawned.pid.as_raw();
+            let cloned_ms = t.elapsed().as_millis();
             let p = Process::track(pid, Arc::new(pio), spawned.exit, c2.cgroup.clone());
             spawn::wait_exec(&mut spawned.sync)
                 .map_err(|e| Status::failed_precondition(format!("exec: {}", error_chain(&e))))?;
+            tracing::debug!(
+                pid,
+                cloned_ms,
+                exec_ms = t.elapsed().as_millis(),
+                "exec spawned"
+            );
             Ok((pid, p))
         })
         .await

@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::ffi::CString;
 use std::fs;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
@@ -22,6 +22,12 @@ use crate::safepath::{self, PathError};
 pub enum RootfsError {
     #[error("no block device with virtio serial {0:?}")]
     NoDevice(String),
+    #[error("{device} shows {have} bytes, not the {want} of the image swapped in")]
+    SizeMismatch {
+        device: String,
+        want: u64,
+        have: u64,
+    },
     #[error("invalid {what} {value:?}")]
     Invalid { what: &'static str, value: String },
     #[error(transparent)]
@@ -102,6 +108,52 @@ pub fn find_block_device(sys_block: &Path, serial: &str) -> Result<PathBuf, Root
     Err(RootfsError::NoDevice(serial.to_owned()))
 }
 
+/// How long a hot-swapped drive may take to show its new size: the guest handles the VMM's
+/// config-change interrupt in a workqueue, which is slow when guest kernel code is emulated.
+const SWAP_SIZE_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+const SWAP_SIZE_POLL: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// Waits (bounded) until `/dev/vdX` shows `want` bytes in `/sys/block/vdX/size`.
+fn wait_for_size(dev: &Path, want: u64) -> Result<(), RootfsError> {
+    let name = dev.file_name().unwrap_or_default();
+    let size_file = Path::new("/sys/block").join(name).join("size");
+    let deadline = std::time::Instant::now() + SWAP_SIZE_WAIT;
+    loop {
+        let sectors = fs::read_to_string(&size_file).map_err(io_err("read", &size_file))?;
+        let have = sectors
+            .trim()
+            .parse::<u64>()
+            .unwrap_or(0)
+            .saturating_mul(512);
+        if have == want {
+            return Ok(());
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(RootfsError::SizeMismatch {
+                device: dev.display().to_string(),
+                want,
+                have,
+            });
+        }
+        std::thread::sleep(SWAP_SIZE_POLL);
+    }
+}
+
+nix::ioctl_none!(blkflsbuf, 0x12, 97);
+
+/// Drops the device's cached blocks: after a hot swap they belong to the previous backing file
+/// (the kernel read the partition table of whatever was attached at boot).
+fn drop_cached_blocks(dev: &Path) -> Result<(), RootfsError> {
+    let f = fs::File::open(dev).map_err(io_err("open", dev))?;
+    // SAFETY: BLKFLSBUF takes no argument and acts on the open block device only.
+    unsafe { blkflsbuf(f.as_raw_fd()) }.map_err(|e| RootfsError::Io {
+        op: "flush buffers of",
+        path: dev.display().to_string(),
+        source: e.into(),
+    })?;
+    Ok(())
+}
+
 /// Read-only image mounts shared by the containers using them.
 #[derive(Debug, Default)]
 pub struct ImageMounts {
@@ -110,13 +162,23 @@ pub struct ImageMounts {
 
 impl ImageMounts {
     /// Mounts the ext4 image with virtio serial `serial` read-only under `images_dir` (once) and
-    /// returns its mount point.
-    pub fn acquire(&mut self, images_dir: &Path, serial: &str) -> Result<PathBuf, RootfsError> {
+    /// returns its mount point. `size_bytes` (non-zero when the host has just swapped the
+    /// drive's backing file) is waited for before mounting.
+    pub fn acquire(
+        &mut self,
+        images_dir: &Path,
+        serial: &str,
+        size_bytes: u64,
+    ) -> Result<PathBuf, RootfsError> {
         if let Some((p, n)) = self.mounts.get_mut(serial) {
             *n += 1;
             return Ok(p.clone());
         }
         let dev = find_block_device(Path::new("/sys/block"), serial)?;
+        if size_bytes > 0 {
+            wait_for_size(&dev, size_bytes)?;
+        }
+        drop_cached_blocks(&dev)?;
         let target = images_dir.join(serial);
         fs::create_dir_all(&target).map_err(io_err("mkdir", &target))?;
         mnt(

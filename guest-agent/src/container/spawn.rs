@@ -1,8 +1,18 @@
 //! Namespaces and process creation. The agent is multi-threaded, so the cloned child may only
 //! make raw system calls until it execs: everything (C strings, argv/envp arrays, descriptors)
 //! is prepared in a [`ChildPlan`] before `clone3`, and the child reports failures as fixed-size
-//! records on a pipe. The child is cloned straight into its cgroup (CLONE_INTO_CGROUP) and, for a
-//! pod-shared PID namespace, from a short-lived thread that has joined that namespace.
+//! records on a pipe. The child is cloned straight into its cgroup (CLONE_INTO_CGROUP).
+//!
+//! The child shares the agent's address space (CLONE_VM) and runs on a stack of its own until
+//! it execs, as posix_spawn does. A fork-style copy of the agent's page tables, and the
+//! copy-on-write faults that follow on both sides, cost seconds per container on a kvm_pvm host
+//! where every guest page fault is emulated. Sharing memory means the child's stack and the plan
+//! it reads must outlive it: a dedicated "spawner" thread owns them, clones the child (having
+//! first joined a pod-shared PID namespace, which changes that thread for good), and frees them
+//! only once the child has exec'd or exited (EOF on a close-on-exec pipe only the child holds:
+//! the kernel releases the old address space before it closes those descriptors). The child
+//! also runs on that thread's TLS (errno), which stays valid because the thread lives on
+//! meanwhile, blocked in `read` with every signal masked.
 
 use std::ffi::CString;
 use std::io::Read;
@@ -150,6 +160,130 @@ fn pipe() -> Result<(OwnedFd, OwnedFd), SpawnError> {
     nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| SpawnError::Sys("pipe", e))
 }
 
+/// The child's stack: 1 MiB reserved, touched lazily, a guard page below it.
+const CHILD_STACK_SIZE: usize = 1 << 20;
+const GUARD_SIZE: usize = 4096;
+
+/// An anonymous mapping the child runs on until it execs.
+struct ChildStack {
+    base: *mut libc::c_void,
+    len: usize,
+}
+
+// SAFETY: the mapping is owned by one thread at a time; the raw pointer is only an address.
+unsafe impl Send for ChildStack {}
+
+impl ChildStack {
+    fn new() -> Result<Self, nix::Error> {
+        let len = CHILD_STACK_SIZE + GUARD_SIZE;
+        // SAFETY: a fresh private anonymous mapping; no existing memory is affected.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_STACK,
+                -1,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(nix::Error::last());
+        }
+        let stack = Self { base, len };
+        // SAFETY: the lowest page of the mapping made above becomes the guard.
+        if unsafe { libc::mprotect(base, GUARD_SIZE, libc::PROT_NONE) } < 0 {
+            return Err(nix::Error::last());
+        }
+        Ok(stack)
+    }
+
+    /// The lowest usable address and the usable size (what clone3 wants).
+    fn usable(&self) -> (u64, u64) {
+        (
+            self.base as u64 + GUARD_SIZE as u64,
+            CHILD_STACK_SIZE as u64,
+        )
+    }
+}
+
+impl Drop for ChildStack {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping made in `new`; the child that ran on it has
+        // exec'd or exited (see the module documentation).
+        unsafe { libc::munmap(self.base, self.len) };
+    }
+}
+
+/// What the child's entry point receives (a pointer into the spawner thread's frame).
+struct ChildArgs<'a> {
+    plan: &'a ChildPlan,
+    argv: &'a [*const libc::c_char],
+    envp: &'a [*const libc::c_char],
+    start_fd: RawFd,
+    sync_fd: RawFd,
+    held_fd: RawFd,
+}
+
+extern "C" fn child_entry(arg: *mut libc::c_void) -> ! {
+    // SAFETY: `arg` points to the `ChildArgs` in the spawner thread's frame, which stays alive
+    // (and unmodified) until this child has exec'd or exited.
+    let a = unsafe { &*(arg as *const ChildArgs<'_>) };
+    child_main(a.plan, a.argv, a.envp, a.start_fd, a.sync_fd, a.held_fd)
+}
+
+/// clone3 with a new stack: the child starts on `args.stack` and calls `entry(arg)`, which never
+/// returns. Returns the child's pid (or -errno) in the parent.
+///
+/// # Safety
+/// `args` must describe a valid stack that outlives the child's use of it, and `entry` must
+/// not return; with CLONE_VM the child shares every page of the caller.
+unsafe fn clone3_on_stack(
+    args: &mut libc::clone_args,
+    entry: extern "C" fn(*mut libc::c_void) -> !,
+    arg: *mut libc::c_void,
+) -> i64 {
+    let ret: i64;
+    // SAFETY: the raw clone3 system call. In the parent it behaves as any syscall (rax = result,
+    // rcx and r11 clobbered). The child resumes at the next instruction on the new stack (the
+    // kernel set rsp to its top, 16-byte aligned as a page-aligned mapping), never returns into
+    // this frame: it clears the frame pointer and calls `entry` with `arg`; `ud2` traps should
+    // it ever come back.
+    unsafe {
+        std::arch::asm!(
+            "syscall",
+            "test rax, rax",
+            "jnz 2f",
+            "xor ebp, ebp",
+            "mov rdi, r12",
+            "call r13",
+            "ud2",
+            "2:",
+            inlateout("rax") libc::SYS_clone3 => ret,
+            in("rdi") args as *mut libc::clone_args,
+            in("rsi") std::mem::size_of::<libc::clone_args>(),
+            in("r12") arg,
+            in("r13") entry,
+            lateout("rcx") _,
+            lateout("r11") _,
+            options(nostack),
+        );
+    }
+    ret
+}
+
+/// Blocks every signal in the calling thread; returns the previous mask.
+fn block_all_signals() -> libc::sigset_t {
+    // SAFETY: plain sigset manipulation and pthread_sigmask on this thread.
+    unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        let mut old: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
+        old
+    }
+}
+
 /// Clones the child. `wait_for_start`: the child stops before exec until [`start`] is called.
 /// Returns once the child has reported its setup finished (or failed).
 pub fn spawn(
@@ -164,47 +298,59 @@ pub fn spawn(
     } else {
         (None, None)
     };
+    // Only the child keeps the write end: EOF tells the spawner thread the child let go of the
+    // shared address space.
+    let (held_r, held_w) = pipe()?;
     let reaper = reaper.clone();
-    // A fresh thread: joining a PID namespace changes the thread's pid_for_children for good.
-    let (pid, exit) = std::thread::spawn(move || -> Result<_, SpawnError> {
-        if let Some(ns) = &plan.pid_ns {
-            // SAFETY: setns on a valid namespace descriptor; affects this thread only.
-            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWPID) } < 0 {
-                return Err(SpawnError::Sys("join PID namespace", nix::Error::last()));
-            }
-        }
-        let argv = ptr_array(&plan.argv);
-        let envp = ptr_array(&plan.envp);
-        let start_fd = start_r.as_ref().map_or(-1, |f| f.as_raw_fd());
-        let sync_fd = sync_w.as_raw_fd();
-        let _keep = (&start_r, &sync_w);
-        reaper.spawn(|| {
-            let mut args = clone_args(
-                plan.clone_flags,
-                plan.cgroup.as_ref().map(|f| f.as_raw_fd()),
-            );
-            // SAFETY: clone3 without a new stack behaves like fork: the child continues here on
-            // a copy of this thread's stack. It then only runs `child_main`, which makes raw
-            // system calls on memory prepared above and never returns.
-            let r = unsafe {
-                libc::syscall(
-                    libc::SYS_clone3,
-                    &mut args as *mut libc::clone_args,
-                    std::mem::size_of::<libc::clone_args>(),
-                )
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    std::thread::Builder::new()
+        .name("spawner".into())
+        .spawn(move || {
+            // Everything the child reads lives in this frame until it has let go of it.
+            let argv = ptr_array(&plan.argv);
+            let envp = ptr_array(&plan.envp);
+            let child = ChildArgs {
+                plan: &plan,
+                argv: &argv,
+                envp: &envp,
+                start_fd: start_r.as_ref().map_or(-1, |f| f.as_raw_fd()),
+                sync_fd: sync_w.as_raw_fd(),
+                held_fd: held_w.as_raw_fd(),
             };
-            if r == 0 {
-                child_main(&plan, &argv, &envp, start_fd, sync_fd);
+            let stack = ChildStack::new();
+            let cloned = stack
+                .as_ref()
+                .map_err(|e| SpawnError::Sys("map child stack", *e))
+                .and_then(|stack| clone_child(&child, stack, &reaper));
+            let ok = cloned.is_ok();
+            let _ = tx.send(cloned);
+            // The child has its own copies of these.
+            drop((start_r, sync_w, held_w));
+            if ok {
+                // Blocks until the child exec'd or exited; signals are blocked in this thread.
+                let mut held = std::fs::File::from(held_r);
+                let mut b = [0u8; 1];
+                loop {
+                    match held.read(&mut b) {
+                        Ok(0) => break,
+                        Ok(_) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        // Cannot tell when the child is done: leak its memory rather than
+                        // free what it may still run on.
+                        Err(_) => {
+                            std::mem::forget((stack, argv, envp, plan));
+                            return;
+                        }
+                    }
+                }
             }
-            if r < 0 {
-                return Err(SpawnError::Sys("clone3", nix::Error::last()));
-            }
-            Ok(Pid::from_raw(r as i32))
+            // `child`, `argv`, `envp` and `plan` go out of scope with this closure, after this.
+            drop(stack);
         })
-    })
-    .join()
-    .map_err(|_| SpawnError::Sys("spawn thread panicked", nix::Error::EIO))??;
-    // The plan and the child's ends of the pipes were dropped with the thread.
+        .map_err(|_| SpawnError::Sys("start the spawner thread", nix::Error::EAGAIN))?;
+    let (pid, exit) = rx
+        .recv()
+        .map_err(|_| SpawnError::Sys("spawner thread died", nix::Error::EIO))??;
     let mut sync = std::fs::File::from(sync_r);
     match read_report(&mut sync)? {
         Some((Stage::Ready, _, _)) => Ok(Spawned {
@@ -216,6 +362,47 @@ pub fn spawn(
         Some((stage, item, errno)) => Err(child_error(stage, item, errno)),
         None => Err(SpawnError::Died),
     }
+}
+
+/// The spawner thread's half: joins the PID namespace, clones the child onto `stack` and
+/// registers it with the reaper.
+fn clone_child(
+    child: &ChildArgs<'_>,
+    stack: &ChildStack,
+    reaper: &Reaper,
+) -> Result<(Pid, tokio::sync::oneshot::Receiver<ExitStatus>), SpawnError> {
+    if let Some(ns) = &child.plan.pid_ns {
+        // SAFETY: setns on a valid namespace descriptor; affects this thread only.
+        if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWPID) } < 0 {
+            return Err(SpawnError::Sys("join PID namespace", nix::Error::last()));
+        }
+    }
+    // The child starts with this mask: no agent signal handler may run in it before it has
+    // reset them all.
+    block_all_signals();
+    reaper.spawn(|| {
+        let mut args = clone_args(
+            child.plan.clone_flags | libc::CLONE_VM as u64,
+            child.plan.cgroup.as_ref().map(|f| f.as_raw_fd()),
+        );
+        let (lo, size) = stack.usable();
+        args.stack = lo;
+        args.stack_size = size;
+        // SAFETY: the stack and everything `child` points to live in the spawner thread until
+        // the child has exec'd or exited (it waits on the `held` pipe before dropping them);
+        // `child_entry` never returns.
+        let r = unsafe {
+            clone3_on_stack(
+                &mut args,
+                child_entry,
+                child as *const ChildArgs<'_> as *mut libc::c_void,
+            )
+        };
+        if r < 0 {
+            return Err(SpawnError::Sys("clone3", nix::Error::from_raw(-r as i32)));
+        }
+        Ok(Pid::from_raw(r as i32))
+    })
 }
 
 /// Releases a child created with `wait_for_start` and waits until it has exec'd (or failed to).
@@ -293,20 +480,18 @@ fn clone_args(flags: u64, cgroup: Option<RawFd>) -> libc::clone_args {
 // ---- child side ------------------------------------------------------------------------------
 
 /// Closes every descriptor from 3 up except `keep` (negative entries are ignored); at most
-/// three close_range calls.
-pub fn close_all_but(keep: &[RawFd; 2]) {
-    let (mut a, mut b) = (keep[0], keep[1]);
-    if a > b {
-        std::mem::swap(&mut a, &mut b);
-    }
+/// four close_range calls, no allocation.
+pub fn close_all_but(keep: &[RawFd; 3]) {
+    let mut sorted = *keep;
+    sorted.sort_unstable();
     let mut from: libc::c_uint = 3;
-    for k in [a, b] {
-        if k < 3 {
+    for k in sorted {
+        if k < 3 || (k as libc::c_uint) < from {
             continue;
         }
         let k = k as libc::c_uint;
         if k > from {
-            // SAFETY: close_range on descriptors of this (single-threaded) child only.
+            // SAFETY: close_range on descriptors of this child's own table (no CLONE_FILES).
             unsafe { libc::syscall(libc::SYS_close_range, from, k - 1, 0) };
         }
         from = k + 1;
@@ -327,7 +512,7 @@ fn fail(sync_fd: RawFd, stage: Stage, item: u32, err: i32) -> ! {
     buf[..4].copy_from_slice(&(stage as u32).to_ne_bytes());
     buf[4..8].copy_from_slice(&item.to_ne_bytes());
     buf[8..].copy_from_slice(&err.to_ne_bytes());
-    // SAFETY: write of a stack buffer, then _exit; no Rust state is touched after fork.
+    // SAFETY: write of a stack buffer, then _exit; no Rust state is touched in the child.
     unsafe {
         libc::write(sync_fd, buf.as_ptr().cast(), buf.len());
         libc::_exit(127)
@@ -553,16 +738,42 @@ fn reopen_tty(name: &CString, inherited: RawFd) -> RawFd {
     }
 }
 
+/// The kernel's `struct sigaction` (x86_64): all zero is SIG_DFL with no flags.
+#[repr(C)]
+#[derive(Default)]
+struct KernelSigaction {
+    handler: usize,
+    flags: u64,
+    restorer: usize,
+    mask: u64,
+}
+
 fn child_main(
     plan: &ChildPlan,
     argv: &[*const libc::c_char],
     envp: &[*const libc::c_char],
     start_fd: RawFd,
     sync_fd: RawFd,
+    held_fd: RawFd,
 ) -> ! {
     // SAFETY: only raw system calls on data prepared before the clone; every
     // path ends in execve or _exit.
     unsafe {
+        // The agent's handlers (and its ignored SIGPIPE) are not the container's: default
+        // dispositions, then unblock (the spawner thread cloned with every signal blocked).
+        // The raw system call: glibc's sigaction refuses the signals it reserves for itself.
+        let dfl = KernelSigaction::default();
+        for sig in 1..=64 {
+            if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+                libc::syscall(
+                    libc::SYS_rt_sigaction,
+                    sig,
+                    &dfl as *const KernelSigaction,
+                    std::ptr::null_mut::<KernelSigaction>(),
+                    8usize,
+                );
+            }
+        }
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
         libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
@@ -610,7 +821,7 @@ fn child_main(
         }
         // Drop every descriptor inherited from the agent (other containers' pipes, sockets) so
         // that this child, while it waits for StartContainer, holds nothing but its own.
-        close_all_but(&[sync_fd, start_fd]);
+        close_all_but(&[sync_fd, start_fd, held_fd]);
         if let Err(e) = caps::apply_rlimits(&plan.rlimits) {
             fail(sync_fd, Stage::Rlimits, NO_ITEM, e);
         }

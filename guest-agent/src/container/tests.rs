@@ -159,7 +159,8 @@ async fn runs_busybox_in_new_namespaces() {
     let m = f.manager.clone();
     let script = "echo pid=$$; id -u; id -G; hostname; cat /etc/resolv.conf; \
                   echo $GREETING; readlink /proc/1/exe; echo err >&2; \
-                  echo masked=$(cat /proc/version); grep -q \" /proc/sys ro,\" /proc/self/mountinfo && echo rosys; exit 3";
+                  echo masked=$(cat /proc/version); grep -q \" /proc/sys ro,\" /proc/self/mountinfo && echo rosys; \
+                  grep -E '^Sig(Ign|Blk):' /proc/self/status; exit 3";
     let pid = m
         .create_from_dir(&request("c1", script), &f.image)
         .expect("create");
@@ -198,6 +199,10 @@ async fn runs_busybox_in_new_namespaces() {
         "masked /proc/version is /dev/null: {out}"
     );
     assert_eq!(lines[8], "rosys");
+    // Neither the agent's ignored SIGPIPE nor the spawner's blocked mask leaks into the container
+    // (busybox sh ignores nothing when started with default dispositions).
+    assert_eq!(lines[9], "SigBlk:\t0000000000000000", "{out}");
+    assert_eq!(lines[10], "SigIgn:\t0000000000000000", "{out}");
     assert_eq!(err, "err\n");
 
     m.delete("c1", false).await.expect("delete");
