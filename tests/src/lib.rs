@@ -14,6 +14,7 @@
 //!   busybox container images for the agent.
 //! - [`vm`]: a running microVM with its console, API and clean-up.
 //! - [`netns`]: a throw-away network namespace holding a TAP.
+//! - [`registry`]: Debian's docker-registry on 127.0.0.1 and a busybox image pushed to it.
 //! - [`procfs`]: resident memory of a VMM, guest RAM excluded.
 
 pub mod agent;
@@ -22,6 +23,7 @@ pub mod image;
 pub mod netns;
 pub mod paths;
 pub mod procfs;
+pub mod registry;
 pub mod vm;
 
 pub use vm::{DriveSpec, GuestRoot, Pattern, Vm, VmSpec};

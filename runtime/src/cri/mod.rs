@@ -1,1 +1,5 @@
 //! CRI gRPC services.
+
+pub mod image_service;
+
+pub use image_service::CriImageService;

@@ -1,0 +1,157 @@
+//! Errors of the image store, each with the gRPC code a CRI server answers with.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Everything that can go wrong with images. `Clone` because one pull's result is handed
+/// to every caller waiting for the same reference.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ImageError {
+    /// The reference does not parse, or names something this store cannot hold.
+    #[error("invalid image reference {reference:?}: {reason}")]
+    InvalidReference { reference: String, reason: String },
+
+    /// The registry configuration is unusable (e.g. a mirror URL).
+    #[error("invalid registry configuration: {0}")]
+    InvalidConfig(String),
+
+    /// No local image matches the name, id or digest.
+    #[error("image {0:?} not found")]
+    NotFound(String),
+
+    /// The registry does not have the image (or no linux/amd64 variant of it).
+    #[error("image {reference} not found in registry {registry}: {message}")]
+    NotInRegistry {
+        reference: String,
+        registry: String,
+        message: String,
+    },
+
+    /// The registry cannot be reached, timed out, or failed on its side (5xx, 429).
+    #[error("registry {registry} unavailable: {message}")]
+    Unavailable { registry: String, message: String },
+
+    /// The registry refused the credentials, or asked for some.
+    #[error("registry {registry} refused access to {reference}: {message}")]
+    Unauthorized {
+        reference: String,
+        registry: String,
+        message: String,
+    },
+
+    /// Any other answer of a registry that does not fit the variants above.
+    #[error("registry {registry}: {message}")]
+    Registry { registry: String, message: String },
+
+    /// The image uses something this store does not handle (media type, digest algorithm).
+    #[error("image {reference}: unsupported {what}")]
+    Unsupported { reference: String, what: String },
+
+    /// Content does not match its digest.
+    #[error("{what}: digest mismatch, expected {expected}, got {actual}")]
+    DigestMismatch {
+        what: String,
+        expected: String,
+        actual: String,
+    },
+
+    /// A layer's content is unsafe or malformed (path escapes, links through symlinks...).
+    #[error("layer {digest}: {message}")]
+    BadLayer { digest: String, message: String },
+
+    /// The image config blob is not a usable OCI/Docker image config.
+    #[error("image config {digest}: {message}")]
+    BadConfig { digest: String, message: String },
+
+    /// The image is used by containers and cannot be removed.
+    #[error("image {id} is in use ({users} users)")]
+    InUse { id: String, users: u64 },
+
+    /// `mkfs.ext4` failed.
+    #[error("mkfs.ext4 for image {id} failed: {message}")]
+    Mkfs { id: String, message: String },
+
+    /// A file operation of the store failed.
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: Arc<std::io::Error>,
+    },
+
+    /// A bug or an impossible state (a pull task that vanished, a corrupt record).
+    #[error("internal image store error: {0}")]
+    Internal(String),
+}
+
+impl ImageError {
+    /// The gRPC status code a CRI server answers with.
+    pub fn code(&self) -> tonic::Code {
+        use tonic::Code;
+        match self {
+            ImageError::InvalidReference { .. }
+            | ImageError::Unsupported { .. }
+            | ImageError::BadLayer { .. }
+            | ImageError::BadConfig { .. } => Code::InvalidArgument,
+            ImageError::NotFound(_) | ImageError::NotInRegistry { .. } => Code::NotFound,
+            ImageError::Unavailable { .. } => Code::Unavailable,
+            ImageError::Unauthorized { .. } => Code::PermissionDenied,
+            ImageError::InUse { .. } => Code::FailedPrecondition,
+            ImageError::DigestMismatch { .. } => Code::DataLoss,
+            ImageError::Registry { .. } => Code::Unknown,
+            ImageError::InvalidConfig(_)
+            | ImageError::Mkfs { .. }
+            | ImageError::Io { .. }
+            | ImageError::Internal(_) => Code::Internal,
+        }
+    }
+
+    /// A file operation `op` on `path` failed with `source`.
+    pub(crate) fn io(op: &'static str, path: &Path, source: std::io::Error) -> Self {
+        ImageError::Io {
+            op,
+            path: path.to_path_buf(),
+            source: Arc::new(source),
+        }
+    }
+}
+
+/// `.map_err(io_err("read", path))`: shorthand for [`ImageError::io`].
+pub(crate) fn io_err(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> ImageError {
+    let path = path.to_path_buf();
+    move |source| ImageError::Io {
+        op,
+        path,
+        source: Arc::new(source),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_for_cri() {
+        let invalid = ImageError::InvalidReference {
+            reference: "A:B".into(),
+            reason: "x".into(),
+        };
+        assert_eq!(invalid.code(), tonic::Code::InvalidArgument);
+        assert_eq!(
+            ImageError::NotFound("x".into()).code(),
+            tonic::Code::NotFound
+        );
+        let busy = ImageError::InUse {
+            id: "sha256:00".into(),
+            users: 1,
+        };
+        assert_eq!(busy.code(), tonic::Code::FailedPrecondition);
+        assert!(busy.to_string().contains("in use"));
+        let down = ImageError::Unavailable {
+            registry: "r".into(),
+            message: "connection refused".into(),
+        };
+        assert_eq!(down.code(), tonic::Code::Unavailable);
+    }
+}

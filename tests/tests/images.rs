@@ -1,0 +1,340 @@
+//! The runtime's image store against a real registry (Debian's docker-registry on
+//! 127.0.0.1): pulls by tag, digest, mirror and index; the ext4 image's content (read with
+//! debugfs, nothing mounted); single flight; list, status, leases, removal, reopening;
+//! and the errors a CRI server maps to gRPC codes. No VM is involved.
+
+use std::collections::HashMap;
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, ensure};
+use podvisor_runtime::image::{ImageError, ImageRecord, ImageStore, RegistryConfig};
+use podvisor_tests::image::{CONTAINER_PASSWD, HOST_BUSYBOX};
+use podvisor_tests::registry::{IMAGE_PATH, Registry, push_busybox, push_busybox_index};
+
+/// Runs `debugfs -R request` on an ext4 image (read-only, no mount).
+fn debugfs(image: &Path, request: &str) -> anyhow::Result<String> {
+    let out = Command::new("debugfs")
+        .args(["-R", request])
+        .arg(image)
+        .output()
+        .context("run debugfs (e2fsprogs)")?;
+    ensure!(out.status.success(), "debugfs -R {request:?}: {out:?}");
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A port nothing listens on.
+fn closed_port() -> anyhow::Result<u16> {
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    Ok(listener.local_addr()?.port())
+}
+
+fn config_for(registry: &Registry, mirrors: &[(&str, String)]) -> RegistryConfig {
+    let mut map: HashMap<String, Vec<String>> = HashMap::new();
+    for (from, to) in mirrors {
+        map.entry(from.to_string()).or_default().push(to.clone());
+    }
+    RegistryConfig {
+        insecure: vec![registry.host().to_string()],
+        mirrors: map,
+    }
+}
+
+/// The ext4 image holds the busybox layer: files, symlinks, modes, label.
+fn check_rootfs(store: &ImageStore, record: &ImageRecord) -> anyhow::Result<()> {
+    let rootfs = store.rootfs(record);
+    ensure!(rootfs.is_file(), "{} is missing", rootfs.display());
+    let passwd = debugfs(&rootfs, "cat /etc/passwd")?;
+    ensure!(
+        passwd == CONTAINER_PASSWD,
+        "/etc/passwd in the image: {passwd:?}"
+    );
+
+    let busybox = debugfs(&rootfs, "stat /bin/busybox")?;
+    let host_size = std::fs::metadata(HOST_BUSYBOX)?.len();
+    ensure!(busybox.contains("Type: regular"), "{busybox}");
+    ensure!(busybox.contains("Mode:  0755"), "{busybox}");
+    ensure!(busybox.contains(&format!("Size: {host_size}")), "{busybox}");
+    ensure!(busybox.contains("User:     0   Group:     0"), "{busybox}");
+
+    let sh = debugfs(&rootfs, "stat /bin/sh")?;
+    ensure!(sh.contains("Type: symlink"), "{sh}");
+    ensure!(sh.contains("Fast link dest: \"busybox\""), "{sh}");
+    let tmp = debugfs(&rootfs, "stat /tmp")?;
+    ensure!(tmp.contains("Mode:  01777"), "{tmp}");
+
+    let stats = debugfs(&rootfs, "stats")?;
+    let label = &record.id_hex()[..12];
+    ensure!(
+        stats.contains(&format!("Filesystem volume name:   {label}")),
+        "label {label}: {stats}"
+    );
+    ensure!(!stats.contains("has_journal"), "{stats}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pull_by_tag_digest_and_mirror_then_list_status_remove() -> anyhow::Result<()> {
+    let registry = Registry::start()?;
+    let pushed = push_busybox(&registry, "test/busybox", "1.0").await?;
+    let second = push_busybox(&registry, "test/busybox", "stable").await?;
+    ensure!(
+        pushed.digest == second.digest,
+        "same content, same manifest"
+    );
+
+    let dir = tempfile::tempdir()?;
+    let mirror = format!("http://{}", registry.host());
+    let config = config_for(&registry, &[("registry.example.test", mirror)]);
+    let store = ImageStore::open(dir.path(), config.clone())?;
+    let host = registry.host();
+
+    // By tag.
+    let record = store.pull(&pushed.reference, None).await?;
+    ensure!(record.id == pushed.config_digest, "{record:?}");
+    ensure!(record.repo_tags == [pushed.reference.clone()], "{record:?}");
+    let repo_digest = format!("{host}/test/busybox@{}", pushed.digest);
+    ensure!(record.repo_digests == [repo_digest.clone()], "{record:?}");
+    ensure!(record.layers == [pushed.layer_digest.clone()], "{record:?}");
+    ensure!(record.config.entrypoint.is_empty(), "{record:?}");
+    ensure!(record.config.cmd == ["sh"], "{record:?}");
+    ensure!(record.config.env == [IMAGE_PATH], "{record:?}");
+    ensure!(record.config.working_dir == "/", "{record:?}");
+    ensure!(record.config.user.is_empty(), "{record:?}");
+    ensure!(
+        record.uid.is_none() && record.username.is_empty(),
+        "{record:?}"
+    );
+    ensure!(
+        record.size > std::fs::metadata(HOST_BUSYBOX)?.len() / 2,
+        "{record:?}"
+    );
+    check_rootfs(&store, &record)?;
+
+    // The second tag, by digest, and through the mirror: the same image, more names.
+    let stable = store.pull(&second.reference, None).await?;
+    ensure!(stable.id == record.id, "{stable:?}");
+    let by_digest = store.pull(&repo_digest, None).await?;
+    ensure!(by_digest.id == record.id, "{by_digest:?}");
+    let mirrored = "registry.example.test/test/busybox:1.0";
+    let via_mirror = store.pull(mirrored, None).await?;
+    ensure!(via_mirror.id == record.id, "{via_mirror:?}");
+    let expected_tags = [
+        pushed.reference.clone(),
+        second.reference.clone(),
+        mirrored.to_string(),
+    ];
+    ensure!(via_mirror.repo_tags == expected_tags, "{via_mirror:?}");
+    ensure!(
+        via_mirror.repo_digests
+            == [
+                repo_digest.clone(),
+                format!("registry.example.test/test/busybox@{}", pushed.digest)
+            ],
+        "{via_mirror:?}"
+    );
+    ensure!(store.list().len() == 1, "{:?}", store.list());
+
+    // Status by every name.
+    for name in [
+        pushed.reference.as_str(),
+        second.reference.as_str(),
+        mirrored,
+        &repo_digest,
+        &record.id,
+        record.id_hex(),
+        &record.id_hex()[..13],
+    ] {
+        let found = store
+            .status(name)
+            .with_context(|| format!("status {name}"))?;
+        ensure!(found.id == record.id, "status {name}: {found:?}");
+    }
+    let missing = store.status(&format!("{host}/test/busybox:nope"));
+    ensure!(
+        matches!(&missing, Err(e) if e.code() == tonic::Code::NotFound),
+        "{missing:?}"
+    );
+
+    // In use: not removable.
+    let before = store.fs_info()?;
+    let lease = store.acquire(&pushed.reference)?;
+    ensure!(lease.rootfs() == store.rootfs(&record));
+    let refused = store.remove(&record.id);
+    match &refused {
+        Err(e @ ImageError::InUse { .. }) => {
+            println!("[images] remove while in use: {e}");
+            ensure!(e.code() == tonic::Code::FailedPrecondition, "{e}")
+        }
+        other => anyhow::bail!("remove of an image in use: {other:?}"),
+    }
+    ensure!(store.rootfs(&record).is_file(), "still there");
+    drop(lease);
+
+    // Records survive a reopen.
+    drop(store);
+    let store = ImageStore::open(dir.path(), config)?;
+    let reloaded = store.status(mirrored)?;
+    ensure!(reloaded == via_mirror, "{reloaded:?} != {via_mirror:?}");
+    check_rootfs(&store, &reloaded)?;
+
+    let removed = store.remove(&second.reference)?;
+    ensure!(removed.id == record.id, "removes the image, all its names");
+    ensure!(store.list().is_empty(), "{:?}", store.list());
+    ensure!(!store.rootfs(&record).exists(), "rootfs removed");
+    let blobs = std::fs::read_dir(dir.path().join("blobs/sha256"))?.count();
+    ensure!(blobs == 0, "{blobs} blobs left");
+    let after = store.fs_info()?;
+    ensure!(
+        after.used_bytes < before.used_bytes && after.inodes_used < before.inodes_used,
+        "{before:?} -> {after:?}"
+    );
+    let again = store.remove(&record.id);
+    ensure!(
+        matches!(&again, Err(e) if e.code() == tonic::Code::NotFound),
+        "{again:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_pulls_make_one_image() -> anyhow::Result<()> {
+    let registry = Registry::start()?;
+    let pushed = push_busybox(&registry, "test/busybox", "1.0").await?;
+    let dir = tempfile::tempdir()?;
+    let store = ImageStore::open(dir.path(), config_for(&registry, &[]))?;
+
+    // The same reference twice, and the same image by digest.
+    let by_digest = format!("{}/test/busybox@{}", registry.host(), pushed.digest);
+    let (a, b, c) = tokio::join!(
+        store.pull(&pushed.reference, None),
+        store.pull(&pushed.reference, None),
+        store.pull(&by_digest, None),
+    );
+    let (a, b, c) = (a?, b?, c?);
+    ensure!(a == b, "{a:?} != {b:?}");
+    ensure!(
+        a.id == c.id && a.id == pushed.config_digest,
+        "{a:?} / {c:?}"
+    );
+    ensure!(store.list().len() == 1, "{:?}", store.list());
+    let images = std::fs::read_dir(dir.path().join("images"))?.count();
+    ensure!(images == 1, "{images} image directories");
+    let leftovers = std::fs::read_dir(dir.path().join("tmp"))?.count();
+    ensure!(leftovers == 0, "{leftovers} entries left in tmp/");
+    let status = store.status(&pushed.reference)?;
+    ensure!(status.repo_tags == [pushed.reference.clone()], "{status:?}");
+
+    // The layer was downloaded once. Its access log line follows the response: wait for it.
+    let layer = format!("/v2/test/busybox/blobs/{}", pushed.layer_digest);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while registry.requests("GET", &layer) == 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let downloads = registry.requests("GET", &layer);
+    ensure!(downloads == 1, "layer downloaded {downloads} times");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn index_resolves_to_linux_amd64() -> anyhow::Result<()> {
+    let registry = Registry::start()?;
+    let index = push_busybox_index(&registry, "test/multi", "1").await?;
+    let dir = tempfile::tempdir()?;
+    let store = ImageStore::open(dir.path(), config_for(&registry, &[]))?;
+    let record = store.pull(&index.reference, None).await?;
+    ensure!(
+        record.id == index.config_digest,
+        "amd64 image expected: {record:?}"
+    );
+    let index_digest = format!("{}/test/multi@{}", registry.host(), index.digest);
+    ensure!(record.repo_digests == [index_digest.clone()], "{record:?}");
+    ensure!(record.manifest_digest != index.digest, "{record:?}");
+    check_rootfs(&store, &record)?;
+
+    // The amd64 manifest's own tag: the same image, built from the same manifest.
+    let platform = store
+        .pull(&registry.reference("test/multi", "1-amd64"), None)
+        .await?;
+    ensure!(platform.id == record.id, "{platform:?}");
+    ensure!(
+        platform.manifest_digest == record.manifest_digest,
+        "{platform:?}"
+    );
+    let platform_digest = format!("{}/test/multi@{}", registry.host(), record.manifest_digest);
+    ensure!(
+        platform.repo_digests == [index_digest, platform_digest],
+        "{platform:?}"
+    );
+    ensure!(store.list().len() == 1, "{:?}", store.list());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mirrors_fall_back_and_errors_map_to_grpc_codes() -> anyhow::Result<()> {
+    let registry = Registry::start()?;
+    let pushed = push_busybox(&registry, "test/busybox", "1.0").await?;
+    let dir = tempfile::tempdir()?;
+    let dead = closed_port()?;
+    // A mirror that is down: the registry itself is tried next.
+    let config = config_for(
+        &registry,
+        &[(registry.host(), format!("http://127.0.0.1:{dead}"))],
+    );
+    let store = ImageStore::open(dir.path(), config)?;
+    let record = store.pull(&pushed.reference, None).await?;
+    ensure!(record.id == pushed.config_digest, "{record:?}");
+
+    // Unreachable registry.
+    drop(store);
+    let mut config = config_for(&registry, &[]);
+    config.insecure.push(format!("127.0.0.1:{dead}"));
+    let store = ImageStore::open(dir.path(), config)?;
+    let down = store
+        .pull(&format!("127.0.0.1:{dead}/test/busybox:1.0"), None)
+        .await;
+    match &down {
+        Err(e @ ImageError::Unavailable { .. }) => {
+            println!("[images] unreachable registry: {e}");
+            ensure!(e.code() == tonic::Code::Unavailable, "{e}")
+        }
+        other => anyhow::bail!("pull from a closed port: {other:?}"),
+    }
+
+    // Not in the registry.
+    let missing = store
+        .pull(&format!("{}/test/nothing:1", registry.host()), None)
+        .await;
+    ensure!(
+        matches!(&missing, Err(e) if e.code() == tonic::Code::NotFound),
+        "{missing:?}"
+    );
+    if let Err(e) = &missing {
+        println!("[images] missing repository: {e}");
+    }
+    let no_tag = store
+        .pull(&format!("{}/test/busybox:2.0", registry.host()), None)
+        .await;
+    ensure!(
+        matches!(&no_tag, Err(e) if e.code() == tonic::Code::NotFound),
+        "{no_tag:?}"
+    );
+
+    // Invalid references.
+    for bad in ["Not A Reference", "UPPER/case:1", "busybox@sha256:12", ""] {
+        let err = store.pull(bad, None).await;
+        match &err {
+            Err(e @ ImageError::InvalidReference { .. }) => {
+                ensure!(e.code() == tonic::Code::InvalidArgument, "{bad:?}: {e}")
+            }
+            other => anyhow::bail!("pull {bad:?}: {other:?}"),
+        }
+    }
+    // Failed pulls leave nothing behind; the image pulled earlier is still there.
+    ensure!(store.list().len() == 1, "{:?}", store.list());
+    let leftovers = std::fs::read_dir(dir.path().join("tmp"))?.count();
+    ensure!(leftovers == 0, "{leftovers} entries left in tmp/");
+    Ok(())
+}
