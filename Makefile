@@ -12,7 +12,7 @@ STATIC_FLAGS := -C target-feature=+crt-static
 AGENT_BIN    := target/$(TARGET)/release/podvisor-agent
 PROBE_BIN    := target/$(TARGET)/release/guest-probe
 
-.PHONY: all setup kernel agent probe rootfs guest build vmm-release lint test unit-test e2e-test agent-test demo bench clean
+.PHONY: all setup kernel agent probe rootfs guest build vmm-release release lint test unit-test e2e-test agent-test demo bench clean
 
 all: guest build
 
@@ -40,6 +40,10 @@ build:
 vmm-release:
 	$(CARGO) build --release -p podvisor-vmm
 
+# What the demo runs: the VMM, podvisord, podvisorctl and the image pusher.
+release:
+	$(CARGO) build --release -p podvisor-vmm -p podvisor-runtime -p podvisor-tests --bin push-busybox
+
 lint:
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
@@ -56,7 +60,7 @@ test: setup guest probe lint unit-test e2e-test
 agent-test: guest probe build
 	$(CARGO) test -p podvisor-tests --test agent -- --nocapture
 
-demo: setup guest vmm-release
+demo: setup guest release
 	@scripts/demo.sh
 
 bench: setup guest probe vmm-release

@@ -1,43 +1,110 @@
 #!/usr/bin/env bash
-# Boots one podvisor microVM with the guest agent as init, shows its console
-# until the agent is ready, asks the VMM for its state, and stops it.
+# podvisor end to end, as a user sees it: a local registry with a busybox image, podvisord
+# serving CRI on a socket, and a pod (a microVM) running a container, driven with podvisorctl
+# the way kubelet or crictl would drive it. Everything lives in a temporary directory and is
+# removed at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-vmm=target/release/podvisor-vmm
+bin=target/release
 work=$(mktemp -d /tmp/podvisor-demo.XXXXXX)
-console="$work/console.log"
-api="$work/api.sock"
+sock="$work/podvisord.sock"
+ctl() { echo "\$ podvisorctl $*" >&2; "$bin/podvisorctl" --socket "$sock" "$@"; }
 cleanup() {
-    [ -n "${pid:-}" ] && kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null
+    set +e
+    [ -n "${daemon:-}" ] && kill "$daemon" 2>/dev/null && wait "$daemon" 2>/dev/null
+    [ -n "${registry:-}" ] && kill "$registry" 2>/dev/null && wait "$registry" 2>/dev/null
     rm -rf "$work"
 }
 trap cleanup EXIT
 
-echo "== booting a microVM: 2 vCPUs, 256 MiB, root disk with podvisor-agent as init"
-"$vmm" --kernel build/guest/vmlinux \
-    --drive build/guest/rootfs.ext4,ro,id=root \
-    --cmdline "quiet root=/dev/vda ro rootfstype=ext4 init=/sbin/podvisor-agent" \
-    --vcpus 2 --mem-mib 256 \
-    --vsock "cid=3,uds=$work/vsock.sock" \
-    --api-sock "$api" --serial "$console" &
-pid=$!
+# Waits up to $1 seconds for the command after it to succeed (no fixed sleeps: each try is a
+# real readiness check).
+wait_for() {
+    local deadline=$(( $(date +%s) + $1 )); shift
+    until "$@" >/dev/null 2>&1; do
+        if [ "$(date +%s)" -gt "$deadline" ]; then echo "timed out waiting for: $*" >&2; return 1; fi
+        sleep 0.2
+    done
+}
 
-# Follow the console until the agent says it is ready (or the VM ends).
-tail -n +1 -f "$console" --pid "$pid" 2>/dev/null &
-tailpid=$!
-deadline=$(( $(date +%s) + 300 ))
-until grep -q "podvisor-agent: ready" "$console" 2>/dev/null; do
-    if ! kill -0 "$pid" 2>/dev/null; then echo "VMM exited before the agent was ready" >&2; exit 1; fi
-    if [ "$(date +%s)" -gt "$deadline" ]; then echo "agent not ready after 300 s" >&2; exit 1; fi
-    sleep 0.5
+port=
+for p in $(seq 5100 5199); do
+    if [ -z "$(ss -ltnH "sport = :$p")" ]; then port=$p; break; fi
 done
-kill "$tailpid" 2>/dev/null || true
-echo
-echo "== VMM state (GET /vm on the control socket)"
-curl -s --unix-socket "$api" http://localhost/vm
-echo
-echo "== stopping the VM"
-curl -s -X PUT --unix-socket "$api" http://localhost/vm/stop
-wait "$pid" && echo "VMM exited 0"
-pid=
+[ -n "$port" ] || { echo "no free port in 5100-5199" >&2; exit 1; }
+registry_host="127.0.0.1:$port"
+echo "== a local registry (Debian's docker-registry) on $registry_host"
+mkdir -p "$work/registry"
+cat >"$work/registry.yml" <<EOF
+version: 0.1
+log:
+  level: warn
+storage:
+  filesystem:
+    rootdirectory: $work/registry
+http:
+  addr: $registry_host
+EOF
+/usr/bin/docker-registry serve "$work/registry.yml" >"$work/registry.log" 2>&1 &
+registry=$!
+wait_for 30 curl -sf "http://$registry_host/v2/"
+"$bin/push-busybox" "$registry_host" demo/busybox 1.0
+
+echo "== podvisord with its configuration in $work"
+cat >"$work/config.toml" <<EOF
+socket = "$sock"
+root_dir = "$work/root"
+state_dir = "$work/state"
+vmm_binary = "$PWD/$bin/podvisor-vmm"
+
+[registry]
+insecure = ["$registry_host"]
+
+[handlers.podvisor]
+vcpus = 1
+memory_mib = 256
+kernel = "$PWD/build/guest/vmlinux"
+image = "$PWD/build/guest/rootfs.ext4"
+EOF
+RUST_LOG=${RUST_LOG:-info} "$bin/podvisord" --config "$work/config.toml" >"$work/podvisord.log" 2>&1 &
+daemon=$!
+wait_for 60 "$bin/podvisorctl" --socket "$sock" version
+ctl version
+
+mkdir -p "$work/logs"
+cat >"$work/pod.json" <<EOF
+{"metadata": {"name": "demo", "namespace": "default", "uid": "demo-uid-1", "attempt": 0},
+ "hostname": "demo-pod", "log_directory": "$work/logs"}
+EOF
+cat >"$work/container.json" <<EOF
+{"metadata": {"name": "hello", "attempt": 0}, "image": {"image": "$registry_host/demo/busybox:1.0"},
+ "command": ["sh", "-c"],
+ "args": ["echo hello from \$(hostname), a podvisor microVM; uname -r; echo on stderr >&2; sleep 1000"],
+ "log_path": "hello.log"}
+EOF
+
+echo "== a pod: RunPodSandbox boots its microVM (about a minute on a kvm_pvm host)"
+start=$(date +%s)
+pod=$(ctl runp "$work/pod.json")
+echo "pod $pod ready after $(( $(date +%s) - start )) s"
+ctl pods
+ctl pull "$registry_host/demo/busybox:1.0"
+ctl images
+ctr=$(ctl create "$pod" "$work/container.json" "$work/pod.json")
+ctl start "$ctr"
+ctl ps -a
+wait_for 120 grep -q "hello from" "$work/logs/hello.log"
+echo "== the container's log ($work/logs/hello.log, CRI format)"
+cat "$work/logs/hello.log"
+ctl logs "$ctr"
+echo "== exec in the container"
+ctl exec "$ctr" -- sh -c 'echo "pid 1 is $(cat /proc/1/comm); $(cat /etc/hostname)"'
+echo "== stop and remove"
+ctl stop -t 2 "$ctr"
+ctl ps -a
+ctl rm "$ctr"
+ctl stopp "$pod"
+ctl rmp "$pod"
+ctl pods
+echo "== done: podvisord's log was $work/podvisord.log"

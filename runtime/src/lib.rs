@@ -6,11 +6,13 @@
 //! - [`logs`]: container logs in the CRI format.
 //! - [`image`]: pulling, the blob store and one ext4 image per image id.
 //! - [`vmm`]: one detached `podvisor-vmm` process per pod, found again after a restart.
+//! - [`pods`]: the sandbox and container manager (VMs, agent calls, logs, records).
 //! - [`cri`]: the gRPC services.
 
 pub mod config;
 pub mod cri;
 pub mod image;
 pub mod logs;
+pub mod pods;
 pub mod state;
 pub mod vmm;

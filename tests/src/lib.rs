@@ -7,6 +7,7 @@
 //! timings.
 //!
 //! - [`agent`]: a client of the guest agent (requests, output by stream, waits).
+//! - [`cri`]: a real `podvisord` in a temporary directory, and the VMMs it leaves.
 //! - [`paths`]: the workspace, the guest kernel, the target directory.
 //! - [`artifacts`]: podvisor-vmm, the static `guest-probe` and the agent's guest root
 //!   image, built on demand.
@@ -19,6 +20,7 @@
 
 pub mod agent;
 pub mod artifacts;
+pub mod cri;
 pub mod image;
 pub mod netns;
 pub mod paths;

@@ -339,8 +339,25 @@ async fn push_image(
     tag: &str,
     architecture: &str,
 ) -> anyhow::Result<PushedImage> {
+    push_image_to(registry.host(), repo, tag, architecture)
+        .await
+        .map_err(|e| anyhow!("{e:#}; registry log: {}", registry.log()))
+}
+
+/// Pushes the busybox image for linux/amd64 as `repo:tag` to the registry at `host`
+/// (`127.0.0.1:<port>`, plain HTTP), one that this process did not start.
+pub async fn push_busybox_to(host: &str, repo: &str, tag: &str) -> anyhow::Result<PushedImage> {
+    push_image_to(host, repo, tag, "amd64").await
+}
+
+async fn push_image_to(
+    host: &str,
+    repo: &str,
+    tag: &str,
+    architecture: &str,
+) -> anyhow::Result<PushedImage> {
     let (layer, diff_id) = busybox_layer()?;
-    let reference_text = registry.reference(repo, tag);
+    let reference_text = format!("{host}/{repo}:{tag}");
     let reference: Reference = reference_text
         .parse()
         .with_context(|| format!("parse {reference_text}"))?;
@@ -352,12 +369,7 @@ async fn push_image(
     client
         .push(&reference, &layers, config, &RegistryAuth::Anonymous, None)
         .await
-        .map_err(|e| {
-            anyhow!(
-                "push {reference_text}: {e}; registry log: {}",
-                registry.log()
-            )
-        })?;
+        .map_err(|e| anyhow!("push {reference_text}: {e}"))?;
     let digest = client
         .fetch_manifest_digest(&reference, &RegistryAuth::Anonymous)
         .await
