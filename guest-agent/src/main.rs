@@ -7,6 +7,7 @@
 mod container;
 mod files;
 mod init;
+mod network;
 mod paths;
 mod reaper;
 mod safepath;

@@ -108,11 +108,15 @@ impl v1::agent_server::Agent for AgentService {
 
     async fn configure_network(
         &self,
-        _: Request<ConfigureNetworkRequest>,
+        req: Request<ConfigureNetworkRequest>,
     ) -> Result<Response<ConfigureNetworkResponse>, Status> {
-        Err(Status::unimplemented(
-            "ConfigureNetwork is not implemented yet (networking work)",
-        ))
+        if !self.pid1 {
+            return Err(Status::failed_precondition(
+                "the agent is not PID 1: refusing to reconfigure this machine's network",
+            ));
+        }
+        crate::network::configure(&req.into_inner()).await?;
+        Ok(Response::new(ConfigureNetworkResponse {}))
     }
 
     async fn create_container(

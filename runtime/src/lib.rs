@@ -9,10 +9,13 @@
 //! - [`pods`]: the sandbox and container manager (VMs, agent calls, logs, records).
 //! - [`cri`]: the gRPC services.
 
+pub mod cni;
 pub mod config;
 pub mod cri;
 pub mod image;
 pub mod logs;
+pub mod netns;
 pub mod pods;
 pub mod state;
+pub mod tap;
 pub mod vmm;
