@@ -1,5 +1,6 @@
 //! Process I/O: pipes or a pseudo-terminal, output pumps that keep stdout and stderr apart,
-//! and the single ProcessIo attachment.
+//! and the single ProcessIo attachment, which can be made again once the previous one is gone
+//! (a restarted host daemon re-attaches to its running containers).
 
 use std::ffi::CString;
 use std::fs::File;
@@ -25,7 +26,7 @@ pub struct ProcessIo {
     pub stdin: Mutex<Option<File>>,
     /// pty master for resizing.
     pub pty: Option<OwnedFd>,
-    /// Taken by the (single) ProcessIo attachment.
+    /// Taken by the (single) ProcessIo attachment, put back when it ends early.
     pub output: Mutex<Option<mpsc::Receiver<ProcessOutput>>>,
     /// Number of output streams still open; 0 once all output was drained.
     pub open_streams: watch::Receiver<usize>,
@@ -262,5 +263,96 @@ impl ProcessIo {
             return Err(nix::Error::last());
         }
         Ok(())
+    }
+}
+
+/// The output side of one ProcessIo attachment. If the host goes away before the output
+/// ended, the receiver goes back to [`ProcessIo::output`] so that a later attachment gets the
+/// rest (a chunk tonic had already taken for sending is lost with the connection).
+#[derive(Debug)]
+pub struct Attachment {
+    io: std::sync::Arc<ProcessIo>,
+    rx: Option<mpsc::Receiver<ProcessOutput>>,
+}
+
+impl Attachment {
+    /// Takes the output of `io`; None if another attachment holds it.
+    pub fn take(io: std::sync::Arc<ProcessIo>) -> Option<Self> {
+        let rx = lock(&io.output).take()?;
+        Some(Self { io, rx: Some(rx) })
+    }
+}
+
+impl tokio_stream::Stream for Attachment {
+    type Item = ProcessOutput;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<ProcessOutput>> {
+        let Some(rx) = self.rx.as_mut() else {
+            return std::task::Poll::Ready(None);
+        };
+        let next = rx.poll_recv(cx);
+        if let std::task::Poll::Ready(None) = next {
+            // Every pump is done: nothing left for a later attachment.
+            self.rx = None;
+        }
+        next
+    }
+}
+
+impl Drop for Attachment {
+    fn drop(&mut self) {
+        if let Some(rx) = self.rx.take() {
+            *lock(&self.io.output) = Some(rx);
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio_stream::StreamExt;
+
+    fn chunk(text: &str) -> ProcessOutput {
+        ProcessOutput {
+            stream: Stream::Stdout as i32,
+            data: text.as_bytes().to_vec(),
+            eof: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_dropped_attachment_leaves_the_rest_to_the_next() {
+        let (tx, rx) = mpsc::channel(4);
+        let (_streams_tx, streams_rx) = watch::channel(1);
+        let io = std::sync::Arc::new(ProcessIo {
+            stdin: Mutex::new(None),
+            pty: None,
+            output: Mutex::new(Some(rx)),
+            open_streams: streams_rx,
+        });
+        tx.send(chunk("one")).await.expect("send");
+        tx.send(chunk("two")).await.expect("send");
+
+        let mut first = Attachment::take(io.clone()).expect("first attachment");
+        assert!(Attachment::take(io.clone()).is_none(), "only one at a time");
+        assert_eq!(first.next().await.expect("one").data, b"one");
+        drop(first);
+
+        let mut second = Attachment::take(io.clone()).expect("re-attach after a drop");
+        assert_eq!(second.next().await.expect("two").data, b"two");
+        drop(tx);
+        assert!(second.next().await.is_none(), "output ended");
+        drop(second);
+        assert!(
+            lock(&io.output).is_none(),
+            "an attachment that saw the end gives nothing back"
+        );
     }
 }

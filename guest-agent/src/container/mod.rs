@@ -37,6 +37,9 @@ use crate::service::error_chain;
 use cgroup::Cgroup;
 use exit::Process;
 
+/// Execs one container may have at a time (finished ones are pruned first).
+const MAX_EXECS: usize = 256;
+
 type BoxStream<T> =
     std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<T, Status>> + Send + 'static>>;
 
@@ -669,8 +672,16 @@ impl Manager {
         lock(&self.containers).remove(id);
         let bundle = c.bundle.clone();
         let cg = c.cgroup.clone();
+        // Files the host copied in for the container's volumes (CopyFile).
+        let volumes = self.paths.volumes().join(id);
         tokio::task::spawn_blocking(move || {
             rootfs::cleanup(&bundle);
+            // remove_dir_all does not follow symbolic links.
+            if let Err(e) = std::fs::remove_dir_all(&volumes)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                tracing::warn!("remove {}: {e}", volumes.display());
+            }
             if let Some(cg) = cg
                 && let Err(e) = cg.remove()
             {
@@ -695,11 +706,24 @@ impl Manager {
                 r.container_id
             )));
         }
-        if lock(&c.execs).contains_key(&r.exec_id) {
-            return Err(Status::already_exists(format!(
-                "exec {:?} already exists",
-                r.exec_id
-            )));
+        {
+            let mut execs = lock(&c.execs);
+            if execs.contains_key(&r.exec_id) {
+                return Err(Status::already_exists(format!(
+                    "exec {:?} already exists",
+                    r.exec_id
+                )));
+            }
+            // Finished execs are kept for a late WaitProcess until the table fills up.
+            if execs.len() >= MAX_EXECS {
+                execs.retain(|_, p| p.exited().is_none());
+            }
+            if execs.len() >= MAX_EXECS {
+                return Err(Status::resource_exhausted(format!(
+                    "container {:?} already runs {MAX_EXECS} execs",
+                    r.container_id
+                )));
+            }
         }
         let process = r
             .process
@@ -775,7 +799,7 @@ impl Manager {
             .await?
             .ok_or_else(|| Status::invalid_argument("empty ProcessIo stream"))?;
         let p = self.process(&first.container_id, &first.exec_id)?;
-        let rx = lock(&p.io.output).take().ok_or_else(|| {
+        let output = io::Attachment::take(p.io.clone()).ok_or_else(|| {
             Status::failed_precondition("the process's output is already attached")
         })?;
         let io = p.io.clone();
@@ -805,10 +829,7 @@ impl Manager {
                 }
             }
         });
-        Ok(Box::pin(tokio_stream::StreamExt::map(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-            Ok,
-        )))
+        Ok(Box::pin(tokio_stream::StreamExt::map(output, Ok)))
     }
 
     pub fn close_stdin(&self, id: &str, exec_id: &str) -> Result<(), Status> {
