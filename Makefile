@@ -42,7 +42,8 @@ vmm-release:
 
 # What the demo runs: the VMM, podvisord, podvisorctl and the image pusher.
 release:
-	$(CARGO) build --release -p podvisor-vmm -p podvisor-runtime -p podvisor-tests --bin push-busybox
+	$(CARGO) build --release -p podvisor-vmm -p podvisor-runtime
+	$(CARGO) build --release -p podvisor-tests --bin push-busybox
 
 lint:
 	$(CARGO) fmt --all --check

@@ -12,8 +12,13 @@ sock="$work/podvisord.sock"
 ctl() { echo "\$ podvisorctl $*" >&2; "$bin/podvisorctl" --socket "$sock" "$@"; }
 cleanup() {
     set +e
+    # Pods outlive podvisord by design: remove the demo's pod first if it is still there.
+    if [ -n "${pod:-}" ] && [ -n "${daemon:-}" ]; then
+        "$bin/podvisorctl" --socket "$sock" rmp "$pod" >/dev/null 2>&1
+    fi
     [ -n "${daemon:-}" ] && kill "$daemon" 2>/dev/null && wait "$daemon" 2>/dev/null
     [ -n "${registry:-}" ] && kill "$registry" 2>/dev/null && wait "$registry" 2>/dev/null
+    ip link del pvdemo0 2>/dev/null
     rm -rf "$work"
 }
 trap cleanup EXIT
@@ -52,6 +57,15 @@ wait_for 30 curl -sf "http://$registry_host/v2/"
 "$bin/push-busybox" "$registry_host" demo/busybox 1.0
 
 echo "== podvisord with its configuration in $work"
+# Pod networking: Debian's CNI plugins with a bridge of the demo's own (never /etc/cni).
+mkdir -p "$work/cni"
+cat >"$work/cni/10-demo.conflist" <<EOF
+{"cniVersion": "1.0.0", "name": "podvisor-demo", "plugins": [
+  {"type": "bridge", "bridge": "pvdemo0", "isGateway": true, "ipMasq": false,
+   "ipam": {"type": "host-local", "ranges": [[{"subnet": "10.213.99.0/24"}]],
+            "routes": [{"dst": "0.0.0.0/0"}], "dataDir": "$work/cni-ipam"}},
+  {"type": "portmap", "capabilities": {"portMappings": true}}]}
+EOF
 cat >"$work/config.toml" <<EOF
 socket = "$sock"
 root_dir = "$work/root"
@@ -60,6 +74,10 @@ vmm_binary = "$PWD/$bin/podvisor-vmm"
 
 [registry]
 insecure = ["$registry_host"]
+
+[cni]
+conf_dir = "$work/cni"
+bin_dirs = ["/usr/lib/cni"]
 
 [handlers.podvisor]
 vcpus = 1
@@ -80,7 +98,7 @@ EOF
 cat >"$work/container.json" <<EOF
 {"metadata": {"name": "hello", "attempt": 0}, "image": {"image": "$registry_host/demo/busybox:1.0"},
  "command": ["sh", "-c"],
- "args": ["echo hello from \$(hostname), a podvisor microVM; uname -r; echo on stderr >&2; sleep 1000"],
+ "args": ["echo hello from \$(hostname), a podvisor microVM; echo and this on stderr >&2; sleep 1000"],
  "log_path": "hello.log"}
 EOF
 
@@ -89,22 +107,24 @@ start=$(date +%s)
 pod=$(ctl runp "$work/pod.json")
 echo "pod $pod ready after $(( $(date +%s) - start )) s"
 ctl pods
+ctl inspectp "$pod" | grep -E '"(ip|state)"' || true
 ctl pull "$registry_host/demo/busybox:1.0"
 ctl images
 ctr=$(ctl create "$pod" "$work/container.json" "$work/pod.json")
 ctl start "$ctr"
 ctl ps -a
-wait_for 120 grep -q "hello from" "$work/logs/hello.log"
+wait_for 120 grep -q "stderr F and this" "$work/logs/hello.log"
 echo "== the container's log ($work/logs/hello.log, CRI format)"
 cat "$work/logs/hello.log"
 ctl logs "$ctr"
 echo "== exec in the container"
-ctl exec "$ctr" -- sh -c 'echo "pid 1 is $(cat /proc/1/comm); $(cat /etc/hostname)"'
+ctl exec "$ctr" -- sh -c 'echo "pid 1 is $(cat /proc/1/comm) on $(cat /etc/hostname)"; cat /proc/net/fib_trie | grep -A1 "/32 host" | head -4'
 echo "== stop and remove"
 ctl stop -t 2 "$ctr"
 ctl ps -a
 ctl rm "$ctr"
 ctl stopp "$pod"
 ctl rmp "$pod"
+pod=
 ctl pods
 echo "== done: podvisord's log was $work/podvisord.log"

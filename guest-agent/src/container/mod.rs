@@ -183,6 +183,8 @@ impl Manager {
                     spawn::close_all_but(&[-1, -1, -1]);
                     // SAFETY: async-signal-safe calls only.
                     unsafe {
+                        // What the pod's containers see as PID 1, like Kubernetes' pause.
+                        libc::prctl(libc::PR_SET_NAME, c"pause".as_ptr());
                         libc::signal(libc::SIGCHLD, libc::SIG_IGN);
                         loop {
                             libc::pause();
