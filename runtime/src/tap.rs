@@ -9,15 +9,18 @@
 //! current-thread tokio runtime for the netlink calls (a netlink socket talks to the
 //! namespace it was opened in). The functions block: call them from `spawn_blocking`.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::OpenOptionsExt;
 
 use futures::TryStreamExt;
 use rtnetlink::packet_route::link::{LinkAttribute, LinkMessage};
 use rtnetlink::packet_route::tc::TcHandle;
 use rtnetlink::{Handle, LinkUnspec};
+
+use podvisor_vmm::virtio::net::Tap;
+#[cfg(doc)]
+use podvisor_vmm::virtio::net::VNET_HDR_LEN;
 
 use crate::netns::{NetNs, NetnsError};
 
@@ -26,8 +29,6 @@ pub const DEFAULT_TAP_NAME: &str = "tap0_pv";
 
 /// `ffff:`, the ingress qdisc's handle and the parent of its filters.
 const INGRESS_PARENT: u32 = 0xffff_0000;
-
-const TUN_DEVICE: &str = "/dev/net/tun";
 
 /// What the guest NIC must look like: the CNI interface's MAC and MTU.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,11 +51,11 @@ pub enum TapError {
     LinkNotFound(String),
     #[error("interface {0} has no MAC address or MTU")]
     NoMacOrMtu(String),
-    #[error("open {TUN_DEVICE} for TAP {name}")]
-    OpenTun {
+    #[error("attach to TAP {name}")]
+    Attach {
         name: String,
         #[source]
-        source: io::Error,
+        source: podvisor_vmm::virtio::net::NetError,
     },
     #[error("{what} TAP {name}")]
     Ioctl {
@@ -110,39 +111,17 @@ pub fn teardown(netns: &NetNs, cni_ifname: &str, tap_name: &str) -> Result<(), T
 }
 
 /// Opens a queue of the TAP `name` in the current thread's namespace, creating the
-/// interface when it does not exist: the file `/dev/net/tun` attached with
-/// `IFF_TAP | IFF_NO_PI | IFF_VNET_HDR` (what the VMM uses). Frames read and written
-/// through it start with a virtio-net header (10 bytes unless `TUNSETVNETHDRSZ` changed it).
+/// interface when it does not exist, exactly as the VMM attaches to it (podvisor-vmm's
+/// [`Tap::open`]: `IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`, non-blocking). Frames read and
+/// written through it start with a virtio_net_hdr_v1 of [`VNET_HDR_LEN`] bytes.
 pub fn open_queue(name: &str) -> Result<File, TapError> {
     validate_ifname(name)?;
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_CLOEXEC)
-        .open(TUN_DEVICE)
-        .map_err(|source| TapError::OpenTun {
+    Tap::open(name)
+        .map(Tap::into_file)
+        .map_err(|source| TapError::Attach {
             name: name.to_owned(),
             source,
-        })?;
-    // SAFETY: `ifreq` is plain old data (a byte array and a union of integers and
-    // addresses); all zeroes is a valid value.
-    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
-    for (dst, src) in ifr.ifr_name.iter_mut().zip(name.bytes()) {
-        *dst = src as libc::c_char;
-    }
-    // Small positive constants that fit a c_short.
-    ifr.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as _;
-    // SAFETY: the fd is a tun file we own; TUNSETIFF reads and writes exactly one
-    // `struct ifreq`, which `ifr` is and which outlives the call. The result is checked.
-    let ret = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, &mut ifr) };
-    if ret < 0 {
-        return Err(TapError::Ioctl {
-            what: "attach (TUNSETIFF)",
-            name: name.to_owned(),
-            source: io::Error::last_os_error(),
-        });
-    }
-    Ok(file)
+        })
 }
 
 /// Creates (or attaches to) the TAP and makes it outlive our file: the VMM attaches later.

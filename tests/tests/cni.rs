@@ -13,6 +13,7 @@
 //! Needs root, iproute2, iptables (Debian's iptables-nft) and the
 //! containernetworking-plugins package. Run: `cargo test -p podvisor-tests --test cni`
 
+use podvisor_vmm::virtio::net::VNET_HDR_LEN;
 use std::fs;
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr};
@@ -135,9 +136,9 @@ fn iptables_nat() -> Result<String> {
 }
 
 /// Builds an ARP request from `mac`/`ip` for `target`, prefixed with a zero
-/// virtio-net header (10 bytes: the TAP's default header size).
+/// virtio-net header (the size the VMM and `tap::open_queue` set on the TAP).
 fn arp_request(mac: [u8; 6], ip: Ipv4Addr, target: Ipv4Addr) -> Vec<u8> {
-    let mut f = vec![0u8; 10];
+    let mut f = vec![0u8; VNET_HDR_LEN];
     f.extend([0xff; 6]);
     f.extend(mac);
     f.extend([0x08, 0x06]); // ARP
@@ -170,7 +171,7 @@ fn wait_arp_reply(tap: &mut fs::File, mac: [u8; 6], from: Ipv4Addr) -> Result<[u
             continue;
         }
         let n = tap.read(&mut buf)?;
-        let frame = &buf[10.min(n)..n];
+        let frame = &buf[VNET_HDR_LEN.min(n)..n];
         let is_reply = frame.len() >= 42
             && frame[12..14] == [0x08, 0x06]
             && frame[20..22] == [0, 2]

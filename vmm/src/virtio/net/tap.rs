@@ -90,6 +90,12 @@ impl Tap {
         &self.name
     }
 
+    /// The attached `/dev/net/tun` file (for callers that manage the interface, such as the
+    /// runtime making it persistent before a VMM attaches).
+    pub fn into_file(self) -> File {
+        self.file
+    }
+
     /// Tells the kernel which offloads the reader handles (TUN_F_* flags):
     /// with `TUN_F_CSUM` the TAP may hand over frames with partial
     /// checksums, with `TUN_F_TSO4`/`TUN_F_TSO6` unsegmented TCP packets.
