@@ -3,6 +3,7 @@
 //! The host connects to the guest agent over vsock on [`AGENT_VSOCK_PORT`]. Both the client
 //! ([`AgentClient`]) and the server ([`AgentServer`], [`Agent`]) are exported.
 
+pub mod caps;
 pub mod hybrid;
 
 /// vsock port the guest agent listens on.

@@ -10,67 +10,14 @@ use crate::image::ImageConfig;
 
 /// Capabilities a container gets unless its request adds or drops some (the set containerd
 /// and the guest agent use).
-pub const DEFAULT_CAPS: &[&str] = &[
-    "CAP_CHOWN",
-    "CAP_DAC_OVERRIDE",
-    "CAP_FSETID",
-    "CAP_FOWNER",
-    "CAP_MKNOD",
-    "CAP_NET_RAW",
-    "CAP_SETGID",
-    "CAP_SETUID",
-    "CAP_SETFCAP",
-    "CAP_SETPCAP",
-    "CAP_NET_BIND_SERVICE",
-    "CAP_SYS_CHROOT",
-    "CAP_KILL",
-    "CAP_AUDIT_WRITE",
-];
+pub use podvisor_proto::caps::DEFAULT as DEFAULT_CAPS;
 
-/// Every capability the guest kernel (6.1) knows, for `ALL` in add/drop lists.
-pub const ALL_CAPS: &[&str] = &[
-    "CAP_CHOWN",
-    "CAP_DAC_OVERRIDE",
-    "CAP_DAC_READ_SEARCH",
-    "CAP_FOWNER",
-    "CAP_FSETID",
-    "CAP_KILL",
-    "CAP_SETGID",
-    "CAP_SETUID",
-    "CAP_SETPCAP",
-    "CAP_LINUX_IMMUTABLE",
-    "CAP_NET_BIND_SERVICE",
-    "CAP_NET_BROADCAST",
-    "CAP_NET_ADMIN",
-    "CAP_NET_RAW",
-    "CAP_IPC_LOCK",
-    "CAP_IPC_OWNER",
-    "CAP_SYS_MODULE",
-    "CAP_SYS_RAWIO",
-    "CAP_SYS_CHROOT",
-    "CAP_SYS_PTRACE",
-    "CAP_SYS_PACCT",
-    "CAP_SYS_ADMIN",
-    "CAP_SYS_BOOT",
-    "CAP_SYS_NICE",
-    "CAP_SYS_RESOURCE",
-    "CAP_SYS_TIME",
-    "CAP_SYS_TTY_CONFIG",
-    "CAP_MKNOD",
-    "CAP_LEASE",
-    "CAP_AUDIT_WRITE",
-    "CAP_AUDIT_CONTROL",
-    "CAP_SETFCAP",
-    "CAP_MAC_OVERRIDE",
-    "CAP_MAC_ADMIN",
-    "CAP_SYSLOG",
-    "CAP_WAKE_ALARM",
-    "CAP_BLOCK_SUSPEND",
-    "CAP_AUDIT_READ",
-    "CAP_PERFMON",
-    "CAP_BPF",
-    "CAP_CHECKPOINT_RESTORE",
-];
+/// Every capability the guest kernel (6.1) knows, `CAP_` included, for `ALL` in add/drop lists.
+fn all_caps() -> impl Iterator<Item = String> {
+    podvisor_proto::caps::NAMES
+        .iter()
+        .map(|n| format!("CAP_{n}"))
+}
 
 /// The user a container asks to run as (CRI security context); unset fields come from the
 /// image's `User`.
@@ -223,7 +170,7 @@ fn normalise_cap(name: &str) -> Result<String, ProcessError> {
     } else {
         format!("CAP_{upper}")
     };
-    if ALL_CAPS.contains(&full.as_str()) {
+    if all_caps().any(|c| c == full) {
         Ok(full)
     } else {
         Err(ProcessError::UnknownCapability(name.to_string()))
@@ -242,7 +189,7 @@ pub fn compose_capabilities(
     let is_all = |s: &String| s.trim().eq_ignore_ascii_case("ALL");
     let mut set: HashSet<String> = DEFAULT_CAPS.iter().map(|s| s.to_string()).collect();
     if add.iter().any(is_all) {
-        set.extend(ALL_CAPS.iter().map(|s| s.to_string()));
+        set.extend(all_caps());
     }
     for a in add.iter().filter(|a| !is_all(a)) {
         set.insert(normalise_cap(a)?);
@@ -404,7 +351,7 @@ mod tests {
             .unwrap();
         assert_eq!(c.permitted, ["CAP_NET_BIND_SERVICE"]);
         let c = compose_capabilities(&s(&["ALL"]), &[]).unwrap().unwrap();
-        assert_eq!(c.bounding.len(), ALL_CAPS.len());
+        assert_eq!(c.bounding.len(), all_caps().count());
         assert_eq!(
             compose_capabilities(&s(&["CAP_NOPE"]), &[]).unwrap_err(),
             ProcessError::UnknownCapability("CAP_NOPE".into())
