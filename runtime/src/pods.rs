@@ -17,6 +17,7 @@
 //! async lock per sandbox (`Sandbox::lifecycle`) serialises CreateContainer, StopPodSandbox
 //! and RemovePodSandbox of that sandbox and owns its image slots.
 
+pub mod network;
 pub mod process;
 pub mod volumes;
 
@@ -79,6 +80,10 @@ const MAX_EXEC_OUTPUT: usize = 16 * 1024 * 1024;
 const LOST_EXIT_CODE: i32 = 255;
 /// The message of containers whose VM went away.
 const VM_EXITED: &str = "the pod's VM exited";
+/// How long a broken agent connection waits for the VMM to show as ended.
+const VMM_END_GRACE: Duration = Duration::from_secs(2);
+/// How long re-attaching to a container's output after a restart may be refused.
+const ATTACH_RETRY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Why a sandbox or container operation failed; [`PodError::code`] is its gRPC code.
 #[derive(Debug, thiserror::Error)]
@@ -167,6 +172,9 @@ pub enum PodError {
         #[source]
         source: std::io::Error,
     },
+    /// The pod's network could not be set up or released.
+    #[error(transparent)]
+    Network(#[from] network::NetworkError),
     /// A bug or an impossible state.
     #[error("internal error: {0}")]
     Internal(String),
@@ -198,6 +206,8 @@ impl PodError {
             },
             PodError::AgentTimeout { .. } => Code::DeadlineExceeded,
             PodError::AgentUnreachable { .. } | PodError::VmExited { .. } => Code::Unavailable,
+            PodError::Network(e) if e.is_not_ready() => Code::FailedPrecondition,
+            PodError::Network(_) => Code::Internal,
             PodError::Vmm { .. }
             | PodError::State(_)
             | PodError::Log(_)
@@ -735,6 +745,20 @@ impl PodManager {
                 dir.display()
             )));
         }
+        // The network first: the VMM starts inside its namespace, on its TAP.
+        let pod_ref = crate::cni::PodRef {
+            namespace: spec.namespace.clone(),
+            name: spec.name.clone(),
+            uid: spec.uid.clone(),
+        };
+        let net = network::PodNetwork::setup(
+            &self.inner.config.cni,
+            &id,
+            &dir,
+            pod_ref,
+            &spec.port_mappings,
+        )
+        .await?;
         let vmm_spec = VmmSpec {
             sandbox_id: id.clone(),
             dir: dir.clone(),
@@ -750,8 +774,9 @@ impl PodManager {
                     read_only: true,
                 })
                 .collect(),
-            tap: None,
-            netns: None,
+            tap: Some(net.link().tap.clone()),
+            mac: Some(net.link().mac.clone()),
+            netns: Some(net.netns_path().to_owned()),
         };
         let binary = self.inner.config.vmm_binary.clone();
         let started = Instant::now();
@@ -761,6 +786,7 @@ impl PodManager {
         let handle = match launched {
             Ok(h) => h,
             Err(source) => {
+                net.abandon().await;
                 let _ = vmm::remove_pod_dir(&dir);
                 return Err(PodError::Vmm {
                     sandbox: id,
@@ -789,12 +815,12 @@ impl PodManager {
             hostname: hostname.clone(),
             dns: spec.dns.clone(),
             port_mappings: spec.port_mappings.clone(),
-            ips: Vec::new(),
-            netns: None,
+            ips: net.ips(),
+            netns: Some(net.netns_path().to_owned()),
         };
         // Recorded before the long wait: a crash now leaves a NotReady sandbox to clean up.
         let booted = match self.inner.state.sandboxes.put(&id, &record) {
-            Ok(()) => self.boot(&id, &handle, &spec, &hostname).await,
+            Ok(()) => self.boot(&id, &handle, &spec, &hostname, &net).await,
             Err(e) => Err(e.into()),
         };
         let client = match booted {
@@ -802,6 +828,7 @@ impl PodManager {
             Err(e) => {
                 tracing::warn!(sandbox = %id, "RunPodSandbox failed, cleaning up: {e}");
                 self.discard_vm(&id, &handle).await;
+                net.abandon().await;
                 return Err(e);
             }
         };
@@ -817,6 +844,7 @@ impl PodManager {
         });
         if let Err(e) = self.put_sandbox(&sb) {
             self.discard_vm(&id, &handle).await;
+            net.abandon().await;
             return Err(e);
         }
         lock(&self.inner.sandboxes).insert(id.clone(), sb.clone());
@@ -837,8 +865,15 @@ impl PodManager {
         handle: &VmmHandle,
         spec: &SandboxSpec,
         hostname: &str,
+        net: &network::PodNetwork,
     ) -> Result<AgentClient<Channel>, PodError> {
         let mut client = connect_agent(id, handle, AGENT_BOOT_TIMEOUT).await?;
+        call(
+            "ConfigureNetwork",
+            AGENT_CALL_TIMEOUT,
+            client.configure_network(net.guest_config()?),
+        )
+        .await?;
         let req = agent::SetupSandboxRequest {
             sandbox_id: id.to_string(),
             hostname: hostname.to_string(),
@@ -961,6 +996,8 @@ impl PodManager {
         }
         lock(&sb.record).state = SandboxState::NotReady;
         self.put_sandbox(&sb)?;
+        let pod_dir = lock(&sb.record).vmm.dir.clone();
+        network::release_recorded(&self.inner.config.cni, id, &pod_dir).await?;
         Ok(())
     }
 
@@ -991,6 +1028,7 @@ impl PodManager {
             sandbox: id.to_string(),
             source,
         })?;
+        network::delete_netns(id).await?;
         self.inner.state.sandboxes.remove(id)?;
         lock(&self.inner.sandboxes).remove(id);
         tracing::info!(sandbox = id, "sandbox removed");
@@ -1307,12 +1345,8 @@ impl PodManager {
         tokio::spawn(async move {
             let agent_id = lock(&c.record).agent_container_id.clone();
             if attach {
-                let first = agent::ProcessInput {
-                    container_id: agent_id.clone(),
-                    ..Default::default()
-                };
-                match client.process_io(tokio_stream::iter([first])).await {
-                    Ok(stream) => pump_output(&c, stream.into_inner()).await,
+                match attach_output(&mut client, &agent_id).await {
+                    Ok(stream) => pump_output(&c, stream).await,
                     Err(s) => tracing::warn!(
                         container = %c.id,
                         "attach output: {}; the container's output is not logged",
@@ -1361,14 +1395,24 @@ impl PodManager {
                     } else {
                         format!("lost the container's VM: {}", s.message())
                     };
-                    // A stopping or dead VM is reported by its own path; this is the rest.
+                    // A stopping VM is reported by StopPodSandbox, a dead one as the VM's exit
+                    // (here, as the connection usually breaks before the watcher looks).
                     tracing::info!(container = %c.id, "wait: {}", s.message());
-                    let stopping = this
-                        .sandbox_arc(&c.sandbox_id)
-                        .is_none_or(|sb| sb.stopping.load(Ordering::SeqCst));
-                    if !stopping {
-                        this.mark_exited(&c, LOST_EXIT_CODE, "Error", &message);
+                    let Some(sb) = this.sandbox_arc(&c.sandbox_id) else {
+                        return;
+                    };
+                    if sb.stopping.load(Ordering::SeqCst) {
+                        return;
                     }
+                    let handle = lock(&sb.record).vmm.clone();
+                    if vmm_ended(&handle).await {
+                        if !sb.stopping.load(Ordering::SeqCst) {
+                            tracing::warn!(sandbox = %sb.id, "the pod's VM exited");
+                            this.vm_gone(&sb, VM_EXITED);
+                        }
+                        return;
+                    }
+                    this.mark_exited(&c, LOST_EXIT_CODE, "Error", &message);
                 }
             }
         });
@@ -1847,6 +1891,21 @@ impl PodManager {
     }
 }
 
+/// Whether the VMM has ended or ends within [`VMM_END_GRACE`]: a killed VMM's sockets close
+/// a moment before `/proc` shows it gone.
+async fn vmm_ended(handle: &VmmHandle) -> bool {
+    let until = Instant::now() + VMM_END_GRACE;
+    loop {
+        if !handle.is_alive() {
+            return true;
+        }
+        if Instant::now() >= until {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Agent answers meaning "already gone" are success for stop and remove.
 fn ignore_gone<T>(r: Result<T, PodError>) -> Result<(), PodError> {
     match r {
@@ -1860,6 +1919,34 @@ fn ignore_gone<T>(r: Result<T, PodError>) -> Result<(), PodError> {
             Ok(())
         }
         Err(e) => Err(e),
+    }
+}
+
+/// Attaches to a container's output. After a podvisord restart the agent may not have seen
+/// the previous attachment's connection end yet and answers FailedPrecondition ("already
+/// attached") until it has: that is retried for [`ATTACH_RETRY_TIMEOUT`].
+async fn attach_output(
+    client: &mut AgentClient<Channel>,
+    agent_id: &str,
+) -> Result<tonic::Streaming<agent::ProcessOutput>, tonic::Status> {
+    let until = Instant::now() + ATTACH_RETRY_TIMEOUT;
+    loop {
+        let first = agent::ProcessInput {
+            container_id: agent_id.to_string(),
+            ..Default::default()
+        };
+        match client.process_io(tokio_stream::iter([first])).await {
+            Ok(stream) => return Ok(stream.into_inner()),
+            Err(s) if s.code() == tonic::Code::FailedPrecondition && Instant::now() < until => {
+                tracing::debug!(
+                    container = agent_id,
+                    "attach output: {}; retrying",
+                    s.message()
+                );
+                tokio::time::sleep(AGENT_RETRY_MAX).await;
+            }
+            Err(s) => return Err(s),
+        }
     }
 }
 

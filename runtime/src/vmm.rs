@@ -198,9 +198,10 @@ pub struct VmmSpec {
     pub mem_mib: u64,
     /// Drives after the root drive.
     pub drives: Vec<DriveSpec>,
-    /// A TAP device for virtio-net (it must exist in `netns`); the guest MAC is derived from
-    /// its name.
+    /// A TAP device for virtio-net (it must exist in `netns`).
     pub tap: Option<String>,
+    /// The guest NIC's MAC, "aa:bb:cc:dd:ee:ff" (None: derived from the TAP's name).
+    pub mac: Option<String>,
     /// A network namespace file (`/var/run/netns/NAME`) the VMM runs in.
     pub netns: Option<PathBuf>,
 }
@@ -315,7 +316,13 @@ fn vm_config(spec: &VmmSpec, handle: &VmmHandle) -> Result<VmConfig, VmmError> {
     let net = spec
         .tap
         .as_deref()
-        .map(|tap| podvisor_vmm::config::parse_net(&format!("tap={tap}")))
+        .map(|tap| {
+            let value = match &spec.mac {
+                Some(mac) => format!("tap={tap},mac={mac}"),
+                None => format!("tap={tap}"),
+            };
+            podvisor_vmm::config::parse_net(&value)
+        })
         .transpose()
         .map_err(config_err)?;
     let cmdline = match spec.cmdline_extra.trim() {
@@ -826,6 +833,7 @@ mod tests {
                     read_only: true,
                 }],
                 tap: Some("tap0".into()),
+                mac: None,
                 netns: None,
             }
         }
@@ -1265,6 +1273,45 @@ mod tests {
         remove_pod_dir(&link).unwrap();
         assert!(link.symlink_metadata().is_err());
         assert!(outside.join("keep").exists());
+    }
+
+    #[test]
+    fn the_guest_nic_gets_the_mac_asked_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let kernel = dir.path().join("vmlinux");
+        std::fs::write(&kernel, "").unwrap();
+        let h = VmmHandle {
+            pid: 0,
+            start_time: 0,
+            dir: dir.path().into(),
+            api_sock: dir.path().join("api.sock"),
+            vsock_uds: dir.path().join("vsock.sock"),
+            console_log: dir.path().join("console.log"),
+            vmm_log: dir.path().join("vmm.log"),
+        };
+        let spec = VmmSpec {
+            sandbox_id: "sb".into(),
+            dir: dir.path().into(),
+            kernel: kernel.clone(),
+            rootfs: kernel,
+            cmdline_extra: String::new(),
+            vcpus: 1,
+            mem_mib: 128,
+            drives: vec![],
+            tap: Some("tap0_pv".into()),
+            mac: Some("0a:3d:f2:9b:98:6c".into()),
+            netns: None,
+        };
+        let net = vm_config(&spec, &h).unwrap().net.unwrap();
+        assert_eq!(
+            (net.tap.as_str(), net.mac),
+            ("tap0_pv", [0x0a, 0x3d, 0xf2, 0x9b, 0x98, 0x6c])
+        );
+        let bad = VmmSpec {
+            mac: Some("0a:3d".into()),
+            ..spec
+        };
+        assert!(vm_config(&bad, &h).is_err());
     }
 
     #[test]

@@ -7,6 +7,8 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
+use hyper_util::rt::TokioIo;
+use tonic::transport::{Channel, Endpoint, Uri};
 
 use crate::{artifacts, paths};
 
@@ -60,6 +62,69 @@ fn build_podvisord() -> anyhow::Result<PathBuf> {
     Ok(bin)
 }
 
+/// A gRPC channel over a CRI Unix socket (podvisord's, or containerd's for comparison).
+pub async fn connect(socket: &Path) -> anyhow::Result<Channel> {
+    let socket = socket.to_path_buf();
+    let shown = socket.display().to_string();
+    Endpoint::from_static("http://cri.sock")
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let socket = socket.clone();
+            async move {
+                Ok::<_, std::io::Error>(TokioIo::new(
+                    tokio::net::UnixStream::connect(socket).await?,
+                ))
+            }
+        }))
+        .await
+        .with_context(|| format!("connect to {shown}"))
+}
+
+/// Writes `<dir>/10-<name>.conflist`: a CNI network of Debian's `bridge` plugin (bridge
+/// `bridge`, the gateway on the host, no masquerading) with `host-local` addresses from
+/// `subnet`, kept under `dir`. Returns `dir`, for a `conf_dir` setting. The plugins are in
+/// [`CNI_BIN_DIR`]; the bridge is left behind (remove it with [`delete_link`]).
+pub fn write_bridge_conflist(
+    dir: &Path,
+    name: &str,
+    bridge: &str,
+    subnet: &str,
+) -> anyhow::Result<PathBuf> {
+    std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    let conflist = serde_json::json!({
+        "cniVersion": "1.0.0",
+        "name": name,
+        "plugins": [{
+            "type": "bridge",
+            "bridge": bridge,
+            "isGateway": true,
+            "ipMasq": false,
+            "ipam": {
+                "type": "host-local",
+                "ranges": [[{"subnet": subnet}]],
+                "routes": [{"dst": "0.0.0.0/0"}],
+                "dataDir": dir.join("ipam").display().to_string(),
+            },
+        }],
+    });
+    let path = dir.join(format!("10-{name}.conflist"));
+    std::fs::write(&path, serde_json::to_vec_pretty(&conflist)?)
+        .with_context(|| format!("write {}", path.display()))?;
+    Ok(dir.to_path_buf())
+}
+
+/// Debian's CNI plugins (containernetworking-plugins).
+pub const CNI_BIN_DIR: &str = "/usr/lib/cni";
+
+/// Deletes a network interface of the host (a CNI bridge); one that is not there is fine.
+pub fn delete_link(name: &str) {
+    if Path::new("/sys/class/net").join(name).exists() {
+        let _ = Command::new("ip")
+            .args(["link", "del", name])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
 /// Pids of `podvisor-vmm` processes whose command line mentions `dir`.
 pub fn vmm_processes_under(dir: &Path) -> Vec<u32> {
     let needle = dir.to_string_lossy().into_owned();
@@ -91,6 +156,7 @@ pub struct Daemon {
     pub state_dir: PathBuf,
     /// Its root directory (images).
     pub root_dir: PathBuf,
+    config: PathBuf,
     log: PathBuf,
 }
 
@@ -98,7 +164,6 @@ impl Daemon {
     /// Writes a configuration (socket, directories, `vmm_binary`, then `extra` TOML) and
     /// starts podvisord with it; returns once the socket accepts connections.
     pub fn start(extra: &str) -> anyhow::Result<Self> {
-        let bin = podvisord_binary()?;
         let vmm = artifacts::vmm_binary()?;
         // Short paths: the pods' Unix sockets live under the state directory.
         let dir = tempfile::Builder::new()
@@ -118,10 +183,31 @@ impl Daemon {
         let config_path = dir.path().join("config.toml");
         std::fs::write(&config_path, config).context("write config")?;
         let log = dir.path().join("podvisord.log");
-        let log_file = std::fs::File::create(&log).context("create daemon log")?;
+        let mut daemon = Self {
+            child: None,
+            dir,
+            socket,
+            state_dir,
+            root_dir,
+            config: config_path,
+            log,
+        };
+        daemon.spawn()?;
+        Ok(daemon)
+    }
+
+    /// Starts podvisord with this daemon's configuration (appending to its log) and waits
+    /// until its socket accepts connections.
+    fn spawn(&mut self) -> anyhow::Result<()> {
+        let bin = podvisord_binary()?;
+        let log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .context("open daemon log")?;
         let child = Command::new(&bin)
             .arg("--config")
-            .arg(&config_path)
+            .arg(&self.config)
             .env(
                 "RUST_LOG",
                 std::env::var("PODVISORD_LOG").unwrap_or_else(|_| "info".into()),
@@ -132,33 +218,44 @@ impl Daemon {
             .stderr(log_file)
             .spawn()
             .with_context(|| format!("start {}", bin.display()))?;
-        let mut daemon = Self {
-            child: Some(child),
-            dir,
-            socket,
-            state_dir,
-            root_dir,
-            log,
-        };
+        self.child = Some(child);
         let deadline = Instant::now() + START_DEADLINE;
         loop {
-            if std::os::unix::net::UnixStream::connect(&daemon.socket).is_ok() {
-                return Ok(daemon);
+            // The socket file of a previous run is removed on SIGTERM; a connection proves
+            // this run serves.
+            if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
+                return Ok(());
             }
-            if let Some(child) = daemon.child.as_mut()
+            if let Some(child) = self.child.as_mut()
                 && let Some(status) = child.try_wait()?
             {
-                bail!("podvisord exited ({status}):\n{}", daemon.log());
+                self.child = None;
+                bail!("podvisord exited ({status}):\n{}", self.log());
             }
             if Instant::now() >= deadline {
                 bail!(
                     "podvisord did not serve {} within {START_DEADLINE:?}:\n{}",
-                    daemon.socket.display(),
-                    daemon.log()
+                    self.socket.display(),
+                    self.log()
                 );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Stops podvisord with SIGTERM (it must exit successfully) and starts it again with the
+    /// same configuration; pod VMs keep running in between.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        let status = self.stop()?;
+        if !status.success() {
+            bail!("podvisord exited {status} on SIGTERM");
+        }
+        self.spawn()
+    }
+
+    /// podvisord's pid while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// The temporary directory holding everything of this daemon.
@@ -169,6 +266,26 @@ impl Daemon {
     /// What podvisord logged so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The end of every pod's guest console and VMM log, for failure reports.
+    pub fn pod_logs(&self) -> String {
+        let mut out = String::new();
+        let pods = std::fs::read_dir(self.state_dir.join("pods"))
+            .map(|d| d.flatten().map(|e| e.path()).collect::<Vec<_>>())
+            .unwrap_or_default();
+        for pod in pods {
+            for name in ["console.log", "vmm.log"] {
+                let text = std::fs::read_to_string(pod.join(name)).unwrap_or_default();
+                let lines: Vec<&str> = text.lines().collect();
+                out.push_str(&format!(
+                    "--- {} (last 60 lines)\n{}\n",
+                    pod.join(name).display(),
+                    lines[lines.len().saturating_sub(60)..].join("\n")
+                ));
+            }
+        }
+        out
     }
 
     /// Whether podvisord still runs.
@@ -213,6 +330,24 @@ impl Drop for Daemon {
             eprintln!("[cri] killing left-over podvisor-vmm {pid}");
             // SAFETY: kill(2) on a pid just read from /proc; at worst it is gone already.
             unsafe { libc::kill(nix_pid(pid), libc::SIGKILL) };
+        }
+        // Nor network namespaces: those of sandboxes still recorded go (after their VMMs).
+        let records = std::fs::read_dir(self.state_dir.join("sandboxes"))
+            .map(|d| d.flatten().map(|e| e.path()).collect::<Vec<_>>())
+            .unwrap_or_default();
+        for record in records {
+            let netns = std::fs::read(&record)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                .and_then(|v| v["netns"].as_str().map(PathBuf::from));
+            if let Some(netns) = netns.filter(|p| p.starts_with("/run/netns"))
+                && let Ok(c) = std::ffi::CString::new(netns.as_os_str().as_encoded_bytes())
+            {
+                eprintln!("[cri] removing left-over {}", netns.display());
+                // SAFETY: umount2(2) with a NUL-terminated path that lives across the call.
+                unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+                let _ = std::fs::remove_file(&netns);
+            }
         }
     }
 }

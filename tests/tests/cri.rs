@@ -1,41 +1,42 @@
 //! podvisord end to end, as kubelet drives it: a real podvisord on a Unix socket, a real
-//! registry, one real microVM. RunPodSandbox -> PullImage -> CreateContainer ->
-//! StartContainer -> logs -> ExecSync -> StopContainer -> RemoveContainer ->
-//! StopPodSandbox -> RemovePodSandbox, then nothing left behind; and bad requests answered
-//! with their gRPC codes while the daemon keeps serving.
+//! registry, real microVMs.
 //!
-//! One VM boot in the whole file (a boot takes about a minute on a kvm_pvm host); every
-//! wait has a generous deadline, none is a fixed sleep.
+//! - `kubelet_lifecycle_on_a_real_vm`: RunPodSandbox -> PullImage -> CreateContainer ->
+//!   StartContainer (two containers in the pod) -> logs -> ExecSync -> podvisord restarted
+//!   (the pod stays ready, its containers running, exec works, the log keeps being written)
+//!   -> StopContainer -> RemoveContainer -> StopPodSandbox -> RemovePodSandbox, then nothing
+//!   left behind; and bad requests answered with their gRPC codes while the daemon keeps
+//!   serving.
+//! - `killed_vmm_makes_the_pod_not_ready`: `kill -9` of a pod's VMM -> the sandbox NOTREADY,
+//!   its container EXITED, and stop and remove still clean everything up.
+//!
+//! Two VM boots in the whole file (a boot takes about a minute on a kvm_pvm host), one at a
+//! time; every wait has a generous deadline, none is a fixed sleep.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
-use hyper_util::rt::TokioIo;
 use k8s_cri::v1 as cri;
 use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use podvisor_runtime::logs::{Stream, parse_line};
-use podvisor_tests::cri::{Daemon, vmm_processes_under};
+use podvisor_tests::cri::{
+    CNI_BIN_DIR, Daemon, connect, delete_link, vmm_processes_under, write_bridge_conflist,
+};
 use podvisor_tests::registry::{Registry, push_busybox};
 use podvisor_tests::{artifacts, paths};
-use tokio::net::UnixStream;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 
 type Runtime = RuntimeServiceClient<Channel>;
 type Images = ImageServiceClient<Channel>;
 
-/// A gRPC channel over podvisord's Unix socket.
-async fn connect(socket: &Path) -> anyhow::Result<Channel> {
-    let socket = socket.to_path_buf();
-    Endpoint::from_static("http://podvisord.sock")
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let socket = socket.clone();
-            async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(socket).await?)) }
-        }))
-        .await
-        .context("connect to podvisord")
-}
+/// One VM at a time: the tests of this file run one after the other (the host has 2 cores
+/// and emulates the guest kernel).
+static ONE_VM: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// How long the watcher may take to notice a dead VMM (it checks every few seconds).
+const VM_GONE_DEADLINE: Duration = Duration::from_secs(60);
 
 /// Times a step and prints it.
 struct Step(&'static str, Instant);
@@ -268,8 +269,33 @@ fn files_in(dir: &Path) -> Vec<PathBuf> {
         .unwrap_or_default()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kubelet_lifecycle_on_a_real_vm() -> anyhow::Result<()> {
+/// A log line the container writes once a file appears: `app` prints `/tmp/say` whenever an
+/// ExecSync puts it there, so a test can make it log a line exactly when it wants.
+const SAY_LOOP: &str = "while true; do if [ -f /tmp/say ]; then cat /tmp/say; rm -f /tmp/say; \
+                        fi; sleep 1; done";
+
+/// The pods' CNI network of one test: its conf dir, and its bridge removed at the end.
+struct PodNet {
+    dir: tempfile::TempDir,
+    bridge: &'static str,
+}
+
+impl Drop for PodNet {
+    fn drop(&mut self) {
+        delete_link(self.bridge);
+    }
+}
+
+/// What a test needs around podvisord: the registry, the CNI network, the image reference.
+struct Setup {
+    _registry: Registry,
+    _net: PodNet,
+    image_name: String,
+}
+
+/// A registry with busybox pushed, a bridge CNI network, and podvisord configured for them
+/// with the test kernel and agent image.
+async fn start_daemon(bridge: &'static str, subnet: &str) -> anyhow::Result<(Setup, Daemon)> {
     paths::require_kvm()?;
     let kernel = paths::guest_kernel()?;
     let rootfs = artifacts::agent_rootfs()?;
@@ -277,22 +303,221 @@ async fn kubelet_lifecycle_on_a_real_vm() -> anyhow::Result<()> {
     let pushed = push_busybox(&registry, "podvisor/busybox", "cri").await?;
     let image_name = registry.reference("podvisor/busybox", "cri");
     println!("[cri] pushed {image_name} ({})", pushed.digest);
-
-    let mut daemon = Daemon::start(&format!(
-        "[registry]\ninsecure = [{host:?}]\n\n[handlers.podvisor]\nvcpus = 1\nmemory_mib = 256\n\
+    let net = PodNet {
+        dir: tempfile::Builder::new().prefix("pvcni").tempdir()?,
+        bridge,
+    };
+    let conf_dir = write_bridge_conflist(net.dir.path(), bridge, bridge, subnet)?;
+    let daemon = Daemon::start(&format!(
+        "[registry]\ninsecure = [{host:?}]\n\n[cni]\nconf_dir = {conf_dir:?}\n\
+         bin_dirs = [{CNI_BIN_DIR:?}]\n\n[handlers.podvisor]\nvcpus = 1\nmemory_mib = 256\n\
          kernel = {kernel:?}\nimage = {rootfs:?}\n",
         host = registry.host(),
+        conf_dir = conf_dir.display().to_string(),
         kernel = kernel.display().to_string(),
         rootfs = rootfs.display().to_string(),
     ))?;
-    let result = lifecycle(&mut daemon, &image_name).await;
+    let setup = Setup {
+        _registry: registry,
+        _net: net,
+        image_name,
+    };
+    Ok((setup, daemon))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubelet_lifecycle_on_a_real_vm() -> anyhow::Result<()> {
+    let _one_vm = ONE_VM.lock().await;
+    let (setup, mut daemon) = start_daemon("pvcri1", "10.88.201.0/24").await?;
+    let result = lifecycle(&mut daemon, &setup.image_name).await;
     if result.is_err() {
         println!("[cri] podvisord's log:\n{}", daemon.log());
+        println!("[cri] the pods' logs:\n{}", daemon.pod_logs());
     }
     result?;
     let status = daemon.stop()?;
     ensure!(status.success(), "podvisord exited {status} on SIGTERM");
     Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_vmm_makes_the_pod_not_ready() -> anyhow::Result<()> {
+    let _one_vm = ONE_VM.lock().await;
+    let (setup, mut daemon) = start_daemon("pvcri2", "10.88.202.0/24").await?;
+    let result = vmm_killed(&daemon, &setup.image_name).await;
+    if result.is_err() {
+        println!("[cri] podvisord's log:\n{}", daemon.log());
+        println!("[cri] the pods' logs:\n{}", daemon.pod_logs());
+    }
+    result?;
+    let status = daemon.stop()?;
+    ensure!(status.success(), "podvisord exited {status} on SIGTERM");
+    Ok(())
+}
+
+async fn sandbox_status(
+    rt: &mut Runtime,
+    id: &str,
+) -> anyhow::Result<(cri::PodSandboxStatus, Option<serde_json::Value>)> {
+    let sb = rt
+        .pod_sandbox_status(cri::PodSandboxStatusRequest {
+            pod_sandbox_id: id.into(),
+            verbose: true,
+        })
+        .await
+        .context("PodSandboxStatus")?
+        .into_inner();
+    let record = match sb.info.get("info") {
+        Some(info) => Some(serde_json::from_str(info).context("verbose info")?),
+        None => None,
+    };
+    Ok((sb.status.context("no sandbox status")?, record))
+}
+
+/// RunPodSandbox with `pod`; returns the sandbox id, its VMM's pid and its pod directory.
+async fn run_pod(
+    rt: &mut Runtime,
+    pod: &cri::PodSandboxConfig,
+) -> anyhow::Result<(String, u32, PathBuf)> {
+    let step = Step::start("RunPodSandbox (VM boot)");
+    let sandbox_id = rt
+        .run_pod_sandbox(cri::RunPodSandboxRequest {
+            config: Some(pod.clone()),
+            runtime_handler: String::new(),
+        })
+        .await
+        .context("RunPodSandbox")?
+        .into_inner()
+        .pod_sandbox_id;
+    step.done();
+    ensure!(
+        sandbox_id.len() == 64 && sandbox_id.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{sandbox_id}"
+    );
+    let (status, record) = sandbox_status(rt, &sandbox_id).await?;
+    ensure!(
+        status.state == cri::PodSandboxState::SandboxReady as i32,
+        "{status:?}"
+    );
+    let record = record.context("no verbose info")?;
+    let vmm_pid = u32::try_from(record["vmm"]["pid"].as_u64().context("no VMM pid")?)?;
+    let pod_dir = PathBuf::from(record["vmm"]["dir"].as_str().context("no pod dir")?);
+    ensure!(pod_dir.is_dir(), "{}", pod_dir.display());
+    Ok((sandbox_id, vmm_pid, pod_dir))
+}
+
+async fn pull(
+    images: &mut Images,
+    image_name: &str,
+    pod: &cri::PodSandboxConfig,
+) -> anyhow::Result<String> {
+    let step = Step::start("PullImage");
+    let image_ref = images
+        .pull_image(cri::PullImageRequest {
+            image: Some(cri::ImageSpec {
+                image: image_name.to_string(),
+                ..Default::default()
+            }),
+            auth: None,
+            sandbox_config: Some(pod.clone()),
+        })
+        .await
+        .context("PullImage")?
+        .into_inner()
+        .image_ref;
+    step.done();
+    Ok(image_ref)
+}
+
+/// CreateContainer + StartContainer of a busybox `sh -c script` logging to `<name>/0.log`.
+async fn run_container(
+    rt: &mut Runtime,
+    sandbox_id: &str,
+    pod: &cri::PodSandboxConfig,
+    image_ref: &str,
+    name: &str,
+    script: &str,
+) -> anyhow::Result<String> {
+    let step = Step::start("CreateContainer");
+    let container_id = rt
+        .create_container(cri::CreateContainerRequest {
+            pod_sandbox_id: sandbox_id.to_string(),
+            config: Some(cri::ContainerConfig {
+                metadata: Some(cri::ContainerMetadata {
+                    name: name.into(),
+                    attempt: 0,
+                }),
+                image: Some(cri::ImageSpec {
+                    image: image_ref.to_string(),
+                    ..Default::default()
+                }),
+                command: vec!["sh".into(), "-c".into()],
+                args: vec![script.into()],
+                log_path: format!("{name}/0.log"),
+                labels: [("role".to_string(), name.to_string())].into(),
+                ..Default::default()
+            }),
+            sandbox_config: Some(pod.clone()),
+        })
+        .await
+        .with_context(|| format!("CreateContainer {name}"))?
+        .into_inner()
+        .container_id;
+    step.done();
+    let st = container_state(rt, &container_id).await?;
+    ensure!(
+        st.state == cri::ContainerState::ContainerCreated as i32,
+        "{st:?}"
+    );
+    let step = Step::start("StartContainer");
+    rt.start_container(cri::StartContainerRequest {
+        container_id: container_id.clone(),
+    })
+    .await
+    .with_context(|| format!("StartContainer {name}"))?;
+    step.done();
+    let st = container_state(rt, &container_id).await?;
+    ensure!(
+        st.state == cri::ContainerState::ContainerRunning as i32 && st.started_at > 0,
+        "{st:?}"
+    );
+    ensure!(st.image_id.starts_with("sha256:"), "{st:?}");
+    ensure!(!st.image_ref.is_empty(), "{st:?}");
+    Ok(container_id)
+}
+
+async fn exec(rt: &mut Runtime, id: &str, cmd: &[&str]) -> anyhow::Result<cri::ExecSyncResponse> {
+    Ok(rt
+        .exec_sync(cri::ExecSyncRequest {
+            container_id: id.into(),
+            cmd: cmd.iter().map(|s| s.to_string()).collect(),
+            timeout: 120,
+        })
+        .await
+        .with_context(|| format!("ExecSync {cmd:?}"))?
+        .into_inner())
+}
+
+/// Makes `app` (running [`SAY_LOOP`]) write `line` to its stdout.
+async fn say(rt: &mut Runtime, app: &str, line: &str) -> anyhow::Result<()> {
+    let script = format!("echo {line} > /tmp/say.new && mv /tmp/say.new /tmp/say");
+    let out = exec(rt, app, &["sh", "-c", &script]).await?;
+    ensure!(out.exit_code == 0, "exec: {out:?}");
+    Ok(())
+}
+
+async fn list_containers(
+    rt: &mut Runtime,
+    filter: cri::ContainerFilter,
+) -> anyhow::Result<Vec<cri::Container>> {
+    Ok(rt
+        .list_containers(cri::ListContainersRequest {
+            filter: Some(filter),
+        })
+        .await
+        .context("ListContainers")?
+        .into_inner()
+        .containers)
 }
 
 async fn lifecycle(daemon: &mut Daemon, image_name: &str) -> anyhow::Result<()> {
@@ -316,11 +541,9 @@ async fn lifecycle(daemon: &mut Daemon, image_name: &str) -> anyhow::Result<()> 
         .context("Status without status")?;
     let cond = |t: &str| status.conditions.iter().find(|c| c.r#type == t).cloned();
     ensure!(cond("RuntimeReady").is_some_and(|c| c.status), "{status:?}");
+    // Ready or not (with its reason) depending on podvisord's CNI support, but reported.
     let net = cond("NetworkReady").context("no NetworkReady")?;
-    ensure!(
-        !net.status && net.reason == "NetworkPluginNotReady",
-        "{net:?}"
-    );
+    ensure!(net.status || !net.reason.is_empty(), "{net:?}");
 
     let step = Step::start("bad requests");
     bad_requests(&mut rt, &mut images).await?;
@@ -328,41 +551,13 @@ async fn lifecycle(daemon: &mut Daemon, image_name: &str) -> anyhow::Result<()> 
 
     // --- RunPodSandbox
     let log_dir = daemon.dir().join("logs/default_web_uid-0001");
-    std::fs::create_dir_all(log_dir.join("app"))?;
+    for name in ["app", "sidecar"] {
+        std::fs::create_dir_all(log_dir.join(name))?;
+    }
     let pod = pod_config(&log_dir);
-    let step = Step::start("RunPodSandbox (VM boot)");
-    let sandbox_id = rt
-        .run_pod_sandbox(cri::RunPodSandboxRequest {
-            config: Some(pod.clone()),
-            runtime_handler: String::new(),
-        })
-        .await
-        .context("RunPodSandbox")?
-        .into_inner()
-        .pod_sandbox_id;
-    step.done();
-    ensure!(
-        sandbox_id.len() == 64 && sandbox_id.bytes().all(|b| b.is_ascii_hexdigit()),
-        "{sandbox_id}"
-    );
-    let sb = rt
-        .pod_sandbox_status(cri::PodSandboxStatusRequest {
-            pod_sandbox_id: sandbox_id.clone(),
-            verbose: true,
-        })
-        .await?
-        .into_inner();
-    let sb_status = sb.status.clone().context("no sandbox status")?;
-    ensure!(
-        sb_status.state == cri::PodSandboxState::SandboxReady as i32,
-        "{sb:?}"
-    );
+    let (sandbox_id, vmm_pid, pod_dir) = run_pod(&mut rt, &pod).await?;
+    let (sb_status, _) = sandbox_status(&mut rt, &sandbox_id).await?;
     ensure!(sb_status.metadata.as_ref().is_some_and(|m| m.name == "web"));
-    let record: serde_json::Value =
-        serde_json::from_str(sb.info.get("info").context("no verbose info")?)?;
-    let vmm_pid = record["vmm"]["pid"].as_u64().context("no VMM pid")? as u32;
-    let pod_dir = PathBuf::from(record["vmm"]["dir"].as_str().context("no pod dir")?);
-    ensure!(pod_dir.is_dir(), "{}", pod_dir.display());
     ensure!(vmm_processes_under(daemon.dir()) == [vmm_pid]);
     let listed = rt
         .list_pod_sandbox(cri::ListPodSandboxRequest {
@@ -379,111 +574,198 @@ async fn lifecycle(daemon: &mut Daemon, image_name: &str) -> anyhow::Result<()> 
         "{listed:?}"
     );
 
-    // --- PullImage
-    let step = Step::start("PullImage");
-    let image_ref = images
-        .pull_image(cri::PullImageRequest {
-            image: Some(cri::ImageSpec {
-                image: image_name.to_string(),
-                ..Default::default()
-            }),
-            auth: None,
-            sandbox_config: Some(pod.clone()),
-        })
-        .await
-        .context("PullImage")?
-        .into_inner()
-        .image_ref;
-    step.done();
-
-    // --- CreateContainer, StartContainer
-    let step = Step::start("CreateContainer");
-    let container_id = rt
-        .create_container(cri::CreateContainerRequest {
-            pod_sandbox_id: sandbox_id.clone(),
-            config: Some(cri::ContainerConfig {
-                metadata: Some(cri::ContainerMetadata {
-                    name: "app".into(),
-                    attempt: 0,
-                }),
-                image: Some(cri::ImageSpec {
-                    image: image_ref.clone(),
-                    ..Default::default()
-                }),
-                command: vec!["sh".into(), "-c".into()],
-                args: vec!["echo hello; echo oops >&2; sleep 1000".into()],
-                log_path: "app/0.log".into(),
-                labels: [("role".to_string(), "main".to_string())].into(),
-                ..Default::default()
-            }),
-            sandbox_config: Some(pod.clone()),
-        })
-        .await
-        .context("CreateContainer")?
-        .into_inner()
-        .container_id;
-    step.done();
-    let st = container_state(&mut rt, &container_id).await?;
-    ensure!(
-        st.state == cri::ContainerState::ContainerCreated as i32,
-        "{st:?}"
-    );
-
-    let step = Step::start("StartContainer");
-    rt.start_container(cri::StartContainerRequest {
-        container_id: container_id.clone(),
-    })
-    .await
-    .context("StartContainer")?;
-    step.done();
-    let st = container_state(&mut rt, &container_id).await?;
-    ensure!(
-        st.state == cri::ContainerState::ContainerRunning as i32 && st.started_at > 0,
-        "{st:?}"
-    );
-    ensure!(st.image_id.starts_with("sha256:"), "{st:?}");
-    ensure!(!st.image_ref.is_empty(), "{st:?}");
+    // --- PullImage, then two containers
+    let image_ref = pull(&mut images, image_name, &pod).await?;
+    let container_id = run_container(
+        &mut rt,
+        &sandbox_id,
+        &pod,
+        &image_ref,
+        "app",
+        &format!("echo hello; echo oops >&2; {SAY_LOOP}"),
+    )
+    .await?;
     let log_path = log_dir.join("app/0.log");
+    let st = container_state(&mut rt, &container_id).await?;
     ensure!(st.log_path == log_path.display().to_string(), "{st:?}");
+    let sidecar_id = run_container(
+        &mut rt,
+        &sandbox_id,
+        &pod,
+        &image_ref,
+        "sidecar",
+        "echo sidecar up; echo sidecar warn >&2; exec sleep 100000",
+    )
+    .await?;
+    let sidecar_log = log_dir.join("sidecar/0.log");
 
-    let step = Step::start("log lines");
+    let step = Step::start("log lines of both containers");
     let entries = wait_for_log(
         &log_path,
         &[(Stream::Stdout, "hello"), (Stream::Stderr, "oops")],
         Duration::from_secs(120),
     )
     .await?;
+    println!("[cri] app log: {entries:?}");
+    let entries = wait_for_log(
+        &sidecar_log,
+        &[
+            (Stream::Stdout, "sidecar up"),
+            (Stream::Stderr, "sidecar warn"),
+        ],
+        Duration::from_secs(120),
+    )
+    .await?;
+    println!("[cri] sidecar log: {entries:?}");
     step.done();
-    println!("[cri] log: {entries:?}");
+    ensure!(
+        !std::fs::read_to_string(&log_path)?.contains("sidecar"),
+        "the sidecar's output reached the app's log"
+    );
+
+    // Both running, both listed by pod; one by its label.
+    for id in [&container_id, &sidecar_id] {
+        let st = container_state(&mut rt, id).await?;
+        ensure!(
+            st.state == cri::ContainerState::ContainerRunning as i32,
+            "{st:?}"
+        );
+    }
+    let by_pod = list_containers(
+        &mut rt,
+        cri::ContainerFilter {
+            pod_sandbox_id: sandbox_id.clone(),
+            ..Default::default()
+        },
+    )
+    .await?;
+    let mut ids: Vec<&str> = by_pod.iter().map(|c| c.id.as_str()).collect();
+    ids.sort_unstable();
+    let mut want = vec![container_id.as_str(), sidecar_id.as_str()];
+    want.sort_unstable();
+    ensure!(ids == want, "ListContainers by pod: {by_pod:?}");
+    ensure!(
+        by_pod
+            .iter()
+            .all(|c| c.state == cri::ContainerState::ContainerRunning as i32
+                && c.pod_sandbox_id == sandbox_id),
+        "{by_pod:?}"
+    );
+    let by_label = list_containers(
+        &mut rt,
+        cri::ContainerFilter {
+            pod_sandbox_id: sandbox_id.clone(),
+            label_selector: [("role".to_string(), "sidecar".to_string())].into(),
+            ..Default::default()
+        },
+    )
+    .await?;
+    ensure!(
+        by_label.len() == 1 && by_label[0].id == sidecar_id,
+        "{by_label:?}"
+    );
+    let other_pod = list_containers(
+        &mut rt,
+        cri::ContainerFilter {
+            pod_sandbox_id: "0".repeat(64),
+            ..Default::default()
+        },
+    )
+    .await?;
+    ensure!(other_pod.is_empty(), "{other_pod:?}");
 
     // --- ExecSync
     let step = Step::start("ExecSync");
-    let out = rt
-        .exec_sync(cri::ExecSyncRequest {
-            container_id: container_id.clone(),
-            cmd: vec!["cat".into(), "/etc/hostname".into()],
-            timeout: 120,
-        })
-        .await
-        .context("ExecSync")?
-        .into_inner();
+    let out = exec(&mut rt, &container_id, &["cat", "/etc/hostname"]).await?;
     step.done();
     ensure!(
         out.exit_code == 0 && String::from_utf8_lossy(&out.stdout).trim() == "web-host",
         "exec: {out:?}"
     );
-    let out = rt
-        .exec_sync(cri::ExecSyncRequest {
-            container_id: container_id.clone(),
-            cmd: vec!["sh".into(), "-c".into(), "echo err >&2; exit 3".into()],
-            timeout: 120,
-        })
-        .await
-        .context("ExecSync failing")?
-        .into_inner();
+    let out = exec(
+        &mut rt,
+        &container_id,
+        &["sh", "-c", "echo err >&2; exit 3"],
+    )
+    .await?;
     ensure!(
         out.exit_code == 3 && String::from_utf8_lossy(&out.stderr) == "err\n",
         "exec: {out:?}"
+    );
+    say(&mut rt, &container_id, "before-restart").await?;
+    wait_for_log(
+        &log_path,
+        &[(Stream::Stdout, "before-restart")],
+        Duration::from_secs(120),
+    )
+    .await?;
+
+    // --- podvisord restarted while the pod runs
+    let step = Step::start("podvisord restart");
+    drop((rt, images));
+    daemon.restart()?;
+    step.done();
+    let channel = connect(&daemon.socket).await?;
+    let mut rt = RuntimeServiceClient::new(channel);
+    let (status, record) = sandbox_status(&mut rt, &sandbox_id).await?;
+    ensure!(
+        status.state == cri::PodSandboxState::SandboxReady as i32,
+        "after restart: {status:?}"
+    );
+    let record = record.context("no verbose info")?;
+    ensure!(
+        record["vmm"]["pid"].as_u64() == Some(u64::from(vmm_pid)),
+        "another VMM after restart: {record}"
+    );
+    ensure!(vmm_processes_under(daemon.dir()) == [vmm_pid]);
+    let listed = rt
+        .list_pod_sandbox(cri::ListPodSandboxRequest {
+            filter: Some(cri::PodSandboxFilter {
+                state: Some(cri::PodSandboxStateValue {
+                    state: cri::PodSandboxState::SandboxReady as i32,
+                }),
+                ..Default::default()
+            }),
+        })
+        .await?
+        .into_inner()
+        .items;
+    ensure!(
+        listed.len() == 1 && listed[0].id == sandbox_id,
+        "after restart: {listed:?}"
+    );
+    let running = list_containers(
+        &mut rt,
+        cri::ContainerFilter {
+            pod_sandbox_id: sandbox_id.clone(),
+            state: Some(cri::ContainerStateValue {
+                state: cri::ContainerState::ContainerRunning as i32,
+            }),
+            ..Default::default()
+        },
+    )
+    .await?;
+    ensure!(running.len() == 2, "after restart: {running:?}");
+    let step = Step::start("ExecSync after restart");
+    let out = exec(&mut rt, &sidecar_id, &["cat", "/etc/hostname"]).await?;
+    step.done();
+    ensure!(
+        out.exit_code == 0 && String::from_utf8_lossy(&out.stdout).trim() == "web-host",
+        "exec after restart: {out:?}"
+    );
+    let step = Step::start("log written after restart");
+    say(&mut rt, &container_id, "after-restart").await?;
+    let entries = wait_for_log(
+        &log_path,
+        &[(Stream::Stdout, "after-restart")],
+        Duration::from_secs(120),
+    )
+    .await?;
+    step.done();
+    let count = |text: &str| entries.iter().filter(|(_, _, t)| t == text).count();
+    ensure!(
+        count("hello") == 1 && count("before-restart") == 1 && count("after-restart") == 1,
+        "log after restart: {entries:?}"
     );
 
     // --- StopContainer, RemoveContainer
@@ -510,17 +792,15 @@ async fn lifecycle(daemon: &mut Daemon, image_name: &str) -> anyhow::Result<()> 
     })
     .await
     .context("StopContainer again")?;
-    let listed = rt
-        .list_containers(cri::ListContainersRequest {
-            filter: Some(cri::ContainerFilter {
-                pod_sandbox_id: sandbox_id.clone(),
-                label_selector: [("role".to_string(), "main".to_string())].into(),
-                ..Default::default()
-            }),
-        })
-        .await?
-        .into_inner()
-        .containers;
+    let listed = list_containers(
+        &mut rt,
+        cri::ContainerFilter {
+            pod_sandbox_id: sandbox_id.clone(),
+            label_selector: [("role".to_string(), "app".to_string())].into(),
+            ..Default::default()
+        },
+    )
+    .await?;
     ensure!(
         listed.len() == 1 && listed[0].id == container_id,
         "{listed:?}"
@@ -543,7 +823,7 @@ async fn lifecycle(daemon: &mut Daemon, image_name: &str) -> anyhow::Result<()> 
         tonic::Code::NotFound,
     )?;
 
-    // --- StopPodSandbox, RemovePodSandbox
+    // --- StopPodSandbox (the sidecar still runs), RemovePodSandbox
     let step = Step::start("StopPodSandbox");
     rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
         pod_sandbox_id: sandbox_id.clone(),
@@ -551,18 +831,15 @@ async fn lifecycle(daemon: &mut Daemon, image_name: &str) -> anyhow::Result<()> 
     .await
     .context("StopPodSandbox")?;
     step.done();
-    let sb = rt
-        .pod_sandbox_status(cri::PodSandboxStatusRequest {
-            pod_sandbox_id: sandbox_id.clone(),
-            verbose: false,
-        })
-        .await?
-        .into_inner()
-        .status
-        .context("no status")?;
+    let (sb, _) = sandbox_status(&mut rt, &sandbox_id).await?;
     ensure!(
         sb.state == cri::PodSandboxState::SandboxNotready as i32,
         "{sb:?}"
+    );
+    let st = container_state(&mut rt, &sidecar_id).await?;
+    ensure!(
+        st.state == cri::ContainerState::ContainerExited as i32,
+        "the sidecar after StopPodSandbox: {st:?}"
     );
     ensure!(
         vmm_processes_under(daemon.dir()).is_empty(),
@@ -590,8 +867,35 @@ async fn lifecycle(daemon: &mut Daemon, image_name: &str) -> anyhow::Result<()> 
         .await,
         tonic::Code::NotFound,
     )?;
+    expect_code(
+        "ContainerStatus of the sidecar after RemovePodSandbox",
+        rt.container_status(cri::ContainerStatusRequest {
+            container_id: sidecar_id.clone(),
+            verbose: false,
+        })
+        .await,
+        tonic::Code::NotFound,
+    )?;
 
-    // --- Nothing left.
+    nothing_left(daemon, &sandbox_id, vmm_pid, &pod_dir)?;
+
+    // Still serving after all that.
+    let v = rt
+        .version(cri::VersionRequest::default())
+        .await?
+        .into_inner();
+    ensure!(v.runtime_name == "podvisor", "{v:?}");
+    Ok(())
+}
+
+/// Nothing of a removed pod is left: no VMM process, pod directory (with the VMM's
+/// sockets), record or network namespace.
+fn nothing_left(
+    daemon: &Daemon,
+    sandbox_id: &str,
+    vmm_pid: u32,
+    pod_dir: &Path,
+) -> anyhow::Result<()> {
     ensure!(
         !Path::new(&format!("/proc/{vmm_pid}")).exists()
             || std::fs::read_to_string(format!("/proc/{vmm_pid}/cmdline"))
@@ -609,12 +913,159 @@ async fn lifecycle(daemon: &mut Daemon, image_name: &str) -> anyhow::Result<()> 
         let left = files_in(&daemon.state_dir.join(d));
         ensure!(left.is_empty(), "records left in {d}: {left:?}");
     }
-
-    // Still serving after all that.
-    let v = rt
-        .version(cri::VersionRequest::default())
-        .await?
-        .into_inner();
-    ensure!(v.runtime_name == "podvisor", "{v:?}");
+    let netns: Vec<PathBuf> = files_in(Path::new("/run/netns"))
+        .into_iter()
+        .filter(|p| p.to_string_lossy().contains(sandbox_id))
+        .collect();
+    ensure!(netns.is_empty(), "network namespaces left: {netns:?}");
     Ok(())
+}
+
+/// `kill -9` of the pod's VMM: the watcher makes the sandbox NOTREADY and its container
+/// EXITED; stop and remove still work and leave nothing.
+async fn vmm_killed(daemon: &Daemon, image_name: &str) -> anyhow::Result<()> {
+    let channel = connect(&daemon.socket).await?;
+    let mut rt = RuntimeServiceClient::new(channel.clone());
+    let mut images = ImageServiceClient::new(channel);
+    let log_dir = daemon.dir().join("logs/default_victim_uid-0002");
+    std::fs::create_dir_all(log_dir.join("app"))?;
+    let mut pod = pod_config(&log_dir);
+    pod.metadata = Some(cri::PodSandboxMetadata {
+        name: "victim".into(),
+        uid: "uid-0002".into(),
+        namespace: "default".into(),
+        attempt: 0,
+    });
+    let (sandbox_id, vmm_pid, pod_dir) = run_pod(&mut rt, &pod).await?;
+    let (_, record) = sandbox_status(&mut rt, &sandbox_id).await?;
+    let record = record.context("no verbose info")?;
+    let sockets: Vec<PathBuf> = ["api_sock", "vsock_uds"]
+        .iter()
+        .map(|k| record["vmm"][k].as_str().map(PathBuf::from))
+        .collect::<Option<_>>()
+        .context("no VMM sockets in the record")?;
+    let image_ref = pull(&mut images, image_name, &pod).await?;
+    let container_id = run_container(
+        &mut rt,
+        &sandbox_id,
+        &pod,
+        &image_ref,
+        "app",
+        "echo up; exec sleep 100000",
+    )
+    .await?;
+    wait_for_log(
+        &log_dir.join("app/0.log"),
+        &[(Stream::Stdout, "up")],
+        Duration::from_secs(120),
+    )
+    .await?;
+
+    println!("[cri] kill -9 {vmm_pid}");
+    ensure!(vmm_processes_under(daemon.dir()) == [vmm_pid]);
+    // SAFETY: kill(2) on the pid of the VMM podvisord reported for this pod, just checked to
+    // be a podvisor-vmm under this test's directory.
+    let killed = unsafe { libc::kill(libc::pid_t::try_from(vmm_pid)?, libc::SIGKILL) };
+    ensure!(
+        killed == 0,
+        "kill -9 {vmm_pid}: {}",
+        std::io::Error::last_os_error()
+    );
+
+    let step = Step::start("sandbox NOTREADY after kill -9");
+    let until = Instant::now() + VM_GONE_DEADLINE;
+    loop {
+        let (status, _) = sandbox_status(&mut rt, &sandbox_id).await?;
+        if status.state == cri::PodSandboxState::SandboxNotready as i32 {
+            break;
+        }
+        ensure!(
+            Instant::now() < until,
+            "the sandbox is still {status:?} {VM_GONE_DEADLINE:?} after its VMM was killed"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    step.done();
+    // Its container is marked exited right after (within the same deadline).
+    let st = loop {
+        let st = container_state(&mut rt, &container_id).await?;
+        if st.state == cri::ContainerState::ContainerExited as i32 || Instant::now() >= until {
+            break st;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    println!(
+        "[cri] after kill -9: container {:?} exit {} reason {:?} message {:?}",
+        cri::ContainerState::try_from(st.state),
+        st.exit_code,
+        st.reason,
+        st.message
+    );
+    ensure!(
+        st.state == cri::ContainerState::ContainerExited as i32
+            && st.reason == "Error"
+            && st.message.contains("VM exited")
+            && st.exit_code != 0
+            && st.finished_at >= st.started_at,
+        "{st:?}"
+    );
+    let exited = list_containers(
+        &mut rt,
+        cri::ContainerFilter {
+            pod_sandbox_id: sandbox_id.clone(),
+            state: Some(cri::ContainerStateValue {
+                state: cri::ContainerState::ContainerExited as i32,
+            }),
+            ..Default::default()
+        },
+    )
+    .await?;
+    ensure!(
+        exited.len() == 1 && exited[0].id == container_id,
+        "{exited:?}"
+    );
+    // An exec into the dead pod fails with a message, and the daemon goes on.
+    let r = rt
+        .exec_sync(cri::ExecSyncRequest {
+            container_id: container_id.clone(),
+            cmd: vec!["true".into()],
+            timeout: 10,
+        })
+        .await;
+    ensure!(r.is_err(), "exec in a dead pod: {r:?}");
+
+    let step = Step::start("StopPodSandbox + RemovePodSandbox of the dead pod");
+    rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
+        pod_sandbox_id: sandbox_id.clone(),
+    })
+    .await
+    .context("StopPodSandbox of a dead pod")?;
+    rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
+        pod_sandbox_id: sandbox_id.clone(),
+    })
+    .await
+    .context("RemovePodSandbox of a dead pod")?;
+    step.done();
+    expect_code(
+        "PodSandboxStatus after RemovePodSandbox",
+        rt.pod_sandbox_status(cri::PodSandboxStatusRequest {
+            pod_sandbox_id: sandbox_id.clone(),
+            verbose: false,
+        })
+        .await,
+        tonic::Code::NotFound,
+    )?;
+    expect_code(
+        "ContainerStatus after RemovePodSandbox",
+        rt.container_status(cri::ContainerStatusRequest {
+            container_id,
+            verbose: false,
+        })
+        .await,
+        tonic::Code::NotFound,
+    )?;
+    for s in &sockets {
+        ensure!(s.symlink_metadata().is_err(), "{} is left", s.display());
+    }
+    nothing_left(daemon, &sandbox_id, vmm_pid, &pod_dir)
 }

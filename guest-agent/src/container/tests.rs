@@ -210,7 +210,10 @@ async fn runs_busybox_in_new_namespaces() {
     std::fs::create_dir_all(&volume).expect("volume dir");
     std::fs::write(volume.join("config"), "x").expect("volume file");
     m.delete("c1", false).await.expect("delete");
-    assert!(!m.paths.volumes().join("c1").exists(), "volume files removed");
+    assert!(
+        !m.paths.volumes().join("c1").exists(),
+        "volume files removed"
+    );
     let gone = m.wait("c1", "").await.expect_err("deleted");
     assert_eq!(gone.code(), tonic::Code::NotFound);
 }

@@ -9,7 +9,8 @@ use k8s_cri::v1 as cri;
 use k8s_cri::v1::runtime_service_server::RuntimeService;
 use tonic::{Request, Response, Status};
 
-use super::{invalid, status};
+use super::{error_chain, invalid, status};
+use crate::pods::network;
 use crate::pods::process::UserSpec;
 use crate::pods::{ContainerSpec, MountSpec, NamespaceMode, PodManager, Resources, SandboxSpec};
 use crate::state::{
@@ -758,6 +759,22 @@ impl RuntimeService for CriRuntimeService {
 
     async fn status(&self, req: Request<cri::StatusRequest>) -> Rsp<cri::StatusResponse> {
         let verbose = req.into_inner().verbose;
+        // Ready while a valid CNI config with installed plugins is there (read each time:
+        // the config directory is usually filled by a network add-on after we start).
+        let network = match network::load(&self.pods.config().cni) {
+            Ok(_) => cri::RuntimeCondition {
+                r#type: "NetworkReady".into(),
+                status: true,
+                reason: String::new(),
+                message: String::new(),
+            },
+            Err(e) => cri::RuntimeCondition {
+                r#type: "NetworkReady".into(),
+                status: false,
+                reason: "NetworkPluginNotReady".into(),
+                message: error_chain(&e),
+            },
+        };
         let conditions = vec![
             cri::RuntimeCondition {
                 r#type: "RuntimeReady".into(),
@@ -765,12 +782,7 @@ impl RuntimeService for CriRuntimeService {
                 reason: String::new(),
                 message: String::new(),
             },
-            cri::RuntimeCondition {
-                r#type: "NetworkReady".into(),
-                status: false,
-                reason: "NetworkPluginNotReady".into(),
-                message: "podvisor does not implement pod networking (CNI) yet (issue 5)".into(),
-            },
+            network,
         ];
         let runtime_handlers = self
             .pods

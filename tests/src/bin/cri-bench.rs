@@ -1,0 +1,789 @@
+//! `cri-bench [RUNS]` (default 3): pod start and stop+remove through the CRI socket, and the
+//! host memory of a pod, for podvisor and, when Debian's containerd is installed, for
+//! containerd + runc driven by the same client.
+//!
+//! Per run: RunPodSandbox + CreateContainer + StartContainer ("pod start"), the pod's memory
+//! with it running, then StopContainer + RemoveContainer + StopPodSandbox +
+//! RemovePodSandbox ("stop + remove"). The image is pulled before the runs. Printed:
+//! medians over the runs.
+//!
+//! Memory of a pod: for podvisor the VMM's RSS (all of it, and without the guest RAM
+//! mapping), for containerd the RSS of the pod's shim and every process under it (pause and
+//! the container); plus how much the runtime daemon's own RSS grew while the pod started.
+//! RSS counts shared library pages in every process, so the containerd sum is an upper bound.
+//!
+//! Everything runs in temporary directories: a local registry with busybox, podvisord with
+//! its own configuration, containerd with its own root, state, socket and CNI network. Both
+//! runtimes give their pods a network (a bridge CNI network, Debian's plugins).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail, ensure};
+use k8s_cri::v1 as cri;
+use k8s_cri::v1::image_service_client::ImageServiceClient;
+use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
+use oci_client::client::{ClientConfig, ClientProtocol, Config, ImageLayer};
+use oci_client::secrets::RegistryAuth;
+use oci_client::{Client, Reference};
+use podvisor_tests::cri::{CNI_BIN_DIR, Daemon, connect, delete_link, write_bridge_conflist};
+use podvisor_tests::procfs::{self, GuestRam};
+use podvisor_tests::registry::{Registry, busybox_layer, push_busybox};
+use podvisor_tests::{artifacts, paths};
+use tonic::transport::Channel;
+
+/// Guest memory of the benchmark's pod VMs.
+const POD_MEM_MIB: u64 = 256;
+/// How long containerd may take to serve its socket.
+const CONTAINERD_START: Duration = Duration::from_secs(60);
+/// The container of every pod: exits at once on SIGTERM, as a well-behaved workload does.
+const WORKLOAD: &str = "trap 'exit 0' TERM; sleep 100000 & wait";
+/// StopContainer's grace period.
+const STOP_TIMEOUT: i64 = 10;
+
+/// One run's figures.
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    start: Duration,
+    stop_remove: Duration,
+    /// The pod's processes' RSS.
+    pod_rss_kib: u64,
+    /// The same without guest RAM (podvisor only).
+    pod_rss_no_guest_kib: Option<u64>,
+    /// The runtime daemon's RSS growth while the pod started.
+    daemon_growth_kib: i64,
+}
+
+/// What differs between the runtimes.
+enum Runtime {
+    Podvisor { daemon_pid: u32 },
+    Containerd { daemon_pid: u32 },
+}
+
+impl Runtime {
+    fn name(&self) -> &'static str {
+        match self {
+            Runtime::Podvisor { .. } => "podvisor",
+            Runtime::Containerd { .. } => "containerd",
+        }
+    }
+
+    fn daemon_pid(&self) -> u32 {
+        match self {
+            Runtime::Podvisor { daemon_pid } | Runtime::Containerd { daemon_pid } => *daemon_pid,
+        }
+    }
+
+    /// The pod's RSS (and without guest RAM) while it runs.
+    async fn pod_rss(
+        &self,
+        rt: &mut RuntimeServiceClient<Channel>,
+        sandbox_id: &str,
+    ) -> anyhow::Result<(u64, Option<u64>)> {
+        match self {
+            Runtime::Podvisor { .. } => {
+                let sb = rt
+                    .pod_sandbox_status(cri::PodSandboxStatusRequest {
+                        pod_sandbox_id: sandbox_id.into(),
+                        verbose: true,
+                    })
+                    .await
+                    .context("PodSandboxStatus")?
+                    .into_inner();
+                let info: serde_json::Value =
+                    serde_json::from_str(sb.info.get("info").context("no verbose info")?)?;
+                let pid = u32::try_from(info["vmm"]["pid"].as_u64().context("no VMM pid")?)?;
+                let rss = procfs::rss(pid, GuestRam::Exact(POD_MEM_MIB << 20))?;
+                Ok((rss.total_kib, rss.vmm_kib()))
+            }
+            Runtime::Containerd { .. } => {
+                let needle = format!("-id {sandbox_id}");
+                let shims: Vec<u32> = pids()
+                    .into_iter()
+                    .filter(|p| {
+                        let c = cmdline(*p);
+                        c.contains("containerd-shim") && c.contains(&needle)
+                    })
+                    .collect();
+                ensure!(!shims.is_empty(), "no containerd shim for pod {sandbox_id}");
+                let mut total = 0;
+                for pid in with_descendants(&shims) {
+                    total += total_rss_kib(pid).unwrap_or(0);
+                }
+                Ok((total, None))
+            }
+        }
+    }
+}
+
+fn pids() -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn cmdline(pid: u32) -> String {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
+        .unwrap_or_default()
+}
+
+fn parent(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // pid (comm) state ppid ...: comm may hold spaces and parentheses.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// `roots` and every process below them.
+fn with_descendants(roots: &[u32]) -> Vec<u32> {
+    let all: Vec<(u32, Option<u32>)> = pids().into_iter().map(|p| (p, parent(p))).collect();
+    let mut out = roots.to_vec();
+    let mut i = 0;
+    while i < out.len() {
+        let p = out[i];
+        out.extend(
+            all.iter()
+                .filter(|(_, pp)| *pp == Some(p))
+                .map(|(c, _)| *c)
+                .filter(|c| !out.contains(c))
+                .collect::<Vec<_>>(),
+        );
+        i += 1;
+    }
+    out
+}
+
+fn total_rss_kib(pid: u32) -> anyhow::Result<u64> {
+    Ok(procfs::rss(pid, GuestRam::Exact(0))?.total_kib)
+}
+
+fn pod_config(n: usize) -> cri::PodSandboxConfig {
+    cri::PodSandboxConfig {
+        metadata: Some(cri::PodSandboxMetadata {
+            name: format!("bench-{n}"),
+            uid: format!("bench-uid-{n}"),
+            namespace: "default".into(),
+            attempt: 0,
+        }),
+        hostname: format!("bench-{n}"),
+        ..Default::default()
+    }
+}
+
+/// Pulls `image` and `prepull` (containerd's sandbox image), untimed, and runs the pod
+/// start / stop + remove cycle `runs` times.
+async fn bench(
+    runtime: &Runtime,
+    socket: &Path,
+    image: &str,
+    prepull: Option<&str>,
+    runs: usize,
+) -> anyhow::Result<Vec<Sample>> {
+    let channel = connect(socket).await?;
+    let mut rt = RuntimeServiceClient::new(channel.clone());
+    let mut images = ImageServiceClient::new(channel);
+    let v = rt
+        .version(cri::VersionRequest::default())
+        .await
+        .context("Version")?
+        .into_inner();
+    println!(
+        "[bench] {}: {} {} (CRI {})",
+        runtime.name(),
+        v.runtime_name,
+        v.runtime_version,
+        v.runtime_api_version
+    );
+    if let Some(other) = prepull {
+        images
+            .pull_image(cri::PullImageRequest {
+                image: Some(cri::ImageSpec {
+                    image: other.into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+            .await
+            .with_context(|| format!("{}: PullImage {other}", runtime.name()))?;
+    }
+    let t = Instant::now();
+    let image_ref = images
+        .pull_image(cri::PullImageRequest {
+            image: Some(cri::ImageSpec {
+                image: image.into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .with_context(|| format!("{}: PullImage {image}", runtime.name()))?
+        .into_inner()
+        .image_ref;
+    println!(
+        "[bench] {}: pulled {image} in {:.2} s",
+        runtime.name(),
+        t.elapsed().as_secs_f64()
+    );
+    let mut samples = Vec::new();
+    for n in 0..runs {
+        let pod = pod_config(n);
+        let before = total_rss_kib(runtime.daemon_pid())?;
+        let t = Instant::now();
+        let sandbox_id = rt
+            .run_pod_sandbox(cri::RunPodSandboxRequest {
+                config: Some(pod.clone()),
+                runtime_handler: String::new(),
+            })
+            .await
+            .with_context(|| format!("{}: RunPodSandbox", runtime.name()))?
+            .into_inner()
+            .pod_sandbox_id;
+        let container_id = rt
+            .create_container(cri::CreateContainerRequest {
+                pod_sandbox_id: sandbox_id.clone(),
+                config: Some(cri::ContainerConfig {
+                    metadata: Some(cri::ContainerMetadata {
+                        name: "app".into(),
+                        attempt: 0,
+                    }),
+                    image: Some(cri::ImageSpec {
+                        image: image_ref.clone(),
+                        ..Default::default()
+                    }),
+                    command: vec!["sh".into(), "-c".into(), WORKLOAD.into()],
+                    ..Default::default()
+                }),
+                sandbox_config: Some(pod.clone()),
+            })
+            .await
+            .with_context(|| format!("{}: CreateContainer", runtime.name()))?
+            .into_inner()
+            .container_id;
+        rt.start_container(cri::StartContainerRequest {
+            container_id: container_id.clone(),
+        })
+        .await
+        .with_context(|| format!("{}: StartContainer", runtime.name()))?;
+        let start = t.elapsed();
+        let after = total_rss_kib(runtime.daemon_pid())?;
+        let (pod_rss_kib, pod_rss_no_guest_kib) = runtime.pod_rss(&mut rt, &sandbox_id).await?;
+
+        let t = Instant::now();
+        rt.stop_container(cri::StopContainerRequest {
+            container_id: container_id.clone(),
+            timeout: STOP_TIMEOUT,
+        })
+        .await
+        .with_context(|| format!("{}: StopContainer", runtime.name()))?;
+        rt.remove_container(cri::RemoveContainerRequest { container_id })
+            .await
+            .with_context(|| format!("{}: RemoveContainer", runtime.name()))?;
+        rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
+            pod_sandbox_id: sandbox_id.clone(),
+        })
+        .await
+        .with_context(|| format!("{}: StopPodSandbox", runtime.name()))?;
+        rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
+            pod_sandbox_id: sandbox_id,
+        })
+        .await
+        .with_context(|| format!("{}: RemovePodSandbox", runtime.name()))?;
+        let sample = Sample {
+            start,
+            stop_remove: t.elapsed(),
+            pod_rss_kib,
+            pod_rss_no_guest_kib,
+            daemon_growth_kib: i64::try_from(after)? - i64::try_from(before)?,
+        };
+        println!(
+            "[bench] {} run {}: pod start {:.2} s, stop+remove {:.2} s, pod RSS {} KiB{}, \
+             daemon RSS {:+} KiB",
+            runtime.name(),
+            n + 1,
+            sample.start.as_secs_f64(),
+            sample.stop_remove.as_secs_f64(),
+            sample.pod_rss_kib,
+            sample
+                .pod_rss_no_guest_kib
+                .map(|k| format!(" ({k} KiB without guest RAM)"))
+                .unwrap_or_default(),
+            sample.daemon_growth_kib,
+        );
+        samples.push(sample);
+    }
+    Ok(samples)
+}
+
+fn median<T: PartialOrd + Copy>(mut v: Vec<T>) -> Option<T> {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    v.get(v.len() / 2).copied()
+}
+
+/// Medians of one runtime's samples.
+struct Medians {
+    start_s: f64,
+    stop_remove_s: f64,
+    pod_rss_mib: f64,
+    pod_rss_no_guest_mib: Option<f64>,
+    daemon_growth_mib: f64,
+}
+
+fn medians(samples: &[Sample]) -> Option<Medians> {
+    let mib = |k: f64| k / 1024.0;
+    Some(Medians {
+        start_s: median(samples.iter().map(|s| s.start.as_secs_f64()).collect())?,
+        stop_remove_s: median(
+            samples
+                .iter()
+                .map(|s| s.stop_remove.as_secs_f64())
+                .collect(),
+        )?,
+        pod_rss_mib: mib(median(
+            samples.iter().map(|s| s.pod_rss_kib as f64).collect(),
+        )?),
+        pod_rss_no_guest_mib: median(
+            samples
+                .iter()
+                .filter_map(|s| s.pod_rss_no_guest_kib.map(|k| k as f64))
+                .collect(),
+        )
+        .map(mib),
+        daemon_growth_mib: mib(median(
+            samples.iter().map(|s| s.daemon_growth_kib as f64).collect(),
+        )?),
+    })
+}
+
+fn print_table(runs: usize, podvisor: Option<&Medians>, containerd: Option<&Medians>) {
+    println!();
+    println!("cri-bench: medians of {runs} runs");
+    let cell = |v: Option<f64>, prec: usize| match v {
+        Some(v) => format!("{v:>12.prec$}"),
+        None => format!("{:>12}", "-"),
+    };
+    let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) if b.abs() > f64::EPSILON => format!("{:>10.2}", a / b),
+        _ => format!("{:>10}", "-"),
+    };
+    println!(
+        "{:<40} {:>12} {:>12} {:>10}",
+        "", "podvisor", "containerd", "ratio"
+    );
+    type Field = fn(&Medians) -> Option<f64>;
+    let rows: [(&str, Field, Field, usize); 5] = [
+        (
+            "pod start (Run+Create+Start), s",
+            |m| Some(m.start_s),
+            |m| Some(m.start_s),
+            2,
+        ),
+        (
+            "stop+remove (4 calls), s",
+            |m| Some(m.stop_remove_s),
+            |m| Some(m.stop_remove_s),
+            2,
+        ),
+        (
+            "pod RSS (VMM | shim+pause+app), MiB",
+            |m| Some(m.pod_rss_mib),
+            |m| Some(m.pod_rss_mib),
+            1,
+        ),
+        (
+            "  VMM RSS without guest RAM, MiB",
+            |m| m.pod_rss_no_guest_mib,
+            |m| Some(m.pod_rss_mib),
+            1,
+        ),
+        (
+            "runtime daemon RSS growth, MiB",
+            |m| Some(m.daemon_growth_mib),
+            |m| Some(m.daemon_growth_mib),
+            1,
+        ),
+    ];
+    for (name, pf, cf, prec) in rows {
+        let p = podvisor.and_then(pf);
+        let c = containerd.and_then(cf);
+        println!(
+            "{name:<40} {} {} {}",
+            cell(p, prec),
+            cell(c, prec),
+            ratio(p, c)
+        );
+    }
+}
+
+/// Pushes busybox with `entrypoint` as `repo:tag`: containerd's sandbox ("pause") image,
+/// which must stay up doing nothing.
+async fn push_pause(host: &str, repo: &str, tag: &str) -> anyhow::Result<String> {
+    let (layer, diff_id) = busybox_layer()?;
+    let reference_text = format!("{host}/{repo}:{tag}");
+    let reference: Reference = reference_text.parse().context("parse pause reference")?;
+    let config = serde_json::json!({
+        "architecture": "amd64",
+        "os": "linux",
+        "config": {
+            "Entrypoint": ["/bin/sleep", "2147483647"],
+            "Env": ["PATH=/bin"],
+            "WorkingDir": "/",
+        },
+        "rootfs": {"type": "layers", "diff_ids": [diff_id]},
+    });
+    let client = Client::new(ClientConfig {
+        protocol: ClientProtocol::Http,
+        ..ClientConfig::default()
+    });
+    client
+        .push(
+            &reference,
+            &[ImageLayer::oci_v1_gzip(layer.clone(), None)],
+            Config::oci_v1(config.to_string().into_bytes(), None),
+            &RegistryAuth::Anonymous,
+            None,
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("push {reference_text}: {e}"))?;
+    Ok(reference_text)
+}
+
+/// containerd with its own configuration, directories and CNI network in a temporary
+/// directory; stopped and cleaned up on drop.
+struct Containerd {
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+    socket: PathBuf,
+    bridge: &'static str,
+    netns_before: Vec<PathBuf>,
+}
+
+impl Containerd {
+    fn start(registry_host: &str, pause: &str) -> anyhow::Result<Self> {
+        // Short paths: the shims' sockets are named after the address.
+        let dir = tempfile::Builder::new()
+            .prefix("ctrd")
+            .tempdir_in("/tmp")
+            .context("temporary directory")?;
+        let d = dir.path();
+        let socket = d.join("containerd.sock");
+        let bridge = "pvbenchc0";
+        let cni_dir =
+            write_bridge_conflist(&d.join("cni"), "bench-containerd", bridge, "10.88.213.0/24")?;
+        let config = format!(
+            r#"version = 2
+root = "{root}"
+state = "{state}"
+disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper"]
+
+[grpc]
+  address = "{socket}"
+
+[ttrpc]
+  address = "{socket}.ttrpc"
+
+[plugins."io.containerd.internal.v1.opt"]
+  path = "{opt}"
+
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "{pause}"
+  # Lowering oom_score_adj (-998 for the pause container) is not allowed on every host.
+  restrict_oom_score_adj = true
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "overlayfs"
+    default_runtime_name = "runc"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+        SystemdCgroup = false
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "{cni_bin}"
+    conf_dir = "{cni_conf}"
+  [plugins."io.containerd.grpc.v1.cri".registry.mirrors."{host}"]
+    endpoint = ["http://{host}"]
+"#,
+            root = d.join("root").display(),
+            state = d.join("state").display(),
+            socket = socket.display(),
+            opt = d.join("opt").display(),
+            cni_bin = CNI_BIN_DIR,
+            cni_conf = cni_dir.display(),
+            host = registry_host,
+        );
+        let config_path = d.join("config.toml");
+        std::fs::write(&config_path, config).context("write containerd config")?;
+        let log = std::fs::File::create(d.join("containerd.log")).context("containerd log")?;
+        let netns_before = netns_files();
+        let child = Command::new("containerd")
+            .arg("--config")
+            .arg(&config_path)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("start containerd")?;
+        let mut me = Self {
+            child: Some(child),
+            dir,
+            socket,
+            bridge,
+            netns_before,
+        };
+        let deadline = Instant::now() + CONTAINERD_START;
+        loop {
+            if std::os::unix::net::UnixStream::connect(&me.socket).is_ok() {
+                return Ok(me);
+            }
+            if let Some(c) = me.child.as_mut()
+                && let Some(status) = c.try_wait()?
+            {
+                me.child = None;
+                bail!("containerd exited ({status}):\n{}", me.log());
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "containerd did not serve within {CONTAINERD_START:?}:\n{}",
+                    me.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    fn log(&self) -> String {
+        let text =
+            std::fs::read_to_string(self.dir.path().join("containerd.log")).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+}
+
+fn netns_files() -> Vec<PathBuf> {
+    std::fs::read_dir("/run/netns")
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default()
+}
+
+/// Mount points under `dir`, deepest first.
+fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut found: Vec<PathBuf> = text
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(4))
+        .map(PathBuf::from)
+        .filter(|p| p.starts_with(dir))
+        .collect();
+    found.sort_by_key(|p| std::cmp::Reverse(p.as_os_str().len()));
+    found
+}
+
+fn unmount(path: &Path) {
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return;
+    };
+    // SAFETY: umount2(2) with a NUL-terminated path that lives across the call.
+    unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        let address = self.socket.display().to_string();
+        if let Some(mut child) = self.child.take() {
+            if let Ok(pid) = libc::pid_t::try_from(child.id()) {
+                // SAFETY: kill(2) on our child, not yet reaped.
+                unsafe { libc::kill(pid, libc::SIGTERM) };
+            }
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        // Shims outlive containerd; ours name its address. Their processes go with them.
+        let shims: Vec<u32> = pids()
+            .into_iter()
+            .filter(|p| {
+                let c = cmdline(*p);
+                c.contains("containerd-shim") && c.contains(&address)
+            })
+            .collect();
+        for pid in with_descendants(&shims).into_iter().rev() {
+            if let Ok(pid) = libc::pid_t::try_from(pid) {
+                // SAFETY: kill(2) on a process of a shim of this containerd.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+        if !shims.is_empty() {
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        for m in mounts_under(self.dir.path()) {
+            unmount(&m);
+        }
+        for ns in netns_files() {
+            if !self.netns_before.contains(&ns)
+                && ns
+                    .file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("cni-"))
+            {
+                unmount(&ns);
+                let _ = std::fs::remove_file(&ns);
+            }
+        }
+        delete_link(self.bridge);
+    }
+}
+
+/// podvisord's side: its CNI network goes with it.
+struct PodvisorNet {
+    dir: tempfile::TempDir,
+    bridge: &'static str,
+}
+
+impl Drop for PodvisorNet {
+    fn drop(&mut self) {
+        delete_link(self.bridge);
+    }
+}
+
+/// The command line: `[RUNS] [--only podvisor|containerd]`.
+struct Args {
+    runs: usize,
+    podvisor: bool,
+    containerd: bool,
+}
+
+fn args() -> anyhow::Result<Args> {
+    let mut out = Args {
+        runs: 3,
+        podvisor: true,
+        containerd: true,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--only" => match args.next().as_deref() {
+                Some("podvisor") => out.containerd = false,
+                Some("containerd") => out.podvisor = false,
+                other => bail!("--only podvisor|containerd, not {other:?}"),
+            },
+            n => {
+                out.runs = n.parse().with_context(|| {
+                    format!(
+                        "usage: cri-bench [RUNS] [--only podvisor|containerd]; {n:?} is no number"
+                    )
+                })?;
+            }
+        }
+    }
+    ensure!(out.runs > 0, "RUNS must be at least 1");
+    Ok(out)
+}
+
+async fn run() -> anyhow::Result<()> {
+    let args = args()?;
+    let runs = args.runs;
+    let registry = Registry::start()?;
+    let pushed = push_busybox(&registry, "bench/busybox", "1").await?;
+    println!("[bench] pushed {} ({})", pushed.reference, pushed.digest);
+
+    let podvisor_samples = if args.podvisor {
+        Some(bench_podvisor(&registry, &pushed.reference, runs).await?)
+    } else {
+        None
+    };
+
+    let containerd_samples = if !args.containerd {
+        None
+    } else if which("containerd") && which("runc") {
+        let pause = push_pause(registry.host(), "bench/pause", "1").await?;
+        let ctrd = Containerd::start(registry.host(), &pause)?;
+        let runtime = Runtime::Containerd {
+            daemon_pid: ctrd.pid().context("containerd is not running")?,
+        };
+        let samples = bench(
+            &runtime,
+            &ctrd.socket,
+            &pushed.reference,
+            Some(&pause),
+            runs,
+        )
+        .await;
+        if samples.is_err() {
+            eprintln!("[bench] containerd's log (end):\n{}", ctrd.log());
+        }
+        drop(ctrd);
+        Some(samples?)
+    } else {
+        println!("[bench] containerd or runc is not installed: podvisor only");
+        None
+    };
+
+    let p = podvisor_samples.as_deref().and_then(medians);
+    let c = containerd_samples.as_deref().and_then(medians);
+    print_table(runs, p.as_ref(), c.as_ref());
+    Ok(())
+}
+
+/// podvisord with its own configuration and CNI network, benchmarked, stopped.
+async fn bench_podvisor(
+    registry: &Registry,
+    image: &str,
+    runs: usize,
+) -> anyhow::Result<Vec<Sample>> {
+    paths::require_kvm()?;
+    let kernel = paths::guest_kernel()?;
+    let rootfs = artifacts::agent_rootfs()?;
+    let net = PodvisorNet {
+        dir: tempfile::Builder::new().prefix("pvcni").tempdir()?,
+        bridge: "pvbench0",
+    };
+    let conf_dir = write_bridge_conflist(
+        net.dir.path(),
+        "bench-podvisor",
+        net.bridge,
+        "10.88.212.0/24",
+    )?;
+    let mut daemon = Daemon::start(&format!(
+        "[registry]\ninsecure = [{host:?}]\n\n[cni]\nconf_dir = {conf_dir:?}\n\
+         bin_dirs = [{CNI_BIN_DIR:?}]\n\n[handlers.podvisor]\nvcpus = 1\n\
+         memory_mib = {POD_MEM_MIB}\nkernel = {kernel:?}\nimage = {rootfs:?}\n",
+        host = registry.host(),
+        conf_dir = conf_dir.display().to_string(),
+        kernel = kernel.display().to_string(),
+        rootfs = rootfs.display().to_string(),
+    ))?;
+    let podvisor = Runtime::Podvisor {
+        daemon_pid: daemon.pid().context("podvisord is not running")?,
+    };
+    let samples = bench(&podvisor, &daemon.socket, image, None, runs).await;
+    if samples.is_err() {
+        eprintln!("[bench] podvisord's log:\n{}", daemon.log());
+    }
+    let samples = samples?;
+    daemon.stop()?;
+    Ok(samples)
+}
+
+fn which(name: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|d| d.join(name).is_file()))
+}
+
+fn main() -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("tokio runtime")?;
+    rt.block_on(run())
+}
