@@ -32,10 +32,17 @@ printf '127.0.0.1\tlocalhost\n' > "$stage/etc/hosts"
 kib=$(du -sk "$stage" | cut -f1)
 mib=$(( (kib * 12 / 10) / 1024 + 4 ))
 img="$out/rootfs.ext4"
-rm -f "$img.tmp"
-mkfs.ext4 -q -F -L podvisor-root -O ^has_journal -E root_owner=0:0 -d "$stage" "$img.tmp" "${mib}M"
-mv "$img.tmp" "$img"
+# Unique temporary files renamed into place: tests may run this from two processes at once,
+# and VMs still running keep the image they opened.
+tmp_img=$(mktemp "$img.XXXXXX")
+tmp_cpio=$(mktemp "$out/initramfs.cpio.XXXXXX")
+trap 'rm -rf "$stage" "$tmp_img" "$tmp_cpio"' EXIT
+mkfs.ext4 -q -F -L podvisor-root -O ^has_journal -E root_owner=0:0 -d "$stage" "$tmp_img" "${mib}M"
+chmod 0644 "$tmp_img"
+mv "$tmp_img" "$img"
 
 # The same tree as an initramfs, for the boot-time comparison in the bench.
-(cd "$stage" && find . | cpio -o -H newc --quiet) > "$out/initramfs.cpio"
+(cd "$stage" && find . | cpio -o -H newc --quiet) > "$tmp_cpio"
+chmod 0644 "$tmp_cpio"
+mv "$tmp_cpio" "$out/initramfs.cpio"
 echo "[rootfs] $img (${mib} MiB), $out/initramfs.cpio ($(du -k "$out/initramfs.cpio" | cut -f1) KiB)"
