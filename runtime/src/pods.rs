@@ -42,7 +42,7 @@ use crate::state::{
 };
 use crate::vmm::{self, DriveSpec, VmmError, VmmHandle, VmmSpec};
 use process::{ExecDefaults, ProcessError, UserSpec};
-use volumes::{Budget, VolumeError, VolumeSource};
+use volumes::{Budget, VolumeError, VolumeSource, VolumeWatch};
 
 /// Spare image drives every pod VM boots with.
 pub const IMAGE_SLOTS: usize = 4;
@@ -84,6 +84,8 @@ const VM_EXITED: &str = "the pod's VM exited";
 const VMM_END_GRACE: Duration = Duration::from_secs(2);
 /// How long re-attaching to a container's output after a restart may be refused.
 const ATTACH_RETRY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often a container's copied host paths are compared with the host.
+const VOLUME_REFRESH_INTERVAL: Duration = Duration::from_secs(3);
 
 /// Why a sandbox or container operation failed; [`PodError::code`] is its gRPC code.
 #[derive(Debug, thiserror::Error)]
@@ -1164,21 +1166,13 @@ impl PodManager {
         }
 
         let mut mounts = Vec::new();
-        for (m, source) in spec.mounts.iter().zip(collected) {
+        let mut watch = VolumeWatch::new(&id);
+        for (n, (m, source)) in spec.mounts.iter().zip(collected).enumerate() {
             match source {
                 VolumeSource::Copied { source, files } => {
+                    watch.add(n, &m.host_path, &files);
                     for f in files {
-                        let req = agent::CopyFileRequest {
-                            path: f.guest_path,
-                            mode: f.mode,
-                            uid: f.uid,
-                            gid: f.gid,
-                            contents: f.contents,
-                            atomic: true,
-                            create_parents: true,
-                            dir_mode: 0o755,
-                        };
-                        call("CopyFile", AGENT_CALL_TIMEOUT, client.copy_file(req)).await?;
+                        copy_volume_file(&mut client, f).await?;
                     }
                     mounts.push(agent::Mount {
                         source,
@@ -1304,6 +1298,7 @@ impl PodManager {
         });
         lock(&self.inner.containers).insert(id.clone(), c.clone());
         drop(slots);
+        refresh_volumes(c.clone(), client.clone(), watch);
         self.supervise(c, client, true);
         Ok(id)
     }
@@ -1878,7 +1873,15 @@ impl PodManager {
                 lock(&self.inner.containers).insert(c.id.clone(), c.clone());
                 match (&client, exited) {
                     (_, true) => {}
-                    (Some(client), false) => self.supervise(c, client.clone(), true),
+                    (Some(client), false) => {
+                        // What is in the guest is unknown: the first poll copies it all again.
+                        let mut watch = VolumeWatch::new(&c.id);
+                        for (n, m) in lock(&c.record).mounts.iter().enumerate() {
+                            watch.add(n, &m.host_path, &[]);
+                        }
+                        refresh_volumes(c.clone(), client.clone(), watch);
+                        self.supervise(c, client.clone(), true);
+                    }
                     (None, false) => self.mark_exited(&c, LOST_EXIT_CODE, "Error", message),
                 }
             }
@@ -1889,6 +1892,88 @@ impl PodManager {
         }
         Ok(())
     }
+}
+
+/// Writes one host file into the guest: renamed into place, except the file of a
+/// single-file mount, which the container binds itself and so must be rewritten in place.
+async fn copy_volume_file(
+    client: &mut AgentClient<Channel>,
+    f: volumes::VolumeFile,
+) -> Result<(), PodError> {
+    let req = agent::CopyFileRequest {
+        path: f.guest_path,
+        mode: f.mode,
+        uid: f.uid,
+        gid: f.gid,
+        contents: f.contents,
+        atomic: !f.in_place,
+        create_parents: true,
+        dir_mode: 0o755,
+    };
+    call("CopyFile", AGENT_CALL_TIMEOUT, client.copy_file(req)).await?;
+    Ok(())
+}
+
+/// Copies the container's host paths into its guest again whenever they change on the
+/// host, every [`VOLUME_REFRESH_INTERVAL`], until the container exits or is removed (both
+/// set `exited`, as does StopPodSandbox). Files removed on the host stay in the guest.
+fn refresh_volumes(c: Arc<Container>, mut client: AgentClient<Channel>, watch: VolumeWatch) {
+    if watch.is_empty() {
+        return;
+    }
+    let mut exited = c.exited.subscribe();
+    tokio::spawn(async move {
+        let mut watch = Some(watch);
+        // Warn once per run of failures, not every poll.
+        let mut failing = false;
+        loop {
+            tokio::select! {
+                _ = exited.wait_for(|e| *e) => return,
+                () = tokio::time::sleep(VOLUME_REFRESH_INTERVAL) => {}
+            }
+            let Some(w) = watch.take() else { return };
+            let (w, changes) = match tokio::task::spawn_blocking(move || {
+                let changes = w.changes();
+                (w, changes)
+            })
+            .await
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(container = %c.id, "volume refresh task: {e}");
+                    return;
+                }
+            };
+            let w = watch.insert(w);
+            let result = match changes {
+                Ok(files) => {
+                    let mut result = Ok(());
+                    let count = files.len();
+                    for f in files {
+                        let (path, fingerprint) = (f.guest_path.clone(), f.fingerprint);
+                        if let Err(e) = copy_volume_file(&mut client, f).await {
+                            result = Err(e);
+                            break;
+                        }
+                        w.copied(path, fingerprint);
+                    }
+                    if result.is_ok() && count > 0 {
+                        tracing::info!(container = %c.id, files = count, "volume files copied again");
+                    }
+                    result
+                }
+                Err(e) => Err(PodError::from(e)),
+            };
+            match result {
+                Ok(()) => failing = false,
+                Err(e) if !failing && !*exited.borrow() => {
+                    failing = true;
+                    tracing::warn!(container = %c.id, "refreshing the container's volumes: {e}");
+                }
+                Err(_) => {}
+            }
+        }
+    });
 }
 
 /// Whether the VMM has ended or ends within [`VMM_END_GRACE`]: a killed VMM's sockets close

@@ -2,7 +2,9 @@
 //! registry, real microVMs.
 //!
 //! - `kubelet_lifecycle_on_a_real_vm`: RunPodSandbox -> PullImage -> CreateContainer ->
-//!   StartContainer (two containers in the pod) -> logs -> ExecSync -> podvisord restarted
+//!   StartContainer (two containers in the pod) -> logs -> ExecSync -> host-path volumes
+//!   (a kubelet-style configMap read through its symlinks, read-only honoured, an update
+//!   on the host seen by the running container; a read-write directory) -> podvisord restarted
 //!   (the pod stays ready, its containers running, exec works, the log keeps being written)
 //!   -> StopContainer -> RemoveContainer -> StopPodSandbox -> RemovePodSandbox, then nothing
 //!   left behind; and bad requests answered with their gRPC codes while the daemon keeps
@@ -437,6 +439,7 @@ async fn run_container(
     image_ref: &str,
     name: &str,
     script: &str,
+    mounts: Vec<cri::Mount>,
 ) -> anyhow::Result<String> {
     let step = Step::start("CreateContainer");
     let container_id = rt
@@ -455,6 +458,7 @@ async fn run_container(
                 args: vec![script.into()],
                 log_path: format!("{name}/0.log"),
                 labels: [("role".to_string(), name.to_string())].into(),
+                mounts,
                 ..Default::default()
             }),
             sandbox_config: Some(pod.clone()),
@@ -520,6 +524,82 @@ async fn list_containers(
         .containers)
 }
 
+/// Writes version `version` of a configMap volume with the key `greeting` as kubelet does:
+/// a `..<timestamp>` directory, `..data` pointing at it (a new link renamed over the old),
+/// and `greeting -> ..data/greeting`.
+fn write_configmap(dir: &Path, version: &str, greeting: &str) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir.join(version))?;
+    std::fs::write(dir.join(version).join("greeting"), greeting)?;
+    std::os::unix::fs::symlink(version, dir.join("..data_tmp"))?;
+    std::fs::rename(dir.join("..data_tmp"), dir.join("..data"))?;
+    if dir.join("greeting").symlink_metadata().is_err() {
+        std::os::unix::fs::symlink("..data/greeting", dir.join("greeting"))?;
+    }
+    Ok(())
+}
+
+/// The sidecar's mounts: a read-only configMap at /etc/config, a read-write directory at
+/// /data.
+fn sidecar_mounts(dir: &Path) -> anyhow::Result<Vec<cri::Mount>> {
+    let config = dir.join("volumes/config");
+    let data = dir.join("volumes/data");
+    write_configmap(&config, "..2026_x", "hello from a configMap\n")?;
+    std::fs::create_dir_all(&data)?;
+    std::fs::write(data.join("seed"), "seed\n")?;
+    Ok(vec![
+        cri::Mount {
+            container_path: "/etc/config".into(),
+            host_path: config.display().to_string(),
+            readonly: true,
+            ..Default::default()
+        },
+        cri::Mount {
+            container_path: "/data".into(),
+            host_path: data.display().to_string(),
+            readonly: false,
+            ..Default::default()
+        },
+    ])
+}
+
+/// The configMap's key reads through its links, the read-only mount refuses writes, the
+/// read-write one takes them, and an update of the configMap on the host reaches the
+/// running container.
+async fn volumes_in_the_sidecar(rt: &mut Runtime, id: &str, dir: &Path) -> anyhow::Result<()> {
+    let step = Step::start("volumes: configMap read, read-only refused, read-write");
+    let script = "cat /etc/config/greeting; \
+        if echo x > /etc/config/new; then echo ro-writable; else echo ro-refused; fi; \
+        cat /data/seed; echo rw > /data/f && cat /data/f";
+    let out = exec(rt, id, &["sh", "-c", script]).await?;
+    step.done();
+    ensure!(
+        out.exit_code == 0
+            && String::from_utf8_lossy(&out.stdout)
+                == "hello from a configMap\nro-refused\nseed\nrw\n",
+        "exec: {out:?}"
+    );
+
+    let step = Step::start("volumes: configMap update reaches the container");
+    let config = dir.join("volumes/config");
+    write_configmap(&config, "..2026_y", "hello again\n")?;
+    std::fs::remove_dir_all(config.join("..2026_x"))?;
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let out = exec(rt, id, &["cat", "/etc/config/greeting"]).await?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        if out.exit_code == 0 && text == "hello again\n" {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "the configMap update did not reach the container: {out:?}"
+        );
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    step.done();
+    Ok(())
+}
+
 async fn lifecycle(daemon: &mut Daemon, image_name: &str) -> anyhow::Result<()> {
     let channel = connect(&daemon.socket).await?;
     let mut rt = RuntimeServiceClient::new(channel.clone());
@@ -583,6 +663,7 @@ async fn lifecycle(daemon: &mut Daemon, image_name: &str) -> anyhow::Result<()> 
         &image_ref,
         "app",
         &format!("echo hello; echo oops >&2; {SAY_LOOP}"),
+        Vec::new(),
     )
     .await?;
     let log_path = log_dir.join("app/0.log");
@@ -595,6 +676,7 @@ async fn lifecycle(daemon: &mut Daemon, image_name: &str) -> anyhow::Result<()> 
         &image_ref,
         "sidecar",
         "echo sidecar up; echo sidecar warn >&2; exec sleep 100000",
+        sidecar_mounts(daemon.dir())?,
     )
     .await?;
     let sidecar_log = log_dir.join("sidecar/0.log");
@@ -692,6 +774,7 @@ async fn lifecycle(daemon: &mut Daemon, image_name: &str) -> anyhow::Result<()> 
         out.exit_code == 3 && String::from_utf8_lossy(&out.stderr) == "err\n",
         "exec: {out:?}"
     );
+    volumes_in_the_sidecar(&mut rt, &sidecar_id, daemon.dir()).await?;
     say(&mut rt, &container_id, "before-restart").await?;
     wait_for_log(
         &log_path,
@@ -952,6 +1035,7 @@ async fn vmm_killed(daemon: &Daemon, image_name: &str) -> anyhow::Result<()> {
         &image_ref,
         "app",
         "echo up; exec sleep 100000",
+        Vec::new(),
     )
     .await?;
     wait_for_log(
