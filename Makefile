@@ -27,7 +27,7 @@ agent:
 	RUSTFLAGS='$(STATIC_FLAGS)' $(CARGO) build --release --target $(TARGET) -p podvisor-agent
 
 probe:
-	RUSTFLAGS='$(STATIC_FLAGS)' $(CARGO) build --release --target $(TARGET) -p podvisor-tests --bin guest-probe
+	RUSTFLAGS='$(STATIC_FLAGS)' $(CARGO) build --release --target $(TARGET) -p podvisor-guest-probe
 
 rootfs: agent
 	@images/build-rootfs.sh $(AGENT_BIN) $(GUEST_DIR)

@@ -103,9 +103,7 @@ pub fn guest_probe() -> anyhow::Result<PathBuf> {
             "--target",
             GUEST_TARGET,
             "-p",
-            "podvisor-tests",
-            "--bin",
-            "guest-probe",
+            "podvisor-guest-probe",
         ])
         .env("RUSTFLAGS", "-C target-feature=+crt-static");
         run_cargo(cmd, "guest-probe (static)")?;

@@ -6,7 +6,7 @@
 //! ```text
 //! /init                  shell script, PID 1: mounts, then runs /tests/$NAME.sh
 //! /bin/busybox           Debian's busybox-static, with one symlink per applet
-//! /bin/guest-probe       src/bin/guest-probe.rs, static
+//! /bin/guest-probe       tests/guest-probe (crate podvisor-guest-probe), static
 //! /tests/NAME.sh         guest scripts, chosen by `podvisor.test=NAME`
 //! /proc /sys /dev /tmp   mount points
 //! ```
