@@ -13,9 +13,9 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
-use podvisor_proto::v1::{ExecProcessRequest, PingRequest, StartContainerRequest};
+use podvisor_proto::v1::{PingRequest, StartContainerRequest};
 use podvisor_tests::agent::{
-    Client, IMAGE_SERIAL, attach, connect, container, delete, drain, process, wait, wait_req,
+    Client, IMAGE_SERIAL, attach, connect, container, delete, drain, exec, process, wait,
 };
 use podvisor_tests::vm::AGENT_READY;
 use podvisor_tests::{DriveSpec, Vm, VmSpec, image};
@@ -92,19 +92,7 @@ async fn container_life(c: &mut Client, id: &str) -> anyhow::Result<Life> {
 
 async fn exec_true(c: &mut Client, id: &str, exec_id: &str) -> anyhow::Result<f64> {
     let t = Instant::now();
-    c.exec_process(ExecProcessRequest {
-        container_id: id.to_owned(),
-        exec_id: exec_id.to_owned(),
-        process: Some(process(&["true"])),
-    })
-    .await
-    .with_context(|| format!("ExecProcess {exec_id}"))?;
-    drain(attach(c, id, exec_id).await?).await?;
-    let exit = c
-        .wait_process(wait_req(id, exec_id))
-        .await
-        .context("WaitProcess")?
-        .into_inner();
+    let (_, exit) = exec(c, id, exec_id, process(&["true"])).await?;
     ensure!(exit.exit_code == 0, "exec {exec_id}: {exit:?}");
     Ok(ms(t.elapsed()))
 }
