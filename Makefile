@@ -56,7 +56,7 @@ unit-test: build
 # busy; the machine has two): the VMM and the agent on their own microVMs, and podvisord's
 # pods. Built first, so the two cargo runs only run tests.
 E2E_VM   := --test vmm --test agent --test images --test cni
-E2E_PODS := --test cri --test network
+E2E_PODS := --test cri --test network --test snapshot
 
 e2e-test: guest probe build
 	$(CARGO) test -p podvisor-tests --tests --no-run

@@ -343,6 +343,7 @@ fn vm_config(spec: &VmmSpec, handle: &VmmHandle) -> Result<VmConfig, VmmError> {
         }),
         api_sock: Some(handle.api_sock.clone()),
         serial: SerialOutput::File(handle.console_log.clone()),
+        restore: None,
     };
     config.validate().map_err(config_err)?;
     Ok(config)

@@ -3,12 +3,13 @@
 
 use std::fmt;
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, anyhow, bail};
+use anyhow::{Context, anyhow, bail, ensure};
 use podvisor_vmm::api::VmInfo;
 use regex::Regex;
 
@@ -203,8 +204,22 @@ impl Vm {
     /// Boots `spec` (its root image, see [`GuestRoot`]) with the guest kernel, optionally
     /// inside `netns`.
     pub fn boot(spec: &VmSpec, netns: Option<&NetNs>) -> anyhow::Result<Self> {
+        Self::launch(spec, netns, None)
+    }
+
+    /// Continues the snapshot `state` + `mem` (written through `PUT /vm/snapshot`) in a new
+    /// VMM with `spec`'s devices (same kinds and order as the snapshotted VM; new vsock
+    /// socket, API socket and console in a directory of its own).
+    pub fn restore(spec: &VmSpec, state: &Path, mem: &Path) -> anyhow::Result<Self> {
+        Self::launch(spec, None, Some((state, mem)))
+    }
+
+    fn launch(
+        spec: &VmSpec,
+        netns: Option<&NetNs>,
+        restore: Option<(&Path, &Path)>,
+    ) -> anyhow::Result<Self> {
         paths::require_kvm()?;
-        let kernel = paths::guest_kernel()?;
         let vmm = artifacts::vmm_binary()?;
         let (img, cmdline) = spec.root_and_cmdline()?;
         let dir = tempfile::Builder::new()
@@ -213,20 +228,28 @@ impl Vm {
             .context("create the VM's temporary directory")?;
         let console = dir.path().join("console.log");
         let stderr = dir.path().join("vmm.stderr");
-        let mut args: Vec<String> = vec![
-            "--kernel".into(),
-            kernel.display().to_string(),
-            "--cmdline".into(),
-            cmdline,
-            "--vcpus".into(),
-            spec.vcpus.to_string(),
-            "--mem-mib".into(),
-            spec.mem_mib.to_string(),
+        let mut args: Vec<String> = match restore {
+            None => vec![
+                "--kernel".into(),
+                paths::guest_kernel()?.display().to_string(),
+                "--cmdline".into(),
+                cmdline,
+                "--vcpus".into(),
+                spec.vcpus.to_string(),
+                "--mem-mib".into(),
+                spec.mem_mib.to_string(),
+            ],
+            Some((state, mem)) => vec![
+                "--restore".into(),
+                format!("state={},mem={}", state.display(), mem.display()),
+            ],
+        };
+        args.extend([
             "--serial".into(),
             console.display().to_string(),
             "--drive".into(),
             format!("{},ro,id=root", img.display()),
-        ];
+        ]);
         for d in &spec.drives {
             args.push("--drive".into());
             args.push(format!(
@@ -505,4 +528,41 @@ impl Drop for Vm {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Host → guest vsock through the hybrid socket: `CONNECT <port>` then echo.
+pub fn host_vsock_echo(
+    uds: &Path,
+    port: u32,
+    message: &str,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let mut s = UnixStream::connect(uds).with_context(|| format!("connect {}", uds.display()))?;
+    s.set_read_timeout(Some(timeout))?;
+    s.write_all(format!("CONNECT {port}\n").as_bytes())?;
+    let mut ack = Vec::new();
+    let mut byte = [0u8; 1];
+    while ack.last() != Some(&b'\n') && ack.len() < 64 {
+        let n = s.read(&mut byte).context("read the CONNECT answer")?;
+        ensure!(
+            n == 1,
+            "EOF after {:?} while waiting for the CONNECT answer",
+            String::from_utf8_lossy(&ack)
+        );
+        ack.push(byte[0]);
+    }
+    let ack = String::from_utf8_lossy(&ack);
+    ensure!(
+        ack.starts_with("OK "),
+        "CONNECT {port} answered {ack:?}, expected \"OK <n>\\n\""
+    );
+    s.write_all(format!("{message}\n").as_bytes())?;
+    s.shutdown(std::net::Shutdown::Write)?;
+    let mut echo = String::new();
+    s.read_to_string(&mut echo).context("read the echo")?;
+    ensure!(
+        echo == format!("{message}\n"),
+        "echo was {echo:?}, sent {message:?}"
+    );
+    Ok(())
 }

@@ -8,14 +8,15 @@
 //! Run: `cargo test -p podvisor-tests --test vmm -- --nocapture --test-threads=2`
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail, ensure};
 use podvisor_tests::netns::NetNs;
+use podvisor_tests::vm::host_vsock_echo;
 use podvisor_tests::{DriveSpec, Pattern, Vm, VmSpec, artifacts, paths};
 use sha2::{Digest, Sha256};
 
@@ -146,38 +147,6 @@ fn host_vsock_listener(
         conn.shutdown(std::net::Shutdown::Write)?;
         Ok(line.trim_end().to_string())
     }))
-}
-
-/// Host → guest vsock through the hybrid socket: `CONNECT <port>` then echo.
-fn host_vsock_echo(uds: &Path, port: u32, message: &str) -> anyhow::Result<()> {
-    let mut s = UnixStream::connect(uds).with_context(|| format!("connect {}", uds.display()))?;
-    s.set_read_timeout(Some(STEP_TIMEOUT))?;
-    s.write_all(format!("CONNECT {port}\n").as_bytes())?;
-    let mut ack = Vec::new();
-    let mut byte = [0u8; 1];
-    while ack.last() != Some(&b'\n') && ack.len() < 64 {
-        let n = s.read(&mut byte).context("read the CONNECT answer")?;
-        ensure!(
-            n == 1,
-            "EOF after {:?} while waiting for the CONNECT answer",
-            String::from_utf8_lossy(&ack)
-        );
-        ack.push(byte[0]);
-    }
-    let ack = String::from_utf8_lossy(&ack);
-    ensure!(
-        ack.starts_with("OK "),
-        "CONNECT {port} answered {ack:?}, expected \"OK <n>\\n\""
-    );
-    s.write_all(format!("{message}\n").as_bytes())?;
-    s.shutdown(std::net::Shutdown::Write)?;
-    let mut echo = String::new();
-    s.read_to_string(&mut echo).context("read the echo")?;
-    ensure!(
-        echo == format!("{message}\n"),
-        "echo was {echo:?}, sent {message:?}"
-    );
-    Ok(())
 }
 
 #[test]
@@ -314,7 +283,7 @@ fn main_vm(checks: &mut Checks, console: &mut Vec<String>) -> anyhow::Result<()>
     vm.wait_for_console("VSOCK-LISTENING 5000", STEP_TIMEOUT)?;
     checks.check(
         "(c) host -> guest vsock: CONNECT 5000, OK, echo",
-        host_vsock_echo(&uds, 5000, "hello-from-host"),
+        host_vsock_echo(&uds, 5000, "hello-from-host", STEP_TIMEOUT),
     );
     let line = vm.wait_for_console("PROBE: vsock-server=done", STEP_TIMEOUT)?;
     checks.check(

@@ -51,10 +51,20 @@ pub enum SerialOutput {
     Null,
 }
 
+/// A snapshot to continue from instead of booting a kernel.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestoreConfig {
+    /// The state file.
+    pub state: PathBuf,
+    /// The memory file (mapped private copy-on-write, never written).
+    pub mem: PathBuf,
+}
+
 /// A whole VM.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmConfig {
-    /// Kernel: ELF vmlinux with a PVH note, or bzImage.
+    /// Kernel: ELF vmlinux with a PVH note, or bzImage (unused when restoring).
+    #[serde(default)]
     pub kernel: PathBuf,
     /// Optional initramfs.
     #[serde(default)]
@@ -83,6 +93,10 @@ pub struct VmConfig {
     /// Serial console output.
     #[serde(default)]
     pub serial: SerialOutput,
+    /// Restore this snapshot instead of booting: vCPUs and memory come from it, the devices
+    /// from this configuration (same kinds, same order; new files, TAP and sockets).
+    #[serde(default)]
+    pub restore: Option<RestoreConfig>,
 }
 
 fn default_vcpus() -> u8 {
@@ -115,6 +129,9 @@ pub enum ConfigError {
     /// The kernel file is missing.
     #[error("kernel {0} does not exist")]
     MissingKernel(PathBuf),
+    /// A snapshot file is missing.
+    #[error("snapshot file {0} does not exist")]
+    MissingSnapshotFile(PathBuf),
     /// The initrd file is missing.
     #[error("initrd {0} does not exist")]
     MissingInitrd(PathBuf),
@@ -208,6 +225,23 @@ fn derived_mac(name: &str) -> [u8; 6] {
     [0x02, b[0], b[1], b[2], b[3], b[4]]
 }
 
+/// Parses `state=PATH,mem=PATH`.
+pub fn parse_restore(value: &str) -> Result<RestoreConfig, ConfigError> {
+    let mut state = None;
+    let mut mem = None;
+    for p in value.split(',') {
+        match p.split_once('=') {
+            Some(("state", v)) if !v.is_empty() => state = Some(PathBuf::from(v)),
+            Some(("mem", v)) if !v.is_empty() => mem = Some(PathBuf::from(v)),
+            _ => return Err(opt_err("--restore", value, format!("unknown part {p:?}"))),
+        }
+    }
+    Ok(RestoreConfig {
+        state: state.ok_or_else(|| opt_err("--restore", value, "missing state=PATH"))?,
+        mem: mem.ok_or_else(|| opt_err("--restore", value, "missing mem=PATH"))?,
+    })
+}
+
 /// Parses `cid=N,uds=PATH`.
 pub fn parse_vsock(value: &str) -> Result<VsockDeviceConfig, ConfigError> {
     let mut cid = None;
@@ -239,8 +273,18 @@ impl VmConfig {
         if !(MIN_MEM_MIB..=MAX_MEM_MIB).contains(&self.mem_mib) {
             return Err(ConfigError::Memory(self.mem_mib));
         }
-        if !self.kernel.is_file() {
-            return Err(ConfigError::MissingKernel(self.kernel.clone()));
+        match &self.restore {
+            None if !self.kernel.is_file() => {
+                return Err(ConfigError::MissingKernel(self.kernel.clone()));
+            }
+            Some(r) => {
+                for f in [&r.state, &r.mem] {
+                    if !f.is_file() {
+                        return Err(ConfigError::MissingSnapshotFile(f.clone()));
+                    }
+                }
+            }
+            None => {}
         }
         if let Some(i) = &self.initrd
             && !i.is_file()
@@ -323,7 +367,29 @@ mod tests {
             vsock: None,
             api_sock: None,
             serial: SerialOutput::Null,
+            restore: None,
         }
+    }
+
+    #[test]
+    fn restore_needs_no_kernel_but_both_files() {
+        let r = parse_restore("state=/proc/self/exe,mem=/proc/self/exe").unwrap();
+        let c = VmConfig {
+            kernel: "/nonexistent".into(),
+            restore: Some(r),
+            ..base()
+        };
+        assert_eq!(c.validate(), Ok(()));
+        let c = VmConfig {
+            restore: Some(parse_restore("state=/proc/self/exe,mem=/no/mem").unwrap()),
+            ..base()
+        };
+        assert_eq!(
+            c.validate(),
+            Err(ConfigError::MissingSnapshotFile("/no/mem".into()))
+        );
+        assert!(parse_restore("state=/a").is_err());
+        assert!(parse_restore("mem=/a,state=/b,x=1").is_err());
     }
 
     #[test]

@@ -12,6 +12,19 @@ pub mod devices;
 pub mod exit;
 pub mod layout;
 pub mod memory;
+pub mod snapshot;
 pub mod vcpu;
 pub mod virtio;
 pub mod vm;
+
+/// `e` and its sources joined by ": ": a message that says why, not only what.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
+}

@@ -18,8 +18,12 @@ struct Cli {
     #[arg(long, conflicts_with_all = ["kernel"])]
     config: Option<PathBuf>,
     /// Guest kernel: ELF vmlinux with a PVH note, or bzImage.
-    #[arg(long, required_unless_present = "config")]
+    #[arg(long, required_unless_present_any = ["config", "restore"])]
     kernel: Option<PathBuf>,
+    /// Continue a snapshot instead of booting: state=PATH,mem=PATH. vCPUs and memory come
+    /// from the snapshot; give the same kinds of devices in the same order.
+    #[arg(long, conflicts_with_all = ["kernel", "initrd", "config"])]
+    restore: Option<String>,
     /// Initramfs.
     #[arg(long)]
     initrd: Option<PathBuf>,
@@ -63,7 +67,11 @@ fn vm_config(cli: Cli) -> anyhow::Result<VmConfig> {
         .map(|(i, d)| config::parse_drive(d, i))
         .collect::<Result<Vec<_>, _>>()?;
     Ok(VmConfig {
-        kernel: cli.kernel.context("--kernel is required")?,
+        kernel: match (&cli.kernel, &cli.restore) {
+            (Some(k), _) => k.clone(),
+            (None, Some(_)) => PathBuf::new(),
+            (None, None) => anyhow::bail!("--kernel or --restore is required"),
+        },
         initrd: cli.initrd,
         cmdline: cli.cmdline,
         vcpus: cli.vcpus,
@@ -77,6 +85,11 @@ fn vm_config(cli: Cli) -> anyhow::Result<VmConfig> {
             "null" => SerialOutput::Null,
             path => SerialOutput::File(path.into()),
         },
+        restore: cli
+            .restore
+            .as_deref()
+            .map(config::parse_restore)
+            .transpose()?,
     })
 }
 

@@ -18,6 +18,7 @@ use crate::layout::{
     BOOT_GDT_START, BOOT_IDT_START, BOOT_STACK_POINTER, PDE_START, PDPTE_START, PML4_START,
     PVH_INFO_START, ZERO_PAGE_START,
 };
+use crate::snapshot::kvm_state::{VcpuState, msrs_to_save};
 
 const X86_CR0_PE: u64 = 0x1;
 const X86_CR0_ET: u64 = 0x10;
@@ -79,7 +80,8 @@ pub fn supported_cpuid(kvm: &Kvm) -> Result<CpuId, VcpuError> {
         .map_err(kvm_err(0, "KVM_GET_SUPPORTED_CPUID"))
 }
 
-fn cpuid_for(base: &CpuId, id: u8, count: u8) -> CpuId {
+/// The CPUID vCPU `id` of `count` runs with.
+pub fn cpuid_for_vcpu(base: &CpuId, id: u8, count: u8) -> CpuId {
     let mut cpuid = base.clone();
     for e in cpuid.as_mut_slice() {
         match e.function {
@@ -166,6 +168,12 @@ pub fn write_boot_tables(mem: &GuestMemoryMmap, entry: EntryPoint) -> Result<(),
     Ok(())
 }
 
+/// Gives vCPU `id` of `count` its CPUID (a restore's first step; MSRs depend on it).
+pub fn set_cpuid(vcpu: &VcpuFd, base_cpuid: &CpuId, id: u8, count: u8) -> Result<(), VcpuError> {
+    vcpu.set_cpuid2(&cpuid_for_vcpu(base_cpuid, id, count))
+        .map_err(kvm_err(id, "KVM_SET_CPUID2"))
+}
+
 /// Sets up vCPU `id` of `count` to enter the kernel at `entry`.
 pub fn configure(
     vcpu: &VcpuFd,
@@ -174,8 +182,7 @@ pub fn configure(
     count: u8,
     entry: EntryPoint,
 ) -> Result<(), VcpuError> {
-    vcpu.set_cpuid2(&cpuid_for(base_cpuid, id, count))
-        .map_err(kvm_err(id, "KVM_SET_CPUID2"))?;
+    set_cpuid(vcpu, base_cpuid, id, count)?;
     vcpu.set_msrs(&boot_msrs())
         .map_err(kvm_err(id, "KVM_SET_MSRS"))?;
     let fpu = kvm_fpu {
@@ -259,7 +266,14 @@ fn set_lvt_mode(regs: &mut [std::os::raw::c_char; 1024], offset: usize, mode: u3
 struct RunState {
     paused: bool,
     parked: usize,
+    /// Bumped for every snapshot; a parked vCPU saves its state once per bump.
+    save_generation: u64,
+    /// The states saved for the current generation, by vCPU index.
+    saved: Vec<(u8, Result<VcpuState, String>)>,
 }
+
+/// How long a snapshot waits for the parked vCPUs to save their state.
+const SAVE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Pauses, resumes and stops the vCPU threads.
 #[derive(Debug, Default)]
@@ -343,13 +357,58 @@ impl VcpuControl {
         self.kick_all();
     }
 
-    /// Parks the caller while paused. Returns false when exiting.
-    fn wait_if_paused(&self) -> bool {
+    /// Saves the state of every vCPU of a paused VM (each parked vCPU thread saves its own:
+    /// a vCPU's ioctls belong to its thread). Results are in vCPU order.
+    pub fn save_vcpus(&self) -> Result<Vec<VcpuState>, String> {
+        let n = self.threads.lock().unwrap_or_else(|e| e.into_inner()).len();
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if !st.paused || st.parked < n {
+            return Err("the VM is not paused".into());
+        }
+        st.save_generation += 1;
+        st.saved.clear();
+        self.cv.notify_all();
+        let deadline = std::time::Instant::now() + SAVE_TIMEOUT;
+        while st.saved.len() < n {
+            let now = std::time::Instant::now();
+            if now >= deadline || self.exiting.load(Ordering::SeqCst) {
+                return Err(format!(
+                    "{} of {n} vCPUs saved their state in {SAVE_TIMEOUT:?}",
+                    st.saved.len()
+                ));
+            }
+            st = self
+                .cv
+                .wait_timeout(st, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        let mut saved = std::mem::take(&mut st.saved);
+        saved.sort_by_key(|(id, _)| *id);
+        saved
+            .into_iter()
+            .map(|(id, r)| r.map_err(|e| format!("vCPU {id}: {e}")))
+            .collect()
+    }
+
+    /// Parks the caller while paused, saving its state with `save` whenever a snapshot asks.
+    /// Returns false when exiting.
+    fn wait_if_paused(&self, id: u8, save: &mut dyn FnMut() -> Result<VcpuState, String>) -> bool {
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if st.paused {
             st.parked += 1;
+            let mut seen = st.save_generation;
             self.cv.notify_all();
             while st.paused && !self.exiting.load(Ordering::SeqCst) {
+                if st.save_generation != seen {
+                    seen = st.save_generation;
+                    drop(st);
+                    let state = save();
+                    st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+                    st.saved.push((id, state));
+                    self.cv.notify_all();
+                    continue;
+                }
                 st = self.cv.wait(st).unwrap_or_else(|e| e.into_inner());
             }
             st.parked -= 1;
@@ -380,7 +439,9 @@ impl VcpuRunner {
     /// Runs the vCPU until the VM ends.
     pub fn run(mut self) {
         loop {
-            if !self.control.wait_if_paused() {
+            let vcpu = &mut self.vcpu;
+            let mut save = || save_state(vcpu);
+            if !self.control.wait_if_paused(self.id, &mut save) {
                 return;
             }
             if self.id == 0 {
@@ -404,6 +465,33 @@ impl VcpuRunner {
             }
         }
     }
+}
+
+/// Saves a parked vCPU. An exit to user space (MMIO, port I/O) is only complete once KVM_RUN
+/// is entered again: one run with immediate_exit set finishes the instruction and returns at
+/// once, so the saved registers are past it.
+fn save_state(vcpu: &mut VcpuFd) -> Result<VcpuState, String> {
+    // Probing which MSRs round-trip takes a throwaway VM (~15 ms): only once, and only for
+    // a VM that is actually snapshotted.
+    static MSRS: std::sync::OnceLock<Result<Vec<u32>, String>> = std::sync::OnceLock::new();
+    let msrs = MSRS
+        .get_or_init(|| {
+            let kvm = Kvm::new().map_err(|e| format!("open /dev/kvm: {e}"))?;
+            msrs_to_save(&kvm).map_err(|e| e.to_string())
+        })
+        .as_ref()
+        .map_err(Clone::clone)?;
+    vcpu.set_kvm_immediate_exit(1);
+    let finished = match vcpu.run() {
+        Err(e) if e.errno() == libc::EINTR => Ok(()),
+        Err(e) => Err(format!("KVM_RUN to finish pending I/O: {e}")),
+        Ok(exit) => Err(format!(
+            "KVM_RUN with immediate_exit returned an exit: {exit:?}"
+        )),
+    };
+    vcpu.set_kvm_immediate_exit(0);
+    finished?;
+    VcpuState::save(vcpu, msrs).map_err(|e| format!("{e}"))
 }
 
 fn handle_exit(exit: VcpuExit<'_>, pio: &PortIoBus, mmio: &MmioBus) -> Option<ExitReason> {

@@ -24,12 +24,14 @@ use crate::layout::{
     KVM_TSS_ADDRESS, SERIAL_IRQ, VIRTIO_IRQ_BASE, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE,
 };
 use crate::memory;
+use crate::snapshot::kvm_state::{self, CpuidEntry, VmState};
+use crate::snapshot::{self, DeviceSnapshot, SnapshotError, VmSnapshot, memory_file};
 use crate::vcpu::{self, VcpuControl, VcpuRunner};
 use crate::virtio::block::{Block, BlockConfig};
 use crate::virtio::mmio::{MmioTransport, REG_QUEUE_NOTIFY, lock};
 use crate::virtio::net::{Net, NetConfig};
 use crate::virtio::vsock::{Vsock, VsockConfig};
-use crate::virtio::{EventRegistrar, Interrupt, VirtioDevice};
+use crate::virtio::{EventRegistrar, Interrupt, TYPE_BLOCK, TYPE_NET, TYPE_VSOCK, VirtioDevice};
 
 /// The event-loop slot of the exit eventfd (devices use 0..n).
 const EXIT_SLOT: u32 = u32::MAX;
@@ -93,6 +95,9 @@ pub enum VmError {
         #[source]
         source: std::io::Error,
     },
+    /// A snapshot could not be restored.
+    #[error("restore")]
+    Snapshot(#[source] Box<SnapshotError>),
     /// Host resources (eventfd, epoll, threads, signals).
     #[error("{what}")]
     Host {
@@ -114,6 +119,21 @@ fn host_err(what: &'static str) -> impl FnOnce(std::io::Error) -> VmError {
 
 /// What the control API can reach of a running VM.
 pub struct VmHandle {
+    /// The VM, for its irqchip/PIT/clock state.
+    pub vm_fd: Arc<VmFd>,
+    /// Guest RAM, for the memory file.
+    pub mem: GuestMemoryMmap,
+    /// Port I/O devices (the UART's state).
+    pub pio: Arc<PortIoBus>,
+    /// vCPU 0's CPUID, recorded in snapshots.
+    pub cpuid: Vec<CpuidEntry>,
+    /// Device kinds in MMIO order ([`snapshot::device_kind`]).
+    pub device_kinds: Vec<String>,
+    /// Held by the event loop while it runs device handlers, and by a snapshot while it
+    /// saves devices and memory: no device touches guest memory while they are copied.
+    pub device_gate: Arc<Mutex<()>>,
+    /// One snapshot at a time.
+    pub snapshot_lock: Mutex<()>,
     /// Pause/resume.
     pub control: Arc<VcpuControl>,
     /// Stop.
@@ -136,6 +156,80 @@ impl std::fmt::Debug for VmHandle {
             .field("vcpus", &self.vcpus)
             .field("mem_mib", &self.mem_mib)
             .finish_non_exhaustive()
+    }
+}
+
+/// What a snapshot wrote.
+#[derive(Debug, Clone, Copy)]
+pub struct SnapshotStats {
+    /// Bytes of the state file.
+    pub state_bytes: u64,
+    /// Length of the memory file.
+    pub mem_file_bytes: u64,
+    /// Bytes of it that hold data (the rest are holes).
+    pub mem_data_bytes: u64,
+    /// Wall time of the whole snapshot.
+    pub elapsed: std::time::Duration,
+}
+
+impl VmHandle {
+    /// Writes a snapshot of the paused VM: the state file at `state_path`, guest RAM at
+    /// `mem_path`. The VM stays paused.
+    pub fn snapshot(
+        &self,
+        state_path: &std::path::Path,
+        mem_path: &std::path::Path,
+    ) -> Result<SnapshotStats, snapshot::SnapshotError> {
+        let _one = lock(&self.snapshot_lock);
+        let started = Instant::now();
+        if !self.control.is_paused() {
+            return Err(snapshot::SnapshotError::NotReady(
+                "pause the VM before a snapshot".into(),
+            ));
+        }
+        let vcpu_states = self
+            .control
+            .save_vcpus()
+            .map_err(snapshot::SnapshotError::NotReady)?;
+        let vm = VmState::save(&self.vm_fd)?;
+        let _gate = lock(&self.device_gate);
+        let devices = self
+            .mmio
+            .transports()
+            .zip(&self.device_kinds)
+            .map(|(t, kind)| DeviceSnapshot {
+                kind: kind.clone(),
+                transport: lock(t).snapshot(),
+            })
+            .collect();
+        let serial = lock(&self.pio.serial).snapshot();
+        let mem_stats = memory_file::write_memory_file(&self.mem, mem_path)?;
+        let state = VmSnapshot {
+            vmm_version: snapshot::VMM_VERSION.into(),
+            vcpus: self.vcpus,
+            mem_mib: self.mem_mib,
+            cpuid: self.cpuid.clone(),
+            vm,
+            vcpu_states,
+            serial,
+            devices,
+        };
+        let state_bytes = snapshot::file::write_state_file(state_path, &state)?;
+        let stats = SnapshotStats {
+            state_bytes,
+            mem_file_bytes: mem_stats.file_len,
+            mem_data_bytes: mem_stats.data_bytes,
+            elapsed: started.elapsed(),
+        };
+        tracing::info!(
+            state = %state_path.display(),
+            mem = %mem_path.display(),
+            state_bytes,
+            mem_data_bytes = stats.mem_data_bytes,
+            "snapshot written in {:.1} ms",
+            stats.elapsed.as_secs_f64() * 1000.0
+        );
+        Ok(stats)
     }
 }
 
@@ -215,25 +309,64 @@ fn serial_out(s: &SerialOutput) -> Result<ConsoleOut, VmError> {
     })
 }
 
-/// Builds the VM described by `config` and runs it until it ends. `start`
-/// is when the VMM process started, for boot timing.
-pub fn run(config: VmConfig, start: Instant) -> Result<ExitReason, VmError> {
+/// How the guest gets going: a kernel boot or a snapshot's state.
+enum Start {
+    Boot {
+        kernel: boot::LoadedKernel,
+        initrd: Option<boot::InitrdConfig>,
+    },
+    Restore {
+        snap: Box<VmSnapshot>,
+        path: std::path::PathBuf,
+    },
+}
+
+/// Builds the VM described by `config` (booting its kernel, or continuing the snapshot it
+/// names) and runs it until it ends. `start` is when the VMM process started, for timing.
+pub fn run(mut config: VmConfig, start: Instant) -> Result<ExitReason, VmError> {
     config.validate()?;
     let mut cleanup = Cleanup::default();
     let (kvm, vm) = open_kvm()?;
-    let mem = memory::create_guest_memory(config.mem_mib)?;
-    register_memory(&vm, &mem)?;
+    let vm = Arc::new(vm);
+    let base_cpuid = vcpu::supported_cpuid(&kvm)?;
 
-    let kernel = boot::load_kernel(&mem, &config.kernel)?;
-    let initrd = match &config.initrd {
-        Some(p) => Some(boot::load_initrd(
-            &mem,
-            p,
-            memory::low_ram_end(config.mem_mib),
-            kernel.kernel_end,
-        )?),
-        None => None,
+    let (mem, start_kind) = match &config.restore {
+        Some(r) => {
+            let snap = VmSnapshot::load(&r.state, |vcpus| {
+                kvm_state::cpuid_entries(&vcpu::cpuid_for_vcpu(&base_cpuid, 0, vcpus))
+            })
+            .map_err(snapshot_err)?;
+            config.vcpus = snap.vcpus;
+            config.mem_mib = snap.mem_mib;
+            config.validate()?;
+            let regions = memory::ram_regions(config.mem_mib)?;
+            let mem = memory_file::map_memory_file(&r.mem, &regions)
+                .map_err(|e| snapshot_err(e.into()))?;
+            let path = r.state.clone();
+            (
+                mem,
+                Start::Restore {
+                    snap: Box::new(snap),
+                    path,
+                },
+            )
+        }
+        None => {
+            let mem = memory::create_guest_memory(config.mem_mib)?;
+            let kernel = boot::load_kernel(&mem, &config.kernel)?;
+            let initrd = match &config.initrd {
+                Some(p) => Some(boot::load_initrd(
+                    &mem,
+                    p,
+                    memory::low_ram_end(config.mem_mib),
+                    kernel.kernel_end,
+                )?),
+                None => None,
+            };
+            (mem, Start::Boot { kernel, initrd })
+        }
     };
+    register_memory(&vm, &mem)?;
 
     let epoll = Arc::new(Epoll::new().map_err(host_err("create epoll"))?);
     let exit = Arc::new(ExitSignal::new().map_err(host_err("create exit eventfd"))?);
@@ -248,6 +381,7 @@ pub fn run(config: VmConfig, start: Instant) -> Result<ExitReason, VmError> {
 
     // Devices, in MMIO order: drives, net, vsock.
     let mut devices: Vec<Arc<Mutex<dyn VirtioDevice>>> = Vec::new();
+    let mut device_kinds = Vec::new();
     let mut drives = Vec::new();
     for d in &config.drives {
         let block = Block::new(BlockConfig {
@@ -262,6 +396,7 @@ pub fn run(config: VmConfig, start: Instant) -> Result<ExitReason, VmError> {
         let block = Arc::new(Mutex::new(block));
         drives.push((d.id.clone(), block.clone()));
         devices.push(block);
+        device_kinds.push(snapshot::device_kind(TYPE_BLOCK, Some(&d.id)));
     }
     if let Some(n) = &config.net {
         let net = Net::new(NetConfig {
@@ -273,6 +408,7 @@ pub fn run(config: VmConfig, start: Instant) -> Result<ExitReason, VmError> {
             message: e.to_string(),
         })?;
         devices.push(Arc::new(Mutex::new(net)));
+        device_kinds.push(snapshot::device_kind(TYPE_NET, None));
     }
     if let Some(v) = &config.vsock {
         let vsock = Vsock::new(VsockConfig {
@@ -285,6 +421,11 @@ pub fn run(config: VmConfig, start: Instant) -> Result<ExitReason, VmError> {
         })?;
         cleanup.0.push(v.uds.clone());
         devices.push(Arc::new(Mutex::new(vsock)));
+        device_kinds.push(snapshot::device_kind(TYPE_VSOCK, None));
+    }
+    if let Start::Restore { snap, path } = &start_kind {
+        snap.check_devices(path, &device_kinds)
+            .map_err(snapshot_err)?;
     }
 
     let mut mmio = MmioBus::default();
@@ -322,18 +463,37 @@ pub fn run(config: VmConfig, start: Instant) -> Result<ExitReason, VmError> {
     let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(host_err("create serial eventfd"))?;
     vm.register_irqfd(&serial_irq, SERIAL_IRQ)
         .map_err(kvm_err("register serial irqfd"))?;
+    let serial_out = serial_out(&config.serial)?;
+    let serial = match &start_kind {
+        Start::Restore { snap, path } => {
+            SerialConsole::from_snapshot(serial_irq, serial_out, &snap.serial).map_err(
+                |detail| {
+                    snapshot_err(SnapshotError::Mismatch {
+                        path: path.display().to_string(),
+                        detail,
+                    })
+                },
+            )?
+        }
+        Start::Boot { .. } => SerialConsole::new(serial_irq, serial_out),
+    };
     let pio = Arc::new(PortIoBus {
-        serial: Mutex::new(SerialConsole::new(serial_irq, serial_out(&config.serial)?)),
+        serial: Mutex::new(serial),
         legacy: LegacyPorts::new(exit.clone(), times.clone()),
     });
 
-    let line = cmdline::build(&config.cmdline, &decls, cmdline::host_is_pvm())
-        .map_err(VmError::Cmdline)?;
-    tracing::debug!("kernel command line: {}", line.to_string_lossy());
-    boot::configure_system(&mem, &kernel, &line, initrd, config.vcpus)?;
-    vcpu::write_boot_tables(&mem, kernel.entry)?;
+    let entry = match &start_kind {
+        Start::Boot { kernel, initrd } => {
+            let line = cmdline::build(&config.cmdline, &decls, cmdline::host_is_pvm())
+                .map_err(VmError::Cmdline)?;
+            tracing::debug!("kernel command line: {}", line.to_string_lossy());
+            boot::configure_system(&mem, kernel, &line, *initrd, config.vcpus)?;
+            vcpu::write_boot_tables(&mem, kernel.entry)?;
+            Some(kernel.entry)
+        }
+        Start::Restore { .. } => None,
+    };
 
-    let base_cpuid = vcpu::supported_cpuid(&kvm)?;
     vcpu::install_kick_handler().map_err(host_err("install vCPU kick handler"))?;
     let control = Arc::new(VcpuControl::default());
     let mut runners = Vec::new();
@@ -341,7 +501,10 @@ pub fn run(config: VmConfig, start: Instant) -> Result<ExitReason, VmError> {
         let fd = vm
             .create_vcpu(u64::from(id))
             .map_err(kvm_err("create vCPU"))?;
-        vcpu::configure(&fd, &base_cpuid, id, config.vcpus, kernel.entry)?;
+        match entry {
+            Some(entry) => vcpu::configure(&fd, &base_cpuid, id, config.vcpus, entry)?,
+            None => vcpu::set_cpuid(&fd, &base_cpuid, id, config.vcpus)?,
+        }
         runners.push(VcpuRunner {
             vcpu: fd,
             id,
@@ -352,8 +515,31 @@ pub fn run(config: VmConfig, start: Instant) -> Result<ExitReason, VmError> {
             times: times.clone(),
         });
     }
+    if let Start::Restore { snap, path } = &start_kind {
+        // The interrupt controllers first: a device's restored interrupt must reach the
+        // guest's IOAPIC, not a fresh one the restore then overwrites.
+        snap.vm.restore(&vm).map_err(|e| snapshot_err(e.into()))?;
+        for (r, state) in runners.iter().zip(&snap.vcpu_states) {
+            state.restore(&r.vcpu).map_err(|e| snapshot_err(e.into()))?;
+        }
+        for ((t, saved), kind) in mmio.transports().zip(&snap.devices).zip(&device_kinds) {
+            lock(t).restore(&saved.transport).map_err(|e| {
+                snapshot_err(SnapshotError::Mismatch {
+                    path: path.display().to_string(),
+                    detail: format!("device {kind}: {}", crate::error_chain(&e)),
+                })
+            })?;
+        }
+    }
 
     let handle = Arc::new(VmHandle {
+        vm_fd: vm.clone(),
+        mem: mem.clone(),
+        pio: pio.clone(),
+        cpuid: kvm_state::cpuid_entries(&vcpu::cpuid_for_vcpu(&base_cpuid, 0, config.vcpus)),
+        device_kinds,
+        device_gate: Arc::new(Mutex::new(())),
+        snapshot_lock: Mutex::new(()),
         control: control.clone(),
         exit: exit.clone(),
         times: times.clone(),
@@ -387,11 +573,16 @@ pub fn run(config: VmConfig, start: Instant) -> Result<ExitReason, VmError> {
         vcpus = config.vcpus,
         mem_mib = config.mem_mib,
         devices = devices.len(),
-        "microVM started in {:.1} ms",
+        "microVM {} in {:.1} ms",
+        if entry.is_some() {
+            "started"
+        } else {
+            "restored"
+        },
         start.elapsed().as_secs_f64() * 1000.0
     );
 
-    let reason = event_loop(&epoll, &exit, &devices);
+    let reason = event_loop(&epoll, &exit, &devices, &handle.device_gate);
     control.exit();
     // Keep guest memory mapped until here: vCPU threads may still be inside
     // KVM_RUN until the process exits.
@@ -400,11 +591,16 @@ pub fn run(config: VmConfig, start: Instant) -> Result<ExitReason, VmError> {
     Ok(reason)
 }
 
+fn snapshot_err(e: SnapshotError) -> VmError {
+    VmError::Snapshot(Box::new(e))
+}
+
 /// Dispatches device events until the VM ends.
 fn event_loop(
     epoll: &Epoll,
     exit: &ExitSignal,
     devices: &[Arc<Mutex<dyn VirtioDevice>>],
+    gate: &Mutex<()>,
 ) -> ExitReason {
     let mut events = vec![EpollEvent::default(); 64];
     loop {
@@ -413,6 +609,7 @@ fn event_loop(
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => return ExitReason::Fault(format!("epoll wait: {e}")),
         };
+        let _gate = lock(gate);
         for ev in &events[..n] {
             let (slot, token) = EventRegistrar::decode(ev.data());
             if slot == EXIT_SLOT {

@@ -8,6 +8,7 @@
 //! | PUT    | /vm/resume      |                               | 204                   |
 //! | PUT    | /vm/stop        |                               | 204, then the VMM ends |
 //! | PUT    | /drives/{id}    | [`DriveSwap`]                 | 204                   |
+//! | PUT    | /vm/snapshot    | [`SnapshotCreate`] (paused VM) | [`SnapshotCreated`]; 409 when running |
 //!
 //! Errors answer 4xx/5xx with `{"error": "..."}`.
 
@@ -16,4 +17,6 @@ pub mod http;
 pub mod server;
 mod types;
 
-pub use types::{BootInfo, DeviceInfo, DriveSwap, ErrorBody, VmInfo, VmRunState};
+pub use types::{
+    BootInfo, DeviceInfo, DriveSwap, ErrorBody, SnapshotCreate, SnapshotCreated, VmInfo, VmRunState,
+};

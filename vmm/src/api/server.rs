@@ -5,7 +5,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::http::{self, HttpError, Request};
-use super::types::{BootInfo, DeviceInfo, DriveSwap, ErrorBody, VmInfo, VmRunState};
+use super::types::{
+    BootInfo, DeviceInfo, DriveSwap, ErrorBody, SnapshotCreate, SnapshotCreated, VmInfo, VmRunState,
+};
 use crate::exit::ExitReason;
 use crate::virtio::mmio::lock;
 use crate::vm::VmHandle;
@@ -24,14 +26,28 @@ fn handle_connection(mut stream: UnixStream, vm: &VmHandle) {
     // A client that stalls must not hold the API forever.
     let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
     let _ = stream.set_write_timeout(Some(Duration::from_secs(5)));
-    let (status, body) = match http::read_request(&mut stream) {
-        Ok(req) => route(&req, vm),
-        Err(HttpError::TooLarge) => (413, error_body("request too large")),
-        Err(e) => (400, error_body(&e.to_string())),
+    let (status, body, stop) = match http::read_request(&mut stream) {
+        Ok(req) if is_stop(&req) => (204, String::new(), true),
+        Ok(req) => {
+            let (status, body) = route(&req, vm);
+            (status, body, false)
+        }
+        Err(HttpError::TooLarge) => (413, error_body("request too large"), false),
+        Err(e) => (400, error_body(&e.to_string()), false),
     };
     if let Err(e) = http::write_response(&mut stream, status, &body) {
         tracing::debug!("control API answer: {e}");
     }
+    if stop {
+        // After the answer: the VMM ends soon after the trigger, and the caller should
+        // learn that its stop was taken rather than see the socket close mid-answer.
+        drop(stream);
+        vm.exit.trigger(ExitReason::Stopped);
+    }
+}
+
+fn is_stop(req: &Request) -> bool {
+    req.method == "PUT" && req.path.split('?').next() == Some("/vm/stop")
 }
 
 fn error_body(msg: &str) -> String {
@@ -58,17 +74,40 @@ fn route(req: &Request, vm: &VmHandle) -> (u16, String) {
             tracing::info!("resumed");
             (204, String::new())
         }
-        ("PUT", "/vm/stop") => {
-            vm.exit.trigger(ExitReason::Stopped);
-            (204, String::new())
-        }
+        ("PUT", "/vm/snapshot") => create_snapshot(&req.body, vm),
         ("PUT", p) if p.starts_with("/drives/") => {
             swap_drive(&p["/drives/".len()..], &req.body, vm)
         }
-        (_, "/vm" | "/vm/pause" | "/vm/resume" | "/vm/stop") => {
+        (_, "/vm" | "/vm/pause" | "/vm/resume" | "/vm/stop" | "/vm/snapshot") => {
             (405, error_body("method not allowed"))
         }
         _ => (404, error_body(&format!("no such resource {path}"))),
+    }
+}
+
+fn create_snapshot(body: &[u8], vm: &VmHandle) -> (u16, String) {
+    let req: SnapshotCreate = match serde_json::from_slice(body) {
+        Ok(r) => r,
+        Err(e) => return (400, error_body(&format!("snapshot body: {e}"))),
+    };
+    match vm.snapshot(&req.state_path, &req.mem_path) {
+        Ok(stats) => {
+            let answer = SnapshotCreated {
+                state_bytes: stats.state_bytes,
+                mem_file_bytes: stats.mem_file_bytes,
+                mem_data_bytes: stats.mem_data_bytes,
+                elapsed_ms: stats.elapsed.as_secs_f64() * 1000.0,
+            };
+            match serde_json::to_string(&answer) {
+                Ok(b) => (200, b),
+                Err(e) => (500, error_body(&e.to_string())),
+            }
+        }
+        Err(crate::snapshot::SnapshotError::NotReady(why)) => (409, error_body(&why)),
+        Err(e) => (
+            500,
+            error_body(&format!("snapshot: {}", crate::error_chain(&e))),
+        ),
     }
 }
 

@@ -109,6 +109,28 @@ pub struct DriveSwap {
     pub read_only: bool,
 }
 
+/// `PUT /vm/snapshot`: where to write a snapshot of the paused VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotCreate {
+    /// The state file (written atomically).
+    pub state_path: std::path::PathBuf,
+    /// The memory file (sparse, written atomically).
+    pub mem_path: std::path::PathBuf,
+}
+
+/// The answer to `PUT /vm/snapshot`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotCreated {
+    /// Bytes of the state file.
+    pub state_bytes: u64,
+    /// Length of the memory file.
+    pub mem_file_bytes: u64,
+    /// Bytes of it holding data (the rest are holes).
+    pub mem_data_bytes: u64,
+    /// Wall time of the snapshot.
+    pub elapsed_ms: f64,
+}
+
 /// An error answer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorBody {

@@ -2,6 +2,7 @@
 
 use std::io::Write;
 
+use vm_superio::serial::SerialState;
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -20,6 +21,34 @@ impl Trigger for IrqTrigger {
     fn trigger(&self) -> std::io::Result<()> {
         self.0.write(1)
     }
+}
+
+/// Most unread guest input a snapshot may carry (the 8250's FIFO is far smaller).
+const MAX_SNAPSHOT_INPUT: usize = 64 * 1024;
+
+/// The UART registers in a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SerialSnapshot {
+    /// Divisor latch, low byte.
+    pub baud_divisor_low: u8,
+    /// Divisor latch, high byte.
+    pub baud_divisor_high: u8,
+    /// IER.
+    pub interrupt_enable: u8,
+    /// IIR.
+    pub interrupt_identification: u8,
+    /// LCR.
+    pub line_control: u8,
+    /// LSR.
+    pub line_status: u8,
+    /// MCR.
+    pub modem_control: u8,
+    /// MSR.
+    pub modem_status: u8,
+    /// SCR.
+    pub scratch: u8,
+    /// Input the guest has not read yet.
+    pub in_buffer: Vec<u8>,
 }
 
 /// Where console output goes.
@@ -41,6 +70,54 @@ impl SerialConsole {
     pub fn new(irq: EventFd, out: ConsoleOut) -> Self {
         Self {
             serial: Serial::new(IrqTrigger(irq), out),
+        }
+    }
+
+    /// A console continuing from a snapshot's register state.
+    pub fn from_snapshot(
+        irq: EventFd,
+        out: ConsoleOut,
+        snap: &SerialSnapshot,
+    ) -> Result<Self, String> {
+        // The receive buffer is the guest's unread input: bounded like the UART's FIFO.
+        if snap.in_buffer.len() > MAX_SNAPSHOT_INPUT {
+            return Err(format!(
+                "serial snapshot holds {} bytes of input (at most {MAX_SNAPSHOT_INPUT})",
+                snap.in_buffer.len()
+            ));
+        }
+        let state = SerialState {
+            baud_divisor_low: snap.baud_divisor_low,
+            baud_divisor_high: snap.baud_divisor_high,
+            interrupt_enable: snap.interrupt_enable,
+            interrupt_identification: snap.interrupt_identification,
+            line_control: snap.line_control,
+            line_status: snap.line_status,
+            modem_control: snap.modem_control,
+            modem_status: snap.modem_status,
+            scratch: snap.scratch,
+            in_buffer: snap.in_buffer.clone(),
+        };
+        let serial = Serial::from_state(&state, IrqTrigger(irq), vm_superio::serial::NoEvents, out)
+            .map_err(|e| format!("serial snapshot: {e:?}"))?;
+        Ok(Self { serial })
+    }
+
+    /// The register state, for a snapshot: without it a restored guest's driver waits forever
+    /// for the transmit interrupt it had enabled.
+    pub fn snapshot(&self) -> SerialSnapshot {
+        let s = self.serial.state();
+        SerialSnapshot {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
         }
     }
 

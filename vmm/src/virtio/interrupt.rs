@@ -53,6 +53,15 @@ impl Interrupt {
         self.status.fetch_and(!bits, Ordering::SeqCst);
     }
 
+    /// Sets `bits` saved in a snapshot (on top of any raised since) and, if
+    /// any is set, raises the irqfd: the driver had not acknowledged them
+    /// when the VM was saved and must still see an edge.
+    pub fn restore_status(&self, bits: u32) {
+        if bits != 0 {
+            self.raise(bits);
+        }
+    }
+
     /// Clears all status bits (device reset).
     pub fn reset(&self) {
         self.status.store(0, Ordering::SeqCst);

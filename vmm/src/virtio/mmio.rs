@@ -14,15 +14,21 @@
 //! memory and handed to the device; nothing the guest writes afterwards
 //! changes them (a guest rewriting the queue size after activation is a bug
 //! Firecracker shipped).
+//!
+//! [`MmioTransport::snapshot`] saves the registers and the device's queues;
+//! [`MmioTransport::restore`] loads them into a fresh transport in a new
+//! process, re-activating the device on the saved ring positions when the
+//! snapshot was taken while it ran.
 
 use std::sync::{Arc, Mutex};
 
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
+use super::interrupt::{INT_CONFIG, INT_VRING};
 use super::{
-    ActivateContext, EventRegistrar, GuestMemory, Interrupt, VIRTIO_F_VERSION_1,
-    VIRTIO_RING_F_EVENT_IDX, VirtioDevice,
+    ActivateContext, ActivateError, EventRegistrar, GuestMemory, Interrupt, QueueSnapshot,
+    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VirtioDevice,
 };
 
 const MAGIC_VALUE: u32 = 0x7472_6976; // "virt"
@@ -75,7 +81,7 @@ pub mod status {
 }
 
 /// Where the transport is in device initialisation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum TransportState {
     /// Status 0.
     Reset,
@@ -141,6 +147,153 @@ pub enum MmioError {
         /// Its declared max size.
         size: u16,
     },
+}
+
+/// Everything the transport holds for a device, saved with a paused VM.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TransportSnapshot {
+    /// The device type behind the window; a restore refuses another one.
+    pub device_type: u32,
+    /// The device status register.
+    pub status: u32,
+    /// The initialisation state matching `status`.
+    pub state: TransportState,
+    /// DeviceFeaturesSel.
+    pub device_features_sel: u32,
+    /// DriverFeaturesSel.
+    pub driver_features_sel: u32,
+    /// Features the driver wrote (acknowledged once past FEATURES_OK).
+    pub acked_features: u64,
+    /// QueueSel.
+    pub queue_sel: u32,
+    /// ConfigGeneration.
+    pub config_generation: u32,
+    /// InterruptStatus bits the driver had not acknowledged.
+    pub interrupt_status: u32,
+    /// One per device queue: the device's own queues (with its ring
+    /// positions) when `state` is `Active`, else the transport's registers.
+    pub queues: Vec<QueueSnapshot>,
+}
+
+/// Why a snapshot could not be restored into a transport. The transport is
+/// left as it was (reset) on every error.
+#[derive(Debug, thiserror::Error)]
+pub enum MmioRestoreError {
+    /// Restoring is only done into a transport the driver has not touched.
+    #[error("restore into a transport in state {0:?}, need Reset")]
+    NotFresh(TransportState),
+    /// The snapshot is of another kind of device.
+    #[error("snapshot of device type {saved}, this window holds device type {device}")]
+    DeviceType {
+        /// Type in the snapshot.
+        saved: u32,
+        /// Type of the device now.
+        device: u32,
+    },
+    /// The snapshot has a different number of queues from the device.
+    #[error("snapshot has {saved} queues, the device has {device}")]
+    QueueCount {
+        /// Queues in the snapshot.
+        saved: usize,
+        /// Queues of the device now.
+        device: usize,
+    },
+    /// The status register does not match the saved state.
+    #[error("status {status:#x} is impossible in state {state:?}")]
+    Status {
+        /// The saved status.
+        status: u32,
+        /// The saved state.
+        state: TransportState,
+    },
+    /// InterruptStatus holds bits no device raises.
+    #[error("interrupt status {0:#x} has unknown bits")]
+    InterruptStatus(u32),
+    /// The driver acknowledged features the device does not offer (any
+    /// more), or VERSION_1 is missing.
+    #[error(
+        "acked features {acked:#x} are not within the device's offer {offered:#x} with VERSION_1"
+    )]
+    Features {
+        /// Features in the snapshot.
+        acked: u64,
+        /// Features the device offers now.
+        offered: u64,
+    },
+    /// A queue's maximum size differs from the device's.
+    #[error("queue {index} has max size {saved}, the device's is {device}")]
+    QueueMaxSize {
+        /// Queue index.
+        index: usize,
+        /// Max size in the snapshot.
+        saved: u16,
+        /// The device's max size.
+        device: u16,
+    },
+    /// A queue's sizes or ring alignments are invalid.
+    #[error("queue {index} is invalid")]
+    Queue {
+        /// Queue index.
+        index: usize,
+        /// What is wrong with it.
+        #[source]
+        source: virtio_queue::Error,
+    },
+    /// A queue of a running device is not ready or its rings are not in
+    /// guest memory.
+    #[error("queue {index} of an active device is not ready or lies outside guest memory")]
+    QueueUnusable {
+        /// Queue index.
+        index: usize,
+    },
+    /// A queue eventfd could not be duplicated for the device.
+    #[error("clone queue eventfd")]
+    EventFd(#[source] std::io::Error),
+    /// The device refused to start on the saved queues.
+    #[error("activate {device}")]
+    Activate {
+        /// The device's name.
+        device: String,
+        /// Why it refused.
+        #[source]
+        source: ActivateError,
+    },
+}
+
+/// Why the device could not be started on a set of queues.
+#[derive(Debug, thiserror::Error)]
+enum StartError {
+    #[error("clone queue eventfd: {0}")]
+    EventFd(std::io::Error),
+    #[error("{0}")]
+    Activate(ActivateError),
+}
+
+/// The status register value each state has (besides `Failed`, which has
+/// FAILED or DEVICE_NEEDS_RESET on top of any of them).
+fn status_of(state: TransportState) -> Option<u32> {
+    use status::*;
+    match state {
+        TransportState::Reset => Some(0),
+        TransportState::Acknowledged => Some(ACKNOWLEDGE),
+        TransportState::Driver => Some(ACKNOWLEDGE | DRIVER),
+        TransportState::FeaturesOk => Some(ACKNOWLEDGE | DRIVER | FEATURES_OK),
+        TransportState::Active => Some(ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK),
+        TransportState::Failed => None,
+    }
+}
+
+/// Whether `status` can be the status register in `state`.
+fn status_matches(state: TransportState, status: u32) -> bool {
+    use status::*;
+    match status_of(state) {
+        Some(expected) => status == expected,
+        None => {
+            let known =
+                ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK | DEVICE_NEEDS_RESET | FAILED;
+            status & !known == 0 && status & (FAILED | DEVICE_NEEDS_RESET) != 0
+        }
+    }
 }
 
 impl MmioTransport {
@@ -209,6 +362,145 @@ impl MmioTransport {
 
     fn device_features(&self) -> u64 {
         lock(&self.device).device_features() | VIRTIO_F_VERSION_1
+    }
+
+    /// Saves the transport and, when the device runs, its queues. Call it
+    /// with the vCPUs paused and the event loop stopped: the device must
+    /// not move its rings between this and the guest memory dump.
+    pub fn snapshot(&self) -> TransportSnapshot {
+        let dev = lock(&self.device);
+        let queues = if self.state == TransportState::Active {
+            dev.queue_snapshots()
+        } else {
+            self.queues.iter().map(QueueSnapshot::from).collect()
+        };
+        TransportSnapshot {
+            device_type: dev.device_type(),
+            status: self.status,
+            state: self.state,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            acked_features: self.acked_features,
+            queue_sel: self.queue_sel,
+            config_generation: self.config_generation,
+            interrupt_status: self.interrupt.status(),
+            queues,
+        }
+    }
+
+    /// Loads `snap` into this freshly built transport (same device type and
+    /// queue count). The snapshot comes from a file: everything in it is
+    /// checked before anything changes.
+    ///
+    /// For an `Active` snapshot the saved queues are validated against guest
+    /// memory as at DRIVER_OK, the device is activated on them (ring
+    /// positions kept) and told [`VirtioDevice::restored`], then every queue
+    /// is kicked so requests the guest queued before the snapshot are served.
+    /// Other states get their registers and queues back only. The saved
+    /// interrupt status is raised again in both cases.
+    pub fn restore(&mut self, snap: &TransportSnapshot) -> Result<(), MmioRestoreError> {
+        if self.state != TransportState::Reset {
+            return Err(MmioRestoreError::NotFresh(self.state));
+        }
+        let (device_type, max_sizes) = {
+            let dev = lock(&self.device);
+            (dev.device_type(), dev.queue_max_sizes().to_vec())
+        };
+        if snap.device_type != device_type {
+            return Err(MmioRestoreError::DeviceType {
+                saved: snap.device_type,
+                device: device_type,
+            });
+        }
+        if snap.queues.len() != max_sizes.len() {
+            return Err(MmioRestoreError::QueueCount {
+                saved: snap.queues.len(),
+                device: max_sizes.len(),
+            });
+        }
+        if !status_matches(snap.state, snap.status) {
+            return Err(MmioRestoreError::Status {
+                status: snap.status,
+                state: snap.state,
+            });
+        }
+        if snap.interrupt_status & !(INT_VRING | INT_CONFIG) != 0 {
+            return Err(MmioRestoreError::InterruptStatus(snap.interrupt_status));
+        }
+        // Past FEATURES_OK the features were accepted; they must still be.
+        // (In Driver the driver may hold anything: FEATURES_OK rechecks.)
+        let negotiated = matches!(
+            snap.state,
+            TransportState::FeaturesOk | TransportState::Active
+        );
+        if negotiated && !self.features_acceptable(snap.acked_features) {
+            return Err(MmioRestoreError::Features {
+                acked: snap.acked_features,
+                offered: self.device_features(),
+            });
+        }
+        let active = snap.state == TransportState::Active;
+        let event_idx = snap.acked_features & VIRTIO_RING_F_EVENT_IDX != 0;
+        let mut queues = Vec::with_capacity(snap.queues.len());
+        let mut device_queues = Vec::with_capacity(snap.queues.len());
+        for (index, (saved, &device)) in snap.queues.iter().zip(&max_sizes).enumerate() {
+            if saved.max_size != device {
+                return Err(MmioRestoreError::QueueMaxSize {
+                    index,
+                    saved: saved.max_size,
+                    device,
+                });
+            }
+            let invalid = |source| MmioRestoreError::Queue { index, source };
+            let q = saved.to_queue().map_err(invalid)?;
+            if active {
+                if !q.is_valid(&self.mem) {
+                    return Err(MmioRestoreError::QueueUnusable { index });
+                }
+                // The device's own copy, as at DRIVER_OK.
+                let mut dq = saved.to_queue().map_err(invalid)?;
+                dq.set_event_idx(event_idx);
+                device_queues.push(dq);
+            }
+            queues.push(q);
+        }
+
+        if active && let Err(e) = self.start_device(snap.acked_features, device_queues) {
+            return Err(match e {
+                StartError::EventFd(e) => MmioRestoreError::EventFd(e),
+                StartError::Activate(source) => MmioRestoreError::Activate {
+                    device: lock(&self.device).name(),
+                    source,
+                },
+            });
+        }
+        self.queues = queues;
+        self.status = snap.status;
+        self.state = snap.state;
+        self.device_features_sel = snap.device_features_sel;
+        self.driver_features_sel = snap.driver_features_sel;
+        self.acked_features = snap.acked_features;
+        self.queue_sel = snap.queue_sel;
+        self.config_generation = snap.config_generation;
+        // Before `restored`, which may raise bits of its own: those are
+        // added to the saved ones, never overwritten.
+        self.interrupt.restore_status(snap.interrupt_status);
+        if active {
+            lock(&self.device).restored();
+            for (index, evt) in self.queue_events.iter().enumerate() {
+                // The kicks of the old process are lost; whatever the guest
+                // queued before the snapshot is found again this way.
+                if let Err(e) = evt.write(1) {
+                    tracing::warn!("kick queue {index} after restore: {e}");
+                }
+            }
+        }
+        tracing::debug!(
+            "{}: restored in state {:?}",
+            lock(&self.device).name(),
+            self.state
+        );
+        Ok(())
     }
 
     /// A guest read at `offset` into the window.
@@ -355,7 +647,7 @@ impl MmioTransport {
                 TransportState::Driver
             }
             (TransportState::Driver, s) if s == ACKNOWLEDGE | DRIVER | FEATURES_OK => {
-                if !self.features_acceptable() {
+                if !self.features_acceptable(self.acked_features) {
                     // FEATURES_OK stays clear; the driver reads it back and fails.
                     self.counters.bad_status_writes += 1;
                     return;
@@ -378,9 +670,9 @@ impl MmioTransport {
         self.state = next;
     }
 
-    fn features_acceptable(&self) -> bool {
+    fn features_acceptable(&self, acked: u64) -> bool {
         let offered = self.device_features();
-        self.acked_features & !offered == 0 && self.acked_features & VIRTIO_F_VERSION_1 != 0
+        acked & !offered == 0 && acked & VIRTIO_F_VERSION_1 != 0
     }
 
     fn activate(&mut self) {
@@ -411,38 +703,37 @@ impl MmioTransport {
                 }
             }
         }
-        let mut queue_events = Vec::with_capacity(self.queue_events.len());
-        for evt in &self.queue_events {
-            match evt.try_clone() {
-                Ok(e) => queue_events.push(e),
-                Err(e) => {
-                    tracing::error!("clone queue eventfd: {e}");
-                    self.needs_reset();
-                    return;
-                }
+        match self.start_device(self.acked_features, queues) {
+            Ok(()) => {
+                self.status = ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK;
+                self.state = TransportState::Active;
+            }
+            Err(e) => {
+                tracing::warn!("{}: activation failed: {e}", lock(&self.device).name());
+                self.needs_reset();
             }
         }
+    }
+
+    /// Activates the device on `queues` with clones of the notify eventfds.
+    fn start_device(&self, acked_features: u64, queues: Vec<Queue>) -> Result<(), StartError> {
+        let queue_events = self
+            .queue_events
+            .iter()
+            .map(EventFd::try_clone)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(StartError::EventFd)?;
         let ctx = ActivateContext {
             mem: self.mem.clone(),
-            acked_features: self.acked_features,
+            acked_features,
             queues,
             queue_events,
             interrupt: self.interrupt.clone(),
             events: self.events.clone(),
         };
-        let mut dev = lock(&self.device);
-        match dev.activate(ctx) {
-            Ok(()) => {
-                drop(dev);
-                self.status = ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK;
-                self.state = TransportState::Active;
-            }
-            Err(e) => {
-                tracing::warn!("{}: activation failed: {e}", dev.name());
-                drop(dev);
-                self.needs_reset();
-            }
-        }
+        lock(&self.device)
+            .activate(ctx)
+            .map_err(StartError::Activate)
     }
 
     fn needs_reset(&mut self) {
@@ -479,4 +770,4 @@ pub fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -23,7 +23,7 @@ use std::sync::Arc;
 
 pub use events::{EventRegistrar, EventToken};
 pub use interrupt::Interrupt;
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueState};
 use vmm_sys_util::eventfd::EventFd;
 
 /// Guest memory as the devices see it.
@@ -100,6 +100,82 @@ pub enum ActivateError {
     Backend(String),
 }
 
+/// One split virtqueue as saved in a snapshot: the driver's configuration
+/// plus the device's ring positions.
+///
+/// A snapshot is read back from a file, so this is untrusted input: it only
+/// becomes a [`Queue`] through [`QueueSnapshot::to_queue`], which validates
+/// it (sizes, alignment), and the transport checks it against guest memory
+/// before any device uses it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct QueueSnapshot {
+    /// Maximum size the device offered.
+    pub max_size: u16,
+    /// Size the driver selected.
+    pub size: u16,
+    /// The driver marked the queue ready.
+    pub ready: bool,
+    /// Guest physical address of the descriptor table.
+    pub desc_table: u64,
+    /// Guest physical address of the available ring.
+    pub avail_ring: u64,
+    /// Guest physical address of the used ring.
+    pub used_ring: u64,
+    /// The next available ring entry the device will take.
+    pub next_avail: u16,
+    /// The next used ring entry the device will fill.
+    pub next_used: u16,
+    /// VIRTIO_RING_F_EVENT_IDX was in effect.
+    pub event_idx_enabled: bool,
+}
+
+impl From<QueueState> for QueueSnapshot {
+    fn from(s: QueueState) -> Self {
+        Self {
+            max_size: s.max_size,
+            size: s.size,
+            ready: s.ready,
+            desc_table: s.desc_table,
+            avail_ring: s.avail_ring,
+            used_ring: s.used_ring,
+            next_avail: s.next_avail,
+            next_used: s.next_used,
+            event_idx_enabled: s.event_idx_enabled,
+        }
+    }
+}
+
+impl From<QueueSnapshot> for QueueState {
+    fn from(s: QueueSnapshot) -> Self {
+        Self {
+            max_size: s.max_size,
+            size: s.size,
+            ready: s.ready,
+            desc_table: s.desc_table,
+            avail_ring: s.avail_ring,
+            used_ring: s.used_ring,
+            next_avail: s.next_avail,
+            next_used: s.next_used,
+            event_idx_enabled: s.event_idx_enabled,
+        }
+    }
+}
+
+impl From<&Queue> for QueueSnapshot {
+    fn from(q: &Queue) -> Self {
+        q.state().into()
+    }
+}
+
+impl QueueSnapshot {
+    /// The queue this snapshot describes, if its sizes and ring alignments
+    /// are valid (`Queue::try_from(QueueState)`). Whether the rings lie in
+    /// guest memory is checked separately (`QueueT::is_valid`).
+    pub fn to_queue(&self) -> Result<Queue, virtio_queue::Error> {
+        Queue::try_from(QueueState::from(*self))
+    }
+}
+
 /// Counters a device keeps for the control API and tests.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct DeviceCounters {
@@ -141,4 +217,12 @@ pub trait VirtioDevice: Send {
     fn name(&self) -> String;
     /// Current counters.
     fn counters(&self) -> DeviceCounters;
+    /// The activated queues with their ring positions, in queue order, for
+    /// a snapshot; empty before activation and after reset.
+    fn queue_snapshots(&self) -> Vec<QueueSnapshot>;
+    /// Called once after the transport re-activated the device from a
+    /// snapshot (in a new process, with new backends), before the queues
+    /// are kicked. Devices whose backend state did not survive tell the
+    /// driver here.
+    fn restored(&mut self) {}
 }

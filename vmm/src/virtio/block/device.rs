@@ -18,7 +18,8 @@ use super::{
 };
 use crate::virtio::{
     ActivateContext, ActivateError, DeviceCounters, EventRegistrar, EventToken, GuestMemory,
-    Interrupt, TYPE_BLOCK, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VirtioDevice,
+    Interrupt, QueueSnapshot, TYPE_BLOCK, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    VirtioDevice,
 };
 
 /// Size of the config space (`struct virtio_blk_config`).
@@ -365,5 +366,23 @@ impl VirtioDevice for Block {
 
     fn counters(&self) -> DeviceCounters {
         self.disk.counters.clone()
+    }
+
+    fn queue_snapshots(&self) -> Vec<QueueSnapshot> {
+        // Requests are served to completion within one event, so the ring
+        // positions are all there is: nothing is in flight.
+        self.active
+            .iter()
+            .map(|active| QueueSnapshot::from(&active.queue))
+            .collect()
+    }
+
+    /// The drive file need not be the one the guest saw before the
+    /// snapshot, nor of the same size: the driver re-reads the capacity, as
+    /// after [`Block::swap_backing`].
+    fn restored(&mut self) {
+        if let Some(active) = &self.active {
+            active.interrupt.signal_config_change();
+        }
     }
 }

@@ -2,7 +2,7 @@
 //! with good chains and hostile ones.
 
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use tempfile::NamedTempFile;
 use virtio_queue::{Queue, QueueT};
@@ -12,6 +12,8 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use super::*;
 use crate::virtio::interrupt::{INT_CONFIG, INT_VRING};
+use crate::virtio::mmio::tests::{QueueLayout, drive_to_active, notify_queue};
+use crate::virtio::mmio::{MmioRestoreError, MmioTransport, TransportSnapshot, TransportState};
 use crate::virtio::{
     ActivateContext, ActivateError, EventRegistrar, GuestMemory, Interrupt, MAX_CHAIN_BYTES,
     TYPE_BLOCK, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VirtioDevice,
@@ -63,6 +65,72 @@ fn temp_file(contents: &[u8]) -> NamedTempFile {
     file
 }
 
+/// The driver's side of the request queue laid out at `DESC_TABLE`,
+/// `AVAIL_RING` and `USED_RING`.
+#[derive(Debug, Default)]
+struct Ring {
+    next_desc: u16,
+    avail_idx: u16,
+}
+
+impl Ring {
+    fn alloc_desc(&mut self) -> u16 {
+        let index = self.next_desc;
+        self.next_desc = (self.next_desc + 1) % QUEUE_SIZE;
+        index
+    }
+
+    /// Makes `head` available to the device.
+    fn publish(&mut self, mem: &GuestMemory, head: u16) {
+        let slot = u64::from(self.avail_idx % QUEUE_SIZE);
+        mem.write_obj(head, GuestAddress(AVAIL_RING + 4 + 2 * slot))
+            .expect("avail ring");
+        self.avail_idx = self.avail_idx.wrapping_add(1);
+        mem.write_obj(self.avail_idx, GuestAddress(AVAIL_RING + 2))
+            .expect("avail idx");
+    }
+
+    /// Writes a chain into the descriptor table and publishes it.
+    fn push(&mut self, mem: &GuestMemory, descs: &[Desc]) -> u16 {
+        let indexes: Vec<u16> = descs.iter().map(|_| self.alloc_desc()).collect();
+        for (i, &(addr, len, write)) in descs.iter().enumerate() {
+            let mut flags = if write { F_WRITE } else { 0 };
+            let next = match indexes.get(i + 1) {
+                Some(&next) => {
+                    flags |= F_NEXT;
+                    next
+                }
+                None => 0,
+            };
+            write_desc(mem, indexes[i], addr, len, flags, next);
+        }
+        self.publish(mem, indexes[0]);
+        indexes[0]
+    }
+}
+
+fn write_desc(mem: &GuestMemory, index: u16, addr: u64, len: u32, flags: u16, next: u16) {
+    let base = GuestAddress(DESC_TABLE + 16 * u64::from(index));
+    mem.write_obj(addr, base).expect("desc addr");
+    mem.write_obj(len, base.unchecked_add(8)).expect("desc len");
+    mem.write_obj(flags, base.unchecked_add(12))
+        .expect("desc flags");
+    mem.write_obj(next, base.unchecked_add(14))
+        .expect("desc next");
+}
+
+fn used_idx(mem: &GuestMemory) -> u16 {
+    mem.read_obj(GuestAddress(USED_RING + 2)).expect("used idx")
+}
+
+/// The used element `n`: (head id, length).
+fn used_elem(mem: &GuestMemory, n: u16) -> (u32, u32) {
+    let elem = USED_RING + 4 + 8 * u64::from(n % QUEUE_SIZE);
+    let id = mem.read_obj(GuestAddress(elem)).expect("used id");
+    let len = mem.read_obj(GuestAddress(elem + 4)).expect("used len");
+    (id, len)
+}
+
 /// The driver side: guest memory, a split queue laid out by hand, and the
 /// activated device.
 struct Harness {
@@ -72,8 +140,7 @@ struct Harness {
     epoll: Arc<Epoll>,
     kick: EventFd,
     file: NamedTempFile,
-    next_desc: u16,
-    avail_idx: u16,
+    ring: Ring,
 }
 
 impl Harness {
@@ -121,59 +188,26 @@ impl Harness {
             epoll,
             kick,
             file,
-            next_desc: 0,
-            avail_idx: 0,
+            ring: Ring::default(),
         }
     }
 
     fn write_desc(&self, index: u16, addr: u64, len: u32, flags: u16, next: u16) {
-        let base = GuestAddress(DESC_TABLE + 16 * u64::from(index));
-        self.mem.write_obj(addr, base).expect("desc addr");
-        self.mem
-            .write_obj(len, base.unchecked_add(8))
-            .expect("desc len");
-        self.mem
-            .write_obj(flags, base.unchecked_add(12))
-            .expect("desc flags");
-        self.mem
-            .write_obj(next, base.unchecked_add(14))
-            .expect("desc next");
+        write_desc(&self.mem, index, addr, len, flags, next);
     }
 
     fn alloc_desc(&mut self) -> u16 {
-        let index = self.next_desc;
-        self.next_desc = (self.next_desc + 1) % QUEUE_SIZE;
-        index
+        self.ring.alloc_desc()
     }
 
     /// Makes `head` available to the device.
     fn publish(&mut self, head: u16) {
-        let slot = u64::from(self.avail_idx % QUEUE_SIZE);
-        self.mem
-            .write_obj(head, GuestAddress(AVAIL_RING + 4 + 2 * slot))
-            .expect("avail ring");
-        self.avail_idx = self.avail_idx.wrapping_add(1);
-        self.mem
-            .write_obj(self.avail_idx, GuestAddress(AVAIL_RING + 2))
-            .expect("avail idx");
+        self.ring.publish(&self.mem, head);
     }
 
     /// Writes a chain into the descriptor table and publishes it.
     fn push(&mut self, descs: &[Desc]) -> u16 {
-        let indexes: Vec<u16> = descs.iter().map(|_| self.alloc_desc()).collect();
-        for (i, &(addr, len, write)) in descs.iter().enumerate() {
-            let mut flags = if write { F_WRITE } else { 0 };
-            let next = match indexes.get(i + 1) {
-                Some(&next) => {
-                    flags |= F_NEXT;
-                    next
-                }
-                None => 0,
-            };
-            self.write_desc(indexes[i], addr, len, flags, next);
-        }
-        self.publish(indexes[0]);
-        indexes[0]
+        self.ring.push(&self.mem, descs)
     }
 
     fn kick(&mut self) {
@@ -183,17 +217,12 @@ impl Harness {
     }
 
     fn used_idx(&self) -> u16 {
-        self.mem
-            .read_obj(GuestAddress(USED_RING + 2))
-            .expect("used idx")
+        used_idx(&self.mem)
     }
 
     /// The used element `n`: (head id, length).
     fn used(&self, n: u16) -> (u32, u32) {
-        let elem = USED_RING + 4 + 8 * u64::from(n % QUEUE_SIZE);
-        let id = self.mem.read_obj(GuestAddress(elem)).expect("used id");
-        let len = self.mem.read_obj(GuestAddress(elem + 4)).expect("used len");
-        (id, len)
+        used_elem(&self.mem, n)
     }
 
     fn write_header(&self, kind: u32, sector: u64) {
@@ -1053,4 +1082,270 @@ fn activate_rejects_wrong_queue_count() {
     block.handle_event(REQUEST_QUEUE_TOKEN, libc::EPOLLIN as u32);
     block.handle_event(99, libc::EPOLLIN as u32);
     assert_eq!(block.counters(), Default::default());
+}
+
+// ------------------------------------------------------- snapshot/restore
+
+/// A block device behind a real MMIO transport and event loop registration,
+/// as the VMM builds it.
+struct Window {
+    block: Arc<Mutex<Block>>,
+    transport: MmioTransport,
+    interrupt: Arc<Interrupt>,
+    epoll: Arc<Epoll>,
+}
+
+impl Window {
+    fn new(mem: GuestMemory, path: &Path, read_only: bool) -> Self {
+        let block = Arc::new(Mutex::new(
+            Block::new(BlockConfig {
+                path: path.to_owned(),
+                read_only,
+                id: "vda".into(),
+            })
+            .expect("block device"),
+        ));
+        let interrupt = Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).expect("irqfd")));
+        let epoll = Arc::new(Epoll::new().expect("epoll"));
+        let transport = MmioTransport::new(
+            block.clone(),
+            mem.clone(),
+            interrupt.clone(),
+            EventRegistrar::new(epoll.clone(), 0),
+        )
+        .expect("transport");
+        Self {
+            block,
+            transport,
+            interrupt,
+            epoll,
+        }
+    }
+
+    /// The driver brings the device up on the queue at `DESC_TABLE`.
+    fn bring_up(&mut self, features: u64) {
+        let layout = QueueLayout {
+            size: QUEUE_SIZE,
+            desc: DESC_TABLE,
+            avail: AVAIL_RING,
+            used: USED_RING,
+        };
+        drive_to_active(&mut self.transport, features, &[layout]);
+        assert_eq!(self.transport.state(), TransportState::Active);
+    }
+
+    /// Dispatches what the event loop has ready; returns how many events.
+    fn run_events(&self) -> usize {
+        let mut events = [EpollEvent::default(); 8];
+        let n = self.epoll.wait(0, &mut events).expect("epoll wait");
+        for ev in &events[..n] {
+            let (_, token) = EventRegistrar::decode(ev.data());
+            self.block
+                .lock()
+                .expect("block")
+                .handle_event(token, ev.events());
+        }
+        n
+    }
+}
+
+/// Publishes a request whose header and status live in their own `slot`,
+/// so that several can be in flight. Returns (head, status address).
+fn queue_request(
+    mem: &GuestMemory,
+    ring: &mut Ring,
+    slot: u64,
+    kind: u32,
+    sector: u64,
+    data: &[Desc],
+) -> (u16, u64) {
+    let header = HEADER + 0x100 * slot;
+    let status = STATUS + slot;
+    mem.write_obj(kind, GuestAddress(header)).expect("type");
+    mem.write_obj(0u32, GuestAddress(header + 4))
+        .expect("reserved");
+    mem.write_obj(sector, GuestAddress(header + 8))
+        .expect("sector");
+    mem.write_obj(UNTOUCHED, GuestAddress(status))
+        .expect("status");
+    let mut descs = vec![readable(header, 16)];
+    descs.extend_from_slice(data);
+    descs.push(writable(status, 1));
+    (ring.push(mem, &descs), status)
+}
+
+/// Guest memory as a new process gets it back from the memory file.
+fn copy_memory(mem: &GuestMemory) -> GuestMemory {
+    let mut image = vec![0u8; MEM_SIZE as usize];
+    mem.read_slice(&mut image, GuestAddress(0))
+        .expect("read guest memory");
+    let copy =
+        GuestMemory::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).expect("guest memory");
+    copy.write_slice(&image, GuestAddress(0))
+        .expect("write guest memory");
+    copy
+}
+
+#[test]
+fn restore_serves_requests_queued_before_the_snapshot() {
+    let file = temp_file(&pattern(16, 7));
+    let mem =
+        GuestMemory::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).expect("guest memory");
+    let features = VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX;
+    let mut old = Window::new(mem.clone(), file.path(), false);
+    old.bring_up(features);
+    let mut ring = Ring::default();
+
+    // Two writes served before the snapshot.
+    let written = vec![0x5au8; 2 * SECTOR_SIZE as usize];
+    mem.write_slice(&written, GuestAddress(DATA)).expect("data");
+    let mut statuses = Vec::new();
+    for (slot, sector) in [(0, 2), (1, 4)] {
+        let (_, status) = queue_request(
+            &mem,
+            &mut ring,
+            slot,
+            VIRTIO_BLK_T_OUT,
+            sector,
+            &[readable(DATA, 2 * SECTOR_SIZE as u32)],
+        );
+        statuses.push(status);
+    }
+    notify_queue(&mut old.transport, 0);
+    assert_eq!(old.run_events(), 1);
+    assert_eq!(used_idx(&mem), 2);
+    // The driver consumed both, acknowledged the interrupt and asked for
+    // the next one after used index 2.
+    old.interrupt.ack(u32::MAX);
+    mem.write_obj(
+        2u16,
+        GuestAddress(AVAIL_RING + 4 + 2 * u64::from(QUEUE_SIZE)),
+    )
+    .expect("used_event");
+
+    // Two more queued, the kick lost with the old process: a read of what
+    // was written and a write of sector 9.
+    let (read_head, read_status) = queue_request(
+        &mem,
+        &mut ring,
+        2,
+        VIRTIO_BLK_T_IN,
+        2,
+        &[writable(DATA2, 2 * SECTOR_SIZE as u32)],
+    );
+    let (write_head, write_status) = queue_request(
+        &mem,
+        &mut ring,
+        3,
+        VIRTIO_BLK_T_OUT,
+        9,
+        &[readable(DATA, SECTOR_SIZE as u32)],
+    );
+    let snap = old.transport.snapshot();
+    let json = serde_json::to_vec(&snap).expect("serialize");
+    let snap: TransportSnapshot = serde_json::from_slice(&json).expect("deserialize");
+    assert_eq!(snap.state, TransportState::Active);
+    assert_eq!(snap.interrupt_status, 0);
+    assert_eq!(
+        (snap.queues[0].next_avail, snap.queues[0].next_used),
+        (2, 2)
+    );
+    assert!(snap.queues[0].event_idx_enabled);
+
+    // A new process: new device on the same file, memory from the file.
+    let mem = copy_memory(&mem);
+    drop(old);
+    let mut new = Window::new(mem.clone(), file.path(), false);
+    new.transport.restore(&snap).expect("restore");
+    assert_eq!(new.transport.state(), TransportState::Active);
+    assert_eq!(
+        used_idx(&mem),
+        2,
+        "nothing served before the event loop runs"
+    );
+    assert_eq!(new.interrupt.status(), INT_CONFIG, "re-read the capacity");
+    assert_eq!(new.run_events(), 1, "restore kicked the queue");
+
+    assert_eq!(used_idx(&mem), 4, "the used index continues from 2");
+    assert_eq!(
+        used_elem(&mem, 2),
+        (u32::from(read_head), 2 * SECTOR_SIZE as u32 + 1)
+    );
+    assert_eq!(used_elem(&mem, 3), (u32::from(write_head), 1));
+    for status in statuses.iter().chain([&read_status, &write_status]) {
+        let byte: u8 = mem.read_obj(GuestAddress(*status)).expect("status");
+        assert_eq!(byte, VIRTIO_BLK_S_OK);
+    }
+    let mut read = vec![0u8; written.len()];
+    mem.read_slice(&mut read, GuestAddress(DATA2))
+        .expect("read data");
+    assert_eq!(read, written);
+    let on_disk = std::fs::read(file.path()).expect("read backing");
+    let sector9 = 9 * SECTOR_SIZE as usize;
+    assert!(on_disk[sector9..sector9 + SECTOR_SIZE as usize] == written[..SECTOR_SIZE as usize]);
+    assert_eq!(
+        new.interrupt.status(),
+        INT_CONFIG | INT_VRING,
+        "used_event 2 was crossed"
+    );
+    assert_eq!(new.interrupt.irq_fd().read().expect("irq"), 2);
+
+    // The driver carries on through the new window.
+    queue_request(&mem, &mut ring, 4, VIRTIO_BLK_T_FLUSH, 0, &[]);
+    notify_queue(&mut new.transport, 0);
+    assert_eq!(new.run_events(), 1);
+    assert_eq!(used_idx(&mem), 5);
+    assert_eq!(new.block.lock().expect("block").counters().completed, 3);
+}
+
+#[test]
+fn restore_refuses_features_the_new_drive_does_not_offer() {
+    let file = temp_file(&pattern(4, 0));
+    let mem =
+        GuestMemory::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).expect("guest memory");
+    let mut old = Window::new(mem.clone(), file.path(), true);
+    old.bring_up(VIRTIO_F_VERSION_1 | VIRTIO_BLK_F_RO);
+    let snap = old.transport.snapshot();
+    drop(old);
+
+    // The drive came back read-write: the driver's RO is not offered.
+    let mut new = Window::new(mem.clone(), file.path(), false);
+    match new.transport.restore(&snap) {
+        Err(MmioRestoreError::Features { acked, offered }) => {
+            assert_eq!(acked, VIRTIO_F_VERSION_1 | VIRTIO_BLK_F_RO);
+            assert_eq!(offered & VIRTIO_BLK_F_RO, 0);
+        }
+        other => panic!("expected a features error, got {other:?}"),
+    }
+    assert_eq!(new.transport.state(), TransportState::Reset);
+    assert_eq!(new.run_events(), 0, "the device was not activated");
+
+    // Read-only again, on a bigger file, it restores and the driver is
+    // told to re-read the capacity.
+    let bigger = temp_file(&pattern(12, 0));
+    let mut new = Window::new(mem, bigger.path(), true);
+    new.transport.restore(&snap).expect("restore");
+    assert_eq!(
+        new.block.lock().expect("block").queue_snapshots(),
+        snap.queues
+    );
+    assert_eq!(new.interrupt.status(), INT_CONFIG);
+    let mut capacity = [0u8; 8];
+    new.transport.read(0x100, &mut capacity);
+    assert_eq!(u64::from_le_bytes(capacity), 12);
+}
+
+#[test]
+fn queue_snapshots_follow_activation() {
+    let mut h = Harness::new(&pattern(8, 0), false);
+    let before = h.block.queue_snapshots();
+    assert_eq!(before.len(), 1);
+    assert_eq!((before[0].next_avail, before[0].next_used), (0, 0));
+    assert_eq!(before[0].desc_table, DESC_TABLE);
+    assert_eq!(before[0].used_ring, USED_RING);
+    h.request(VIRTIO_BLK_T_FLUSH, 0, &[]);
+    let after = h.block.queue_snapshots();
+    assert_eq!((after[0].next_avail, after[0].next_used), (1, 1));
+    h.block.reset();
+    assert!(h.block.queue_snapshots().is_empty());
 }

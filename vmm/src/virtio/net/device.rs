@@ -19,7 +19,7 @@ use super::{
 };
 use crate::virtio::{
     ActivateContext, ActivateError, DeviceCounters, EventRegistrar, EventToken, GuestMemory,
-    Interrupt, TYPE_NET, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VirtioDevice,
+    Interrupt, QueueSnapshot, TYPE_NET, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VirtioDevice,
 };
 
 const fn bit(feature: u32) -> u64 {
@@ -348,5 +348,15 @@ impl VirtioDevice for Net {
 
     fn counters(&self) -> DeviceCounters {
         self.counters.clone()
+    }
+
+    fn queue_snapshots(&self) -> Vec<QueueSnapshot> {
+        // A frame read from the TAP and still waiting for RX buffers is not
+        // saved: it is lost like any frame on a congested link.
+        self.active
+            .iter()
+            .flat_map(|active| [&active.rx_queue, &active.tx_queue])
+            .map(QueueSnapshot::from)
+            .collect()
     }
 }

@@ -10,8 +10,8 @@
 use std::io;
 use std::mem::size_of;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
 
 use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_MAC,
@@ -23,6 +23,8 @@ use vmm_sys_util::epoll::{Epoll, EpollEvent};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use super::*;
+use crate::virtio::mmio::tests::{QueueLayout, drive_to_active, notify_queue};
+use crate::virtio::mmio::{MmioTransport, TransportSnapshot, TransportState};
 use crate::virtio::{
     ActivateContext, ActivateError, EventRegistrar, GuestMemory, Interrupt, TYPE_NET,
     VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VirtioDevice,
@@ -992,5 +994,158 @@ fn inject_refuses_what_the_tap_could_not_return() {
         h.net.reset();
         h.activate(BASE_FEATURES);
         assert!(h.net.inject_rx_frame(&[0; 64]));
+    });
+}
+
+// ---------------------------------------------------------------------
+// Snapshot and restore.
+
+/// A net device behind a real MMIO transport, as the VMM builds it.
+struct Window {
+    net: Arc<Mutex<Net>>,
+    transport: MmioTransport,
+    epoll: Arc<Epoll>,
+}
+
+impl Window {
+    fn new(mem: &GuestMemory, tap: Tap) -> Self {
+        let net = Arc::new(Mutex::new(Net::with_tap(tap, GUEST_MAC)));
+        let epoll = Arc::new(Epoll::new().expect("epoll"));
+        let interrupt = Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).expect("irqfd")));
+        let transport = MmioTransport::new(
+            net.clone(),
+            mem.clone(),
+            interrupt,
+            EventRegistrar::new(epoll.clone(), 0),
+        )
+        .expect("transport");
+        Self {
+            net,
+            transport,
+            epoll,
+        }
+    }
+
+    /// Dispatches what the event loop has ready within `timeout_ms`;
+    /// returns the tokens.
+    fn run_events(&self, timeout_ms: i32) -> Vec<EventToken> {
+        let mut events = [EpollEvent::default(); 8];
+        let n = self
+            .epoll
+            .wait(timeout_ms, &mut events)
+            .expect("epoll wait");
+        let mut tokens = Vec::new();
+        for ev in &events[..n] {
+            let (_, token) = EventRegistrar::decode(ev.data());
+            self.net
+                .lock()
+                .expect("net")
+                .handle_event(token, ev.events());
+            tokens.push(token);
+        }
+        tokens.sort_unstable();
+        tokens
+    }
+}
+
+/// Queues one TX chain (header and frame in one descriptor) at `addr`.
+fn queue_tx_frame(mem: &GuestMemory, tx: &mut Driver, addr: u64, f: &[u8]) -> u16 {
+    let mut chain = plain_header().to_vec();
+    chain.extend_from_slice(f);
+    mem.write_slice(&chain, GuestAddress(addr)).expect("frame");
+    tx.add_chain(mem, &[readable(addr, chain.len() as u32)])
+}
+
+#[test]
+fn restore_onto_a_new_tap_serves_what_the_guest_queued() {
+    in_netns(|| {
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)])
+            .expect("guest memory");
+        let (tap, sock) = tap_with_socket();
+        let mut old = Window::new(&mem, tap);
+        let layouts = [RX_RING, TX_RING].map(|desc| QueueLayout {
+            size: QUEUE_SIZE,
+            desc,
+            avail: desc + AVAIL_OFFSET,
+            used: desc + USED_OFFSET,
+        });
+        drive_to_active(&mut old.transport, BASE_FEATURES, &layouts);
+        let mut rx = Driver::new(RX_RING, QUEUE_SIZE);
+        let mut tx = Driver::new(TX_RING, QUEUE_SIZE);
+
+        // One frame out before the snapshot.
+        let sent = frame(100, 1);
+        queue_tx_frame(&mem, &mut tx, BUF, &sent);
+        notify_queue(&mut old.transport, TX_QUEUE as u32);
+        assert_eq!(old.run_events(0), [TX_QUEUE_TOKEN]);
+        assert!(sock.recv().expect("frame on the old TAP") == sent);
+        // Then an RX buffer posted and a second frame queued, not kicked.
+        let rx_head = rx.add_chain(&mem, &[writable(BUF2, 2048)]);
+        let queued = frame(300, 2);
+        let tx_head = queue_tx_frame(&mem, &mut tx, BUF + 0x1000, &queued);
+        let snap = old.transport.snapshot();
+        let positions: Vec<_> = snap
+            .queues
+            .iter()
+            .map(|q| (q.next_avail, q.next_used))
+            .collect();
+        assert_eq!(positions, [(0, 0), (1, 1)]);
+
+        // A new process on a new TAP, memory from the memory file.
+        let image = read_mem(&mem, 0, MEM_SIZE as usize);
+        drop(old);
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)])
+            .expect("guest memory");
+        mem.write_slice(&image, GuestAddress(0))
+            .expect("restore memory");
+        let (tap, sock) = tap_with_socket();
+        let mut new = Window::new(&mem, tap);
+        let json = serde_json::to_string(&snap).expect("serialize");
+        let snap: TransportSnapshot = serde_json::from_str(&json).expect("deserialize");
+        new.transport.restore(&snap).expect("restore");
+        assert_eq!(new.transport.state(), TransportState::Active);
+
+        // The restore kicks both queues: the queued frame leaves on the new
+        // TAP and the used index continues.
+        assert_eq!(new.run_events(0), [RX_QUEUE_TOKEN, TX_QUEUE_TOKEN]);
+        assert!(sock.recv().expect("frame on the new TAP") == queued);
+        assert_eq!(tx.used_idx(&mem), 2);
+        assert_eq!(tx.used_elem(&mem, 1), (tx_head, 0));
+
+        // The RX buffer posted before the snapshot takes the next frame.
+        let incoming = frame(80, 3);
+        sock.send(&incoming);
+        assert_eq!(new.run_events(2000), [TAP_TOKEN]);
+        assert_eq!(rx.used_idx(&mem), 1);
+        assert_eq!(
+            rx.used_elem(&mem, 0),
+            (rx_head, (VNET_HDR_LEN + incoming.len()) as u32)
+        );
+        assert_rx(&mem, BUF2, 1, &incoming);
+        let c = new.net.lock().expect("net").counters();
+        assert_eq!((c.completed, c.tx_bytes, c.rx_bytes), (2, 300, 80));
+    });
+}
+
+#[test]
+fn queue_snapshots_follow_activation() {
+    in_netns(|| {
+        let mut h = Harness::new(Tap::open(&tap_name()).expect("tap"));
+        assert!(h.net.queue_snapshots().is_empty());
+        h.activate(BASE_FEATURES | VIRTIO_RING_F_EVENT_IDX);
+        let snaps = h.net.queue_snapshots();
+        let rings: Vec<_> = snaps
+            .iter()
+            .map(|q| (q.desc_table, q.used_ring, q.event_idx_enabled))
+            .collect();
+        assert_eq!(
+            rings,
+            [
+                (RX_RING, RX_RING + USED_OFFSET, true),
+                (TX_RING, TX_RING + USED_OFFSET, true)
+            ]
+        );
+        h.net.reset();
+        assert!(h.net.queue_snapshots().is_empty());
     });
 }

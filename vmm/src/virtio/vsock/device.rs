@@ -11,8 +11,8 @@ use super::handler::{Active, LISTENER_TOKEN, queue_token};
 use super::muxer::Muxer;
 use super::{NUM_QUEUES, QUEUE_SIZE};
 use crate::virtio::{
-    ActivateContext, ActivateError, DeviceCounters, EventToken, TYPE_VSOCK, VIRTIO_F_VERSION_1,
-    VirtioDevice,
+    ActivateContext, ActivateError, DeviceCounters, EventToken, QueueSnapshot, TYPE_VSOCK,
+    VIRTIO_F_VERSION_1, VirtioDevice,
 };
 
 /// How the VMM configures a vsock device.
@@ -122,10 +122,10 @@ impl Vsock {
             .map_or(0, |active| active.muxer.connection_count())
     }
 
-    /// Tells the driver its connections are gone (used after a snapshot
-    /// restore, when host sockets did not survive): a
-    /// `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET` goes into an event buffer if the
-    /// driver posted one, and every connection is dropped.
+    /// Tells the driver its connections are gone (after a snapshot restore,
+    /// when host sockets did not survive): every connection is dropped and a
+    /// `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET` goes into an event buffer, at
+    /// once if the driver posted one, else when it posts one.
     pub fn send_transport_reset(&mut self) {
         match self.active.as_mut() {
             Some(active) => active.transport_reset(&mut self.counters),
@@ -259,5 +259,25 @@ impl VirtioDevice for Vsock {
 
     fn counters(&self) -> DeviceCounters {
         self.counters.clone()
+    }
+
+    fn queue_snapshots(&self) -> Vec<QueueSnapshot> {
+        // Connections are not saved: their host sockets belong to the old
+        // process. `restored` tells the driver.
+        self.active
+            .iter()
+            .flat_map(|active| &active.queues)
+            .map(QueueSnapshot::from)
+            .collect()
+    }
+
+    /// No host connection survives a snapshot (virtio 1.2, 5.10.6.6): the
+    /// driver must drop its sockets and re-read the guest CID, which may
+    /// differ in this process.
+    /// Activation built a new, empty connection table; the reset drops
+    /// anything that got in since all the same.
+    fn restored(&mut self) {
+        tracing::info!("{}: restored, sending transport reset", self.name());
+        self.send_transport_reset();
     }
 }

@@ -4,6 +4,7 @@
 
 use std::os::unix::net::UnixListener;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
@@ -34,6 +35,15 @@ pub(super) struct Active {
     /// TX processing paused because replies are backed up behind a guest
     /// that is not posting RX buffers; an RX kick resumes it.
     pub tx_stalled: bool,
+    /// A transport reset the driver has not been told about: it had no
+    /// event buffer posted. Sent when an event queue kick brings one.
+    pub reset_pending: bool,
+    /// A transport reset was delivered and the driver has not handled it yet. Nothing goes
+    /// to the guest's RX queue meanwhile: a host connection request it saw before the
+    /// event would be reset by it (seen right after a restore). The driver posts a new
+    /// event buffer once it handled the event (the ring's avail index moves past the one
+    /// recorded here when the event was delivered); that is the acknowledgement.
+    pub reset_unacked: Option<u16>,
     /// Queues that got used buffers since the last interrupt.
     used: [bool; NUM_QUEUES],
 }
@@ -55,6 +65,8 @@ impl Active {
             events,
             muxer,
             tx_stalled: false,
+            reset_pending: false,
+            reset_unacked: None,
             used: [false; NUM_QUEUES],
         }
     }
@@ -77,10 +89,14 @@ impl Active {
                 self.process_tx(counters);
             }
             // Event buffers are only consumed by a transport reset.
-            t if t == queue_token(EVENT_QUEUE) => self.drain_queue_event(EVENT_QUEUE, events),
+            t if t == queue_token(EVENT_QUEUE) => {
+                self.drain_queue_event(EVENT_QUEUE, events);
+                self.deliver_reset_event(counters);
+            }
             LISTENER_TOKEN => self.muxer.accept(listener, counters),
             t => self.muxer.handle_stream_event(t, events, counters),
         }
+        self.check_reset_acked();
         self.muxer.sweep(Instant::now());
         self.process_rx(counters);
         if self.tx_stalled && !self.muxer.rx_backlogged() {
@@ -148,6 +164,9 @@ impl Active {
     /// buffers left the work stays queued (host bytes stay in their
     /// sockets) until the next RX kick.
     pub fn process_rx(&mut self, counters: &mut DeviceCounters) {
+        if self.reset_unacked.is_some() {
+            return;
+        }
         let Self {
             mem,
             queues,
@@ -194,14 +213,30 @@ impl Active {
         }
     }
 
-    /// Puts a transport reset event in the first usable event buffer (a
-    /// writable descriptor of at least 4 bytes) and drops all connections.
+    /// Drops all connections and tells the driver with a transport reset
+    /// event, now if it posted an event buffer, else as soon as it posts
+    /// one.
     pub fn transport_reset(&mut self, counters: &mut DeviceCounters) {
+        self.muxer.drop_connections();
+        self.reset_pending = true;
+        self.deliver_reset_event(counters);
+        if self.reset_pending {
+            tracing::info!("vsock: no event buffer for the transport reset yet, keeping it");
+        }
+        self.notify();
+    }
+
+    /// Puts a pending transport reset event in the first usable event
+    /// buffer (a writable descriptor of at least 4 bytes); unusable buffers
+    /// on the way are returned empty.
+    fn deliver_reset_event(&mut self, counters: &mut DeviceCounters) {
+        if !self.reset_pending {
+            return;
+        }
         let Self {
             mem, queues, used, ..
         } = self;
         let queue = &mut queues[EVENT_QUEUE];
-        let mut delivered = false;
         while let Some(mut chain) = queue.pop_descriptor_chain(&*mem) {
             let head = chain.head_index();
             let written = match chain.next() {
@@ -216,17 +251,38 @@ impl Active {
             }
             used[EVENT_QUEUE] = true;
             if written {
-                delivered = true;
-                break;
+                self.reset_pending = false;
+                // Unreadable: nothing to wait for, the driver cannot post buffers either.
+                self.reset_unacked = queue.avail_idx(&*mem, Ordering::Acquire).ok().map(|i| i.0);
+                // The driver resets every socket when it reads the event,
+                // including any opened while the event waited for a buffer.
+                self.muxer.drop_connections();
+                return;
             }
             tracing::debug!("vsock: malformed event chain {head}");
             counters.malformed_chains += 1;
         }
-        if !delivered {
-            tracing::warn!("vsock: no event buffer for the transport reset");
+    }
+
+    /// Ends the hold on RX once the driver posted an event buffer after the reset event
+    /// (Linux refills the event queue right after handling an event).
+    fn check_reset_acked(&mut self) {
+        let Some(at_delivery) = self.reset_unacked else {
+            return;
+        };
+        let queue = &self.queues[EVENT_QUEUE];
+        match queue.avail_idx(&self.mem, Ordering::Acquire) {
+            Ok(avail) if avail.0 != at_delivery => {
+                tracing::debug!("vsock: the driver handled the transport reset");
+                self.reset_unacked = None;
+            }
+            Ok(_) => {}
+            // A broken ring: stop waiting rather than hold RX forever.
+            Err(e) => {
+                tracing::debug!("vsock: event queue avail index: {e}");
+                self.reset_unacked = None;
+            }
         }
-        self.muxer.drop_connections();
-        self.notify();
     }
 
     /// Raises the interrupt once if any queue that got used buffers wants

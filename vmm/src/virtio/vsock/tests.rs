@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use virtio_queue::{Queue, QueueT};
@@ -15,6 +15,8 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use super::connect::parse_connect_line;
 use super::*;
+use crate::virtio::mmio::tests::{QueueLayout, drive_to_active, notify_queue};
+use crate::virtio::mmio::{MmioTransport, TransportState, lock};
 use crate::virtio::{
     ActivateContext, EventRegistrar, GuestMemory, Interrupt, TYPE_VSOCK, VIRTIO_F_VERSION_1,
     VirtioDevice,
@@ -1320,8 +1322,23 @@ fn transport_reset_uses_event_buffer_and_drops_connections() {
     assert_eq!(server.read(&mut buf).expect("read"), 0);
     assert_eq!(client.read(&mut buf).expect("read"), 0);
 
+    // Until the driver posts a new event buffer (Linux does once it handled the event),
+    // nothing reaches its RX queue: a connection request it saw first would be reset.
+    h.send(Hdr::guest(OP_REQUEST, 3, 9100), &[]);
+    assert!(
+        h.take_rx().is_empty(),
+        "RX is held until the reset is handled"
+    );
+    h.rings[EVENT_QUEUE].add_chain(&h.mem, &[(0x7f_0000, 8, true)]);
+    h.kick(EVENT_QUEUE);
+    let pkts = h.take_rx();
+    assert_eq!(pkts.len(), 1, "{pkts:?}");
+    assert_eq!(pkts[0].hdr.op, OP_RESPONSE);
+    let _server = listener.accept().expect("accept");
+
     // Without an event buffer it still drops connections.
-    let _server = h.guest_connect(&listener, 3, 9100);
+    h.rings[EVENT_QUEUE].pop_used(&h.mem);
+    h.dev.send_transport_reset();
     h.dev.send_transport_reset();
     assert_eq!(h.dev.connection_count(), 0);
 }
@@ -1359,4 +1376,305 @@ fn interrupt_once_per_batch() {
     assert_eq!(h.take_rx().len(), 4);
     assert_eq!(h.tx_used().len(), 4);
     assert_eq!(h.irq_count(), 1, "one interrupt for the whole batch");
+}
+
+// ------------------------------------------------------ snapshot/restore
+
+/// A vsock device behind a real MMIO transport, as the VMM builds it, with
+/// the driver's side of its three queues.
+struct Window {
+    uds: PathBuf,
+    mem: GuestMemory,
+    dev: Arc<Mutex<Vsock>>,
+    transport: MmioTransport,
+    epoll: Arc<Epoll>,
+    irq: Arc<Interrupt>,
+    rings: Vec<TestRing>,
+    /// Header address of each posted RX chain, by head.
+    rx_hdrs: HashMap<u16, u64>,
+}
+
+/// Where each queue's rings live (the same layout as [`Harness`]).
+fn ring_base(queue: usize) -> u64 {
+    0x10000 * (queue as u64 + 1)
+}
+
+impl Window {
+    /// A device at `dir/<name>` with CID `cid` on guest memory `mem`; the
+    /// driver-side rings start out empty.
+    fn new(dir: &std::path::Path, name: &str, cid: u64, mem: GuestMemory) -> Self {
+        let uds = dir.join(name);
+        let dev = Arc::new(Mutex::new(
+            Vsock::new(VsockConfig {
+                guest_cid: cid,
+                uds_path: uds.clone(),
+            })
+            .expect("vsock"),
+        ));
+        let epoll = Arc::new(Epoll::new().expect("epoll"));
+        let irq = Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).expect("irq")));
+        let transport = MmioTransport::new(
+            dev.clone(),
+            mem.clone(),
+            irq.clone(),
+            EventRegistrar::new(epoll.clone(), 0),
+        )
+        .expect("transport");
+        Self {
+            uds,
+            mem,
+            dev,
+            transport,
+            epoll,
+            irq,
+            rings: (0..NUM_QUEUES)
+                .map(|q| TestRing::new(ring_base(q), QUEUE_SIZE))
+                .collect(),
+            rx_hdrs: HashMap::new(),
+        }
+    }
+
+    fn bring_up(&mut self) {
+        let layouts: Vec<QueueLayout> = self
+            .rings
+            .iter()
+            .map(|r| QueueLayout {
+                size: r.size,
+                desc: r.desc,
+                avail: r.avail,
+                used: r.used,
+            })
+            .collect();
+        drive_to_active(&mut self.transport, VIRTIO_F_VERSION_1, &layouts);
+        assert_eq!(self.transport.state(), TransportState::Active);
+    }
+
+    /// Dispatches events until none arrive for 20 ms.
+    fn pump(&self) {
+        let mut events = [EpollEvent::default(); 32];
+        for _ in 0..200 {
+            let n = self.epoll.wait(20, &mut events).expect("epoll wait");
+            if n == 0 {
+                return;
+            }
+            for ev in &events[..n] {
+                let (_, token) = EventRegistrar::decode(ev.data());
+                lock(&self.dev).handle_event(token, ev.events());
+            }
+        }
+        panic!("event loop never went idle");
+    }
+
+    /// Posts `n` RX chains (header, data) at addresses derived from `base`.
+    fn post_rx(&mut self, n: u64, base: u64) {
+        for i in 0..n {
+            let hdr = base + i * 0x2000;
+            let head = self.rings[RX_QUEUE].add_chain(
+                &self.mem,
+                &[(hdr, HDR as u32, true), (hdr + 0x100, RX_BUF, true)],
+            );
+            self.rx_hdrs.insert(head, hdr);
+        }
+    }
+
+    /// Posts `n` 4-byte event buffers starting at `base`.
+    fn post_events(&mut self, n: u64, base: u64) {
+        for i in 0..n {
+            self.rings[EVENT_QUEUE].add_chain(&self.mem, &[(base + 0x10 * i, 4, true)]);
+        }
+    }
+
+    /// Queues one TX packet (header only) at `addr` without kicking.
+    fn queue_tx(&mut self, hdr: Hdr, addr: u64) {
+        self.mem
+            .write_slice(&hdr.bytes(), GuestAddress(addr))
+            .expect("write hdr");
+        self.rings[TX_QUEUE].add_chain(&self.mem, &[(addr, HDR as u32, false)]);
+    }
+
+    /// Headers of the packets the device put in RX buffers since last time.
+    fn take_rx(&mut self) -> Vec<Hdr> {
+        let mut out = Vec::new();
+        while let Some((head, _)) = self.rings[RX_QUEUE].pop_used(&self.mem) {
+            let addr = self.rx_hdrs.remove(&head).expect("known RX head");
+            let mut raw = [0u8; HDR];
+            self.mem
+                .read_slice(&mut raw, GuestAddress(addr))
+                .expect("read hdr");
+            out.push(Hdr::parse(&raw));
+        }
+        out
+    }
+
+    /// Used event buffers since last time: (event id read back, used length).
+    fn take_events(&mut self) -> Vec<(u32, u32)> {
+        let mut out = Vec::new();
+        while let Some((head, len)) = self.rings[EVENT_QUEUE].pop_used(&self.mem) {
+            let at = GuestAddress(self.rings[EVENT_QUEUE].desc + 16 * u64::from(head));
+            let addr: u64 = self.mem.read_obj(at).expect("desc addr");
+            let id: u32 = self.mem.read_obj(GuestAddress(addr)).expect("event");
+            out.push((id, len));
+        }
+        out
+    }
+
+    fn cid_in_config(&mut self) -> u64 {
+        let mut cfg = [0u8; 8];
+        self.transport.read(0x100, &mut cfg);
+        u64::from_le_bytes(cfg)
+    }
+}
+
+/// Guest memory as a new process maps it back from the memory file: the
+/// same bytes, a new mapping.
+fn reload(mem: &GuestMemory) -> GuestMemory {
+    let mut image = vec![0u8; MEM_SIZE];
+    mem.read_slice(&mut image, GuestAddress(0)).expect("read");
+    let copy = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).expect("mem");
+    copy.write_slice(&image, GuestAddress(0)).expect("write");
+    copy
+}
+
+/// Fills event buffers with a value that is not an event id, so a buffer
+/// the device did not write is told apart.
+const NOT_AN_EVENT: u32 = 0xdead_beef;
+
+#[test]
+fn restore_sends_exactly_one_transport_reset() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).expect("mem");
+    let mut old = Window::new(dir.path(), "old.sock", GUEST_CID, mem.clone());
+    old.bring_up();
+    // What a Linux driver has posted: event buffers and RX buffers.
+    for i in 0..4u64 {
+        mem.write_obj(NOT_AN_EVENT, GuestAddress(0x7f_0000 + 0x10 * i))
+            .expect("poison");
+    }
+    old.post_events(4, 0x7f_0000);
+    old.post_rx(8, 0x10_0000);
+    notify_queue(&mut old.transport, EVENT_QUEUE as u32);
+    notify_queue(&mut old.transport, RX_QUEUE as u32);
+    old.pump();
+    // A guest connection to a host service is open at snapshot time.
+    let listener = UnixListener::bind(format!("{}_7000", old.uds.display())).expect("bind");
+    old.queue_tx(Hdr::guest(OP_REQUEST, 1030, 7000), 0x90_0000);
+    notify_queue(&mut old.transport, TX_QUEUE as u32);
+    old.pump();
+    let replies = old.take_rx();
+    assert_eq!(replies.len(), 1);
+    assert_eq!(replies[0].op, OP_RESPONSE);
+    let (mut server, _) = listener.accept().expect("accept");
+    assert_eq!(lock(&old.dev).connection_count(), 1);
+    assert!(old.take_events().is_empty(), "event buffers are only kept");
+    // The guest queued data on that connection; the kick never happened.
+    old.queue_tx(Hdr::guest(OP_RW, 1030, 7000), 0x90_1000);
+
+    let snap = old.transport.snapshot();
+    let rings = (old.rings, old.rx_hdrs);
+    let mem = reload(&mem);
+    drop(old.transport);
+    drop(old.dev);
+    // The old process is gone, and its host sockets with it.
+    let mut buf = [0u8; 1];
+    assert_eq!(server.read(&mut buf).expect("read"), 0);
+
+    // New process, new socket path, new CID.
+    let mut new = Window::new(dir.path(), "new.sock", GUEST_CID + 1, mem.clone());
+    (new.rings, new.rx_hdrs) = rings;
+    new.irq.irq_fd().read().expect_err("no interrupt yet");
+    new.transport.restore(&snap).expect("restore");
+
+    let events = new.take_events();
+    assert_eq!(events, [(EVENT_TRANSPORT_RESET, 4)], "exactly one reset");
+    assert!(new.irq.irq_fd().read().expect("interrupt") >= 1);
+    assert_eq!(new.cid_in_config(), GUEST_CID + 1);
+    assert_eq!(lock(&new.dev).connection_count(), 0);
+
+    // The kicks from restore: the data queued for the old connection is
+    // taken, and dropped without a reply since it comes from the old CID;
+    // no further event is sent.
+    new.pump();
+    let tx_used: Vec<_> = std::iter::from_fn(|| new.rings[TX_QUEUE].pop_used(&new.mem)).collect();
+    assert_eq!(tx_used.len(), 2, "the REQUEST before, the RW after restore");
+    assert!(new.take_rx().is_empty());
+    assert_eq!(lock(&new.dev).counters().malformed_chains, 1);
+    notify_queue(&mut new.transport, EVENT_QUEUE as u32);
+    new.pump();
+    assert!(new.take_events().is_empty(), "one reset, not one per kick");
+    for i in 1..4u64 {
+        let v: u32 = mem
+            .read_obj(GuestAddress(0x7f_0000 + 0x10 * i))
+            .expect("read");
+        assert_eq!(v, NOT_AN_EVENT, "event buffer {i} untouched");
+    }
+
+    // Host clients reach the guest through the new socket, once the driver handled the
+    // reset: until it refills the event queue, the request waits.
+    let mut client = UnixStream::connect(&new.uds).expect("connect new socket");
+    client.write_all(b"CONNECT 52\n").expect("write");
+    new.pump();
+    assert!(new.take_rx().is_empty(), "held until the reset is handled");
+    new.post_events(1, 0x7f_0000);
+    notify_queue(&mut new.transport, EVENT_QUEUE as u32);
+    new.pump();
+    let pkts = new.take_rx();
+    assert_eq!(pkts.len(), 1, "{pkts:?}");
+    assert_eq!(pkts[0].op, OP_REQUEST);
+    assert_eq!(pkts[0].dst_port, 52);
+    assert!(!dir.path().join("old.sock").exists());
+}
+
+#[test]
+fn reset_without_event_buffer_waits_for_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).expect("mem");
+    let mut old = Window::new(dir.path(), "old.sock", GUEST_CID, mem.clone());
+    old.bring_up();
+    let snap = old.transport.snapshot();
+    let rings = old.rings;
+    drop(old.transport);
+    drop(old.dev);
+
+    let mut new = Window::new(dir.path(), "new.sock", GUEST_CID, mem.clone());
+    new.rings = rings;
+    new.transport.restore(&snap).expect("restore");
+    new.pump();
+    assert!(new.take_events().is_empty());
+    let _ = new.irq.irq_fd().read();
+
+    // The driver posts two buffers: the reset goes into the first only.
+    mem.write_obj(NOT_AN_EVENT, GuestAddress(0x7f_0010))
+        .expect("poison");
+    new.post_events(2, 0x7f_0000);
+    notify_queue(&mut new.transport, EVENT_QUEUE as u32);
+    new.pump();
+    assert_eq!(new.take_events(), [(EVENT_TRANSPORT_RESET, 4)]);
+    assert!(new.irq.irq_fd().read().expect("interrupt") >= 1);
+    notify_queue(&mut new.transport, EVENT_QUEUE as u32);
+    new.pump();
+    assert!(new.take_events().is_empty());
+    let v: u32 = mem.read_obj(GuestAddress(0x7f_0010)).expect("read");
+    assert_eq!(v, NOT_AN_EVENT);
+}
+
+#[test]
+fn queue_snapshots_follow_activation() {
+    let mut h = Harness::new();
+    let snaps = h.dev.queue_snapshots();
+    let descs: Vec<u64> = snaps.iter().map(|q| q.desc_table).collect();
+    assert_eq!(descs, [ring_base(0), ring_base(1), ring_base(2)]);
+    h.post_rx(2);
+    h.send(Hdr::guest(OP_RW, 1, 2), b"x");
+    let snaps = h.dev.queue_snapshots();
+    assert_eq!(
+        (snaps[TX_QUEUE].next_avail, snaps[TX_QUEUE].next_used),
+        (1, 1)
+    );
+    // The RST reply took one RX buffer.
+    assert_eq!(
+        (snaps[RX_QUEUE].next_avail, snaps[RX_QUEUE].next_used),
+        (1, 1)
+    );
+    h.dev.reset();
+    assert!(h.dev.queue_snapshots().is_empty());
 }
