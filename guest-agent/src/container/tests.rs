@@ -367,9 +367,26 @@ async fn terminals_are_named_inside_the_container() {
         p.terminal = true;
     }
     m.create_from_dir(&req, &f.image).expect("create");
+    // The init's output, and word once it printed "started": it is killed only after that
+    // (killed earlier, its lines were missing about once in 15 runs).
+    let (started_tx, started_rx) = tokio::sync::oneshot::channel::<()>();
     let init_out = {
         let m = m.clone();
-        tokio::spawn(async move { pty_output(&m, "t1", "").await })
+        tokio::spawn(async move {
+            let p = m.process("t1", "").expect("process");
+            let mut rx = p.io.output.lock().expect("lock").take().expect("output");
+            let mut out = Vec::new();
+            let mut started_tx = Some(started_tx);
+            while let Some(o) = rx.recv().await {
+                out.extend(o.data);
+                if String::from_utf8_lossy(&out).contains("started")
+                    && let Some(tx) = started_tx.take()
+                {
+                    let _ = tx.send(());
+                }
+            }
+            String::from_utf8_lossy(&out).into_owned()
+        })
     };
     m.start("t1").await.expect("start");
 
@@ -397,6 +414,10 @@ async fn terminals_are_named_inside_the_container() {
         "exec: {out:?}"
     );
 
+    tokio::time::timeout(std::time::Duration::from_secs(60), started_rx)
+        .await
+        .expect("the init printed its lines within 60 s")
+        .expect("the init's output ended before \"started\"");
     m.signal(&SignalProcessRequest {
         container_id: "t1".into(),
         signal: libc::SIGKILL as u32,
