@@ -6,6 +6,7 @@
 
 mod container;
 mod files;
+mod identity;
 mod init;
 mod network;
 mod paths;

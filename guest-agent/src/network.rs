@@ -1,6 +1,7 @@
 //! ConfigureNetwork: gives the guest NICs (found by MAC: the host picked each NIC's MAC, the
 //! guest kernel picked its name) their MTU, addresses and routes, and brings them and `lo`
-//! up, over rtnetlink.
+//! up, over rtnetlink. A VM restored from a template snapshot still has the template's NIC
+//! MAC: the request then names it as `current_mac` and the NIC first gets its own.
 //!
 //! The whole request is validated before anything changes, so bad input
 //! (`InvalidArgument`) leaves the network as it was. The changes are idempotent (addresses
@@ -21,6 +22,9 @@ pub enum NetworkError {
     /// The request itself is wrong (unknown MAC, malformed address).
     #[error("{0}")]
     InvalidArgument(String),
+    /// The guest is not in the state the request expects (no link has `current_mac`).
+    #[error("{0}")]
+    FailedPrecondition(String),
     #[error("netlink connection")]
     Connection(#[source] io::Error),
     #[error("{what}")]
@@ -36,6 +40,7 @@ impl From<NetworkError> for tonic::Status {
         let msg = format!("configure network: {}", crate::service::error_chain(&e));
         match e {
             NetworkError::InvalidArgument(_) => tonic::Status::invalid_argument(msg),
+            NetworkError::FailedPrecondition(_) => tonic::Status::failed_precondition(msg),
             NetworkError::Connection(_) | NetworkError::Netlink { .. } => {
                 tonic::Status::internal(msg)
             }
@@ -56,6 +61,8 @@ fn nl(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> NetworkError 
 #[derive(Debug)]
 struct InterfacePlan {
     mac: [u8; 6],
+    /// The MAC the NIC has now when it is to be changed to `mac`.
+    current_mac: Option<[u8; 6]>,
     name: Option<String>,
     mtu: Option<u32>,
     addresses: Vec<(IpAddr, u8)>,
@@ -89,6 +96,18 @@ fn validate(
         if interfaces.iter().any(|p: &InterfacePlan| p.mac == mac) {
             return Err(invalid(format!("interface MAC {} given twice", i.mac)));
         }
+        let current_mac = if i.current_mac.is_empty() {
+            None
+        } else {
+            Some(parse_mac(&i.current_mac)?).filter(|c| *c != mac)
+        };
+        // The kernel only gives a link a unicast, non-zero Ethernet address.
+        if current_mac.is_some() && (mac[0] & 1 != 0 || mac == [0; 6]) {
+            return Err(invalid(format!(
+                "interface {}: not a unicast MAC, cannot be assigned",
+                i.mac
+            )));
+        }
         let name = if i.name.is_empty() {
             None
         } else {
@@ -119,10 +138,29 @@ fn validate(
             .collect::<Result<_, NetworkError>>()?;
         interfaces.push(InterfacePlan {
             mac,
+            current_mac,
             name,
             mtu,
             addresses,
         });
+    }
+
+    // A MAC being replaced must name neither another NIC nor the NIC another one becomes:
+    // two links would share it, or which link is meant would depend on the order of changes.
+    for (n, plan) in interfaces.iter().enumerate() {
+        let Some(current) = plan.current_mac else {
+            continue;
+        };
+        let clash = interfaces.iter().enumerate().any(|(m, other)| {
+            other.mac == current || (m != n && other.current_mac == Some(current))
+        });
+        if clash {
+            return Err(invalid(format!(
+                "interface {}: current MAC {} also names another interface",
+                format_mac(&plan.mac),
+                format_mac(&current)
+            )));
+        }
     }
 
     let mut routes = Vec::new();
@@ -156,7 +194,14 @@ fn validate(
         let interface_mac = if r.interface_mac.is_empty() {
             None
         } else {
-            Some(parse_mac(&r.interface_mac)?)
+            let mac = parse_mac(&r.interface_mac)?;
+            if interfaces.iter().any(|i| i.current_mac == Some(mac)) {
+                return Err(invalid(format!(
+                    "route {}: interface MAC {} is being replaced (name the new one)",
+                    r.destination, r.interface_mac
+                )));
+            }
+            Some(mac)
         };
         if gateway.is_none() && interface_mac.is_none() {
             return Err(invalid(format!(
@@ -180,27 +225,52 @@ async fn apply(
     routes: &[RoutePlan],
 ) -> Result<(), NetworkError> {
     let links = list_links(h).await?;
-    let index_of = |mac: &[u8; 6]| {
-        links
-            .get(mac)
-            .map(|(index, _)| *index)
-            .ok_or_else(|| invalid(format!("no interface with MAC {}", format_mac(mac))))
-    };
     // Every MAC is checked before the first change.
-    let indexes = interfaces
+    let targets = interfaces
         .iter()
-        .map(|i| index_of(&i.mac))
+        .map(|i| find_link(&links, i))
         .collect::<Result<Vec<_>, _>>()?;
     let route_indexes = routes
         .iter()
-        .map(|r| r.interface_mac.as_ref().map(index_of).transpose())
+        .map(|r| {
+            let Some(mac) = &r.interface_mac else {
+                return Ok(None);
+            };
+            // A NIC named by its new MAC is found by the old one.
+            let planned = interfaces.iter().zip(&targets).find(|(i, _)| i.mac == *mac);
+            match planned {
+                Some((_, target)) => Ok(Some(target.index)),
+                None => index_of(&links, mac).map(Some),
+            }
+        })
         .collect::<Result<Vec<_>, _>>()?;
 
     set_up(h, LinkUnspec::new_with_name("lo"), "lo").await?;
 
-    for (plan, &index) in interfaces.iter().zip(&indexes) {
+    for (plan, target) in interfaces.iter().zip(&targets) {
+        let index = target.index;
         let mac = format_mac(&plan.mac);
-        let current_name = links.get(&plan.mac).map(|(_, n)| n.as_str()).unwrap_or("");
+        if let Some(current) = target.replace_mac {
+            let current = format_mac(&current);
+            // Drivers without live address change refuse a new MAC while the link is up; it
+            // comes up again below, with the new MAC.
+            h.link()
+                .set(LinkUnspec::new_with_index(index).down().build())
+                .execute()
+                .await
+                .map_err(nl(format!("set {current} down")))?;
+            h.link()
+                .set(
+                    LinkUnspec::new_with_index(index)
+                        .address(plan.mac.to_vec())
+                        .build(),
+                )
+                .execute()
+                .await
+                .map_err(nl(format!("change MAC {current} to {mac}")))?;
+            tracing::info!(from = %current, to = %mac, "interface MAC changed");
+        }
+        let current_name = target.name.as_str();
         if let Some(name) = plan.name.as_deref()
             && name != current_name
         {
@@ -283,6 +353,55 @@ async fn set_up(
         .execute()
         .await
         .map_err(nl(format!("set {what} up")))
+}
+
+/// The existing link an interface of the request is applied to.
+#[derive(Debug)]
+struct TargetLink {
+    index: u32,
+    name: String,
+    /// The link's MAC, when it is to be changed to the plan's.
+    replace_mac: Option<[u8; 6]>,
+}
+
+fn index_of(links: &HashMap<[u8; 6], (u32, String)>, mac: &[u8; 6]) -> Result<u32, NetworkError> {
+    links
+        .get(mac)
+        .map(|(index, _)| *index)
+        .ok_or_else(|| invalid(format!("no interface with MAC {}", format_mac(mac))))
+}
+
+/// Finds the link `plan` is about: the one with its current MAC if that is to be replaced,
+/// else the one with its MAC.
+fn find_link(
+    links: &HashMap<[u8; 6], (u32, String)>,
+    plan: &InterfacePlan,
+) -> Result<TargetLink, NetworkError> {
+    let target = |(index, name): &(u32, String), replace_mac| TargetLink {
+        index: *index,
+        name: name.clone(),
+        replace_mac,
+    };
+    let Some(current) = plan.current_mac else {
+        return links
+            .get(&plan.mac)
+            .map(|link| target(link, None))
+            .ok_or_else(|| invalid(format!("no interface with MAC {}", format_mac(&plan.mac))));
+    };
+    match (links.get(&current), links.get(&plan.mac)) {
+        (Some(link), None) => Ok(target(link, Some(current))),
+        // A retry after the MAC was changed.
+        (None, Some(link)) => Ok(target(link, None)),
+        (Some(_), Some(_)) => Err(NetworkError::FailedPrecondition(format!(
+            "cannot change MAC {} to {}: another interface has it",
+            format_mac(&current),
+            format_mac(&plan.mac)
+        ))),
+        (None, None) => Err(NetworkError::FailedPrecondition(format!(
+            "no interface with current MAC {}",
+            format_mac(&current)
+        ))),
+    }
 }
 
 /// Links by MAC: (index, name). Links without a 6-byte MAC (lo, tunnels) are left out.
@@ -374,6 +493,8 @@ mod tests {
     use std::process::Command;
 
     const MAC: &str = "02:00:0a:01:02:03";
+    /// The MAC a NIC restored from a template is to get instead of [`MAC`].
+    const NEW_MAC: &str = "02:00:0a:09:08:07";
 
     /// Runs `f` on a new thread in a new, empty network namespace (the host's is never
     /// touched) with a veth link `veth0` of MAC [`MAC`], and a current-thread runtime.
@@ -410,9 +531,21 @@ mod tests {
 
     /// `ip ARGS` in the calling thread's network namespace (children inherit it).
     fn ip(args: &[&str]) -> String {
-        let out = Command::new("ip").args(args).output().unwrap();
-        assert!(out.status.success(), "ip {args:?}");
-        String::from_utf8(out.stdout).unwrap()
+        let mut child = Command::new("ip")
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut out = String::new();
+        std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut out).unwrap();
+        match child.wait() {
+            Ok(status) => assert!(status.success(), "ip {args:?}: {status}"),
+            // The container tests' reaper (waitpid(-1) in this same process) collected it
+            // first: its status is lost, its output is complete.
+            Err(e) if e.raw_os_error() == Some(libc::ECHILD) => {}
+            Err(e) => panic!("wait for ip {args:?}: {e}"),
+        }
+        out
     }
 
     fn request() -> ConfigureNetworkRequest {
@@ -431,6 +564,7 @@ mod tests {
                     },
                 ],
                 mtu: 1410,
+                current_mac: String::new(),
             }],
             routes: vec![
                 Route {
@@ -512,6 +646,21 @@ mod tests {
             unknown_route_mac.routes[2].interface_mac = "02:00:00:00:00:98".into();
             let mut mixed = request();
             mixed.routes[1].gateway = "fd00::1".into();
+            let mut bad_current_mac = request();
+            bad_current_mac.interfaces[0].current_mac = "02:00:0a:01:02:zz".into();
+            let mut multicast = request();
+            multicast.interfaces[0].mac = "03:00:0a:01:02:03".into();
+            multicast.interfaces[0].current_mac = MAC.into();
+            // Two interfaces, the second "taking over" the first one's MAC.
+            let mut taken = request();
+            taken.interfaces.push(Interface {
+                mac: NEW_MAC.into(),
+                current_mac: MAC.into(),
+                ..Default::default()
+            });
+            let mut route_to_old_mac = request();
+            route_to_old_mac.interfaces[0].mac = NEW_MAC.into();
+            route_to_old_mac.interfaces[0].current_mac = MAC.into();
             for (what, req) in [
                 ("no interface with MAC 02:00:00:00:00:99", unknown),
                 ("invalid CIDR \"192.168.50.0/33\"", bad_cidr),
@@ -520,6 +669,10 @@ mod tests {
                 ("invalid MAC", bad_mac),
                 ("no interface with MAC 02:00:00:00:00:98", unknown_route_mac),
                 ("another address family", mixed),
+                ("invalid MAC \"02:00:0a:01:02:zz\"", bad_current_mac),
+                ("not a unicast MAC", multicast),
+                ("current MAC 02:00:0a:01:02:03 also names another", taken),
+                ("is being replaced", route_to_old_mac),
             ] {
                 let e = configure(&req).await.unwrap_err();
                 assert!(
@@ -535,6 +688,90 @@ mod tests {
                 "{link}"
             );
             assert_eq!(ip(&["-o", "-4", "addr", "show", "dev", "veth0"]), "");
+        });
+    }
+
+    #[test]
+    fn replaces_the_mac_of_a_restored_nic_then_configures_it() {
+        in_fresh_netns(async |h| {
+            let mut req = request();
+            req.interfaces[0].mac = NEW_MAC.into();
+            req.interfaces[0].current_mac = MAC.to_uppercase();
+            // Routes name the NIC by its new MAC.
+            req.routes[1].interface_mac = NEW_MAC.into();
+            req.routes[2].interface_mac = NEW_MAC.into();
+            configure(&req).await.unwrap();
+            // A retry finds the NIC by its new MAC.
+            configure(&req).await.unwrap();
+
+            // The old MAC is gone; the link has the new one, its name, MTU and is up.
+            let links = list_links(h).await.unwrap();
+            assert!(!links.contains_key(&parse_mac(MAC).unwrap()), "{links:?}");
+            let (index, name) = &links[&parse_mac(NEW_MAC).unwrap()];
+            assert_eq!(name, "eth0");
+            let link = link_by_index(h, *index).await;
+            assert!(link.header.flags.contains(LinkFlags::Up), "{link:?}");
+            assert!(
+                link.attributes.contains(&LinkAttribute::Mtu(1410)),
+                "{link:?}"
+            );
+        });
+    }
+
+    async fn link_by_index(h: &Handle, index: u32) -> rtnetlink::packet_route::link::LinkMessage {
+        h.link()
+            .get()
+            .match_index(index)
+            .execute()
+            .try_next()
+            .await
+            .unwrap()
+            .unwrap()
+    }
+
+    #[test]
+    fn missing_current_mac_is_failed_precondition() {
+        in_fresh_netns(async |h| {
+            // Neither the current nor the new MAC is there.
+            let mut gone = request();
+            gone.interfaces[0].mac = "02:00:00:00:00:96".into();
+            gone.interfaces[0].current_mac = "02:00:00:00:00:97".into();
+            // Both MACs present: changing would leave two links with one MAC.
+            h.link()
+                .add(
+                    LinkVeth::new("veth1", "peer1")
+                        .address(parse_mac(NEW_MAC).unwrap().to_vec())
+                        .build(),
+                )
+                .execute()
+                .await
+                .unwrap();
+            let mut both = request();
+            both.interfaces[0].mac = NEW_MAC.into();
+            both.interfaces[0].current_mac = MAC.into();
+            both.routes.clear();
+            for (what, req) in [
+                ("no interface with current MAC 02:00:00:00:00:97", gone),
+                (
+                    "cannot change MAC 02:00:0a:01:02:03 to 02:00:0a:09:08:07",
+                    both,
+                ),
+            ] {
+                let e = configure(&req).await.unwrap_err();
+                assert!(
+                    matches!(&e, NetworkError::FailedPrecondition(m) if m.contains(what)),
+                    "{what}: {e:?}"
+                );
+                let status = tonic::Status::from(e);
+                assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+                assert!(status.message().contains(what), "{}", status.message());
+            }
+            // Nothing changed: veth0 still has its MAC and is down.
+            let links = list_links(h).await.unwrap();
+            let (index, name) = &links[&parse_mac(MAC).unwrap()];
+            assert_eq!(name, "veth0");
+            let link = link_by_index(h, *index).await;
+            assert!(!link.header.flags.contains(LinkFlags::Up), "{link:?}");
         });
     }
 

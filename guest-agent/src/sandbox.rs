@@ -1,4 +1,5 @@
-//! Pod-wide setup: hostname, /etc/hosts, /etc/resolv.conf and sysctls. The files are written
+//! Pod-wide setup: hostname, /etc/hosts, /etc/resolv.conf and sysctls, preceded by the RNG
+//! seed and clock of VMs restored from a template ([`crate::identity`]). The files are written
 //! to the sandbox directory and bind-mounted read-only into every container.
 
 use std::fmt::Write as _;
@@ -23,6 +24,19 @@ pub enum SandboxError {
     },
     #[error("set hostname")]
     SetHostname(#[source] nix::Error),
+    #[error(transparent)]
+    Identity(#[from] crate::identity::IdentityError),
+}
+
+impl SandboxError {
+    /// The request was wrong (as opposed to a failing write or system call).
+    pub fn is_invalid_argument(&self) -> bool {
+        match self {
+            Self::Hostname(_) | Self::SysctlName(_) | Self::HostEntry(_) => true,
+            Self::Write { .. } | Self::SetHostname(_) => false,
+            Self::Identity(e) => e.is_invalid_argument(),
+        }
+    }
 }
 
 /// Checks a hostname (RFC 1123 labels, at most 64 bytes as the kernel allows).
@@ -119,8 +133,10 @@ impl SandboxFiles {
     }
 }
 
-/// Applies a SetupSandbox request. `set_kernel_state` is false in host tests (no sethostname,
-/// no sysctls).
+/// Applies a SetupSandbox request once all of it is valid. The RNG seed and the clock come
+/// first, so that everything after (file times, the hostname, whatever the containers do) sees
+/// this VM's own clock and randomness. `set_kernel_state` is false in host tests (no RNG seed,
+/// clock step, sethostname or sysctls).
 pub fn setup(
     files: &SandboxFiles,
     req: &podvisor_proto::v1::SetupSandboxRequest,
@@ -135,6 +151,15 @@ pub fn setup(
         .map(|(k, v)| Ok((sysctl_path(k)?, v)))
         .collect::<Result<Vec<_>, SandboxError>>()?;
     let hosts = hosts_file(&req.hostname, &req.hosts)?;
+    crate::identity::validate(&req.random_seed, req.time_unix_nanos)?;
+    if set_kernel_state {
+        if !req.random_seed.is_empty() {
+            crate::identity::mix_random_seed(&req.random_seed)?;
+        }
+        if req.time_unix_nanos != 0 {
+            crate::identity::step_clock(req.time_unix_nanos)?;
+        }
+    }
     write(files.hostname.clone(), &format!("{}\n", req.hostname))?;
     write(files.hosts.clone(), &hosts)?;
     write(files.resolv_conf.clone(), &req.resolv_conf)?;
@@ -158,6 +183,7 @@ pub fn setup(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use podvisor_proto::v1::SetupSandboxRequest;
 
     #[test]
     fn sysctl_names_stay_in_proc_sys() {
@@ -203,6 +229,54 @@ mod tests {
                 }]
             )
             .is_err()
+        );
+    }
+
+    fn request() -> SetupSandboxRequest {
+        SetupSandboxRequest {
+            sandbox_id: "pod-1".into(),
+            hostname: "web-0".into(),
+            resolv_conf: "nameserver 10.96.0.10\n".into(),
+            hosts: Vec::new(),
+            sysctls: Default::default(),
+            random_seed: vec![0x5a; 64],
+            // Now, so that even a setup that wrongly touched the host's clock would not move it.
+            time_unix_nanos: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+                .try_into()
+                .unwrap(),
+        }
+    }
+
+    #[test]
+    fn bad_identity_fields_are_invalid_and_write_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = SandboxFiles::new(dir.path());
+        let mut long_seed = request();
+        long_seed.random_seed = vec![1; crate::identity::MAX_RANDOM_SEED_LEN + 1];
+        let mut negative_time = request();
+        negative_time.time_unix_nanos = -1_000;
+        for (what, req) in [("4097 bytes", long_seed), ("-1000 ns", negative_time)] {
+            // set_kernel_state is true: validation must fail before the host's RNG or clock
+            // is touched.
+            let e = setup(&files, &req, true).unwrap_err();
+            assert!(e.is_invalid_argument(), "{what}: {e:?}");
+            assert!(e.to_string().contains(what), "{what}: {e}");
+            assert!(!files.hostname.exists() && !files.hosts.exists(), "{what}");
+        }
+    }
+
+    #[test]
+    fn valid_identity_fields_pass_and_files_are_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = SandboxFiles::new(dir.path());
+        setup(&files, &request(), false).unwrap();
+        assert_eq!(fs::read_to_string(&files.hostname).unwrap(), "web-0\n");
+        assert_eq!(
+            fs::read_to_string(&files.resolv_conf).unwrap(),
+            "nameserver 10.96.0.10\n"
         );
     }
 

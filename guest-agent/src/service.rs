@@ -95,10 +95,10 @@ impl v1::agent_server::Agent for AgentService {
         let req = req.into_inner();
         crate::sandbox::setup(&self.sandbox_files, &req, self.pid1).map_err(|e| {
             let msg = format!("setup sandbox: {}", error_chain(&e));
-            match e {
-                crate::sandbox::SandboxError::Write { .. }
-                | crate::sandbox::SandboxError::SetHostname(_) => Status::internal(msg),
-                _ => Status::invalid_argument(msg),
+            if e.is_invalid_argument() {
+                Status::invalid_argument(msg)
+            } else {
+                Status::internal(msg)
             }
         })?;
         self.manager.set_sandbox_id(&req.sandbox_id)?;

@@ -882,6 +882,8 @@ impl PodManager {
             resolv_conf: resolv_conf(&spec.dns),
             hosts: Vec::new(),
             sysctls: spec.sysctls.clone(),
+            random_seed: Vec::new(),
+            time_unix_nanos: 0,
         };
         call(
             "SetupSandbox",

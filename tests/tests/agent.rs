@@ -507,6 +507,8 @@ async fn drive(vm_uds: &Path, checks: &mut Checks) -> anyhow::Result<()> {
             hostnames: vec!["db".into(), "db.example.test".into()],
         }],
         sysctls: Default::default(),
+        random_seed: Vec::new(),
+        time_unix_nanos: 0,
     })
     .await
     .context("SetupSandbox")?;

@@ -501,6 +501,7 @@ fn guest_config(
                 })
                 .collect(),
             mtu: link.mtu,
+            current_mac: String::new(),
         }],
         routes,
     })
