@@ -22,6 +22,7 @@
 //! kernel = "/usr/share/podvisor/vmlinux"
 //! image = "/usr/share/podvisor/rootfs.ext4"
 //! kernel_cmdline_extra = ""
+//! template = true              # pods restore a snapshot of a booted VM (false: cold boot)
 //!
 //! [handlers.big]               # keys left out are the default handler's
 //! vcpus = 4
@@ -123,6 +124,9 @@ pub struct Handler {
     pub image: PathBuf,
     /// Appended to the kernel command line podvisord builds.
     pub kernel_cmdline_extra: String,
+    /// Start pods by restoring a snapshot of a booted VM of this handler (a template, built
+    /// on first use and whenever an input changes) instead of booting a kernel.
+    pub template: bool,
 }
 
 /// podvisord's whole configuration, validated.
@@ -187,6 +191,7 @@ struct RawHandler {
     kernel: Option<PathBuf>,
     image: Option<PathBuf>,
     kernel_cmdline_extra: Option<String>,
+    template: Option<bool>,
 }
 
 fn invalid(key: impl Into<String>, why: impl Into<String>) -> ConfigError {
@@ -242,6 +247,7 @@ impl RawHandler {
             kernel_cmdline_extra: self
                 .kernel_cmdline_extra
                 .unwrap_or_else(|| base.kernel_cmdline_extra.clone()),
+            template: self.template.unwrap_or(base.template),
         })
     }
 }
@@ -254,6 +260,7 @@ fn builtin_handler() -> Handler {
         kernel: PathBuf::from(DEFAULT_KERNEL),
         image: PathBuf::from(DEFAULT_IMAGE),
         kernel_cmdline_extra: String::new(),
+        template: true,
     }
 }
 

@@ -19,6 +19,7 @@
 
 pub mod network;
 pub mod process;
+pub mod template;
 pub mod volumes;
 
 use std::collections::HashMap;
@@ -57,6 +58,11 @@ const POD_DIR_NAME_LEN: usize = 16;
 /// How long a new VM may take until its agent answers (40-120 s on an emulating kvm_pvm
 /// host; far less on real KVM).
 const AGENT_BOOT_TIMEOUT: Duration = Duration::from_secs(600);
+/// How long a VM restored from a template may take until its agent answers: far less than
+/// a boot; past it the pod boots the kernel instead.
+const AGENT_RESTORE_TIMEOUT: Duration = Duration::from_secs(120);
+/// Host random bytes a new VM's agent mixes into its RNG.
+const RANDOM_SEED_BYTES: usize = 64;
 /// One connect-and-Ping attempt.
 const AGENT_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Pause between attempts, growing from the first to the last.
@@ -389,8 +395,8 @@ fn now_ns() -> i64 {
 }
 
 /// `bytes` random bytes from the kernel, in hex.
-fn random_hex(bytes: usize) -> Result<String, PodError> {
-    let mut buf = vec![0u8; bytes];
+fn random_bytes(n: usize) -> Result<Vec<u8>, PodError> {
+    let mut buf = vec![0u8; n];
     std::fs::File::open("/dev/urandom")
         .and_then(|mut f| f.read_exact(&mut buf))
         .map_err(|source| PodError::Io {
@@ -398,7 +404,11 @@ fn random_hex(bytes: usize) -> Result<String, PodError> {
             path: "/dev/urandom".into(),
             source,
         })?;
-    Ok(hex::encode(buf))
+    Ok(buf)
+}
+
+fn random_hex(bytes: usize) -> Result<String, PodError> {
+    random_bytes(bytes).map(hex::encode)
 }
 
 /// A new sandbox or container id: 64 hex digits.
@@ -589,6 +599,7 @@ struct Inner {
     state: StateStore,
     images: ImageStore,
     placeholder: PathBuf,
+    templates: template::Templates,
     sandboxes: Mutex<HashMap<String, Arc<Sandbox>>>,
     containers: Mutex<HashMap<String, Arc<Container>>>,
 }
@@ -643,8 +654,10 @@ impl PodManager {
     /// [`PodManager::recover`] before serving.
     pub fn new(config: Config, state: StateStore, images: ImageStore) -> Result<Self, PodError> {
         let placeholder = ensure_placeholder(&config.root_dir)?;
+        let templates = template::Templates::new(&config.root_dir);
         Ok(Self {
             inner: Arc::new(Inner {
+                templates,
                 config,
                 state,
                 images,
@@ -761,6 +774,34 @@ impl PodManager {
             &spec.port_mappings,
         )
         .await?;
+        let drives: Vec<DriveSpec> = (0..IMAGE_SLOTS)
+            .map(|slot| DriveSpec {
+                id: slot_name(slot),
+                path: self.inner.placeholder.clone(),
+                read_only: true,
+            })
+            .collect();
+        let template = if handler.template {
+            let inputs = template::TemplateInputs {
+                handler: handler.clone(),
+                vmm_binary: self.inner.config.vmm_binary.clone(),
+                drives: drives.clone(),
+            };
+            match self.inner.templates.get(&inputs).await {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    tracing::warn!(
+                        sandbox = %id,
+                        handler = %handler.name,
+                        "no VM template, booting the kernel: {}",
+                        error_sources(&e)
+                    );
+                    None
+                }
+            }
+        } else {
+            None
+        };
         let vmm_spec = VmmSpec {
             sandbox_id: id.clone(),
             dir: dir.clone(),
@@ -769,31 +810,19 @@ impl PodManager {
             cmdline_extra: handler.kernel_cmdline_extra.clone(),
             vcpus: handler.vcpus,
             mem_mib: handler.memory_mib,
-            drives: (0..IMAGE_SLOTS)
-                .map(|slot| DriveSpec {
-                    id: slot_name(slot),
-                    path: self.inner.placeholder.clone(),
-                    read_only: true,
-                })
-                .collect(),
+            drives,
             tap: Some(net.link().tap.clone()),
             mac: Some(net.link().mac.clone()),
             netns: Some(net.netns_path().to_owned()),
+            restore: template.as_ref().map(template::Template::restore_config),
         };
-        let binary = self.inner.config.vmm_binary.clone();
         let started = Instant::now();
-        let launched = tokio::task::spawn_blocking(move || vmm::launch(&binary, &vmm_spec))
-            .await
-            .map_err(|e| PodError::Internal(format!("launch task: {e}")))?;
-        let handle = match launched {
+        let handle = match self.launch(&id, &vmm_spec).await {
             Ok(h) => h,
-            Err(source) => {
+            Err(e) => {
                 net.abandon().await;
                 let _ = vmm::remove_pod_dir(&dir);
-                return Err(PodError::Vmm {
-                    sandbox: id,
-                    source,
-                });
+                return Err(e);
             }
         };
         let hostname = if spec.hostname.is_empty() {
@@ -821,10 +850,44 @@ impl PodManager {
             netns: Some(net.netns_path().to_owned()),
         };
         // Recorded before the long wait: a crash now leaves a NotReady sandbox to clean up.
-        let booted = match self.inner.state.sandboxes.put(&id, &record) {
-            Ok(()) => self.boot(&id, &handle, &spec, &hostname, &net).await,
+        let mut handle = handle;
+        let mut booted = match self.inner.state.sandboxes.put(&id, &record) {
+            Ok(()) => {
+                self.boot(&id, &handle, &spec, &hostname, &net, template.is_some())
+                    .await
+            }
             Err(e) => Err(e.into()),
         };
+        if let (Err(e), Some(t)) = (&booted, &template) {
+            // A template that does not restore is dropped (the next pod builds a new one);
+            // this pod boots the kernel in the same directory and namespace.
+            tracing::warn!(
+                sandbox = %id,
+                template = %t.key,
+                "restore from the VM template failed, booting the kernel: {e}"
+            );
+            t.discard();
+            let h = handle.clone();
+            let _ = tokio::task::spawn_blocking(move || h.kill()).await;
+            let cold = VmmSpec {
+                restore: None,
+                ..vmm_spec
+            };
+            booted = match self.launch(&id, &cold).await {
+                Ok(h) => {
+                    handle = h;
+                    let record = SandboxRecord {
+                        vmm: handle.clone(),
+                        ..record.clone()
+                    };
+                    match self.inner.state.sandboxes.put(&id, &record) {
+                        Ok(()) => self.boot(&id, &handle, &spec, &hostname, &net, false).await,
+                        Err(e) => Err(e.into()),
+                    }
+                }
+                Err(e) => Err(e),
+            };
+        }
         let client = match booted {
             Ok(c) => c,
             Err(e) => {
@@ -838,6 +901,7 @@ impl PodManager {
             id: id.clone(),
             record: Mutex::new(SandboxRecord {
                 state: SandboxState::Ready,
+                vmm: handle.clone(),
                 ..record
             }),
             agent: Mutex::new(Some(client)),
@@ -855,12 +919,29 @@ impl PodManager {
             sandbox = %id,
             pod = %format!("{}/{}", spec.namespace, spec.name),
             secs = started.elapsed().as_secs_f64(),
+            restored = template.is_some(),
             "sandbox ready"
         );
         Ok(id)
     }
 
-    /// Waits for the new VM's agent and sets the pod up in it.
+    /// Starts the VMM of `spec` (a blocking launch).
+    async fn launch(&self, id: &str, spec: &VmmSpec) -> Result<VmmHandle, PodError> {
+        let binary = self.inner.config.vmm_binary.clone();
+        let spec = spec.clone();
+        tokio::task::spawn_blocking(move || vmm::launch(&binary, &spec))
+            .await
+            .map_err(|e| PodError::Internal(format!("launch task: {e}")))?
+            .map_err(|source| PodError::Vmm {
+                sandbox: id.to_string(),
+                source,
+            })
+    }
+
+    /// Waits for the new VM's agent and sets the pod up in it. A VM `restored` from a
+    /// template still has the template's NIC MAC, random state and clock: the agent takes
+    /// the pod's MAC, mixes in host random bytes and steps its clock (done on cold boots
+    /// too: the guest clock then starts exact).
     async fn boot(
         &self,
         id: &str,
@@ -868,12 +949,24 @@ impl PodManager {
         spec: &SandboxSpec,
         hostname: &str,
         net: &network::PodNetwork,
+        restored: bool,
     ) -> Result<AgentClient<Channel>, PodError> {
-        let mut client = connect_agent(id, handle, AGENT_BOOT_TIMEOUT).await?;
+        let timeout = if restored {
+            AGENT_RESTORE_TIMEOUT
+        } else {
+            AGENT_BOOT_TIMEOUT
+        };
+        let mut client = connect_agent(id, handle, timeout).await?;
+        let mut net_config = net.guest_config()?;
+        if restored {
+            for i in &mut net_config.interfaces {
+                i.current_mac = template::TEMPLATE_MAC.to_string();
+            }
+        }
         call(
             "ConfigureNetwork",
             AGENT_CALL_TIMEOUT,
-            client.configure_network(net.guest_config()?),
+            client.configure_network(net_config),
         )
         .await?;
         let req = agent::SetupSandboxRequest {
@@ -882,8 +975,8 @@ impl PodManager {
             resolv_conf: resolv_conf(&spec.dns),
             hosts: Vec::new(),
             sysctls: spec.sysctls.clone(),
-            random_seed: Vec::new(),
-            time_unix_nanos: 0,
+            random_seed: random_bytes(RANDOM_SEED_BYTES)?,
+            time_unix_nanos: now_ns(),
         };
         call(
             "SetupSandbox",

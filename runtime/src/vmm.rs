@@ -204,6 +204,9 @@ pub struct VmmSpec {
     pub mac: Option<String>,
     /// A network namespace file (`/var/run/netns/NAME`) the VMM runs in.
     pub netns: Option<PathBuf>,
+    /// Continue this snapshot (a VM template) instead of booting `kernel`: the devices above
+    /// must be the template's kinds in its order.
+    pub restore: Option<podvisor_vmm::config::RestoreConfig>,
 }
 
 /// A launched VMM, as persisted in the sandbox record.
@@ -343,7 +346,7 @@ fn vm_config(spec: &VmmSpec, handle: &VmmHandle) -> Result<VmConfig, VmmError> {
         }),
         api_sock: Some(handle.api_sock.clone()),
         serial: SerialOutput::File(handle.console_log.clone()),
-        restore: None,
+        restore: spec.restore.clone(),
     };
     config.validate().map_err(config_err)?;
     Ok(config)
@@ -836,6 +839,7 @@ mod tests {
                 tap: Some("tap0".into()),
                 mac: None,
                 netns: None,
+                restore: None,
             }
         }
 
@@ -1302,6 +1306,7 @@ mod tests {
             tap: Some("tap0_pv".into()),
             mac: Some("0a:3d:f2:9b:98:6c".into()),
             netns: None,
+            restore: None,
         };
         let net = vm_config(&spec, &h).unwrap().net.unwrap();
         assert_eq!(

@@ -339,9 +339,21 @@ async fn pods(
     );
     let pod_a = pod_config("net-a", vec![]);
 
-    // One VM at a time: B, then A.
-    let (b, b_ips) = run_pod(&mut rt, &pod_b).await?;
-    created.push(b.clone());
+    // Both pods at once: the first RunPodSandbox builds the handler's VM template (the only
+    // kernel boot), then both restore it.
+    let mut rt2 = rt.clone();
+    let (rb, ra) = tokio::join!(run_pod(&mut rt, &pod_b), run_pod(&mut rt2, &pod_a));
+    if let Ok((id, _)) = &rb {
+        created.push(id.clone());
+    }
+    if let Ok((id, _)) = &ra {
+        created.push(id.clone());
+    }
+    let ((b, b_ips), (a, a_ips)) = (rb?, ra?);
+    step(
+        "both RunPodSandbox (template build + two restores)",
+        started,
+    );
     images
         .pull_image(cri::PullImageRequest {
             image: Some(cri::ImageSpec {
@@ -353,7 +365,7 @@ async fn pods(
         })
         .await
         .context("PullImage")?;
-    let _server = start_container(
+    let server = start_container(
         &mut rt,
         &b,
         &pod_b,
@@ -362,8 +374,6 @@ async fn pods(
         &format!("mkdir -p /tmp/www && echo '{PAGE}' > /tmp/www/index.html && exec httpd -f -p {POD_PORT} -h /tmp/www"),
     )
     .await?;
-    let (a, a_ips) = run_pod(&mut rt, &pod_a).await?;
-    created.push(a.clone());
     let client = start_container(&mut rt, &a, &pod_a, image, "client", "exec sleep 3600").await?;
 
     // Distinct IPv4s of the subnet, reserved by host-local.
@@ -401,6 +411,38 @@ async fn pods(
         addrs.contains(&ip_a.to_string()),
         "guest has no {ip_a}: {addrs}"
     );
+
+    // Restored from one template, the pods share no identity: each has its hostname, its
+    // random numbers (the agent reseeded the guest RNG), its own files.
+    for id in [&a, &b] {
+        let config = vmm_config(daemon, id)?;
+        ensure!(
+            config["restore"].is_object(),
+            "pod {id} was not restored from a template: {config}"
+        );
+    }
+    let mut seen = Vec::new();
+    for (c, host) in [(&client, "net-a"), (&server, "net-b")] {
+        let (_, name) = exec(&mut rt, c, "cat /proc/sys/kernel/hostname").await?;
+        ensure!(name.trim() == host, "hostname {name:?}, expected {host}");
+        let (_, uuid) = exec(&mut rt, c, "cat /proc/sys/kernel/random/uuid").await?;
+        ensure!(uuid.trim().len() == 36, "no random uuid: {uuid:?}");
+        seen.push(uuid.trim().to_owned());
+    }
+    println!("[net] random uuids in pods A and B: {seen:?}");
+    ensure!(
+        seen[0] != seen[1],
+        "two restored pods drew the same random numbers"
+    );
+    let (code, _) = exec(
+        &mut rt,
+        &client,
+        "echo a > /tmp/only-in-a && cat /tmp/only-in-a",
+    )
+    .await?;
+    ensure!(code == 0, "write a file in pod A");
+    let (code, _) = exec(&mut rt, &server, "test ! -e /tmp/only-in-a").await?;
+    ensure!(code == 0, "pod A's file is visible in pod B");
 
     // Host -> pod B by IP, over the bridge (waits for httpd).
     let t = Instant::now();
@@ -503,6 +545,68 @@ async fn pods(
             "chain {chain} left in {table}"
         );
     }
+    template_fallback(daemon, &mut rt).await?;
     step("whole test", started);
+    Ok(())
+}
+
+/// The pod directory of sandbox `id` (named by its first 16 hex digits).
+fn pod_dir(daemon: &Daemon, id: &str) -> PathBuf {
+    daemon.state_dir.join("pods").join(&id[..16])
+}
+
+/// The VM configuration podvisord started sandbox `id`'s VMM with.
+fn vmm_config(daemon: &Daemon, id: &str) -> Result<serde_json::Value> {
+    let path = pod_dir(daemon, id).join("vmm.json");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))?;
+    Ok(serde_json::from_str(&text)?)
+}
+
+/// A template whose state file is corrupt: the VMM refuses it, the pod boots the kernel
+/// instead and runs, the log says why, and the template is dropped for a new one.
+async fn template_fallback(daemon: &Daemon, rt: &mut Runtime) -> Result<()> {
+    let templates = daemon.root_dir.join("templates");
+    let mut states = Vec::new();
+    for e in std::fs::read_dir(&templates)? {
+        let state = e?.path().join("vm.state");
+        if state.is_file() {
+            states.push(state);
+        }
+    }
+    ensure!(states.len() == 1, "templates: {states:?}");
+    let mut bytes = std::fs::read(&states[0])?;
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x55;
+    std::fs::write(&states[0], bytes)?;
+    let t = Instant::now();
+    let (c, _) = run_pod(rt, &pod_config("net-c", vec![])).await?;
+    step(
+        "RunPodSandbox from a corrupt template (falls back to a boot)",
+        t,
+    );
+    let config = vmm_config(daemon, &c)?;
+    let log = daemon.log();
+    let fell_back = log.contains("restore from the VM template failed, booting the kernel");
+    let removed = !states[0].exists();
+    rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
+        pod_sandbox_id: c.clone(),
+    })
+    .await?;
+    rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
+        pod_sandbox_id: c.clone(),
+    })
+    .await?;
+    ensure!(
+        config["restore"].is_null(),
+        "pod C still runs the corrupt template: {config}"
+    );
+    ensure!(fell_back, "no fallback in the log:\n{log}");
+    ensure!(removed, "the corrupt template was kept");
+    let netns = run("ip", &["netns", "list"])?;
+    ensure!(
+        !netns.contains(&c) && !netns.contains("podvisor-tpl-"),
+        "namespaces left: {netns}"
+    );
     Ok(())
 }

@@ -45,12 +45,19 @@ const STOP_TIMEOUT: i64 = 10;
 /// One run's figures.
 #[derive(Debug, Clone, Copy)]
 struct Sample {
+    /// RunPodSandbox alone.
+    run_sandbox: Duration,
+    /// RunPodSandbox + CreateContainer + StartContainer.
     start: Duration,
     stop_remove: Duration,
     /// The pod's processes' RSS.
     pod_rss_kib: u64,
-    /// The same without guest RAM (podvisor only).
+    /// The same without guest RAM (podvisor booted from a kernel only: a restored VM's RAM
+    /// is a file mapping).
     pod_rss_no_guest_kib: Option<u64>,
+    /// Memory only the pod's VMM holds: `Anonymous:` in smaps_rollup (podvisor only; with a
+    /// template, the guest pages it wrote since the restore plus the VMM's own heap).
+    private_kib: Option<u64>,
     /// The runtime daemon's RSS growth while the pod started.
     daemon_growth_kib: i64,
 }
@@ -75,12 +82,12 @@ impl Runtime {
         }
     }
 
-    /// The pod's RSS (and without guest RAM) while it runs.
+    /// The pod's RSS, without guest RAM, and private, while it runs.
     async fn pod_rss(
         &self,
         rt: &mut RuntimeServiceClient<Channel>,
         sandbox_id: &str,
-    ) -> anyhow::Result<(u64, Option<u64>)> {
+    ) -> anyhow::Result<(u64, Option<u64>, Option<u64>)> {
         match self {
             Runtime::Podvisor { .. } => {
                 let sb = rt
@@ -95,7 +102,7 @@ impl Runtime {
                     serde_json::from_str(sb.info.get("info").context("no verbose info")?)?;
                 let pid = u32::try_from(info["vmm"]["pid"].as_u64().context("no VMM pid")?)?;
                 let rss = procfs::rss(pid, GuestRam::Exact(POD_MEM_MIB << 20))?;
-                Ok((rss.total_kib, rss.vmm_kib()))
+                Ok((rss.total_kib, rss.vmm_kib(), Some(anonymous_kib(pid)?)))
             }
             Runtime::Containerd { .. } => {
                 let needle = format!("-id {sandbox_id}");
@@ -111,10 +118,20 @@ impl Runtime {
                 for pid in with_descendants(&shims) {
                     total += total_rss_kib(pid).unwrap_or(0);
                 }
-                Ok((total, None))
+                Ok((total, None, None))
             }
         }
     }
+}
+
+/// `Anonymous:` of /proc/<pid>/smaps_rollup, in KiB.
+fn anonymous_kib(pid: u32) -> anyhow::Result<u64> {
+    let path = format!("/proc/{pid}/smaps_rollup");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("read {path}"))?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("Anonymous:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .with_context(|| format!("no Anonymous: line in {path}"))
 }
 
 fn pids() -> Vec<u32> {
@@ -244,6 +261,7 @@ async fn bench(
             .with_context(|| format!("{}: RunPodSandbox", runtime.name()))?
             .into_inner()
             .pod_sandbox_id;
+        let run_sandbox = t.elapsed();
         let container_id = rt
             .create_container(cri::CreateContainerRequest {
                 pod_sandbox_id: sandbox_id.clone(),
@@ -272,7 +290,8 @@ async fn bench(
         .with_context(|| format!("{}: StartContainer", runtime.name()))?;
         let start = t.elapsed();
         let after = total_rss_kib(runtime.daemon_pid())?;
-        let (pod_rss_kib, pod_rss_no_guest_kib) = runtime.pod_rss(&mut rt, &sandbox_id).await?;
+        let (pod_rss_kib, pod_rss_no_guest_kib, private_kib) =
+            runtime.pod_rss(&mut rt, &sandbox_id).await?;
 
         let t = Instant::now();
         rt.stop_container(cri::StopContainerRequest {
@@ -295,17 +314,20 @@ async fn bench(
         .await
         .with_context(|| format!("{}: RemovePodSandbox", runtime.name()))?;
         let sample = Sample {
+            run_sandbox,
             start,
             stop_remove: t.elapsed(),
             pod_rss_kib,
             pod_rss_no_guest_kib,
+            private_kib,
             daemon_growth_kib: i64::try_from(after)? - i64::try_from(before)?,
         };
         println!(
-            "[bench] {} run {}: pod start {:.2} s, stop+remove {:.2} s, pod RSS {} KiB{}, \
-             daemon RSS {:+} KiB",
+            "[bench] {} run {}: RunPodSandbox {:.2} s, pod start {:.2} s, stop+remove {:.2} s, \
+             pod RSS {} KiB{}, private {} KiB, daemon RSS {:+} KiB",
             runtime.name(),
             n + 1,
+            sample.run_sandbox.as_secs_f64(),
             sample.start.as_secs_f64(),
             sample.stop_remove.as_secs_f64(),
             sample.pod_rss_kib,
@@ -313,6 +335,9 @@ async fn bench(
                 .pod_rss_no_guest_kib
                 .map(|k| format!(" ({k} KiB without guest RAM)"))
                 .unwrap_or_default(),
+            sample
+                .private_kib
+                .map_or_else(|| "-".to_string(), |k| k.to_string()),
             sample.daemon_growth_kib,
         );
         samples.push(sample);
@@ -327,16 +352,31 @@ fn median<T: PartialOrd + Copy>(mut v: Vec<T>) -> Option<T> {
 
 /// Medians of one runtime's samples.
 struct Medians {
+    run_sandbox_s: f64,
     start_s: f64,
     stop_remove_s: f64,
     pod_rss_mib: f64,
     pod_rss_no_guest_mib: Option<f64>,
+    private_mib: Option<f64>,
     daemon_growth_mib: f64,
 }
 
 fn medians(samples: &[Sample]) -> Option<Medians> {
     let mib = |k: f64| k / 1024.0;
     Some(Medians {
+        run_sandbox_s: median(
+            samples
+                .iter()
+                .map(|s| s.run_sandbox.as_secs_f64())
+                .collect(),
+        )?,
+        private_mib: median(
+            samples
+                .iter()
+                .filter_map(|s| s.private_kib.map(|k| k as f64))
+                .collect(),
+        )
+        .map(mib),
         start_s: median(samples.iter().map(|s| s.start.as_secs_f64()).collect())?,
         stop_remove_s: median(
             samples
@@ -360,9 +400,17 @@ fn medians(samples: &[Sample]) -> Option<Medians> {
     })
 }
 
-fn print_table(runs: usize, podvisor: Option<&Medians>, containerd: Option<&Medians>) {
+fn print_table(
+    runs: usize,
+    template: Option<&Medians>,
+    cold: Option<&Medians>,
+    containerd: Option<&Medians>,
+    template_build_s: Option<f64>,
+) {
     println!();
-    println!("cri-bench: medians of {runs} runs");
+    println!(
+        "cri-bench: medians of {runs} runs (podvisor from a VM template, podvisor booting its kernel, containerd + runc)"
+    );
     let cell = |v: Option<f64>, prec: usize| match v {
         Some(v) => format!("{v:>12.prec$}"),
         None => format!("{:>12}", "-"),
@@ -372,51 +420,50 @@ fn print_table(runs: usize, podvisor: Option<&Medians>, containerd: Option<&Medi
         _ => format!("{:>10}", "-"),
     };
     println!(
-        "{:<40} {:>12} {:>12} {:>10}",
-        "", "podvisor", "containerd", "ratio"
+        "{:<40} {:>12} {:>12} {:>12} {:>10} {:>10}",
+        "", "template", "cold boot", "containerd", "tpl/ctrd", "cold/ctrd"
     );
     type Field = fn(&Medians) -> Option<f64>;
-    let rows: [(&str, Field, Field, usize); 5] = [
-        (
-            "pod start (Run+Create+Start), s",
-            |m| Some(m.start_s),
-            |m| Some(m.start_s),
-            2,
-        ),
-        (
-            "stop+remove (4 calls), s",
-            |m| Some(m.stop_remove_s),
-            |m| Some(m.stop_remove_s),
-            2,
-        ),
+    let rows: [(&str, Field, usize); 7] = [
+        ("RunPodSandbox, s", |m| Some(m.run_sandbox_s), 2),
+        ("pod start (Run+Create+Start), s", |m| Some(m.start_s), 2),
+        ("stop+remove (4 calls), s", |m| Some(m.stop_remove_s), 2),
         (
             "pod RSS (VMM | shim+pause+app), MiB",
-            |m| Some(m.pod_rss_mib),
             |m| Some(m.pod_rss_mib),
             1,
         ),
         (
             "  VMM RSS without guest RAM, MiB",
             |m| m.pod_rss_no_guest_mib,
-            |m| Some(m.pod_rss_mib),
+            1,
+        ),
+        (
+            "  VMM private (anonymous) memory, MiB",
+            |m| m.private_mib,
             1,
         ),
         (
             "runtime daemon RSS growth, MiB",
             |m| Some(m.daemon_growth_mib),
-            |m| Some(m.daemon_growth_mib),
             1,
         ),
     ];
-    for (name, pf, cf, prec) in rows {
-        let p = podvisor.and_then(pf);
-        let c = containerd.and_then(cf);
+    for (name, f, prec) in rows {
+        let t = template.and_then(f);
+        let k = cold.and_then(f);
+        let c = containerd.and_then(f);
         println!(
-            "{name:<40} {} {} {}",
-            cell(p, prec),
+            "{name:<40} {} {} {} {} {}",
+            cell(t, prec),
+            cell(k, prec),
             cell(c, prec),
-            ratio(p, c)
+            ratio(t, c),
+            ratio(k, c)
         );
+    }
+    if let Some(b) = template_build_s {
+        println!("template build (boot, agent ready, snapshot), s: {b:.2}");
     }
 }
 
@@ -696,10 +743,12 @@ async fn run() -> anyhow::Result<()> {
     let pushed = push_busybox(&registry, "bench/busybox", "1").await?;
     println!("[bench] pushed {} ({})", pushed.reference, pushed.digest);
 
-    let podvisor_samples = if args.podvisor {
-        Some(bench_podvisor(&registry, &pushed.reference, runs).await?)
+    let (template_samples, cold_samples, template_build_s) = if args.podvisor {
+        let (t, build) = bench_podvisor(&registry, &pushed.reference, runs, true).await?;
+        let (c, _) = bench_podvisor(&registry, &pushed.reference, runs, false).await?;
+        (Some(t), Some(c), build)
     } else {
-        None
+        (None, None, None)
     };
 
     let containerd_samples = if !args.containerd {
@@ -728,18 +777,22 @@ async fn run() -> anyhow::Result<()> {
         None
     };
 
-    let p = podvisor_samples.as_deref().and_then(medians);
+    let t = template_samples.as_deref().and_then(medians);
+    let k = cold_samples.as_deref().and_then(medians);
     let c = containerd_samples.as_deref().and_then(medians);
-    print_table(runs, p.as_ref(), c.as_ref());
+    print_table(runs, t.as_ref(), k.as_ref(), c.as_ref(), template_build_s);
     Ok(())
 }
 
-/// podvisord with its own configuration and CNI network, benchmarked, stopped.
+/// podvisord with its own configuration and CNI network, benchmarked, stopped. With
+/// `template`, the handler's VM template is built first (by one pod, not counted) and its
+/// build time returned.
 async fn bench_podvisor(
     registry: &Registry,
     image: &str,
     runs: usize,
-) -> anyhow::Result<Vec<Sample>> {
+    template: bool,
+) -> anyhow::Result<(Vec<Sample>, Option<f64>)> {
     paths::require_kvm()?;
     let kernel = paths::guest_kernel()?;
     let rootfs = artifacts::agent_rootfs()?;
@@ -756,7 +809,7 @@ async fn bench_podvisor(
     let mut daemon = Daemon::start(&format!(
         "[registry]\ninsecure = [{host:?}]\n\n[cni]\nconf_dir = {conf_dir:?}\n\
          bin_dirs = [{CNI_BIN_DIR:?}]\n\n[handlers.podvisor]\nvcpus = 1\n\
-         memory_mib = {POD_MEM_MIB}\nkernel = {kernel:?}\nimage = {rootfs:?}\n",
+         memory_mib = {POD_MEM_MIB}\nkernel = {kernel:?}\nimage = {rootfs:?}\ntemplate = {template}\n",
         host = registry.host(),
         conf_dir = conf_dir.display().to_string(),
         kernel = kernel.display().to_string(),
@@ -765,13 +818,37 @@ async fn bench_podvisor(
     let podvisor = Runtime::Podvisor {
         daemon_pid: daemon.pid().context("podvisord is not running")?,
     };
+    let build_s = if template {
+        // One pod builds the template; the measured runs restore it.
+        bench(&podvisor, &daemon.socket, image, None, 1)
+            .await
+            .inspect_err(|_| eprintln!("[bench] podvisord's log:\n{}", daemon.log()))?;
+        Some(template_build_secs(&daemon.root_dir)?)
+    } else {
+        None
+    };
     let samples = bench(&podvisor, &daemon.socket, image, None, runs).await;
     if samples.is_err() {
         eprintln!("[bench] podvisord's log:\n{}", daemon.log());
     }
     let samples = samples?;
     daemon.stop()?;
-    Ok(samples)
+    Ok((samples, build_s))
+}
+
+/// `build_secs` of the one template under `root_dir/templates`.
+fn template_build_secs(root_dir: &Path) -> anyhow::Result<f64> {
+    let dir = root_dir.join("templates");
+    for e in std::fs::read_dir(&dir).with_context(|| format!("read {}", dir.display()))? {
+        let meta = e?.path().join("template.json");
+        if let Ok(text) = std::fs::read_to_string(&meta) {
+            let v: serde_json::Value = serde_json::from_str(&text)?;
+            return v["build_secs"]
+                .as_f64()
+                .with_context(|| format!("no build_secs in {}", meta.display()));
+        }
+    }
+    bail!("no template was built under {}", dir.display())
 }
 
 fn which(name: &str) -> bool {

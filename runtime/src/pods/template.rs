@@ -1,0 +1,329 @@
+//! VM templates: per handler, one VM booted until its agent answers, paused and snapshotted.
+//! RunPodSandbox restores it (milliseconds of VMM work instead of a kernel boot), then the
+//! agent takes on the pod's identity (network and MAC, hostname, DNS, a fresh random seed,
+//! the host's clock: see `PodManager::boot`).
+//!
+//! A template lives in `<root_dir>/templates/<key>/` (`vm.state`, `vm.mem`, `template.json`).
+//! The key hashes every input: the VMM executable, kernel and image contents, vCPUs, memory,
+//! command line and drive layout; a changed input means a new key, so the next pod builds a
+//! new template. The memory file is mapped private copy-on-write by every pod restored from
+//! it: pages none of them wrote stay shared in the page cache.
+//!
+//! The template VM runs in a network namespace of its own with a TAP the VMM creates, the
+//! same devices as a pod VM (root image, image slots, NIC, vsock), and the fixed
+//! [`TEMPLATE_MAC`] on its NIC.
+
+use std::collections::HashMap;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime};
+
+use podvisor_vmm::api::client::{self, ClientError};
+use podvisor_vmm::config::RestoreConfig;
+use sha2::{Digest, Sha256};
+
+use super::{AGENT_BOOT_TIMEOUT, VMM_STOP_TIMEOUT, connect_agent, lock};
+use crate::config::Handler;
+use crate::netns::{self, NetNs, NetnsError};
+use crate::vmm::{self, DriveSpec, VmmError, VmmSpec};
+
+/// The directory of templates under the root directory.
+pub const TEMPLATES_DIR: &str = "templates";
+/// The guest NIC's MAC in every template; a restored pod's agent replaces it by the pod's.
+pub const TEMPLATE_MAC: &str = "02:70:64:76:00:01";
+const STATE_FILE: &str = "vm.state";
+const MEM_FILE: &str = "vm.mem";
+const META_FILE: &str = "template.json";
+/// The template VM's own directory while it runs (removed after the snapshot).
+const BUILD_DIR: &str = "build";
+/// The template VM's TAP, in the template's own namespace.
+const TEMPLATE_TAP: &str = "tap0";
+/// Hex digits of the key naming a template directory.
+const KEY_LEN: usize = 16;
+
+/// Why a template could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum TemplateError {
+    /// A file operation.
+    #[error("{what} {path}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// Launching or stopping the template VM.
+    #[error(transparent)]
+    Vmm(#[from] VmmError),
+    /// The template's network namespace.
+    #[error(transparent)]
+    Netns(#[from] NetnsError),
+    /// The template VM's agent never answered.
+    #[error("template VM: {0}")]
+    Agent(String),
+    /// Pausing or snapshotting through the VMM's API.
+    #[error("template VM: {what}")]
+    Api {
+        /// The call.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: ClientError,
+    },
+    /// A blocking task died.
+    #[error("template task: {0}")]
+    Task(String),
+}
+
+fn io_err(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> TemplateError {
+    let path = path.to_path_buf();
+    move |source| TemplateError::Io { what, path, source }
+}
+
+/// A built template.
+#[derive(Debug, Clone)]
+pub struct Template {
+    /// Its key.
+    pub key: String,
+    /// Its directory.
+    pub dir: PathBuf,
+}
+
+impl Template {
+    /// What the VMM's `--restore` needs.
+    pub fn restore_config(&self) -> RestoreConfig {
+        RestoreConfig {
+            state: self.dir.join(STATE_FILE),
+            mem: self.dir.join(MEM_FILE),
+        }
+    }
+
+    fn is_complete(&self) -> bool {
+        self.dir.join(STATE_FILE).is_file() && self.dir.join(MEM_FILE).is_file()
+    }
+
+    /// Removes the template (a restore from it failed): the next pod builds a new one.
+    pub fn discard(&self) {
+        if let Err(e) = std::fs::remove_dir_all(&self.dir)
+            && e.kind() != io::ErrorKind::NotFound
+        {
+            tracing::warn!(template = %self.key, "remove {}: {e}", self.dir.display());
+        }
+    }
+}
+
+/// What identifies a file's content cheaply: hashing it again only when this changes.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Stamp {
+    path: PathBuf,
+    len: u64,
+    modified: Option<SystemTime>,
+}
+
+fn stamp(path: &Path) -> Result<Stamp, TemplateError> {
+    let m = std::fs::metadata(path).map_err(io_err("inspect", path))?;
+    Ok(Stamp {
+        path: path.to_path_buf(),
+        len: m.len(),
+        modified: m.modified().ok(),
+    })
+}
+
+/// The templates of all handlers.
+#[derive(Debug)]
+pub struct Templates {
+    root: PathBuf,
+    /// SHA-256 of file contents by stamp.
+    digests: Arc<Mutex<HashMap<Stamp, String>>>,
+    /// One build at a time: two pods of a new handler wait for the same template.
+    build: tokio::sync::Mutex<()>,
+}
+
+/// Everything a template depends on.
+#[derive(Debug, Clone)]
+pub struct TemplateInputs {
+    /// The handler (kernel, image, vCPUs, memory, command line).
+    pub handler: Handler,
+    /// The VMM executable: its device state layout is part of the snapshot.
+    pub vmm_binary: PathBuf,
+    /// The drives after the root drive, as pods get them.
+    pub drives: Vec<DriveSpec>,
+}
+
+impl Templates {
+    /// Templates under `<root_dir>/templates`.
+    pub fn new(root_dir: &Path) -> Self {
+        Self {
+            root: root_dir.join(TEMPLATES_DIR),
+            digests: Arc::new(Mutex::new(HashMap::new())),
+            build: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// The key of the template for `inputs` (hashes files it has not seen: blocking).
+    pub fn key(&self, inputs: &TemplateInputs) -> Result<String, TemplateError> {
+        template_key(&self.digests, inputs)
+    }
+
+    /// The template for `inputs`, built now when there is none. Errors are the caller's to
+    /// log: pods then boot cold.
+    pub async fn get(&self, inputs: &TemplateInputs) -> Result<Template, TemplateError> {
+        let (digests, owned) = (self.digests.clone(), inputs.clone());
+        let key = tokio::task::spawn_blocking(move || template_key(&digests, &owned))
+            .await
+            .map_err(|e| TemplateError::Task(e.to_string()))??;
+        let template = Template {
+            dir: self.root.join(&key),
+            key,
+        };
+        if template.is_complete() {
+            return Ok(template);
+        }
+        let _one = self.build.lock().await;
+        if template.is_complete() {
+            return Ok(template);
+        }
+        let started = Instant::now();
+        tracing::info!(template = %template.key, handler = %inputs.handler.name, "building a VM template");
+        match build(&template, inputs).await {
+            Ok(()) => {
+                let secs = started.elapsed().as_secs_f64();
+                let meta = serde_json::json!({
+                    "key": template.key,
+                    "handler": inputs.handler.name,
+                    "build_secs": secs,
+                });
+                let meta_path = template.dir.join(META_FILE);
+                std::fs::write(&meta_path, meta.to_string())
+                    .map_err(io_err("write", &meta_path))?;
+                tracing::info!(template = %template.key, handler = %inputs.handler.name, secs, "VM template built");
+                Ok(template)
+            }
+            Err(e) => {
+                template.discard();
+                Err(e)
+            }
+        }
+    }
+}
+
+/// SHA-256 of `path`'s content, remembered by its stamp.
+fn digest(digests: &Mutex<HashMap<Stamp, String>>, path: &Path) -> Result<String, TemplateError> {
+    let st = stamp(path)?;
+    if let Some(d) = lock(digests).get(&st) {
+        return Ok(d.clone());
+    }
+    let mut f = std::fs::File::open(path).map_err(io_err("open", path))?;
+    let mut h = Sha256::new();
+    io::copy(&mut f, &mut h).map_err(io_err("read", path))?;
+    let d = hex::encode(h.finalize());
+    lock(digests).insert(st, d.clone());
+    Ok(d)
+}
+
+fn template_key(
+    digests: &Mutex<HashMap<Stamp, String>>,
+    inputs: &TemplateInputs,
+) -> Result<String, TemplateError> {
+    let h = &inputs.handler;
+    let mut hasher = Sha256::new();
+    hasher.update(b"podvisor-template-1\n");
+    for (name, path) in [
+        ("vmm", &inputs.vmm_binary),
+        ("kernel", &h.kernel),
+        ("image", &h.image),
+    ] {
+        hasher.update(format!("{name} {}\n", digest(digests, path)?));
+    }
+    hasher.update(format!(
+        "vcpus {}\nmemory {}\ncmdline {:?}\nmac {TEMPLATE_MAC}\n",
+        h.vcpus, h.memory_mib, h.kernel_cmdline_extra
+    ));
+    for d in &inputs.drives {
+        hasher.update(format!("drive {} ro={}\n", d.id, d.read_only));
+    }
+    let mut key = hex::encode(hasher.finalize());
+    key.truncate(KEY_LEN);
+    Ok(key)
+}
+
+/// Boots the template VM, waits for its agent, snapshots it and cleans up after it.
+async fn build(template: &Template, inputs: &TemplateInputs) -> Result<(), TemplateError> {
+    let dir = &template.dir;
+    std::fs::create_dir_all(dir).map_err(io_err("create", dir))?;
+    let ns_name = format!("podvisor-tpl-{}", &template.key[..8]);
+    // A namespace left by a crashed build.
+    match netns::delete(&ns_name) {
+        Ok(()) | Err(NetnsError::NotFound(_)) => {}
+        Err(e) => return Err(e.into()),
+    }
+    let ns = NetNs::create(&ns_name)?;
+    let h = &inputs.handler;
+    let spec = VmmSpec {
+        sandbox_id: format!("template-{}", template.key),
+        dir: dir.join(BUILD_DIR),
+        kernel: h.kernel.clone(),
+        rootfs: h.image.clone(),
+        cmdline_extra: h.kernel_cmdline_extra.clone(),
+        vcpus: h.vcpus,
+        mem_mib: h.memory_mib,
+        drives: inputs.drives.clone(),
+        tap: Some(TEMPLATE_TAP.into()),
+        mac: Some(TEMPLATE_MAC.into()),
+        netns: Some(ns.path().to_path_buf()),
+        restore: None,
+    };
+    let binary = inputs.vmm_binary.clone();
+    let handle = tokio::task::spawn_blocking(move || vmm::launch(&binary, &spec))
+        .await
+        .map_err(|e| TemplateError::Task(e.to_string()))??;
+    let snapshot = async {
+        let client = connect_agent(
+            &format!("template-{}", template.key),
+            &handle,
+            AGENT_BOOT_TIMEOUT,
+        )
+        .await
+        .map_err(|e| TemplateError::Agent(e.to_string()))?;
+        // The agent's end of this connection is reset in every restored copy.
+        drop(client);
+        let api = handle.api_sock.clone();
+        let body = serde_json::json!({
+            "state_path": dir.join(STATE_FILE),
+            "mem_path": dir.join(MEM_FILE),
+        })
+        .to_string();
+        tokio::task::spawn_blocking(move || {
+            client::call(&api, "PUT", "/vm/pause", None).map_err(|source| TemplateError::Api {
+                what: "pause",
+                source,
+            })?;
+            client::call(&api, "PUT", "/vm/snapshot", Some(&body)).map_err(|source| {
+                TemplateError::Api {
+                    what: "snapshot",
+                    source,
+                }
+            })
+        })
+        .await
+        .map_err(|e| TemplateError::Task(e.to_string()))?
+    };
+    let result = snapshot.await;
+    let h2 = handle.clone();
+    let cleanup = tokio::task::spawn_blocking(move || -> Result<(), VmmError> {
+        h2.stop(VMM_STOP_TIMEOUT)?;
+        h2.remove_dir()
+    })
+    .await
+    .map_err(|e| TemplateError::Task(e.to_string()));
+    let ns_deleted = ns.delete();
+    let answer = result?;
+    tracing::debug!(template = %template.key, "snapshot: {answer}");
+    cleanup??;
+    ns_deleted?;
+    Ok(())
+}
