@@ -80,6 +80,7 @@ demo: setup guest release
 bench: setup guest probe vmm-release
 	$(CARGO) run --release -p podvisor-tests --bin boot-bench -- --runs 5
 	$(CARGO) run --release -p podvisor-tests --bin agent-bench -- --runs 5
+	$(CARGO) run --release -p podvisor-tests --bin snapshot-bench -- --restores 5
 
 clean:
 	rm -rf build
