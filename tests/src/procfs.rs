@@ -36,6 +36,17 @@ pub enum GuestRam {
     AtLeast(u64),
 }
 
+/// `Anonymous:` of `/proc/<pid>/smaps_rollup` in KiB: memory only this process holds (for a
+/// VMM restored from a snapshot, the guest pages it wrote plus its own heap).
+pub fn anonymous_kib(pid: u32) -> anyhow::Result<u64> {
+    let path = format!("/proc/{pid}/smaps_rollup");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("read {path}"))?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("Anonymous:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .with_context(|| format!("no Anonymous: line in {path}"))
+}
+
 /// Reads `/proc/<pid>/smaps`.
 pub fn rss(pid: u32, guest: GuestRam) -> anyhow::Result<Rss> {
     let path = format!("/proc/{pid}/smaps");

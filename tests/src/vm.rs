@@ -10,7 +10,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail, ensure};
-use podvisor_vmm::api::VmInfo;
+use podvisor_vmm::api::{SnapshotCreate, SnapshotCreated, VmInfo};
 use regex::Regex;
 
 use crate::netns::NetNs;
@@ -450,6 +450,40 @@ impl Vm {
             }
             std::thread::sleep(POLL);
         }
+    }
+
+    /// Waits until `n` console lines (any since boot) contain `text`.
+    pub fn wait_for_console_count(
+        &mut self,
+        text: &str,
+        n: usize,
+        timeout: Duration,
+    ) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.read_console()?;
+            let seen = self.lines.iter().filter(|l| l.contains(text)).count();
+            if seen >= n {
+                return Ok(());
+            }
+            if self.try_status()?.is_some() || Instant::now() >= deadline {
+                bail!(
+                    "the console showed {text:?} {seen} times, not {n}, within {timeout:?}\n{}",
+                    self.report()
+                );
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+
+    /// `PUT /vm/snapshot` (the VM must be paused): writes `state` and `mem`.
+    pub fn snapshot(&self, state: &Path, mem: &Path) -> anyhow::Result<SnapshotCreated> {
+        let body = serde_json::to_string(&SnapshotCreate {
+            state_path: state.to_path_buf(),
+            mem_path: mem.to_path_buf(),
+        })?;
+        let answer = self.api("PUT", "/vm/snapshot", Some(&body))?;
+        serde_json::from_str(&answer).with_context(|| format!("snapshot answer {answer:?}"))
     }
 
     /// Waits for the VMM to end; kills it when `timeout` passes.

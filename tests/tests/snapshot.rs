@@ -11,51 +11,20 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
 use podvisor_tests::vm::host_vsock_echo;
-use podvisor_tests::{Vm, VmSpec, paths};
-use podvisor_vmm::api::SnapshotCreated;
+use podvisor_tests::{Vm, VmSpec, paths, procfs};
 
 /// Boot under kvm_pvm takes tens of seconds, more on a loaded host.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
 /// Any later step.
 const STEP_TIMEOUT: Duration = Duration::from_secs(180);
+/// The line guest-probe prints once its echo server listens.
+const LISTENING: &str = "VSOCK-LISTENING 5000";
 
 fn spec() -> VmSpec {
     VmSpec {
         vsock_cid: Some(3),
         api: true,
         ..VmSpec::new("snapshot")
-    }
-}
-
-/// `Anonymous:` of /proc/<pid>/smaps_rollup in KiB: the memory only this VMM holds
-/// (a restored guest's pages it wrote, plus the VMM's own heap).
-fn anonymous_kib(pid: u32) -> anyhow::Result<u64> {
-    let path = format!("/proc/{pid}/smaps_rollup");
-    let text = std::fs::read_to_string(&path).with_context(|| format!("read {path}"))?;
-    text.lines()
-        .find_map(|l| l.strip_prefix("Anonymous:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .with_context(|| format!("no Anonymous: line in {path}"))
-}
-
-/// Waits until the console has shown `VSOCK-LISTENING` `n` times.
-fn wait_listening(vm: &mut Vm, n: usize, timeout: Duration) -> anyhow::Result<()> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let seen = vm
-            .console_lines()
-            .iter()
-            .filter(|l| l.contains("VSOCK-LISTENING 5000"))
-            .count();
-        if seen >= n {
-            return Ok(());
-        }
-        ensure!(
-            vm.try_status()?.is_none() && Instant::now() < deadline,
-            "no listening vsock server #{n} (saw {seen})\n{}",
-            vm.report()
-        );
-        std::thread::sleep(Duration::from_millis(100));
     }
 }
 
@@ -105,37 +74,21 @@ fn run() -> anyhow::Result<()> {
 
     // The source VM: boots, answers once, is snapshotted while its next server listens.
     let mut source = Vm::boot(&spec(), None)?;
-    wait_listening(&mut source, 1, BOOT_TIMEOUT).map_err(|e| e.context("boot"))?;
+    source
+        .wait_for_console_count(LISTENING, 1, BOOT_TIMEOUT)
+        .map_err(|e| e.context("boot"))?;
     let booted = source.started().elapsed();
     host_vsock_echo(source.vsock_uds()?, 5000, "before-snapshot", STEP_TIMEOUT)
         .context("echo from the booted VM")?;
     source.wait_for_console("PROBE: served n=1 rc=0", STEP_TIMEOUT)?;
-    wait_listening(&mut source, 2, STEP_TIMEOUT)?;
-    let refused = source.api(
-        "PUT",
-        "/vm/snapshot",
-        Some(&format!(
-            r#"{{"state_path":"{}","mem_path":"{}"}}"#,
-            state.display(),
-            mem.display()
-        )),
-    );
+    source.wait_for_console_count(LISTENING, 2, STEP_TIMEOUT)?;
+    let refused = source.snapshot(&state, &mem);
     ensure!(
         refused.is_err(),
         "a running VM was snapshotted: {refused:?}"
     );
     source.api("PUT", "/vm/pause", None)?;
-    let body = source.api(
-        "PUT",
-        "/vm/snapshot",
-        Some(&format!(
-            r#"{{"state_path":"{}","mem_path":"{}"}}"#,
-            state.display(),
-            mem.display()
-        )),
-    )?;
-    let created: SnapshotCreated =
-        serde_json::from_str(&body).with_context(|| format!("snapshot answer {body:?}"))?;
+    let created = source.snapshot(&state, &mem)?;
     ensure!(
         created.mem_file_bytes == 128 << 20,
         "memory file is {} bytes, the guest has 128 MiB",
@@ -186,7 +139,7 @@ fn run() -> anyhow::Result<()> {
     for (name, vm) in [("a", &a), ("b", &b)] {
         println!(
             "[snapshot] restored VM {name}: anonymous (private) memory {} KiB",
-            anonymous_kib(vm.pid())?
+            procfs::anonymous_kib(vm.pid())?
         );
     }
     let mem_on_disk = std::fs::read(&mem)?;
@@ -219,17 +172,21 @@ fn refused_state_files(state: &Path, mem: &Path, dir: &Path) -> anyhow::Result<(
         "not a podvisor state file",
     ));
     let img = podvisor_tests::image::test_image()?;
-    for (name, bytes, want) in cases {
-        let bad = dir.join("bad.state");
-        std::fs::write(&bad, bytes)?;
-        let (code, stderr) = vmm_fails(&[
+    // A restore with the root drive only.
+    let restore_root_only = |state: &Path| {
+        vmm_fails(&[
             "--restore".into(),
-            format!("state={},mem={}", bad.display(), mem.display()),
+            format!("state={},mem={}", state.display(), mem.display()),
             "--serial".into(),
             "null".into(),
             "--drive".into(),
             format!("{},ro,id=root", img.display()),
-        ])?;
+        ])
+    };
+    for (name, bytes, want) in cases {
+        let bad = dir.join("bad.state");
+        std::fs::write(&bad, bytes)?;
+        let (code, stderr) = restore_root_only(&bad)?;
         ensure!(
             code == Some(1) && stderr.contains(want),
             "{name}: exit {code:?}, stderr {stderr:?} (wanted exit 1 and {want:?})"
@@ -237,14 +194,7 @@ fn refused_state_files(state: &Path, mem: &Path, dir: &Path) -> anyhow::Result<(
     }
     // The snapshot's VM had a vsock device: a restore without one would leave the guest's
     // driver talking to an empty MMIO window.
-    let (code, stderr) = vmm_fails(&[
-        "--restore".into(),
-        format!("state={},mem={}", state.display(), mem.display()),
-        "--serial".into(),
-        "null".into(),
-        "--drive".into(),
-        format!("{},ro,id=root", img.display()),
-    ])?;
+    let (code, stderr) = restore_root_only(state)?;
     ensure!(
         code == Some(1) && stderr.contains("devices [block:root, vsock]"),
         "restore without the vsock device: exit {code:?}, stderr {stderr:?}"

@@ -102,7 +102,11 @@ impl Runtime {
                     serde_json::from_str(sb.info.get("info").context("no verbose info")?)?;
                 let pid = u32::try_from(info["vmm"]["pid"].as_u64().context("no VMM pid")?)?;
                 let rss = procfs::rss(pid, GuestRam::Exact(POD_MEM_MIB << 20))?;
-                Ok((rss.total_kib, rss.vmm_kib(), Some(anonymous_kib(pid)?)))
+                Ok((
+                    rss.total_kib,
+                    rss.vmm_kib(),
+                    Some(procfs::anonymous_kib(pid)?),
+                ))
             }
             Runtime::Containerd { .. } => {
                 let needle = format!("-id {sandbox_id}");
@@ -122,16 +126,6 @@ impl Runtime {
             }
         }
     }
-}
-
-/// `Anonymous:` of /proc/<pid>/smaps_rollup, in KiB.
-fn anonymous_kib(pid: u32) -> anyhow::Result<u64> {
-    let path = format!("/proc/{pid}/smaps_rollup");
-    let text = std::fs::read_to_string(&path).with_context(|| format!("read {path}"))?;
-    text.lines()
-        .find_map(|l| l.strip_prefix("Anonymous:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .with_context(|| format!("no Anonymous: line in {path}"))
 }
 
 fn pids() -> Vec<u32> {

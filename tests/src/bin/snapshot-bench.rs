@@ -16,11 +16,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use podvisor_tests::vm::host_vsock_echo;
-use podvisor_tests::{Vm, VmSpec, paths};
-use podvisor_vmm::api::SnapshotCreated;
+use podvisor_tests::{Vm, VmSpec, paths, procfs};
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
 const STEP_TIMEOUT: Duration = Duration::from_secs(180);
+/// The line guest-probe prints once its echo server listens.
+const LISTENING: &str = "VSOCK-LISTENING 5000";
 /// Between attempts to reach a guest server that is not listening yet.
 const RETRY: Duration = Duration::from_millis(10);
 
@@ -48,15 +49,6 @@ fn first_echo(vm: &mut Vm, timeout: Duration) -> anyhow::Result<Duration> {
     }
 }
 
-fn anonymous_kib(pid: u32) -> anyhow::Result<u64> {
-    let path = format!("/proc/{pid}/smaps_rollup");
-    let text = std::fs::read_to_string(&path).with_context(|| format!("read {path}"))?;
-    text.lines()
-        .find_map(|l| l.strip_prefix("Anonymous:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .with_context(|| format!("no Anonymous: line in {path}"))
-}
-
 fn stop(vm: &mut Vm) -> anyhow::Result<()> {
     vm.api("PUT", "/vm/stop", None)?;
     let status = vm.wait_exit(STEP_TIMEOUT)?;
@@ -82,7 +74,7 @@ fn ms(d: Duration) -> f64 {
 fn restore_once(state: &Path, mem: &Path) -> anyhow::Result<(f64, u64)> {
     let mut vm = Vm::restore(&spec(), state, mem)?;
     let t = first_echo(&mut vm, STEP_TIMEOUT)?;
-    let anon = anonymous_kib(vm.pid())?;
+    let anon = procfs::anonymous_kib(vm.pid())?;
     stop(&mut vm)?;
     Ok((ms(t), anon))
 }
@@ -111,35 +103,14 @@ fn main() -> anyhow::Result<()> {
     let mut source = Vm::boot(&spec(), None)?;
     // While the guest boots, a CONNECT waits up to 2 s for an answer: wait for the server's
     // console line instead of knocking all the time.
-    source.wait_for_console("VSOCK-LISTENING 5000", BOOT_TIMEOUT)?;
+    source.wait_for_console_count(LISTENING, 1, BOOT_TIMEOUT)?;
     let cold = first_echo(&mut source, STEP_TIMEOUT)?;
-    let cold_anon = anonymous_kib(source.pid())?;
+    let cold_anon = procfs::anonymous_kib(source.pid())?;
     source.wait_for_console("PROBE: served n=1", STEP_TIMEOUT)?;
     // The next server is up once the console shows its second listening line.
-    let deadline = Instant::now() + STEP_TIMEOUT;
-    while source
-        .console_lines()
-        .iter()
-        .filter(|l| l.contains("VSOCK-LISTENING 5000"))
-        .count()
-        < 2
-    {
-        if Instant::now() > deadline {
-            bail!("the booted guest did not listen again\n{}", source.report());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    source.wait_for_console_count(LISTENING, 2, STEP_TIMEOUT)?;
     source.api("PUT", "/vm/pause", None)?;
-    let body = source.api(
-        "PUT",
-        "/vm/snapshot",
-        Some(&format!(
-            r#"{{"state_path":"{}","mem_path":"{}"}}"#,
-            state.display(),
-            mem.display()
-        )),
-    )?;
-    let snap: SnapshotCreated = serde_json::from_str(&body)?;
+    let snap = source.snapshot(&state, &mem)?;
     stop(&mut source)?;
 
     let mut times = Vec::new();
