@@ -34,7 +34,7 @@ use podvisor_proto::v1 as agent;
 use tokio::sync::watch;
 use tonic::transport::Channel;
 
-use crate::config::Config;
+use crate::config::{Config, Handler};
 use crate::image::{ImageError, ImageLease, ImageStore};
 use crate::logs::{CriLogWriter, LogError, Stream};
 use crate::state::{
@@ -65,8 +65,10 @@ const AGENT_RESTORE_TIMEOUT: Duration = Duration::from_secs(120);
 const RANDOM_SEED_BYTES: usize = 64;
 /// One connect-and-Ping attempt.
 const AGENT_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(30);
-/// Pause between attempts, growing from the first to the last.
-const AGENT_RETRY_FIRST: Duration = Duration::from_millis(200);
+/// Pause between attempts, growing from the first to the last. A restored VM answers
+/// within milliseconds of its VMM's start: short first pauses do not make it wait; a failed
+/// attempt (no socket yet) costs next to nothing.
+const AGENT_RETRY_FIRST: Duration = Duration::from_millis(10);
 const AGENT_RETRY_MAX: Duration = Duration::from_millis(500);
 /// How long a reconnect after a podvisord restart may take.
 const AGENT_RECONNECT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -774,20 +776,14 @@ impl PodManager {
             &spec.port_mappings,
         )
         .await?;
-        let drives: Vec<DriveSpec> = (0..IMAGE_SLOTS)
-            .map(|slot| DriveSpec {
-                id: slot_name(slot),
-                path: self.inner.placeholder.clone(),
-                read_only: true,
-            })
-            .collect();
+        let drives = self.slot_drives();
         let template = if handler.template {
-            let inputs = template::TemplateInputs {
-                handler: handler.clone(),
-                vmm_binary: self.inner.config.vmm_binary.clone(),
-                drives: drives.clone(),
-            };
-            match self.inner.templates.get(&inputs).await {
+            match self
+                .inner
+                .templates
+                .get(&self.template_inputs(&handler))
+                .await
+            {
                 Ok(t) => Some(t),
                 Err(e) => {
                     tracing::warn!(
@@ -923,6 +919,77 @@ impl PodManager {
             "sandbox ready"
         );
         Ok(id)
+    }
+
+    /// A pod VM's image slots, each on the placeholder until an image is swapped in.
+    fn slot_drives(&self) -> Vec<DriveSpec> {
+        (0..IMAGE_SLOTS)
+            .map(|slot| DriveSpec {
+                id: slot_name(slot),
+                path: self.inner.placeholder.clone(),
+                read_only: true,
+            })
+            .collect()
+    }
+
+    fn template_inputs(&self, handler: &Handler) -> template::TemplateInputs {
+        template::TemplateInputs {
+            handler: handler.clone(),
+            vmm_binary: self.inner.config.vmm_binary.clone(),
+            drives: self.slot_drives(),
+        }
+    }
+
+    /// In the background: removes the templates no handler uses any more (an earlier VMM,
+    /// kernel, image or configuration), then builds the VM template of every handler that
+    /// uses one, so that the first pod of a handler restores instead of waiting for a kernel
+    /// boot. Failures are logged: those pods boot cold.
+    pub fn prepare_templates(&self) -> tokio::task::JoinHandle<()> {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let config = &this.inner.config;
+            let wanted: Vec<(String, template::TemplateInputs)> = config
+                .handler_names()
+                .into_iter()
+                .filter_map(|name| config.handler(name).ok())
+                .filter(|h| h.template)
+                .map(|h| (h.name.clone(), this.template_inputs(h)))
+                .collect();
+            let (t, w) = (this.clone(), wanted.clone());
+            let pruned = tokio::task::spawn_blocking(move || {
+                let mut keep = Vec::new();
+                for (name, inputs) in &w {
+                    match t.inner.templates.key(inputs) {
+                        Ok(key) => keep.push(key),
+                        // Its pods fail the same way; nothing of it is worth keeping.
+                        Err(e) => tracing::warn!(handler = %name, "template inputs: {}", error_sources(&e)),
+                    }
+                }
+                t.inner.templates.prune(&keep);
+            })
+            .await;
+            if let Err(e) = pruned {
+                tracing::error!("template prune task: {e}");
+            }
+            for (name, inputs) in &wanted {
+                if let Err(e) = this.inner.templates.get(inputs).await {
+                    if this.inner.templates.stopping() {
+                        tracing::info!(handler = %name, "template build ended: podvisord stops");
+                        return;
+                    }
+                    tracing::warn!(
+                        handler = %name,
+                        "no VM template; its pods will boot the kernel: {e}: {}",
+                        error_sources(&e)
+                    );
+                }
+            }
+        })
+    }
+
+    /// For podvisord's shutdown: stops a template VM being built (pod VMs keep running).
+    pub fn shutdown(&self) {
+        self.inner.templates.shutdown();
     }
 
     /// Starts the VMM of `spec` (a blocking launch).

@@ -253,6 +253,27 @@ impl Daemon {
         self.spawn()
     }
 
+    /// Starts podvisord again after [`Daemon::stop`], with the same configuration.
+    pub fn start_again(&mut self) -> anyhow::Result<()> {
+        if self.child.is_some() {
+            bail!("podvisord still runs");
+        }
+        self.spawn()
+    }
+
+    /// The pod directory of sandbox `id` (named by its first 16 hex digits).
+    pub fn pod_dir(&self, id: &str) -> PathBuf {
+        self.state_dir.join("pods").join(&id[..id.len().min(16)])
+    }
+
+    /// The VM configuration podvisord started sandbox `id`'s VMM with (`vmm.json`).
+    pub fn vmm_config(&self, id: &str) -> anyhow::Result<serde_json::Value> {
+        let path = self.pod_dir(id).join("vmm.json");
+        let text =
+            std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))?;
+        serde_json::from_str(&text).with_context(|| format!("parse {}", path.display()))
+    }
+
     /// podvisord's pid while it runs.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)

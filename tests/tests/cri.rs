@@ -1,7 +1,8 @@
 //! podvisord end to end, as kubelet drives it: a real podvisord on a Unix socket, a real
 //! registry, real microVMs.
 //!
-//! - `kubelet_lifecycle_on_a_real_vm`: RunPodSandbox -> PullImage -> CreateContainer ->
+//! - `kubelet_lifecycle_on_a_real_vm`: RunPodSandbox (a VM restored from the handler's
+//!   template) -> PullImage -> CreateContainer ->
 //!   StartContainer (two containers in the pod) -> logs -> ExecSync -> host-path volumes
 //!   (a kubelet-style configMap read through its symlinks, read-only honoured, an update
 //!   on the host seen by the running container; a read-write directory) -> podvisord restarted
@@ -636,6 +637,13 @@ async fn lifecycle(daemon: &mut Daemon, image_name: &str) -> anyhow::Result<()> 
     }
     let pod = pod_config(&log_dir);
     let (sandbox_id, vmm_pid, pod_dir) = run_pod(&mut rt, &pod).await?;
+    // Everything below runs on a VM restored from the handler's template, as pods are by
+    // default.
+    let vm = daemon.vmm_config(&sandbox_id)?;
+    ensure!(
+        vm["restore"].is_object(),
+        "the pod was not restored from a template: {vm}"
+    );
     let (sb_status, _) = sandbox_status(&mut rt, &sandbox_id).await?;
     ensure!(sb_status.metadata.as_ref().is_some_and(|m| m.name == "web"));
     ensure!(vmm_processes_under(daemon.dir()) == [vmm_pid]);

@@ -2,7 +2,9 @@
 //! (Debian's bridge + host-local + portmap + loopback plugins, config and IP reservations in
 //! this test's temporary directory, never the host's /etc/cni).
 //!
-//! One test, in order: `Status` says the network is ready; pod B (an `httpd` container,
+//! One test, in order: podvisord builds its handler's VM template as it starts, kills that
+//! build on SIGTERM and, started again, removes a stale template (killing the process its
+//! build record names); `Status` says the network is ready; pod B (an `httpd` container,
 //! container port 8080 published as a host port) and pod A boot one after the other; they
 //! get distinct IPs of the subnet, reported by PodSandboxStatus and reserved by
 //! host-local; the guest NIC has the MAC of the CNI interface; a container in pod A fetches
@@ -24,7 +26,7 @@ use anyhow::{Context, Result, bail, ensure};
 use k8s_cri::v1 as cri;
 use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
-use podvisor_tests::cri::{CNI_BIN_DIR, Daemon, connect, delete_link};
+use podvisor_tests::cri::{CNI_BIN_DIR, Daemon, connect, delete_link, vmm_processes_under};
 use podvisor_tests::registry::{Registry, push_busybox};
 use podvisor_tests::{artifacts, paths};
 use tonic::transport::Channel;
@@ -270,7 +272,7 @@ async fn two_pods_talk_over_the_bridge_and_the_host_port() -> Result<()> {
         }
     }
     let _bridge = Bridge;
-    let daemon = Daemon::start(&format!(
+    let mut daemon = Daemon::start(&format!(
         "[registry]\ninsecure = [{host:?}]\n\n[cni]\nconf_dir = {conf_dir:?}\n\
          bin_dirs = [{CNI_BIN_DIR:?}]\n\n[handlers.podvisor]\nvcpus = 1\nmemory_mib = 256\n\
          kernel = {kernel:?}\nimage = {rootfs:?}\n",
@@ -280,7 +282,10 @@ async fn two_pods_talk_over_the_bridge_and_the_host_port() -> Result<()> {
         rootfs = rootfs.display().to_string(),
     ))?;
     let mut created = Vec::new();
-    let result = pods(&daemon, &image, &ipam_dir, &mut created).await;
+    let result = match templates_at_start(&mut daemon) {
+        Ok(()) => pods(&daemon, &image, &ipam_dir, &mut created).await,
+        Err(e) => Err(e),
+    };
     if result.is_err() {
         println!("[net] podvisord's log:\n{}", daemon.log());
         // Release the pods' networks (iptables rules, namespaces) before the daemon goes.
@@ -415,7 +420,7 @@ async fn pods(
     // Restored from one template, the pods share no identity: each has its hostname, its
     // random numbers (the agent reseeded the guest RNG), its own files.
     for id in [&a, &b] {
-        let config = vmm_config(daemon, id)?;
+        let config = daemon.vmm_config(id)?;
         ensure!(
             config["restore"].is_object(),
             "pod {id} was not restored from a template: {config}"
@@ -550,17 +555,88 @@ async fn pods(
     Ok(())
 }
 
-/// The pod directory of sandbox `id` (named by its first 16 hex digits).
-fn pod_dir(daemon: &Daemon, id: &str) -> PathBuf {
-    daemon.state_dir.join("pods").join(&id[..16])
-}
+/// Templates at podvisord's start, before any pod: the daemon builds its handler's
+/// template on its own; SIGTERM during that build kills the template VM and leaves no
+/// namespace; the next start removes a template no handler uses and kills the process its
+/// build record names (a template VM an earlier podvisord left when it died).
+fn templates_at_start(daemon: &mut Daemon) -> Result<()> {
+    let started = Instant::now();
+    let templates = daemon.root_dir.join("templates");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while vmm_processes_under(&templates).is_empty() {
+        ensure!(
+            Instant::now() < deadline,
+            "podvisord built no template on its own within 120 s:\n{}",
+            daemon.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // A stale template with the build record of a live process.
+    let mut leftover = Command::new("sleep").arg("600").spawn()?;
+    let pid = leftover.id();
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let start_time: u64 = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().nth(19))
+        .context("no start time in /proc/pid/stat")?
+        .parse()?;
+    let stale = templates.join("00000000deadbeef");
+    std::fs::create_dir_all(stale.join("build"))?;
+    std::fs::write(stale.join("vm.state"), b"an old template")?;
+    let build = stale.join("build");
+    let record = serde_json::json!({
+        "pid": pid,
+        "start_time": start_time,
+        "dir": build,
+        "api_sock": build.join("api.sock"),
+        "vsock_uds": build.join("vsock.sock"),
+        "console_log": build.join("console.log"),
+        "vmm_log": build.join("vmm.log"),
+    });
+    std::fs::write(stale.join("build.json"), record.to_string())?;
 
-/// The VM configuration podvisord started sandbox `id`'s VMM with.
-fn vmm_config(daemon: &Daemon, id: &str) -> Result<serde_json::Value> {
-    let path = pod_dir(daemon, id).join("vmm.json");
-    let text =
-        std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))?;
-    Ok(serde_json::from_str(&text)?)
+    let status = daemon.stop()?;
+    ensure!(status.success(), "podvisord exited {status} on SIGTERM");
+    let left = vmm_processes_under(&templates);
+    let netns = run("ip", &["netns", "list"])?;
+    let mut dirs: Vec<String> = std::fs::read_dir(&templates)?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    dirs.sort();
+    daemon.start_again()?;
+    ensure!(left.is_empty(), "template VMs left after SIGTERM: {left:?}");
+    ensure!(
+        !netns.contains("podvisor-tpl-"),
+        "template namespace left after SIGTERM: {netns}"
+    );
+    ensure!(
+        dirs == ["00000000deadbeef"],
+        "the unfinished template was kept: {dirs:?}"
+    );
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let exited = leftover.try_wait()?;
+        if exited.is_some() && !stale.exists() {
+            break;
+        }
+        if Instant::now() >= deadline {
+            let _ = leftover.kill();
+            let _ = leftover.wait();
+            bail!(
+                "stale template {} (process exited: {exited:?}) still there after 60 s:\n{}",
+                stale.display(),
+                daemon.log()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    step(
+        "template built at start, stopped on SIGTERM, stale one pruned",
+        started,
+    );
+    Ok(())
 }
 
 /// A template whose state file is corrupt: the VMM refuses it, the pod boots the kernel
@@ -585,7 +661,7 @@ async fn template_fallback(daemon: &Daemon, rt: &mut Runtime) -> Result<()> {
         "RunPodSandbox from a corrupt template (falls back to a boot)",
         t,
     );
-    let config = vmm_config(daemon, &c)?;
+    let config = daemon.vmm_config(&c)?;
     let log = daemon.log();
     let fell_back = log.contains("restore from the VM template failed, booting the kernel");
     let removed = !states[0].exists();

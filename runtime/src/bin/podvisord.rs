@@ -68,6 +68,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let socket = config.socket.clone();
     let pods = PodManager::new(config, state, images).context("set up the pod manager")?;
     pods.recover().await.context("recover pods")?;
+    pods.prepare_templates();
     let listener = podvisor_runtime::cri::bind(&socket)?;
     tracing::info!(socket = %socket.display(), version = env!("CARGO_PKG_VERSION"), "podvisord serving CRI");
 
@@ -79,7 +80,11 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             _ = int.recv() => tracing::info!("SIGINT: stopping; pod VMs keep running"),
         }
     };
-    podvisor_runtime::cri::serve(listener, pods, shutdown).await?;
+    let served = podvisor_runtime::cri::serve(listener, pods.clone(), shutdown).await;
+    tokio::task::spawn_blocking(move || pods.shutdown())
+        .await
+        .context("shutdown task")?;
+    served?;
     if let Err(e) = std::fs::remove_file(&socket) {
         tracing::warn!("remove {}: {e}", socket.display());
     }

@@ -12,6 +12,11 @@
 //! The template VM runs in a network namespace of its own with a TAP the VMM creates, the
 //! same devices as a pod VM (root image, image slots, NIC, vsock), and the fixed
 //! [`TEMPLATE_MAC`] on its NIC.
+//!
+//! podvisord builds the templates of its handlers when it starts (so the first pod does not
+//! wait for a kernel boot) and removes templates no handler has any more. A template VM
+//! still building when podvisord stops is killed; one a killed podvisord left behind is
+//! found through its `build.json` and killed by the next build or prune.
 
 use std::collections::HashMap;
 use std::io;
@@ -26,7 +31,7 @@ use sha2::{Digest, Sha256};
 use super::{AGENT_BOOT_TIMEOUT, VMM_STOP_TIMEOUT, connect_agent, lock};
 use crate::config::Handler;
 use crate::netns::{self, NetNs, NetnsError};
-use crate::vmm::{self, DriveSpec, VmmError, VmmSpec};
+use crate::vmm::{self, DriveSpec, VmmError, VmmHandle, VmmSpec};
 
 /// The directory of templates under the root directory.
 pub const TEMPLATES_DIR: &str = "templates";
@@ -37,6 +42,8 @@ const MEM_FILE: &str = "vm.mem";
 const META_FILE: &str = "template.json";
 /// The template VM's own directory while it runs (removed after the snapshot).
 const BUILD_DIR: &str = "build";
+/// The template VM's [`VmmHandle`] while it runs, for a later podvisord to stop it.
+const BUILD_RECORD: &str = "build.json";
 /// The template VM's TAP, in the template's own namespace.
 const TEMPLATE_TAP: &str = "tap0";
 /// Hex digits of the key naming a template directory.
@@ -77,6 +84,16 @@ pub enum TemplateError {
     /// A blocking task died.
     #[error("template task: {0}")]
     Task(String),
+}
+
+/// The network namespace a template VM of `key` is built in.
+fn build_netns(key: &str) -> String {
+    format!("podvisor-tpl-{}", &key[..8.min(key.len())])
+}
+
+/// Whether `name` can be a template directory's name (a key).
+fn is_key(name: &str) -> bool {
+    name.len() == KEY_LEN && name.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
 fn io_err(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> TemplateError {
@@ -141,6 +158,10 @@ pub struct Templates {
     digests: Arc<Mutex<HashMap<Stamp, String>>>,
     /// One build at a time: two pods of a new handler wait for the same template.
     build: tokio::sync::Mutex<()>,
+    /// The template VM being built, killed by [`Templates::shutdown`].
+    building: Arc<Mutex<Option<(Template, VmmHandle)>>>,
+    /// Set by [`Templates::shutdown`]: a build that fails now failed because of it.
+    stopping: std::sync::atomic::AtomicBool,
 }
 
 /// Everything a template depends on.
@@ -161,7 +182,67 @@ impl Templates {
             root: root_dir.join(TEMPLATES_DIR),
             digests: Arc::new(Mutex::new(HashMap::new())),
             build: tokio::sync::Mutex::new(()),
+            building: Arc::new(Mutex::new(None)),
+            stopping: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Whether [`Templates::shutdown`] ran.
+    pub fn stopping(&self) -> bool {
+        self.stopping.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Kills the template VM being built, if any, and removes what it left (its template
+    /// directory and network namespace). For podvisord's shutdown: the build's own task
+    /// does not get to clean up.
+    pub fn shutdown(&self) {
+        self.stopping
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let Some((template, handle)) = lock(&self.building).take() else {
+            return;
+        };
+        tracing::info!(template = %template.key, "stopping the template VM being built");
+        if let Err(e) = handle.kill() {
+            // The directory holds its build record: the next podvisord kills it.
+            tracing::warn!(template = %template.key, "kill template VM {}: {e}", handle.pid);
+            return;
+        }
+        template.discard();
+        delete_build_netns(&template.key);
+    }
+
+    /// Removes every template whose key is not in `keep` (made by an earlier VMM, kernel,
+    /// image or handler configuration), stopping a template VM left building there. Entries
+    /// that are no template directory are left alone. Blocking.
+    pub fn prune(&self, keep: &[String]) -> Vec<String> {
+        let entries = match std::fs::read_dir(&self.root) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Vec::new(),
+            Err(e) => {
+                tracing::warn!("read {}: {e}", self.root.display());
+                return Vec::new();
+            }
+        };
+        let mut removed = Vec::new();
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
+            if !is_dir || !is_key(&name) || keep.contains(&name) {
+                continue;
+            }
+            let template = Template {
+                dir: entry.path(),
+                key: name.clone(),
+            };
+            if let Err(e) = stop_leftover_build(&template) {
+                tracing::warn!(template = %name, "old template kept: {e}");
+                continue;
+            }
+            template.discard();
+            tracing::info!(template = %name, "removed a template no handler uses");
+            removed.push(name);
+        }
+        removed
     }
 
     /// The key of the template for `inputs` (hashes files it has not seen: blocking).
@@ -189,7 +270,7 @@ impl Templates {
         }
         let started = Instant::now();
         tracing::info!(template = %template.key, handler = %inputs.handler.name, "building a VM template");
-        match build(&template, inputs).await {
+        match build(&template, inputs, &self.building).await {
             Ok(()) => {
                 let secs = started.elapsed().as_secs_f64();
                 let meta = serde_json::json!({
@@ -251,11 +332,53 @@ fn template_key(
     Ok(key)
 }
 
-/// Boots the template VM, waits for its agent, snapshots it and cleans up after it.
-async fn build(template: &Template, inputs: &TemplateInputs) -> Result<(), TemplateError> {
+/// Deletes the build namespace of `key`; one already gone is fine.
+fn delete_build_netns(key: &str) {
+    match netns::delete(&build_netns(key)) {
+        Ok(()) | Err(NetnsError::NotFound(_)) => {}
+        Err(e) => tracing::warn!(template = %key, "delete template namespace: {e}"),
+    }
+}
+
+/// Kills the template VM a podvisord that died during a build left running (named by the
+/// build record) and deletes its namespace. Blocking.
+fn stop_leftover_build(template: &Template) -> Result<(), TemplateError> {
+    let record = template.dir.join(BUILD_RECORD);
+    let text = match std::fs::read_to_string(&record) {
+        Ok(t) => t,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io_err("read", &record)(e)),
+    };
+    match serde_json::from_str::<VmmHandle>(&text) {
+        Ok(handle) => {
+            if handle.is_alive() {
+                tracing::warn!(template = %template.key, pid = handle.pid, "killing a template VM an earlier podvisord left");
+            }
+            handle.kill()?;
+        }
+        // Cut short while being written: the VMM was launched a moment before, so a
+        // previous podvisord died right then; its VM is not findable.
+        Err(e) => tracing::warn!(template = %template.key, "unreadable {}: {e}", record.display()),
+    }
+    delete_build_netns(&template.key);
+    std::fs::remove_file(&record).map_err(io_err("remove", &record))?;
+    Ok(())
+}
+
+/// Boots the template VM, waits for its agent, snapshots it and cleans up after it. The VM
+/// is in `building` (and its handle in the build record) while it runs.
+async fn build(
+    template: &Template,
+    inputs: &TemplateInputs,
+    building: &Mutex<Option<(Template, VmmHandle)>>,
+) -> Result<(), TemplateError> {
     let dir = &template.dir;
     std::fs::create_dir_all(dir).map_err(io_err("create", dir))?;
-    let ns_name = format!("podvisor-tpl-{}", &template.key[..8]);
+    let leftover = template.clone();
+    tokio::task::spawn_blocking(move || stop_leftover_build(&leftover))
+        .await
+        .map_err(|e| TemplateError::Task(e.to_string()))??;
+    let ns_name = build_netns(&template.key);
     // A namespace left by a crashed build.
     match netns::delete(&ns_name) {
         Ok(()) | Err(NetnsError::NotFound(_)) => {}
@@ -278,10 +401,28 @@ async fn build(template: &Template, inputs: &TemplateInputs) -> Result<(), Templ
         restore: None,
     };
     let binary = inputs.vmm_binary.clone();
-    let handle = tokio::task::spawn_blocking(move || vmm::launch(&binary, &spec))
+    let launched = tokio::task::spawn_blocking(move || vmm::launch(&binary, &spec))
         .await
-        .map_err(|e| TemplateError::Task(e.to_string()))??;
+        .map_err(|e| TemplateError::Task(e.to_string()));
+    let handle = match launched {
+        Ok(Ok(h)) => h,
+        Ok(Err(e)) => {
+            let _ = ns.delete();
+            return Err(e.into());
+        }
+        Err(e) => {
+            let _ = ns.delete();
+            return Err(e);
+        }
+    };
+    let record = dir.join(BUILD_RECORD);
+    let recorded = serde_json::to_vec(&handle)
+        .map_err(io::Error::other)
+        .and_then(|json| std::fs::write(&record, json))
+        .map_err(io_err("write", &record));
+    *lock(building) = Some((template.clone(), handle.clone()));
     let snapshot = async {
+        recorded?;
         let client = connect_agent(
             &format!("template-{}", template.key),
             &handle,
@@ -320,6 +461,14 @@ async fn build(template: &Template, inputs: &TemplateInputs) -> Result<(), Templ
     })
     .await
     .map_err(|e| TemplateError::Task(e.to_string()));
+    if matches!(cleanup, Ok(Ok(()))) {
+        lock(building).take();
+        if let Err(e) = std::fs::remove_file(&record)
+            && e.kind() != io::ErrorKind::NotFound
+        {
+            tracing::warn!(template = %template.key, "remove {}: {e}", record.display());
+        }
+    }
     let ns_deleted = ns.delete();
     let answer = result?;
     tracing::debug!(template = %template.key, "snapshot: {answer}");
