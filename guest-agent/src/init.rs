@@ -159,6 +159,23 @@ pub fn enable_controllers(dir: &Path) -> Result<(), InitError> {
     })
 }
 
+/// Creates `dir`, the cgroup under which the sandbox's cgroups go, with [`CGROUP_CONTROLLERS`]
+/// enabled for its children. Done as the agent starts, so it is part of a VM template
+/// rather than work for every pod's first container.
+pub fn create_cgroup_parent(dir: &Path) -> Result<(), InitError> {
+    match fs::create_dir(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(source) => {
+            return Err(InitError::Mkdir {
+                path: dir.display().to_string(),
+                source,
+            });
+        }
+    }
+    enable_controllers(dir)
+}
+
 /// Makes /dev/console the agent's stdout and stderr and /dev/null its stdin.
 pub fn attach_console() -> Result<(), InitError> {
     let console = fs::OpenOptions::new()

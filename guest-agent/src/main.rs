@@ -98,6 +98,7 @@ fn run(pid1: bool) -> anyhow::Result<()> {
         .with_context(|| format!("create {}", paths.run.display()))?;
     if pid1 {
         init::enable_controllers(&paths.cgroup_root)?;
+        init::create_cgroup_parent(&paths.cgroup_podvisor())?;
     }
 
     let rt = tokio::runtime::Builder::new_multi_thread()

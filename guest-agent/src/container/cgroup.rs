@@ -156,7 +156,21 @@ impl Cgroup {
     /// Writes the resource files. A controller file that does not exist (controller not enabled)
     /// is an error only when a value was requested for it.
     pub fn apply(&self, r: &LinuxResources) -> Result<(), CgroupError> {
+        self.write_resources(r, false)
+    }
+
+    /// [`Cgroup::apply`] for a cgroup just created: "max" is what a new cgroup has already, so
+    /// those files are not written (every cgroupfs write is a system call the guest kernel
+    /// may have to emulate).
+    pub fn apply_new(&self, r: &LinuxResources) -> Result<(), CgroupError> {
+        self.write_resources(r, true)
+    }
+
+    fn write_resources(&self, r: &LinuxResources, fresh: bool) -> Result<(), CgroupError> {
         for (file, value) in resource_files(r)? {
+            if fresh && value == "max" {
+                continue;
+            }
             let p = self.path.join(file);
             match write_existing(&p, &value) {
                 Ok(()) => {}
@@ -320,5 +334,27 @@ mod tests {
         assert!(matches!(e, CgroupError::Io { .. }));
         assert_eq!(cg.oom_kills(), 1);
         assert!(Cgroup::create(&dir.path().join("podvisor"), "sb", "c1").is_err());
+    }
+
+    #[test]
+    fn a_new_cgroup_gets_only_its_limits_written() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cg = Cgroup::create(&dir.path().join("podvisor"), "sb", "c1").expect("create");
+        // Empty files stand in for the control files (cgroupfs needs no truncation).
+        for f in ["memory.max", "pids.max", "memory.swap.max"] {
+            fs::write(cg.path.join(f), "").expect("seed");
+        }
+        let pids_only = LinuxResources {
+            pids_limit: 64,
+            ..Default::default()
+        };
+        cg.apply_new(&pids_only).expect("apply_new");
+        let read = |f: &str| fs::read_to_string(cg.path.join(f)).expect("read");
+        // "max" is a new cgroup's value already: not written.
+        assert_eq!(read("memory.max"), "");
+        assert_eq!(read("pids.max"), "64");
+        // An update must reset a limit that is gone.
+        cg.apply(&pids_only).expect("apply");
+        assert_eq!(read("memory.max"), "max");
     }
 }

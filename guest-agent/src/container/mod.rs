@@ -472,7 +472,7 @@ impl Manager {
             let cg = Cgroup::create(&self.paths.cgroup_podvisor(), &sandbox, &r.container_id)
                 .map_err(|e| (internal("create cgroup", &e), None))?;
             if let Some(res) = &r.resources {
-                cg.apply(res).map_err(|e| {
+                cg.apply_new(res).map_err(|e| {
                     let s = match e {
                         cgroup::CgroupError::Invalid(_) => invalid("resources", &e),
                         _ => internal("apply resources", &e),

@@ -12,6 +12,9 @@
 //! the container); plus how much the runtime daemon's own RSS grew while the pod started.
 //! RSS counts shared library pages in every process, so the containerd sum is an upper bound.
 //!
+//! The container asks for the namespaces kubelet asks for by default (a PID namespace of its
+//! own, the pod's network and IPC), from both runtimes.
+//!
 //! Everything runs in temporary directories: a local registry with busybox, podvisord with
 //! its own configuration, containerd with its own root, state, socket and CNI network. Both
 //! runtimes give their pods a network (a bridge CNI network, Debian's plugins).
@@ -38,7 +41,12 @@ const POD_MEM_MIB: u64 = 256;
 /// How long containerd may take to serve its socket.
 const CONTAINERD_START: Duration = Duration::from_secs(60);
 /// The container of every pod: exits at once on SIGTERM, as a well-behaved workload does.
-const WORKLOAD: &str = "trap 'exit 0' TERM; sleep 100000 & wait";
+/// It says "ready" once its handler is in place: as the init of its own PID namespace it
+/// would not even see a SIGTERM that came before (the kernel drops signals a namespace's init
+/// does not handle), and StopContainer would wait its whole timeout.
+const WORKLOAD: &str = "trap 'exit 0' TERM; echo ready; sleep 100000 & wait";
+/// How long the workload may take to say it is ready (not part of any figure).
+const READY_TIMEOUT: Duration = Duration::from_secs(120);
 /// StopContainer's grace period.
 const STOP_TIMEOUT: i64 = 10;
 
@@ -174,8 +182,40 @@ fn total_rss_kib(pid: u32) -> anyhow::Result<u64> {
     Ok(procfs::rss(pid, GuestRam::Exact(0))?.total_kib)
 }
 
-fn pod_config(n: usize) -> cri::PodSandboxConfig {
+/// Waits until the container's CRI log has the workload's "ready" line.
+async fn wait_for_ready(log: &Path) -> anyhow::Result<()> {
+    let deadline = Instant::now() + READY_TIMEOUT;
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if text.lines().any(|l| l.ends_with(" ready")) {
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "the workload did not log \"ready\" within {READY_TIMEOUT:?}; {}: {text:?}",
+            log.display()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The namespaces kubelet asks for a container of a pod without hostNetwork or
+/// shareProcessNamespace: the pod's network and IPC, a PID namespace of its own.
+fn kubelet_security_context() -> cri::LinuxContainerSecurityContext {
+    cri::LinuxContainerSecurityContext {
+        namespace_options: Some(cri::NamespaceOption {
+            network: cri::NamespaceMode::Pod as i32,
+            pid: cri::NamespaceMode::Container as i32,
+            ipc: cri::NamespaceMode::Pod as i32,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn pod_config(n: usize, log_directory: &Path) -> cri::PodSandboxConfig {
     cri::PodSandboxConfig {
+        log_directory: log_directory.display().to_string(),
         metadata: Some(cri::PodSandboxMetadata {
             name: format!("bench-{n}"),
             uid: format!("bench-uid-{n}"),
@@ -241,9 +281,12 @@ async fn bench(
         runtime.name(),
         t.elapsed().as_secs_f64()
     );
+    let logs = tempfile::Builder::new().prefix("pvbench-logs").tempdir()?;
     let mut samples = Vec::new();
     for n in 0..runs {
-        let pod = pod_config(n);
+        let log_dir = logs.path().join(format!("{}-{n}", runtime.name()));
+        std::fs::create_dir_all(&log_dir)?;
+        let pod = pod_config(n, &log_dir);
         let before = total_rss_kib(runtime.daemon_pid())?;
         let t = Instant::now();
         let sandbox_id = rt
@@ -269,6 +312,11 @@ async fn bench(
                         ..Default::default()
                     }),
                     command: vec!["sh".into(), "-c".into(), WORKLOAD.into()],
+                    log_path: "app.log".into(),
+                    linux: Some(cri::LinuxContainerConfig {
+                        security_context: Some(kubelet_security_context()),
+                        ..Default::default()
+                    }),
                     ..Default::default()
                 }),
                 sandbox_config: Some(pod.clone()),
@@ -286,6 +334,7 @@ async fn bench(
         let after = total_rss_kib(runtime.daemon_pid())?;
         let (pod_rss_kib, pod_rss_no_guest_kib, private_kib) =
             runtime.pod_rss(&mut rt, &sandbox_id).await?;
+        wait_for_ready(&log_dir.join("app.log")).await?;
 
         let t = Instant::now();
         rt.stop_container(cri::StopContainerRequest {
