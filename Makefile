@@ -81,6 +81,7 @@ bench: setup guest probe vmm-release
 	$(CARGO) run --release -p podvisor-tests --bin boot-bench -- --runs 5
 	$(CARGO) run --release -p podvisor-tests --bin agent-bench -- --runs 5
 	$(CARGO) run --release -p podvisor-tests --bin snapshot-bench -- --restores 5
+	$(CARGO) run --release -p podvisor-tests --bin cri-bench -- 3
 
 clean:
 	rm -rf build
