@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
 use hyper_util::rt::TokioIo;
+use k8s_cri::v1 as cri;
+use k8s_cri::v1::image_service_client::ImageServiceClient;
 use tonic::transport::{Channel, Endpoint, Uri};
 
 use crate::{artifacts, paths};
@@ -370,5 +372,45 @@ impl Drop for Daemon {
                 let _ = std::fs::remove_file(&netns);
             }
         }
+    }
+}
+
+/// PullImage of `image` for `pod`, as kubelet asks; returns the image reference to create
+/// containers from.
+pub async fn pull_image(
+    images: &mut ImageServiceClient<Channel>,
+    image: &str,
+    pod: &cri::PodSandboxConfig,
+) -> anyhow::Result<String> {
+    Ok(images
+        .pull_image(cri::PullImageRequest {
+            image: Some(cri::ImageSpec {
+                image: image.to_string(),
+                ..Default::default()
+            }),
+            auth: None,
+            sandbox_config: Some(pod.clone()),
+        })
+        .await
+        .with_context(|| format!("PullImage {image}"))?
+        .into_inner()
+        .image_ref)
+}
+
+/// A container `name` of `image` running busybox `sh -c script`; callers add what else
+/// they need (log path, mounts, security context) with struct update syntax.
+pub fn shell_container(name: &str, image: &str, script: &str) -> cri::ContainerConfig {
+    cri::ContainerConfig {
+        metadata: Some(cri::ContainerMetadata {
+            name: name.into(),
+            attempt: 0,
+        }),
+        image: Some(cri::ImageSpec {
+            image: image.into(),
+            ..Default::default()
+        }),
+        command: vec!["sh".into(), "-c".into()],
+        args: vec![script.into()],
+        ..Default::default()
     }
 }

@@ -8,6 +8,7 @@
 //!
 //! - [`agent`]: a client of the guest agent (requests, output by stream, waits).
 //! - [`cri`]: a real `podvisord` in a temporary directory, and the VMMs it leaves.
+//! - [`host`]: commands on the host.
 //! - [`paths`]: the workspace, the guest kernel, the target directory.
 //! - [`artifacts`]: podvisor-vmm, the static `guest-probe` and the agent's guest root
 //!   image, built on demand.
@@ -21,6 +22,7 @@
 pub mod agent;
 pub mod artifacts;
 pub mod cri;
+pub mod host;
 pub mod image;
 pub mod netns;
 pub mod paths;

@@ -1,25 +1,12 @@
 //! A throw-away network namespace with a TAP device in it, so a guest's
 //! traffic can only reach that TAP. Deleted on drop, even after a failure.
 
-use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 
 fn ip(args: &[&str]) -> anyhow::Result<String> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .with_context(|| format!("run ip {}", args.join(" ")))?;
-    if !out.status.success() {
-        bail!(
-            "ip {} failed ({}): {}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    crate::host::run("ip", args)
 }
 
 /// A network namespace named `pvtest-<pid>-<n>`.

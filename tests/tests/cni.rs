@@ -22,31 +22,15 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use podvisor_runtime::cni::{
     Attachment, CapabilityArgs, Cni, CniResult, NetworkConfigList, PodRef, PortMapping,
 };
 use podvisor_runtime::netns::NetNs;
 use podvisor_runtime::tap;
+use podvisor_tests::host::run;
 
 const PLUGIN_DIR: &str = "/usr/lib/cni";
-
-/// Runs a command and returns its stdout; fails with its stderr.
-fn run(program: &str, args: &[&str]) -> Result<String> {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .with_context(|| format!("run {program}"))?;
-    if !out.status.success() {
-        bail!(
-            "{program} {} ({}): {}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
 
 /// `ping -c1 -W5 ip` inside `ns` (iputils' ping, or busybox's when that is all there is).
 fn ping(ns: &str, ip: &str) -> Result<()> {

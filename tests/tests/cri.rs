@@ -25,7 +25,8 @@ use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use podvisor_runtime::logs::{Stream, parse_line};
 use podvisor_tests::cri::{
-    CNI_BIN_DIR, Daemon, connect, delete_link, vmm_processes_under, write_bridge_conflist,
+    CNI_BIN_DIR, Daemon, connect, delete_link, pull_image, shell_container, vmm_processes_under,
+    write_bridge_conflist,
 };
 use podvisor_tests::registry::{Registry, push_busybox};
 use podvisor_tests::{artifacts, paths};
@@ -415,19 +416,7 @@ async fn pull(
     pod: &cri::PodSandboxConfig,
 ) -> anyhow::Result<String> {
     let step = Step::start("PullImage");
-    let image_ref = images
-        .pull_image(cri::PullImageRequest {
-            image: Some(cri::ImageSpec {
-                image: image_name.to_string(),
-                ..Default::default()
-            }),
-            auth: None,
-            sandbox_config: Some(pod.clone()),
-        })
-        .await
-        .context("PullImage")?
-        .into_inner()
-        .image_ref;
+    let image_ref = pull_image(images, image_name, pod).await?;
     step.done();
     Ok(image_ref)
 }
@@ -447,20 +436,10 @@ async fn run_container(
         .create_container(cri::CreateContainerRequest {
             pod_sandbox_id: sandbox_id.to_string(),
             config: Some(cri::ContainerConfig {
-                metadata: Some(cri::ContainerMetadata {
-                    name: name.into(),
-                    attempt: 0,
-                }),
-                image: Some(cri::ImageSpec {
-                    image: image_ref.to_string(),
-                    ..Default::default()
-                }),
-                command: vec!["sh".into(), "-c".into()],
-                args: vec![script.into()],
                 log_path: format!("{name}/0.log"),
                 labels: [("role".to_string(), name.to_string())].into(),
                 mounts,
-                ..Default::default()
+                ..shell_container(name, image_ref, script)
             }),
             sandbox_config: Some(pod.clone()),
         })

@@ -26,7 +26,10 @@ use anyhow::{Context, Result, bail, ensure};
 use k8s_cri::v1 as cri;
 use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
-use podvisor_tests::cri::{CNI_BIN_DIR, Daemon, connect, delete_link, vmm_processes_under};
+use podvisor_tests::cri::{
+    CNI_BIN_DIR, Daemon, connect, delete_link, pull_image, shell_container, vmm_processes_under,
+};
+use podvisor_tests::host::run;
 use podvisor_tests::registry::{Registry, push_busybox};
 use podvisor_tests::{artifacts, paths};
 use tonic::transport::Channel;
@@ -43,22 +46,6 @@ const PAGE: &str = "hello from pod b";
 /// How long a process in a guest may take: exec and fork are slow where the guest kernel
 /// is emulated and other VMs share the two cores.
 const EXEC_TIMEOUT: Duration = Duration::from_secs(300);
-
-fn run(program: &str, args: &[&str]) -> Result<String> {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .with_context(|| format!("run {program}"))?;
-    if !out.status.success() {
-        bail!(
-            "{program} {} ({}): {}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
 
 fn step(name: &str, since: Instant) {
     println!("[net] {name}: {:.1} s", since.elapsed().as_secs_f64());
@@ -158,18 +145,7 @@ async fn start_container(
     let id = rt
         .create_container(cri::CreateContainerRequest {
             pod_sandbox_id: sandbox_id.into(),
-            config: Some(cri::ContainerConfig {
-                metadata: Some(cri::ContainerMetadata {
-                    name: name.into(),
-                    attempt: 0,
-                }),
-                image: Some(cri::ImageSpec {
-                    image: image.into(),
-                    ..Default::default()
-                }),
-                command: vec!["sh".into(), "-c".into(), script.into()],
-                ..Default::default()
-            }),
+            config: Some(shell_container(name, image, script)),
             sandbox_config: Some(pod.clone()),
         })
         .await
@@ -359,17 +335,8 @@ async fn pods(
         "both RunPodSandbox (template build + two restores)",
         started,
     );
-    images
-        .pull_image(cri::PullImageRequest {
-            image: Some(cri::ImageSpec {
-                image: image.into(),
-                ..Default::default()
-            }),
-            auth: None,
-            sandbox_config: Some(pod_b.clone()),
-        })
-        .await
-        .context("PullImage")?;
+    let image = pull_image(&mut images, image, &pod_b).await?;
+    let image = image.as_str();
     let server = start_container(
         &mut rt,
         &b,

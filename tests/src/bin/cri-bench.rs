@@ -30,7 +30,9 @@ use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use oci_client::client::{ClientConfig, ClientProtocol, Config, ImageLayer};
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
-use podvisor_tests::cri::{CNI_BIN_DIR, Daemon, connect, delete_link, write_bridge_conflist};
+use podvisor_tests::cri::{
+    CNI_BIN_DIR, Daemon, connect, delete_link, shell_container, write_bridge_conflist,
+};
 use podvisor_tests::procfs::{self, GuestRam};
 use podvisor_tests::registry::{Registry, busybox_layer, push_busybox};
 use podvisor_tests::{artifacts, paths};
@@ -303,21 +305,12 @@ async fn bench(
             .create_container(cri::CreateContainerRequest {
                 pod_sandbox_id: sandbox_id.clone(),
                 config: Some(cri::ContainerConfig {
-                    metadata: Some(cri::ContainerMetadata {
-                        name: "app".into(),
-                        attempt: 0,
-                    }),
-                    image: Some(cri::ImageSpec {
-                        image: image_ref.clone(),
-                        ..Default::default()
-                    }),
-                    command: vec!["sh".into(), "-c".into(), WORKLOAD.into()],
                     log_path: "app.log".into(),
                     linux: Some(cri::LinuxContainerConfig {
                         security_context: Some(kubelet_security_context()),
                         ..Default::default()
                     }),
-                    ..Default::default()
+                    ..shell_container("app", &image_ref, WORKLOAD)
                 }),
                 sandbox_config: Some(pod.clone()),
             })

@@ -16,11 +16,14 @@ use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail, ensure};
+use anyhow::{Context, ensure};
 use k8s_cri::v1 as cri;
 use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
-use podvisor_tests::cri::{CNI_BIN_DIR, Daemon, connect, delete_link, write_bridge_conflist};
+use podvisor_tests::cri::{
+    CNI_BIN_DIR, Daemon, connect, delete_link, pull_image, shell_container, write_bridge_conflist,
+};
+use podvisor_tests::host::run;
 use podvisor_tests::registry::{Registry, push_busybox};
 use podvisor_tests::{artifacts, paths};
 
@@ -34,22 +37,6 @@ const VETH_HOST_IP: &str = "10.88.212.1/30";
 const VETH_NS_IP: Ipv4Addr = Ipv4Addr::new(10, 88, 212, 2);
 /// How long a listener may take to appear.
 const LISTEN_DEADLINE: Duration = Duration::from_secs(120);
-
-fn run(program: &str, args: &[&str]) -> anyhow::Result<String> {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .with_context(|| format!("run {program}"))?;
-    if !out.status.success() {
-        bail!(
-            "{program} {} ({}): {}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
 
 /// Connects (retrying while nothing listens yet: a refused connect does not use up the
 /// one-shot listener), sends `bytes` zeros, shuts down and waits for the receiver's close.
@@ -201,37 +188,16 @@ async fn pod_transfer(daemon: &Daemon, image: &str, bytes: usize) -> anyhow::Res
             .ip
             .parse()
             .context("pod IP")?;
-        images
-            .pull_image(cri::PullImageRequest {
-                image: Some(cri::ImageSpec {
-                    image: image.into(),
-                    ..Default::default()
-                }),
-                auth: None,
-                sandbox_config: Some(config.clone()),
-            })
-            .await
-            .context("PullImage")?;
+        let image_ref = pull_image(&mut images, image, &config).await?;
         let cid = rt
             .create_container(cri::CreateContainerRequest {
                 pod_sandbox_id: id.clone(),
-                config: Some(cri::ContainerConfig {
-                    metadata: Some(cri::ContainerMetadata {
-                        name: "sink".into(),
-                        attempt: 0,
-                    }),
-                    image: Some(cri::ImageSpec {
-                        image: image.into(),
-                        ..Default::default()
-                    }),
-                    // stdin stays open: nc ends on the network's EOF only.
-                    command: vec![
-                        "sh".into(),
-                        "-c".into(),
-                        format!("sleep 3600 | nc -l -p {PORT} > /dev/null"),
-                    ],
-                    ..Default::default()
-                }),
+                // stdin stays open: nc ends on the network's EOF only.
+                config: Some(shell_container(
+                    "sink",
+                    &image_ref,
+                    &format!("sleep 3600 | nc -l -p {PORT} > /dev/null"),
+                )),
                 sandbox_config: Some(config.clone()),
             })
             .await
