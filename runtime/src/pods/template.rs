@@ -261,16 +261,22 @@ impl Templates {
             dir: self.root.join(&key),
             key,
         };
-        if template.is_complete() {
+        if template.is_complete() && !template.dir.join(BUILD_RECORD).exists() {
             return Ok(template);
         }
         let _one = self.build.lock().await;
+        // No build of this podvisord runs now: a build record is an earlier podvisord's,
+        // which may have died after the snapshot, before it stopped the template VM.
+        let leftover = template.clone();
+        tokio::task::spawn_blocking(move || stop_leftover_build(&leftover))
+            .await
+            .map_err(|e| TemplateError::Task(e.to_string()))??;
         if template.is_complete() {
             return Ok(template);
         }
         let started = Instant::now();
         tracing::info!(template = %template.key, handler = %inputs.handler.name, "building a VM template");
-        match build(&template, inputs, &self.building).await {
+        match build(&template, inputs, &self.building, &self.stopping).await {
             Ok(()) => {
                 let secs = started.elapsed().as_secs_f64();
                 let meta = serde_json::json!({
@@ -371,13 +377,10 @@ async fn build(
     template: &Template,
     inputs: &TemplateInputs,
     building: &Mutex<Option<(Template, VmmHandle)>>,
+    stopping: &std::sync::atomic::AtomicBool,
 ) -> Result<(), TemplateError> {
     let dir = &template.dir;
     std::fs::create_dir_all(dir).map_err(io_err("create", dir))?;
-    let leftover = template.clone();
-    tokio::task::spawn_blocking(move || stop_leftover_build(&leftover))
-        .await
-        .map_err(|e| TemplateError::Task(e.to_string()))??;
     let ns_name = build_netns(&template.key);
     // A namespace left by a crashed build.
     match netns::delete(&ns_name) {
@@ -421,8 +424,14 @@ async fn build(
         .and_then(|json| std::fs::write(&record, json))
         .map_err(io_err("write", &record));
     *lock(building) = Some((template.clone(), handle.clone()));
+    // Shutdown sets `stopping` before it looks at `building`: if it looked before the VM
+    // was in there, this sees the flag and stops the VM itself.
+    let stopped = stopping.load(std::sync::atomic::Ordering::SeqCst);
     let snapshot = async {
         recorded?;
+        if stopped {
+            return Err(TemplateError::Agent("podvisord is stopping".into()));
+        }
         let client = connect_agent(
             &format!("template-{}", template.key),
             &handle,
@@ -475,4 +484,69 @@ async fn build(
     cleanup??;
     ns_deleted?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::process::ExitStatusExt;
+
+    /// `/proc/<pid>/stat` field 22, as [`VmmHandle`] records it.
+    fn start_time(pid: u32) -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read stat");
+        let (_, rest) = stat.rsplit_once(')').expect("comm");
+        rest.split_whitespace()
+            .nth(19)
+            .expect("field 22")
+            .parse()
+            .expect("number")
+    }
+
+    #[test]
+    fn prune_removes_only_stale_templates_and_kills_their_build_vm() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let templates = Templates::new(root.path());
+        let dir = root.path().join(TEMPLATES_DIR);
+        let (stale, kept) = (dir.join("0123456789abcdef"), dir.join("fedcba9876543210"));
+        for d in [&stale, &kept, &dir.join("not-a-key")] {
+            std::fs::create_dir_all(d).expect("mkdir");
+            std::fs::write(d.join(STATE_FILE), b"state").expect("write");
+        }
+        std::fs::write(dir.join("aaaaaaaaaaaaaaaa"), b"a file, not a template").expect("write");
+        // The template VM a killed podvisord left: any process stands in for it.
+        let mut vm = std::process::Command::new("sleep")
+            .arg("600")
+            .spawn()
+            .expect("spawn sleep");
+        let build = stale.join(BUILD_DIR);
+        let handle = VmmHandle {
+            pid: vm.id(),
+            start_time: start_time(vm.id()),
+            api_sock: build.join("api.sock"),
+            vsock_uds: build.join("vsock.sock"),
+            console_log: build.join("console.log"),
+            vmm_log: build.join("vmm.log"),
+            dir: build,
+        };
+        std::fs::write(
+            stale.join(BUILD_RECORD),
+            serde_json::to_vec(&handle).expect("json"),
+        )
+        .expect("write record");
+
+        let removed = templates.prune(&["fedcba9876543210".to_string()]);
+        // prune returns once the process has exited.
+        let status = vm.try_wait().expect("try_wait");
+        if status.is_none() {
+            let _ = vm.kill();
+            let _ = vm.wait();
+        }
+        assert_eq!(removed, ["0123456789abcdef"]);
+        let status = status.expect("the left-over template VM still runs");
+        assert_eq!(status.signal(), Some(libc::SIGKILL), "{status:?}");
+        assert!(!stale.exists());
+        assert!(kept.join(STATE_FILE).exists());
+        assert!(dir.join("not-a-key").exists());
+        assert!(dir.join("aaaaaaaaaaaaaaaa").is_file());
+    }
 }
