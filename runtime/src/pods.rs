@@ -988,8 +988,8 @@ impl PodManager {
     }
 
     /// For podvisord's shutdown: stops a template VM being built (pod VMs keep running).
-    pub fn shutdown(&self) {
-        self.inner.templates.shutdown();
+    pub async fn shutdown(&self) {
+        self.inner.templates.shutdown().await;
     }
 
     /// Starts the VMM of `spec` (a blocking launch).

@@ -81,9 +81,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         }
     };
     let served = podvisor_runtime::cri::serve(listener, pods.clone(), shutdown).await;
-    tokio::task::spawn_blocking(move || pods.shutdown())
-        .await
-        .context("shutdown task")?;
+    pods.shutdown().await;
     served?;
     if let Err(e) = std::fs::remove_file(&socket) {
         tracing::warn!("remove {}: {e}", socket.display());

@@ -48,6 +48,8 @@ const BUILD_RECORD: &str = "build.json";
 const TEMPLATE_TAP: &str = "tap0";
 /// Hex digits of the key naming a template directory.
 const KEY_LEN: usize = 16;
+/// How long podvisord's shutdown waits for a template build to end once its VM is stopped.
+const SHUTDOWN_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Why a template could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -192,23 +194,37 @@ impl Templates {
         self.stopping.load(std::sync::atomic::Ordering::SeqCst)
     }
 
-    /// Kills the template VM being built, if any, and removes what it left (its template
-    /// directory and network namespace). For podvisord's shutdown: the build's own task
-    /// does not get to clean up.
-    pub fn shutdown(&self) {
+    /// For podvisord's shutdown: kills the template VM being built, if any, removes what it
+    /// left (its template directory and network namespace), and waits (at most
+    /// [`SHUTDOWN_WAIT`]) until no build runs, so that a VM still being launched is not left
+    /// behind: its build sees the stop flag and stops it. No build starts afterwards.
+    pub async fn shutdown(&self) {
         self.stopping
             .store(true, std::sync::atomic::Ordering::SeqCst);
-        let Some((template, handle)) = lock(&self.building).take() else {
-            return;
-        };
-        tracing::info!(template = %template.key, "stopping the template VM being built");
-        if let Err(e) = handle.kill() {
-            // The directory holds its build record: the next podvisord kills it.
-            tracing::warn!(template = %template.key, "kill template VM {}: {e}", handle.pid);
-            return;
+        let building = lock(&self.building).take();
+        if let Some((template, handle)) = building {
+            tracing::info!(template = %template.key, "stopping the template VM being built");
+            let killed = tokio::task::spawn_blocking(move || match handle.kill() {
+                Ok(()) => {
+                    template.discard();
+                    delete_build_netns(&template.key);
+                }
+                // The directory keeps its build record: the next podvisord kills it.
+                Err(e) => {
+                    tracing::warn!(template = %template.key, "kill template VM {}: {e}", handle.pid)
+                }
+            })
+            .await;
+            if let Err(e) = killed {
+                tracing::warn!("template kill task: {e}");
+            }
         }
-        template.discard();
-        delete_build_netns(&template.key);
+        if tokio::time::timeout(SHUTDOWN_WAIT, self.build.lock())
+            .await
+            .is_err()
+        {
+            tracing::warn!("a template build did not end within {SHUTDOWN_WAIT:?} of the stop");
+        }
     }
 
     /// Removes every template whose key is not in `keep` (made by an earlier VMM, kernel,
@@ -265,6 +281,9 @@ impl Templates {
             return Ok(template);
         }
         let _one = self.build.lock().await;
+        if self.stopping() {
+            return Err(TemplateError::Agent("podvisord is stopping".into()));
+        }
         // No build of this podvisord runs now: a build record is an earlier podvisord's,
         // which may have died after the snapshot, before it stopped the template VM.
         let leftover = template.clone();
