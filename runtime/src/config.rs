@@ -125,7 +125,8 @@ pub struct Handler {
     /// Appended to the kernel command line podvisord builds.
     pub kernel_cmdline_extra: String,
     /// Start pods by restoring a snapshot of a booted VM of this handler (a template, built
-    /// on first use and whenever an input changes) instead of booting a kernel.
+    /// when podvisord starts and again whenever an input changes) instead of booting a
+    /// kernel.
     pub template: bool,
 }
 

@@ -438,8 +438,8 @@ pub fn launch(binary: &Path, spec: &VmmSpec) -> Result<VmmHandle, VmmError> {
 
     // Until the reaper waits for it, the pid cannot be reused (an ended child stays a zombie),
     // so this start time is our VMM's.
-    let start_time = match read_proc_stat(handle.pid) {
-        Ok(Some(stat)) => stat.start_time,
+    let start_time = match process_start_time(handle.pid) {
+        Ok(Some(t)) => t,
         other => {
             let _ = child.kill();
             let _ = child.wait();
@@ -501,6 +501,12 @@ fn parse_proc_stat(line: &str) -> Option<ProcStat> {
         session: fields.get(6 - 3)?.parse().ok()?,
         start_time: fields.get(22 - 3)?.parse().ok()?,
     })
+}
+
+/// The start time of process `pid` (`/proc/<pid>/stat` field 22), as a [`VmmHandle`] records
+/// it; `None` when there is no such process.
+pub(crate) fn process_start_time(pid: u32) -> io::Result<Option<u64>> {
+    Ok(read_proc_stat(pid)?.map(|s| s.start_time))
 }
 
 /// `None` when there is no process `pid`.

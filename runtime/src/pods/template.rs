@@ -21,6 +21,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime};
 
@@ -86,6 +87,9 @@ pub enum TemplateError {
     /// A blocking task died.
     #[error("template task: {0}")]
     Task(String),
+    /// podvisord is shutting down: no template is built.
+    #[error("podvisord is stopping")]
+    Stopping,
 }
 
 /// The network namespace a template VM of `key` is built in.
@@ -127,10 +131,8 @@ impl Template {
 
     /// Removes the template (a restore from it failed): the next pod builds a new one.
     pub fn discard(&self) {
-        if let Err(e) = std::fs::remove_dir_all(&self.dir)
-            && e.kind() != io::ErrorKind::NotFound
-        {
-            tracing::warn!(template = %self.key, "remove {}: {e}", self.dir.display());
+        if let Err(e) = vmm::remove_pod_dir(&self.dir) {
+            tracing::warn!(template = %self.key, "{e}");
         }
     }
 }
@@ -163,7 +165,7 @@ pub struct Templates {
     /// The template VM being built, killed by [`Templates::shutdown`].
     building: Arc<Mutex<Option<(Template, VmmHandle)>>>,
     /// Set by [`Templates::shutdown`]: a build that fails now failed because of it.
-    stopping: std::sync::atomic::AtomicBool,
+    stopping: AtomicBool,
 }
 
 /// Everything a template depends on.
@@ -185,13 +187,13 @@ impl Templates {
             digests: Arc::new(Mutex::new(HashMap::new())),
             build: tokio::sync::Mutex::new(()),
             building: Arc::new(Mutex::new(None)),
-            stopping: std::sync::atomic::AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
         }
     }
 
     /// Whether [`Templates::shutdown`] ran.
     pub fn stopping(&self) -> bool {
-        self.stopping.load(std::sync::atomic::Ordering::SeqCst)
+        self.stopping.load(Ordering::SeqCst)
     }
 
     /// For podvisord's shutdown: kills the template VM being built, if any, removes what it
@@ -199,8 +201,7 @@ impl Templates {
     /// [`SHUTDOWN_WAIT`]) until no build runs, so that a VM still being launched is not left
     /// behind: its build sees the stop flag and stops it. No build starts afterwards.
     pub async fn shutdown(&self) {
-        self.stopping
-            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.stopping.store(true, Ordering::SeqCst);
         let building = lock(&self.building).take();
         if let Some((template, handle)) = building {
             tracing::info!(template = %template.key, "stopping the template VM being built");
@@ -282,7 +283,7 @@ impl Templates {
         }
         let _one = self.build.lock().await;
         if self.stopping() {
-            return Err(TemplateError::Agent("podvisord is stopping".into()));
+            return Err(TemplateError::Stopping);
         }
         // No build of this podvisord runs now: a build record is an earlier podvisord's,
         // which may have died after the snapshot, before it stopped the template VM.
@@ -396,7 +397,7 @@ async fn build(
     template: &Template,
     inputs: &TemplateInputs,
     building: &Mutex<Option<(Template, VmmHandle)>>,
-    stopping: &std::sync::atomic::AtomicBool,
+    stopping: &AtomicBool,
 ) -> Result<(), TemplateError> {
     let dir = &template.dir;
     std::fs::create_dir_all(dir).map_err(io_err("create", dir))?;
@@ -445,11 +446,11 @@ async fn build(
     *lock(building) = Some((template.clone(), handle.clone()));
     // Shutdown sets `stopping` before it looks at `building`: if it looked before the VM
     // was in there, this sees the flag and stops the VM itself.
-    let stopped = stopping.load(std::sync::atomic::Ordering::SeqCst);
+    let stopped = stopping.load(Ordering::SeqCst);
     let snapshot = async {
         recorded?;
         if stopped {
-            return Err(TemplateError::Agent("podvisord is stopping".into()));
+            return Err(TemplateError::Stopping);
         }
         let client = connect_agent(
             &format!("template-{}", template.key),
@@ -510,17 +511,6 @@ mod tests {
     use super::*;
     use std::os::unix::process::ExitStatusExt;
 
-    /// `/proc/<pid>/stat` field 22, as [`VmmHandle`] records it.
-    fn start_time(pid: u32) -> u64 {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read stat");
-        let (_, rest) = stat.rsplit_once(')').expect("comm");
-        rest.split_whitespace()
-            .nth(19)
-            .expect("field 22")
-            .parse()
-            .expect("number")
-    }
-
     #[test]
     fn prune_removes_only_stale_templates_and_kills_their_build_vm() {
         let root = tempfile::tempdir().expect("tempdir");
@@ -540,7 +530,9 @@ mod tests {
         let build = stale.join(BUILD_DIR);
         let handle = VmmHandle {
             pid: vm.id(),
-            start_time: start_time(vm.id()),
+            start_time: vmm::process_start_time(vm.id())
+                .expect("read /proc stat")
+                .expect("sleep runs"),
             api_sock: build.join("api.sock"),
             vsock_uds: build.join("vsock.sock"),
             console_log: build.join("console.log"),
