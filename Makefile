@@ -47,6 +47,7 @@ release:
 
 lint:
 	$(CARGO) fmt --all --check
+	python3 scripts/module-cycles.py
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 unit-test: build

@@ -8,6 +8,8 @@ packages=(
     linux-source-6.1 bc flex bison libelf-dev build-essential cpio xz-utils
     # guest images and tests
     busybox-static e2fsprogs iproute2 kmod curl file
+    # lint: scripts/module-cycles.py
+    python3
     # benchmark comparison
     qemu-system-x86
     # CRI tests (later issues): registry and CNI plugins
