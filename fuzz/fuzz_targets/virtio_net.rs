@@ -19,13 +19,12 @@ use std::cell::RefCell;
 use std::sync::Arc;
 
 use libfuzzer_sys::fuzz_target;
-use podvisor_vmm::virtio::net::{
-    FRAME_BUFFER_LEN, Net, RX_QUEUE_TOKEN, TX_QUEUE_TOKEN, Tap, VNET_HDR_LEN,
-};
+use podvisor_vmm::virtio::net::{FRAME_BUFFER_LEN, Net, RX_QUEUE_TOKEN, TX_QUEUE_TOKEN};
 use podvisor_vmm::virtio::{
     ActivateContext, EventRegistrar, GuestMemory, Interrupt, VIRTIO_F_VERSION_1,
     VIRTIO_RING_F_EVENT_IDX, VirtioDevice,
 };
+use podvisor_vmm_api::tap::{Tap, VNET_HDR_LEN};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::epoll::Epoll;

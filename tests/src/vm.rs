@@ -10,7 +10,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail, ensure};
-use podvisor_vmm::api::{SnapshotCreate, SnapshotCreated, VmInfo};
+use podvisor_vmm_api::{SnapshotCreate, SnapshotCreated, VmInfo};
 use regex::Regex;
 
 use crate::netns::NetNs;
@@ -338,7 +338,7 @@ impl Vm {
     /// One control API call; the body of a 2xx answer.
     pub fn api(&self, method: &str, uri: &str, body: Option<&str>) -> anyhow::Result<String> {
         let sock = self.api_sock()?;
-        podvisor_vmm::api::client::call(sock, method, uri, body)
+        podvisor_vmm_api::client::call(sock, method, uri, body)
             .with_context(|| format!("API {method} {uri}"))
     }
 

@@ -1,6 +1,6 @@
 //! Pod networking on the host, no VM: Debian's CNI plugins (/usr/lib/cni) driven by
-//! `podvisor_runtime::cni`, namespaces from `podvisor_runtime::netns` and the TAP + tc
-//! redirect of `podvisor_runtime::tap`.
+//! `podvisor_runtime::network::cni`, namespaces from `podvisor_runtime::network::netns`
+//! and the TAP + tc redirect of `podvisor_runtime::network::tap`.
 //!
 //! One test, in order: a bridge + host-local + portmap network (and loopback) attached to
 //! two namespaces; their IPs are distinct and in the subnet; one pings the other; a TAP
@@ -13,7 +13,11 @@
 //! Needs root, iproute2, iptables (Debian's iptables-nft) and the
 //! containernetworking-plugins package. Run: `cargo test -p podvisor-tests --test cni`
 
-use podvisor_vmm::virtio::net::VNET_HDR_LEN;
+// An end-to-end scenario reads top to bottom, step after step; the length limit is for
+// the product code.
+#![allow(clippy::too_many_lines)]
+
+use podvisor_vmm_api::tap::VNET_HDR_LEN;
 use std::fs;
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr};
@@ -23,11 +27,11 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use podvisor_runtime::cni::{
+use podvisor_runtime::network::cni::{
     Attachment, CapabilityArgs, Cni, CniResult, NetworkConfigList, PodRef, PortMapping,
 };
-use podvisor_runtime::netns::NetNs;
-use podvisor_runtime::tap;
+use podvisor_runtime::network::netns::NetNs;
+use podvisor_runtime::network::tap;
 use podvisor_tests::host::run;
 
 const PLUGIN_DIR: &str = "/usr/lib/cni";
@@ -70,7 +74,7 @@ impl Drop for Cleanup {
             .join();
         }
         for ns in &self.namespaces {
-            let _ = podvisor_runtime::netns::delete(ns);
+            let _ = podvisor_runtime::network::netns::delete(ns);
         }
         let _ = Command::new("ip")
             .args(["link", "del", &self.bridge])

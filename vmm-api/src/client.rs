@@ -5,18 +5,14 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
+use podvisor_common::IoError;
+
 /// Why an API call failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    /// Connecting or talking to the socket failed.
-    #[error("control socket {path}")]
-    Io {
-        /// The socket.
-        path: String,
-        /// The error.
-        #[source]
-        source: std::io::Error,
-    },
+    /// Connecting or talking to the socket failed ("control socket PATH").
+    #[error(transparent)]
+    Io(#[from] IoError),
     /// The answer was not HTTP.
     #[error("malformed answer from {0}")]
     Malformed(String),
@@ -41,10 +37,7 @@ pub fn call(
     uri: &str,
     body: Option<&str>,
 ) -> Result<String, ClientError> {
-    let io = |source| ClientError::Io {
-        path: sock.display().to_string(),
-        source,
-    };
+    let io = |source| ClientError::Io(IoError::new("control socket", sock, source));
     let mut s = UnixStream::connect(sock).map_err(io)?;
     s.set_read_timeout(Some(Duration::from_secs(30)))
         .map_err(io)?;

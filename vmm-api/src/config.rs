@@ -1,12 +1,18 @@
-//! What a VM is made of: parsed from the command line or a JSON file.
+//! What a VM is made of: parsed from the command line or a JSON file, checked against the
+//! VMM's limits before anything touches KVM.
 
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::boot::mptable::MAX_VCPUS;
-use crate::layout::MAX_VIRTIO_DEVICES;
-use crate::memory::{MAX_MEM_MIB, MIN_MEM_MIB};
+/// Most vCPUs a VM has (the MP table and the APIC ids below the IOAPIC's allow no more).
+pub const MAX_VCPUS: u8 = 32;
+/// Smallest guest the VMM boots.
+pub const MIN_MEM_MIB: u64 = 32;
+/// Largest guest the VMM boots (a bound on a caller's typo, not on KVM).
+pub const MAX_MEM_MIB: u64 = 256 * 1024;
+/// Most virtio devices a VM has: one IOAPIC pin each, pins 5..=23.
+pub const MAX_VIRTIO_DEVICES: usize = 19;
 
 /// A virtio-blk drive.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,5 +1,7 @@
-//! The TAP backend: a non-blocking `/dev/net/tun` file attached to one TAP
-//! interface, exchanging frames prefixed with a 12-byte virtio_net_hdr_v1.
+//! A TAP interface as the VMM's virtio-net uses it: a non-blocking `/dev/net/tun` file
+//! attached to one TAP interface, exchanging frames prefixed with a 12-byte
+//! virtio_net_hdr_v1. Here rather than in the VMM so that podvisord can create and set up
+//! the TAP the same way without linking KVM code.
 
 use std::ffi::c_int;
 use std::fs::{File, OpenOptions};
@@ -7,9 +9,61 @@ use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 
-use super::{NetError, VNET_HDR_LEN};
-
 const TUN_DEVICE: &str = "/dev/net/tun";
+
+/// Size of `struct virtio_net_hdr_v1`, the header in front of every frame
+/// (always this size: VERSION_1 is always negotiated).
+pub const VNET_HDR_LEN: usize = 12;
+
+/// Why a TAP could not be opened or set up.
+#[derive(Debug, thiserror::Error)]
+pub enum TapError {
+    /// The interface name is empty, too long or contains a NUL byte.
+    #[error("invalid TAP name {name:?}: needs 1 to 15 bytes and no NUL")]
+    InvalidTapName {
+        /// The rejected name.
+        name: String,
+    },
+    /// `/dev/net/tun` could not be opened.
+    #[error("open /dev/net/tun for TAP {name}")]
+    OpenTun {
+        /// The TAP being opened.
+        name: String,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// TUNSETIFF failed (no permission, or the interface exists with
+    /// incompatible flags such as multi_queue, or is not a TAP).
+    #[error("attach TAP {name} (TUNSETIFF)")]
+    Attach {
+        /// The TAP being opened.
+        name: String,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// TUNSETVNETHDRSZ failed.
+    #[error("set a {VNET_HDR_LEN}-byte virtio-net header on TAP {name} (TUNSETVNETHDRSZ)")]
+    VnetHeaderSize {
+        /// The TAP.
+        name: String,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// TUNSETOFFLOAD failed.
+    #[error("set offloads {flags:#x} on TAP {name} (TUNSETOFFLOAD)")]
+    Offload {
+        /// The TAP.
+        name: String,
+        /// The TUN_F_* flags asked for.
+        flags: u32,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+}
 
 /// An open TAP interface.
 #[derive(Debug)]
@@ -26,9 +80,9 @@ impl Tap {
     ///
     /// `name` may be a kernel template such as `"tap%d"`; [`Tap::name`] then
     /// returns the name the kernel picked.
-    pub fn open(name: &str) -> Result<Self, NetError> {
+    pub fn open(name: &str) -> Result<Self, TapError> {
         if name.is_empty() || name.len() >= libc::IFNAMSIZ || name.bytes().any(|b| b == 0) {
-            return Err(NetError::InvalidTapName {
+            return Err(TapError::InvalidTapName {
                 name: name.to_owned(),
             });
         }
@@ -38,7 +92,7 @@ impl Tap {
             .write(true)
             .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
             .open(TUN_DEVICE)
-            .map_err(|source| NetError::OpenTun {
+            .map_err(|source| TapError::OpenTun {
                 name: name.to_owned(),
                 source,
             })?;
@@ -56,7 +110,7 @@ impl Tap {
         // call. The return value is checked.
         let ret = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, &mut ifr) };
         if ret < 0 {
-            return Err(NetError::Attach {
+            return Err(TapError::Attach {
                 name: name.to_owned(),
                 source: io::Error::last_os_error(),
             });
@@ -76,7 +130,7 @@ impl Tap {
         // is checked.
         let ret = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETVNETHDRSZ, &hdr_len) };
         if ret < 0 {
-            return Err(NetError::VnetHeaderSize {
+            return Err(TapError::VnetHeaderSize {
                 name,
                 source: io::Error::last_os_error(),
             });
@@ -99,7 +153,7 @@ impl Tap {
     /// Tells the kernel which offloads the reader handles (TUN_F_* flags):
     /// with `TUN_F_CSUM` the TAP may hand over frames with partial
     /// checksums, with `TUN_F_TSO4`/`TUN_F_TSO6` unsegmented TCP packets.
-    pub fn set_offload(&self, flags: u32) -> Result<(), NetError> {
+    pub fn set_offload(&self, flags: u32) -> Result<(), TapError> {
         // SAFETY: the fd is a tun file we own; TUNSETOFFLOAD takes its
         // argument by value and touches no memory of ours. The return value
         // is checked.
@@ -111,7 +165,7 @@ impl Tap {
             )
         };
         if ret < 0 {
-            return Err(NetError::Offload {
+            return Err(TapError::Offload {
                 name: self.name.clone(),
                 flags,
                 source: io::Error::last_os_error(),
@@ -121,13 +175,13 @@ impl Tap {
     }
 
     /// Reads one frame (header included); `WouldBlock` when none is queued.
-    pub(super) fn read_frame(&self, buf: &mut [u8]) -> io::Result<usize> {
+    pub fn read_frame(&self, buf: &mut [u8]) -> io::Result<usize> {
         (&self.file).read(buf)
     }
 
     /// Writes one frame (header included); `WouldBlock` when the TAP's
     /// queue is full.
-    pub(super) fn write_frame(&self, frame: &[u8]) -> io::Result<usize> {
+    pub fn write_frame(&self, frame: &[u8]) -> io::Result<usize> {
         (&self.file).write(frame)
     }
 }

@@ -1,9 +1,6 @@
-//! Bodies of the control API.
+//! Bodies of the control API (JSON).
 
 use serde::{Deserialize, Serialize};
-
-use crate::virtio::DeviceCounters;
-use crate::virtio::mmio::TransportCounters;
 
 /// Whether the vCPUs run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -37,7 +34,7 @@ pub struct DeviceInfo {
     pub transport: TransportCountersBody,
 }
 
-/// [`DeviceCounters`] on the wire.
+/// A device's counters on the wire.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct DeviceCountersBody {
     /// Malformed chains dropped.
@@ -52,34 +49,13 @@ pub struct DeviceCountersBody {
     pub io_errors: u64,
 }
 
-impl From<DeviceCounters> for DeviceCountersBody {
-    fn from(c: DeviceCounters) -> Self {
-        Self {
-            malformed_chains: c.malformed_chains,
-            completed: c.completed,
-            tx_bytes: c.tx_bytes,
-            rx_bytes: c.rx_bytes,
-            io_errors: c.io_errors,
-        }
-    }
-}
-
-/// [`TransportCounters`] on the wire.
+/// A transport's counters on the wire.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct TransportCountersBody {
     /// Register writes refused in the state they came in.
     pub refused_writes: u64,
     /// Out-of-order status writes.
     pub bad_status_writes: u64,
-}
-
-impl From<TransportCounters> for TransportCountersBody {
-    fn from(c: TransportCounters) -> Self {
-        Self {
-            refused_writes: c.refused_writes,
-            bad_status_writes: c.bad_status_writes,
-        }
-    }
 }
 
 /// `GET /vm`.

@@ -5,7 +5,8 @@ use std::sync::Mutex;
 use crate::devices::legacy::LegacyPorts;
 use crate::devices::serial::SerialConsole;
 use crate::layout::VIRTIO_MMIO_SIZE;
-use crate::virtio::mmio::{MmioTransport, lock};
+use crate::virtio::mmio::MmioTransport;
+use podvisor_common::lock;
 
 /// The port-I/O devices.
 #[derive(Debug)]

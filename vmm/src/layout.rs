@@ -59,6 +59,7 @@ pub const SERIAL_IRQ: u32 = 4;
 /// First IRQ handed to virtio devices; they take one each, up to pin 23.
 pub const VIRTIO_IRQ_BASE: u32 = 5;
 /// Largest number of virtio devices (IRQs 5..=23).
-pub const MAX_VIRTIO_DEVICES: usize = (IOAPIC_PINS - VIRTIO_IRQ_BASE) as usize;
+pub use podvisor_vmm_api::config::MAX_VIRTIO_DEVICES;
+const _: () = assert!(MAX_VIRTIO_DEVICES == (IOAPIC_PINS - VIRTIO_IRQ_BASE) as usize);
 /// Where KVM puts its TSS on Intel (three pages below the identity map).
 pub const KVM_TSS_ADDRESS: usize = 0xfffb_d000;

@@ -1,4 +1,6 @@
-//! `podvisor-vmm`: boots one microVM and runs it until it ends.
+//! `podvisor-vmm`: boots one microVM and runs it until it ends: builds the VM
+//! ([`podvisor_vmm::builder`]), starts the control API on its handle when a socket is
+//! given, then runs the vCPUs and the device event loop.
 //!
 //! Exit code: 0 when the guest powers off or reboots (or the API stops it),
 //! 2 when the guest kernel panics, 1 on a VMM error.
@@ -8,7 +10,8 @@ use std::time::Instant;
 
 use anyhow::Context;
 use clap::Parser;
-use podvisor_vmm::config::{self, SerialOutput, VmConfig};
+use podvisor_vmm::exit::ExitReason;
+use podvisor_vmm_api::config::{self, SerialOutput, VmConfig};
 
 /// A KVM microVM monitor: one process per pod.
 #[derive(Debug, Parser)]
@@ -93,6 +96,17 @@ fn vm_config(cli: Cli) -> anyhow::Result<VmConfig> {
     })
 }
 
+/// Builds the VM, serves its control API if asked to, and runs it until it ends.
+fn run(config: VmConfig, start: Instant) -> anyhow::Result<ExitReason> {
+    let api_sock = config.api_sock.clone();
+    let mut vm = podvisor_vmm::builder::build(config, start)?;
+    if let Some(path) = api_sock {
+        podvisor_vmm::api::server::start(&path, vm.handle())?;
+        vm.remove_on_exit(path);
+    }
+    Ok(vm.run()?)
+}
+
 fn main() {
     let start = Instant::now();
     tracing_subscriber::fmt()
@@ -102,8 +116,7 @@ fn main() {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
-    let result = vm_config(Cli::parse())
-        .and_then(|c| podvisor_vmm::vm::run(c, start).map_err(anyhow::Error::from));
+    let result = vm_config(Cli::parse()).and_then(|c| run(c, start));
     match result {
         Ok(reason) => {
             let code = reason.exit_code();

@@ -4,10 +4,7 @@ use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 use crate::layout::{MMIO_GAP_END, MMIO_GAP_START};
 
-/// Smallest guest we boot.
-pub const MIN_MEM_MIB: u64 = 32;
-/// Largest guest we boot (a bound on a caller's typo, not on KVM).
-pub const MAX_MEM_MIB: u64 = 256 * 1024;
+pub use podvisor_vmm_api::config::{MAX_MEM_MIB, MIN_MEM_MIB};
 
 /// Why guest memory could not be created.
 #[derive(Debug, thiserror::Error)]

@@ -18,7 +18,7 @@ use crate::layout::{
     BOOT_GDT_START, BOOT_IDT_START, BOOT_STACK_POINTER, PDE_START, PDPTE_START, PML4_START,
     PVH_INFO_START, ZERO_PAGE_START,
 };
-use crate::snapshot::kvm_state::{VcpuState, msrs_to_save};
+use crate::snapshot::kvm_state::{KvmStateError, VcpuState, msrs_to_save};
 
 const X86_CR0_PE: u64 = 0x1;
 const X86_CR0_ET: u64 = 0x10;
@@ -68,6 +68,59 @@ pub enum VcpuError {
     /// Writing boot structures to guest memory failed.
     #[error("write boot page tables or GDT")]
     Memory(#[source] vm_memory::GuestMemoryError),
+}
+
+/// Why the vCPUs' state could not be saved for a snapshot.
+#[derive(Debug, thiserror::Error)]
+pub enum SaveError {
+    /// Not every vCPU is parked.
+    #[error("the VM is not paused")]
+    NotPaused,
+    /// The parked vCPUs did not all answer in time (or the VM is ending).
+    #[error("{saved} of {total} vCPUs saved their state in {SAVE_TIMEOUT:?}")]
+    Timeout {
+        /// vCPUs that saved.
+        saved: usize,
+        /// vCPUs in the VM.
+        total: usize,
+    },
+    /// One vCPU could not save its state.
+    #[error("vCPU {id}")]
+    Vcpu {
+        /// vCPU index.
+        id: u8,
+        /// Why.
+        #[source]
+        source: VcpuSaveError,
+    },
+}
+
+/// Why one parked vCPU could not save its state.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuSaveError {
+    /// The MSRs to save could not be found out (the probe runs once per process).
+    #[error("find the MSRs to save")]
+    Msrs(#[source] Arc<MsrProbeError>),
+    /// The run that completes a pending MMIO or port I/O exit failed.
+    #[error("KVM_RUN to finish pending I/O")]
+    FinishIo(#[source] kvm_ioctls::Error),
+    /// The run that completes a pending exit returned another exit.
+    #[error("KVM_RUN with immediate_exit returned an exit: {0}")]
+    UnexpectedExit(String),
+    /// A KVM getter failed.
+    #[error(transparent)]
+    State(#[from] KvmStateError),
+}
+
+/// Why the MSRs a snapshot saves could not be probed.
+#[derive(Debug, thiserror::Error)]
+pub enum MsrProbeError {
+    /// /dev/kvm could not be opened.
+    #[error("open /dev/kvm")]
+    OpenKvm(#[source] kvm_ioctls::Error),
+    /// The probe failed.
+    #[error(transparent)]
+    Probe(#[from] KvmStateError),
 }
 
 fn kvm_err(id: u8, what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
@@ -269,7 +322,7 @@ struct RunState {
     /// Bumped for every snapshot; a parked vCPU saves its state once per bump.
     save_generation: u64,
     /// The states saved for the current generation, by vCPU index.
-    saved: Vec<(u8, Result<VcpuState, String>)>,
+    saved: Vec<(u8, Result<VcpuState, VcpuSaveError>)>,
 }
 
 /// How long a snapshot waits for the parked vCPUs to save their state.
@@ -359,11 +412,11 @@ impl VcpuControl {
 
     /// Saves the state of every vCPU of a paused VM (each parked vCPU thread saves its own:
     /// a vCPU's ioctls belong to its thread). Results are in vCPU order.
-    pub fn save_vcpus(&self) -> Result<Vec<VcpuState>, String> {
+    pub fn save_vcpus(&self) -> Result<Vec<VcpuState>, SaveError> {
         let n = self.threads.lock().unwrap_or_else(|e| e.into_inner()).len();
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if !st.paused || st.parked < n {
-            return Err("the VM is not paused".into());
+            return Err(SaveError::NotPaused);
         }
         st.save_generation += 1;
         st.saved.clear();
@@ -372,10 +425,10 @@ impl VcpuControl {
         while st.saved.len() < n {
             let now = std::time::Instant::now();
             if now >= deadline || self.exiting.load(Ordering::SeqCst) {
-                return Err(format!(
-                    "{} of {n} vCPUs saved their state in {SAVE_TIMEOUT:?}",
-                    st.saved.len()
-                ));
+                return Err(SaveError::Timeout {
+                    saved: st.saved.len(),
+                    total: n,
+                });
             }
             st = self
                 .cv
@@ -387,13 +440,17 @@ impl VcpuControl {
         saved.sort_by_key(|(id, _)| *id);
         saved
             .into_iter()
-            .map(|(id, r)| r.map_err(|e| format!("vCPU {id}: {e}")))
+            .map(|(id, r)| r.map_err(|source| SaveError::Vcpu { id, source }))
             .collect()
     }
 
     /// Parks the caller while paused, saving its state with `save` whenever a snapshot asks.
     /// Returns false when exiting.
-    fn wait_if_paused(&self, id: u8, save: &mut dyn FnMut() -> Result<VcpuState, String>) -> bool {
+    fn wait_if_paused(
+        &self,
+        id: u8,
+        save: &mut dyn FnMut() -> Result<VcpuState, VcpuSaveError>,
+    ) -> bool {
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if st.paused {
             st.parked += 1;
@@ -470,28 +527,27 @@ impl VcpuRunner {
 /// Saves a parked vCPU. An exit to user space (MMIO, port I/O) is only complete once KVM_RUN
 /// is entered again: one run with immediate_exit set finishes the instruction and returns at
 /// once, so the saved registers are past it.
-fn save_state(vcpu: &mut VcpuFd) -> Result<VcpuState, String> {
+fn save_state(vcpu: &mut VcpuFd) -> Result<VcpuState, VcpuSaveError> {
     // Probing which MSRs round-trip takes a throwaway VM (~15 ms): only once, and only for
     // a VM that is actually snapshotted.
-    static MSRS: std::sync::OnceLock<Result<Vec<u32>, String>> = std::sync::OnceLock::new();
+    static MSRS: std::sync::OnceLock<Result<Vec<u32>, Arc<MsrProbeError>>> =
+        std::sync::OnceLock::new();
     let msrs = MSRS
         .get_or_init(|| {
-            let kvm = Kvm::new().map_err(|e| format!("open /dev/kvm: {e}"))?;
-            msrs_to_save(&kvm).map_err(|e| e.to_string())
+            let kvm = Kvm::new().map_err(MsrProbeError::OpenKvm)?;
+            Ok(msrs_to_save(&kvm).map_err(MsrProbeError::from)?)
         })
         .as_ref()
-        .map_err(Clone::clone)?;
+        .map_err(|e| VcpuSaveError::Msrs(e.clone()))?;
     vcpu.set_kvm_immediate_exit(1);
     let finished = match vcpu.run() {
         Err(e) if e.errno() == libc::EINTR => Ok(()),
-        Err(e) => Err(format!("KVM_RUN to finish pending I/O: {e}")),
-        Ok(exit) => Err(format!(
-            "KVM_RUN with immediate_exit returned an exit: {exit:?}"
-        )),
+        Err(e) => Err(VcpuSaveError::FinishIo(e)),
+        Ok(exit) => Err(VcpuSaveError::UnexpectedExit(format!("{exit:?}"))),
     };
     vcpu.set_kvm_immediate_exit(0);
     finished?;
-    VcpuState::save(vcpu, msrs).map_err(|e| format!("{e}"))
+    Ok(VcpuState::save(vcpu, msrs)?)
 }
 
 fn handle_exit(exit: VcpuExit<'_>, pio: &PortIoBus, mmio: &MmioBus) -> Option<ExitReason> {

@@ -26,7 +26,7 @@
 use std::fmt::Write as _;
 use std::fs::File;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
@@ -145,8 +145,29 @@ fn qemu_run(mem_mib: u64, dir: &Path) -> anyhow::Result<Run> {
     let console = dir.join("qemu-console.log");
     let stderr_path = dir.join("qemu.stderr");
     let _ = std::fs::remove_file(&console);
-    // The flags podvisor-vmm adds itself (see podvisor_vmm::boot::cmdline::build);
-    // QEMU adds the virtio_mmio.device declarations.
+    let mut cmd = qemu_command(mem_mib, &kernel, &img, &console, &stderr_path)?;
+    let started = Instant::now();
+    let mut child = cmd.spawn().context("spawn qemu-system-x86_64")?;
+    let mut run = Run::default();
+    let result = (|| -> anyhow::Result<()> {
+        qemu_wait_for_init(&mut child, started, &console, &stderr_path, &mut run)?;
+        if let Ok(rss) = procfs::rss(child.id(), GuestRam::AtLeast(mem_mib << 20)) {
+            run.rss_total_kib = Some(rss.total_kib);
+            run.rss_vmm_kib = rss.vmm_kib();
+        }
+        qemu_wait_for_exit(&mut child, started, &stderr_path, &mut run)
+    })();
+    if child.try_wait().ok().flatten().is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    result.map(|()| run)
+}
+
+/// The guest kernel command line for QEMU: the test image's, plus the flags podvisor-vmm
+/// adds itself (see podvisor_vmm::boot::cmdline::build); QEMU adds the
+/// virtio_mmio.device declarations.
+fn qemu_append() -> String {
     let mut append = format!(
         "{} console=ttyS0 8250.nr_uarts=1 reboot=k podvisor.exit_port={:#x}",
         test_cmdline("bench"),
@@ -156,6 +177,19 @@ fn qemu_run(mem_mib: u64, dir: &Path) -> anyhow::Result<Run> {
         append.push(' ');
         append.push_str(podvisor_vmm::boot::cmdline::PVM_FLAGS);
     }
+    append
+}
+
+/// The QEMU microvm command booting `kernel` with the read-only root image `img`, the
+/// serial console written to `console` and stderr to `stderr_path` (created here).
+fn qemu_command(
+    mem_mib: u64,
+    kernel: &Path,
+    img: &Path,
+    console: &Path,
+    stderr_path: &Path,
+) -> anyhow::Result<Command> {
+    let append = qemu_append();
     let mut cmd = Command::new("qemu-system-x86_64");
     cmd.args([
         "-M",
@@ -177,7 +211,7 @@ fn qemu_run(mem_mib: u64, dir: &Path) -> anyhow::Result<Run> {
     .arg("-serial")
     .arg(format!("file:{}", console.display()))
     .arg("-kernel")
-    .arg(&kernel)
+    .arg(kernel)
     .args(["-append", &append])
     .arg("-drive")
     .arg(format!(
@@ -194,65 +228,78 @@ fn qemu_run(mem_mib: u64, dir: &Path) -> anyhow::Result<Run> {
     ])
     .stdin(Stdio::null())
     .stdout(Stdio::null())
-    .stderr(File::create(&stderr_path)?);
-    let started = Instant::now();
-    let mut child = cmd.spawn().context("spawn qemu-system-x86_64")?;
-    let stderr_of = || std::fs::read_to_string(&stderr_path).unwrap_or_default();
-    let mut run = Run::default();
-    let result = (|| -> anyhow::Result<()> {
-        let deadline = started + BOOT_TIMEOUT;
-        loop {
-            if std::fs::read_to_string(&console).is_ok_and(|c| c.contains(INIT_MARKER)) {
-                run.init_console_ms = Some(ms(started.elapsed()));
-                break;
-            }
-            if let Some(s) = child.try_wait()? {
-                bail!(
-                    "QEMU ended ({s}) before {INIT_MARKER:?}; stderr: {}",
-                    stderr_of().trim()
-                );
-            }
-            ensure!(
-                Instant::now() < deadline,
-                "QEMU: no {INIT_MARKER:?} within {BOOT_TIMEOUT:?}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
+    .stderr(File::create(stderr_path)?);
+    Ok(cmd)
+}
+
+/// QEMU's stderr so far (empty if unreadable).
+fn qemu_stderr(stderr_path: &Path) -> String {
+    std::fs::read_to_string(stderr_path).unwrap_or_default()
+}
+
+/// Polls the console file every 50 ms until it has the init marker and records
+/// `init_console_ms`; fails if QEMU ends first or `BOOT_TIMEOUT` passes.
+fn qemu_wait_for_init(
+    child: &mut Child,
+    started: Instant,
+    console: &Path,
+    stderr_path: &Path,
+    run: &mut Run,
+) -> anyhow::Result<()> {
+    let deadline = started + BOOT_TIMEOUT;
+    loop {
+        if std::fs::read_to_string(console).is_ok_and(|c| c.contains(INIT_MARKER)) {
+            run.init_console_ms = Some(ms(started.elapsed()));
+            return Ok(());
         }
-        if let Ok(rss) = procfs::rss(child.id(), GuestRam::AtLeast(mem_mib << 20)) {
-            run.rss_total_kib = Some(rss.total_kib);
-            run.rss_vmm_kib = rss.vmm_kib();
-        }
-        // Under kvm_pvm, QEMU's isa-debug-exit was seen not to end QEMU on
-        // the guest's power-off write: keep the init figures and leave the
-        // exit time empty rather than dropping the run.
-        let deadline = Instant::now() + QEMU_EXIT_TIMEOUT;
-        let status = loop {
-            if let Some(s) = child.try_wait()? {
-                break Some(s);
-            }
-            if Instant::now() >= deadline {
-                eprintln!(
-                    "qemu: no exit within {QEMU_EXIT_TIMEOUT:?} after the guest powered off; exit time not measured"
-                );
-                break None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        if let Some(status) = status {
-            run.exit_ms = Some(ms(started.elapsed()));
-            ensure!(
-                status.code() == Some(QEMU_POWER_OFF_STATUS),
-                "QEMU ended with {status} (power-off through isa-debug-exit is {QEMU_POWER_OFF_STATUS}); stderr: {}",
-                stderr_of().trim()
+        if let Some(s) = child.try_wait()? {
+            bail!(
+                "QEMU ended ({s}) before {INIT_MARKER:?}; stderr: {}",
+                qemu_stderr(stderr_path).trim()
             );
         }
-        Ok(())
-    })();
-    if child.try_wait().ok().flatten().is_none() {
-        let _ = child.kill();
-        let _ = child.wait();
+        ensure!(
+            Instant::now() < deadline,
+            "QEMU: no {INIT_MARKER:?} within {BOOT_TIMEOUT:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
     }
-    result.map(|()| run)
+}
+
+/// Waits up to `QEMU_EXIT_TIMEOUT` for QEMU to end after the guest's power-off, records
+/// `exit_ms` and checks the isa-debug-exit status.
+///
+/// Under kvm_pvm, QEMU's isa-debug-exit was seen not to end QEMU on the guest's power-off
+/// write: then this keeps the init figures and leaves the exit time empty rather than
+/// dropping the run.
+fn qemu_wait_for_exit(
+    child: &mut Child,
+    started: Instant,
+    stderr_path: &Path,
+    run: &mut Run,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + QEMU_EXIT_TIMEOUT;
+    let status = loop {
+        if let Some(s) = child.try_wait()? {
+            break Some(s);
+        }
+        if Instant::now() >= deadline {
+            eprintln!(
+                "qemu: no exit within {QEMU_EXIT_TIMEOUT:?} after the guest powered off; exit time not measured"
+            );
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    if let Some(status) = status {
+        run.exit_ms = Some(ms(started.elapsed()));
+        ensure!(
+            status.code() == Some(QEMU_POWER_OFF_STATUS),
+            "QEMU ended with {status} (power-off through isa-debug-exit is {QEMU_POWER_OFF_STATUS}); stderr: {}",
+            qemu_stderr(stderr_path).trim()
+        );
+    }
+    Ok(())
 }
 
 fn median(mut v: Vec<f64>) -> Option<f64> {
@@ -342,6 +389,37 @@ fn print_table(headers: &[&str], rows: &[Vec<String>]) {
 fn main() -> anyhow::Result<()> {
     let o = parse_options()?;
     paths::require_kvm()?;
+    print_setup(&o)?;
+    let mut rows = Vec::new();
+    let ours = podvisor_runs(&o, &mut rows);
+    let ours_median = median_row(&ours);
+    rows.push(cells("podvisor", "median", &ours_median));
+    let (theirs, qemu_error) = qemu_runs(&o, &mut rows)?;
+    let theirs_median = median_row(&theirs);
+    if !theirs.is_empty() {
+        rows.push(cells("qemu", "median", &theirs_median));
+    }
+    println!();
+    print_table(&HEADERS, &rows);
+    if !theirs.is_empty() {
+        print_ratios(&ours_median, &theirs_median);
+    }
+    if let Some(e) = qemu_error {
+        println!("\nQEMU failed (last error): {e}");
+    }
+    println!(
+        "\nRSS excl. guest = total Rss in /proc/<pid>/smaps at init minus the Rss of the guest RAM mapping \
+         (anonymous, exactly mem-mib MiB for podvisor; largest anonymous mapping of mem-mib..mem-mib+4 MiB for QEMU).\n\
+         exit includes bench.sh's 1 s hold at init."
+    );
+    if ours.is_empty() {
+        bail!("no podvisor run succeeded");
+    }
+    Ok(())
+}
+
+/// Prints the kernel, VMM and image in use and what will run.
+fn print_setup(o: &Options) -> anyhow::Result<()> {
     let kernel = paths::guest_kernel()?;
     let vmm = artifacts::vmm_binary()?;
     let img = image::test_image()?;
@@ -355,7 +433,12 @@ fn main() -> anyhow::Result<()> {
         o.mem_mib,
         podvisor_vmm::boot::cmdline::host_is_pvm()
     );
-    let mut rows = Vec::new();
+    Ok(())
+}
+
+/// Boots podvisor-vmm `o.runs` times, adding a table row per run; returns the runs that
+/// succeeded.
+fn podvisor_runs(o: &Options, rows: &mut Vec<Vec<String>>) -> Vec<Run> {
     let mut ours = Vec::new();
     for i in 1..=o.runs {
         match podvisor_run(o.mem_mib) {
@@ -370,8 +453,15 @@ fn main() -> anyhow::Result<()> {
             }
         }
     }
-    let ours_median = median_row(&ours);
-    rows.push(cells("podvisor", "median", &ours_median));
+    ours
+}
+
+/// Boots QEMU `o.qemu_runs` times, adding a table row per run; returns the runs that
+/// succeeded and the last failure's error.
+fn qemu_runs(
+    o: &Options,
+    rows: &mut Vec<Vec<String>>,
+) -> anyhow::Result<(Vec<Run>, Option<String>)> {
     let mut theirs = Vec::new();
     let mut qemu_error = None;
     if o.qemu_runs > 0 {
@@ -393,54 +483,39 @@ fn main() -> anyhow::Result<()> {
             }
         }
     }
-    let theirs_median = median_row(&theirs);
-    if !theirs.is_empty() {
-        rows.push(cells("qemu", "median", &theirs_median));
-    }
+    Ok((theirs, qemu_error))
+}
+
+/// Prints the podvisor/QEMU ratios of the medians.
+fn print_ratios(ours_median: &Run, theirs_median: &Run) {
+    let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => format!("{:.2}", a / b),
+        _ => "-".into(),
+    };
+    let kib = |v: Option<u64>| v.map(|v| v as f64);
     println!();
-    print_table(&HEADERS, &rows);
-    if !theirs.is_empty() {
-        let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
-            (Some(a), Some(b)) if b > 0.0 => format!("{:.2}", a / b),
-            _ => "-".into(),
-        };
-        let kib = |v: Option<u64>| v.map(|v| v as f64);
-        println!();
-        print_table(
-            &["ratio podvisor/qemu (medians)", "value"],
-            &[
-                vec![
-                    "init (console marker)".into(),
-                    ratio(ours_median.init_console_ms, theirs_median.init_console_ms),
-                ],
-                vec![
-                    "exit".into(),
-                    ratio(ours_median.exit_ms, theirs_median.exit_ms),
-                ],
-                vec![
-                    "RSS total".into(),
-                    ratio(
-                        kib(ours_median.rss_total_kib),
-                        kib(theirs_median.rss_total_kib),
-                    ),
-                ],
-                vec![
-                    "RSS excl. guest RAM".into(),
-                    ratio(kib(ours_median.rss_vmm_kib), kib(theirs_median.rss_vmm_kib)),
-                ],
+    print_table(
+        &["ratio podvisor/qemu (medians)", "value"],
+        &[
+            vec![
+                "init (console marker)".into(),
+                ratio(ours_median.init_console_ms, theirs_median.init_console_ms),
             ],
-        );
-    }
-    if let Some(e) = qemu_error {
-        println!("\nQEMU failed (last error): {e}");
-    }
-    println!(
-        "\nRSS excl. guest = total Rss in /proc/<pid>/smaps at init minus the Rss of the guest RAM mapping \
-         (anonymous, exactly mem-mib MiB for podvisor; largest anonymous mapping of mem-mib..mem-mib+4 MiB for QEMU).\n\
-         exit includes bench.sh's 1 s hold at init."
+            vec![
+                "exit".into(),
+                ratio(ours_median.exit_ms, theirs_median.exit_ms),
+            ],
+            vec![
+                "RSS total".into(),
+                ratio(
+                    kib(ours_median.rss_total_kib),
+                    kib(theirs_median.rss_total_kib),
+                ),
+            ],
+            vec![
+                "RSS excl. guest RAM".into(),
+                ratio(kib(ours_median.rss_vmm_kib), kib(theirs_median.rss_vmm_kib)),
+            ],
+        ],
     );
-    if ours.is_empty() {
-        bail!("no podvisor run succeeded");
-    }
-    Ok(())
 }

@@ -241,6 +241,25 @@ async fn bench(
     let channel = connect(socket).await?;
     let mut rt = RuntimeServiceClient::new(channel.clone());
     let mut images = ImageServiceClient::new(channel);
+    print_version(runtime, &mut rt).await?;
+    let image_ref = pull_images(runtime, &mut images, image, prepull).await?;
+    let logs = tempfile::Builder::new().prefix("pvbench-logs").tempdir()?;
+    let mut samples = Vec::new();
+    for n in 0..runs {
+        let log_dir = logs.path().join(format!("{}-{n}", runtime.name()));
+        std::fs::create_dir_all(&log_dir)?;
+        let sample = bench_run(runtime, &mut rt, n, &log_dir, &image_ref).await?;
+        print_sample(runtime, n, &sample);
+        samples.push(sample);
+    }
+    Ok(samples)
+}
+
+/// Asks the runtime for its CRI Version and prints it.
+async fn print_version(
+    runtime: &Runtime,
+    rt: &mut RuntimeServiceClient<Channel>,
+) -> anyhow::Result<()> {
     let v = rt
         .version(cri::VersionRequest::default())
         .await
@@ -253,6 +272,17 @@ async fn bench(
         v.runtime_version,
         v.runtime_api_version
     );
+    Ok(())
+}
+
+/// Pulls `prepull` (if any, untimed), then `image`, printing how long that took; returns
+/// `image`'s reference.
+async fn pull_images(
+    runtime: &Runtime,
+    images: &mut ImageServiceClient<Channel>,
+    image: &str,
+    prepull: Option<&str>,
+) -> anyhow::Result<String> {
     if let Some(other) = prepull {
         images
             .pull_image(cri::PullImageRequest {
@@ -283,102 +313,149 @@ async fn bench(
         runtime.name(),
         t.elapsed().as_secs_f64()
     );
-    let logs = tempfile::Builder::new().prefix("pvbench-logs").tempdir()?;
-    let mut samples = Vec::new();
-    for n in 0..runs {
-        let log_dir = logs.path().join(format!("{}-{n}", runtime.name()));
-        std::fs::create_dir_all(&log_dir)?;
-        let pod = pod_config(n, &log_dir);
-        let before = total_rss_kib(runtime.daemon_pid())?;
-        let t = Instant::now();
-        let sandbox_id = rt
-            .run_pod_sandbox(cri::RunPodSandboxRequest {
-                config: Some(pod.clone()),
-                runtime_handler: String::new(),
-            })
-            .await
-            .with_context(|| format!("{}: RunPodSandbox", runtime.name()))?
-            .into_inner()
-            .pod_sandbox_id;
-        let run_sandbox = t.elapsed();
-        let container_id = rt
-            .create_container(cri::CreateContainerRequest {
-                pod_sandbox_id: sandbox_id.clone(),
-                config: Some(cri::ContainerConfig {
-                    log_path: "app.log".into(),
-                    linux: Some(cri::LinuxContainerConfig {
-                        security_context: Some(kubelet_security_context()),
-                        ..Default::default()
-                    }),
-                    ..shell_container("app", &image_ref, WORKLOAD)
-                }),
-                sandbox_config: Some(pod.clone()),
-            })
-            .await
-            .with_context(|| format!("{}: CreateContainer", runtime.name()))?
-            .into_inner()
-            .container_id;
-        rt.start_container(cri::StartContainerRequest {
-            container_id: container_id.clone(),
-        })
-        .await
-        .with_context(|| format!("{}: StartContainer", runtime.name()))?;
-        let start = t.elapsed();
-        let after = total_rss_kib(runtime.daemon_pid())?;
-        let (pod_rss_kib, pod_rss_no_guest_kib, private_kib) =
-            runtime.pod_rss(&mut rt, &sandbox_id).await?;
-        wait_for_ready(&log_dir.join("app.log")).await?;
+    Ok(image_ref)
+}
 
-        let t = Instant::now();
-        rt.stop_container(cri::StopContainerRequest {
-            container_id: container_id.clone(),
-            timeout: STOP_TIMEOUT,
+/// A pod started by `start_pod`, with its two timings.
+struct StartedPod {
+    sandbox_id: String,
+    container_id: String,
+    /// RunPodSandbox alone.
+    run_sandbox: Duration,
+    /// RunPodSandbox + CreateContainer + StartContainer.
+    start: Duration,
+}
+
+/// One run of the cycle, pod `n` logging to `log_dir`: the pod start, the pod's memory and
+/// the daemon's growth while it started, the wait for the workload (untimed), then the
+/// stop + remove.
+async fn bench_run(
+    runtime: &Runtime,
+    rt: &mut RuntimeServiceClient<Channel>,
+    n: usize,
+    log_dir: &Path,
+    image_ref: &str,
+) -> anyhow::Result<Sample> {
+    let pod = pod_config(n, log_dir);
+    let before = total_rss_kib(runtime.daemon_pid())?;
+    let started = start_pod(runtime, rt, &pod, image_ref).await?;
+    let after = total_rss_kib(runtime.daemon_pid())?;
+    let (pod_rss_kib, pod_rss_no_guest_kib, private_kib) =
+        runtime.pod_rss(rt, &started.sandbox_id).await?;
+    wait_for_ready(&log_dir.join("app.log")).await?;
+
+    let stop_remove =
+        stop_and_remove(runtime, rt, started.sandbox_id, started.container_id).await?;
+    Ok(Sample {
+        run_sandbox: started.run_sandbox,
+        start: started.start,
+        stop_remove,
+        pod_rss_kib,
+        pod_rss_no_guest_kib,
+        private_kib,
+        daemon_growth_kib: i64::try_from(after)? - i64::try_from(before)?,
+    })
+}
+
+/// RunPodSandbox + CreateContainer + StartContainer of the workload, timed.
+async fn start_pod(
+    runtime: &Runtime,
+    rt: &mut RuntimeServiceClient<Channel>,
+    pod: &cri::PodSandboxConfig,
+    image_ref: &str,
+) -> anyhow::Result<StartedPod> {
+    let t = Instant::now();
+    let sandbox_id = rt
+        .run_pod_sandbox(cri::RunPodSandboxRequest {
+            config: Some(pod.clone()),
+            runtime_handler: String::new(),
         })
         .await
-        .with_context(|| format!("{}: StopContainer", runtime.name()))?;
-        rt.remove_container(cri::RemoveContainerRequest { container_id })
-            .await
-            .with_context(|| format!("{}: RemoveContainer", runtime.name()))?;
-        rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
+        .with_context(|| format!("{}: RunPodSandbox", runtime.name()))?
+        .into_inner()
+        .pod_sandbox_id;
+    let run_sandbox = t.elapsed();
+    let container_id = rt
+        .create_container(cri::CreateContainerRequest {
             pod_sandbox_id: sandbox_id.clone(),
+            config: Some(cri::ContainerConfig {
+                log_path: "app.log".into(),
+                linux: Some(cri::LinuxContainerConfig {
+                    security_context: Some(kubelet_security_context()),
+                    ..Default::default()
+                }),
+                ..shell_container("app", image_ref, WORKLOAD)
+            }),
+            sandbox_config: Some(pod.clone()),
         })
         .await
-        .with_context(|| format!("{}: StopPodSandbox", runtime.name()))?;
-        rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
-            pod_sandbox_id: sandbox_id,
-        })
+        .with_context(|| format!("{}: CreateContainer", runtime.name()))?
+        .into_inner()
+        .container_id;
+    rt.start_container(cri::StartContainerRequest {
+        container_id: container_id.clone(),
+    })
+    .await
+    .with_context(|| format!("{}: StartContainer", runtime.name()))?;
+    Ok(StartedPod {
+        sandbox_id,
+        container_id,
+        run_sandbox,
+        start: t.elapsed(),
+    })
+}
+
+/// StopContainer + RemoveContainer + StopPodSandbox + RemovePodSandbox; returns how long
+/// they took.
+async fn stop_and_remove(
+    runtime: &Runtime,
+    rt: &mut RuntimeServiceClient<Channel>,
+    sandbox_id: String,
+    container_id: String,
+) -> anyhow::Result<Duration> {
+    let t = Instant::now();
+    rt.stop_container(cri::StopContainerRequest {
+        container_id: container_id.clone(),
+        timeout: STOP_TIMEOUT,
+    })
+    .await
+    .with_context(|| format!("{}: StopContainer", runtime.name()))?;
+    rt.remove_container(cri::RemoveContainerRequest { container_id })
         .await
-        .with_context(|| format!("{}: RemovePodSandbox", runtime.name()))?;
-        let sample = Sample {
-            run_sandbox,
-            start,
-            stop_remove: t.elapsed(),
-            pod_rss_kib,
-            pod_rss_no_guest_kib,
-            private_kib,
-            daemon_growth_kib: i64::try_from(after)? - i64::try_from(before)?,
-        };
-        println!(
-            "[bench] {} run {}: RunPodSandbox {:.2} s, pod start {:.2} s, stop+remove {:.2} s, \
-             pod RSS {} KiB{}, private {} KiB, daemon RSS {:+} KiB",
-            runtime.name(),
-            n + 1,
-            sample.run_sandbox.as_secs_f64(),
-            sample.start.as_secs_f64(),
-            sample.stop_remove.as_secs_f64(),
-            sample.pod_rss_kib,
-            sample
-                .pod_rss_no_guest_kib
-                .map(|k| format!(" ({k} KiB without guest RAM)"))
-                .unwrap_or_default(),
-            sample
-                .private_kib
-                .map_or_else(|| "-".to_string(), |k| k.to_string()),
-            sample.daemon_growth_kib,
-        );
-        samples.push(sample);
-    }
-    Ok(samples)
+        .with_context(|| format!("{}: RemoveContainer", runtime.name()))?;
+    rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
+        pod_sandbox_id: sandbox_id.clone(),
+    })
+    .await
+    .with_context(|| format!("{}: StopPodSandbox", runtime.name()))?;
+    rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
+        pod_sandbox_id: sandbox_id,
+    })
+    .await
+    .with_context(|| format!("{}: RemovePodSandbox", runtime.name()))?;
+    Ok(t.elapsed())
+}
+
+/// Prints run `n`'s figures (`n` counts from 0, printed from 1).
+fn print_sample(runtime: &Runtime, n: usize, sample: &Sample) {
+    println!(
+        "[bench] {} run {}: RunPodSandbox {:.2} s, pod start {:.2} s, stop+remove {:.2} s, \
+         pod RSS {} KiB{}, private {} KiB, daemon RSS {:+} KiB",
+        runtime.name(),
+        n + 1,
+        sample.run_sandbox.as_secs_f64(),
+        sample.start.as_secs_f64(),
+        sample.stop_remove.as_secs_f64(),
+        sample.pod_rss_kib,
+        sample
+            .pod_rss_no_guest_kib
+            .map(|k| format!(" ({k} KiB without guest RAM)"))
+            .unwrap_or_default(),
+        sample
+            .private_kib
+            .map_or_else(|| "-".to_string(), |k| k.to_string()),
+        sample.daemon_growth_kib,
+    );
 }
 
 fn median<T: PartialOrd + Copy>(mut v: Vec<T>) -> Option<T> {

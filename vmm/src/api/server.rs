@@ -1,22 +1,47 @@
-//! Serves the control API on a thread of its own.
+//! Serves the control API on a thread of its own: reads each request with the codec of
+//! [`podvisor_vmm_api::http`], routes it to a typed operation of [`VmHandle`] and answers
+//! with its JSON body or `{"error": ...}`.
 
 use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::http::{self, HttpError, Request};
-use super::types::{
-    BootInfo, DeviceInfo, DriveSwap, ErrorBody, SnapshotCreate, SnapshotCreated, VmInfo, VmRunState,
-};
-use crate::exit::ExitReason;
-use crate::virtio::mmio::lock;
-use crate::vm::VmHandle;
+use podvisor_common::{IoError, error_chain};
+use podvisor_vmm_api::http::{self, HttpError, Request};
+use podvisor_vmm_api::{DriveSwap, ErrorBody, SnapshotCreate, SnapshotCreated};
+
+use crate::handle::{SwapError, VmHandle};
+use crate::snapshot::SnapshotError;
+
+/// Why the API could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The socket could not be bound.
+    #[error(transparent)]
+    Bind(IoError),
+    /// The thread could not be started.
+    #[error("spawn API thread")]
+    Spawn(#[source] std::io::Error),
+}
+
+/// Binds the control socket at `path` and serves it on a thread of its own for as long as
+/// the process runs.
+pub fn start(path: &Path, vm: Arc<VmHandle>) -> Result<(), ServerError> {
+    let listener = UnixListener::bind(path)
+        .map_err(|e| ServerError::Bind(IoError::new("control socket", path, e)))?;
+    std::thread::Builder::new()
+        .name("api".into())
+        .spawn(move || serve(listener, &vm))
+        .map_err(ServerError::Spawn)?;
+    Ok(())
+}
 
 /// Accepts connections until the process ends; a bad client never stops it.
-pub fn serve(listener: UnixListener, vm: Arc<VmHandle>) {
+fn serve(listener: UnixListener, vm: &VmHandle) {
     for conn in listener.incoming() {
         match conn {
-            Ok(stream) => handle_connection(stream, &vm),
+            Ok(stream) => handle_connection(stream, vm),
             Err(e) => tracing::warn!("control API accept: {e}"),
         }
     }
@@ -42,7 +67,7 @@ fn handle_connection(mut stream: UnixStream, vm: &VmHandle) {
         // After the answer: the VMM ends soon after the trigger, and the caller should
         // learn that its stop was taken rather than see the socket close mid-answer.
         drop(stream);
-        vm.exit.trigger(ExitReason::Stopped);
+        vm.stop();
     }
 }
 
@@ -60,18 +85,13 @@ fn error_body(msg: &str) -> String {
 fn route(req: &Request, vm: &VmHandle) -> (u16, String) {
     let path = req.path.split('?').next().unwrap_or_default();
     match (req.method.as_str(), path) {
-        ("GET", "/vm") => match serde_json::to_string(&info(vm)) {
-            Ok(body) => (200, body),
-            Err(e) => (500, error_body(&e.to_string())),
-        },
+        ("GET", "/vm") => json(&vm.info()),
         ("PUT", "/vm/pause") => {
-            vm.control.pause();
-            tracing::info!("paused");
+            vm.pause();
             (204, String::new())
         }
         ("PUT", "/vm/resume") => {
-            vm.control.resume();
-            tracing::info!("resumed");
+            vm.resume();
             (204, String::new())
         }
         ("PUT", "/vm/snapshot") => create_snapshot(&req.body, vm),
@@ -85,29 +105,29 @@ fn route(req: &Request, vm: &VmHandle) -> (u16, String) {
     }
 }
 
+/// A 200 answer with `value` as its body.
+fn json(value: &impl serde::Serialize) -> (u16, String) {
+    match serde_json::to_string(value) {
+        Ok(body) => (200, body),
+        Err(e) => (500, error_body(&e.to_string())),
+    }
+}
+
 fn create_snapshot(body: &[u8], vm: &VmHandle) -> (u16, String) {
     let req: SnapshotCreate = match serde_json::from_slice(body) {
         Ok(r) => r,
         Err(e) => return (400, error_body(&format!("snapshot body: {e}"))),
     };
     match vm.snapshot(&req.state_path, &req.mem_path) {
-        Ok(stats) => {
-            let answer = SnapshotCreated {
-                state_bytes: stats.state_bytes,
-                mem_file_bytes: stats.mem_file_bytes,
-                mem_data_bytes: stats.mem_data_bytes,
-                elapsed_ms: stats.elapsed.as_secs_f64() * 1000.0,
-            };
-            match serde_json::to_string(&answer) {
-                Ok(b) => (200, b),
-                Err(e) => (500, error_body(&e.to_string())),
-            }
-        }
-        Err(crate::snapshot::SnapshotError::NotReady(why)) => (409, error_body(&why)),
-        Err(e) => (
-            500,
-            error_body(&format!("snapshot: {}", crate::error_chain(&e))),
-        ),
+        Ok(stats) => json(&SnapshotCreated {
+            state_bytes: stats.state_bytes,
+            mem_file_bytes: stats.mem_file_bytes,
+            mem_data_bytes: stats.mem_data_bytes,
+            elapsed_ms: stats.elapsed.as_secs_f64() * 1000.0,
+        }),
+        Err(SnapshotError::NotReady(why)) => (409, error_body(&why)),
+        Err(e @ SnapshotError::Vcpus(_)) => (409, error_body(&error_chain(&e))),
+        Err(e) => (500, error_body(&format!("snapshot: {}", error_chain(&e)))),
     }
 }
 
@@ -116,56 +136,9 @@ fn swap_drive(id: &str, body: &[u8], vm: &VmHandle) -> (u16, String) {
         Ok(s) => s,
         Err(e) => return (400, error_body(&format!("drive swap body: {e}"))),
     };
-    let Some((_, block)) = vm.drives.iter().find(|(d, _)| d == id) else {
-        return (404, error_body(&format!("no drive with id {id:?}")));
-    };
-    let swapped = lock(block).swap_backing(&swap.path, swap.read_only);
-    match swapped {
-        Ok(()) => {
-            // Bump the transport's config generation too, so the guest's
-            // multi-word capacity read cannot mix old and new halves.
-            let block_ptr = Arc::as_ptr(block).cast::<u8>();
-            for t in vm.mmio.transports() {
-                let mut t = lock(t);
-                if Arc::as_ptr(t.device()).cast::<u8>() == block_ptr {
-                    t.config_changed();
-                }
-            }
-            tracing::info!(drive = id, path = %swap.path.display(), "drive backing swapped");
-            (204, String::new())
-        }
-        Err(e) => (400, error_body(&format!("swap drive {id}: {e}"))),
-    }
-}
-
-fn info(vm: &VmHandle) -> VmInfo {
-    let ms = |us: Option<u64>| us.map(|u| u as f64 / 1000.0);
-    VmInfo {
-        state: if vm.control.is_paused() {
-            VmRunState::Paused
-        } else {
-            VmRunState::Running
-        },
-        pid: std::process::id(),
-        vcpus: vm.vcpus,
-        mem_mib: vm.mem_mib,
-        boot: BootInfo {
-            first_vcpu_entry_ms: ms(vm.times.first_vcpu_entry_us()),
-            init_ms: ms(vm.times.init_us()),
-        },
-        devices: vm
-            .mmio
-            .transports()
-            .map(|t| {
-                let t = lock(t);
-                let dev = lock(t.device());
-                DeviceInfo {
-                    name: dev.name(),
-                    state: format!("{:?}", t.state()),
-                    counters: dev.counters().into(),
-                    transport: t.counters().into(),
-                }
-            })
-            .collect(),
+    match vm.swap_drive(id, &swap) {
+        Ok(()) => (204, String::new()),
+        Err(e @ SwapError::NoDrive(_)) => (404, error_body(&e.to_string())),
+        Err(e @ SwapError::Backing { .. }) => (400, error_body(&error_chain(&e))),
     }
 }

@@ -25,7 +25,7 @@ const CPU_SIGNATURE: u32 = 0x600;
 /// FPU and APIC present.
 const CPU_FEATURES: u32 = 0x201;
 /// Most vCPUs the table (and our APIC ids below the IOAPIC's) allows.
-pub const MAX_VCPUS: u8 = 32;
+pub use podvisor_vmm_api::config::MAX_VCPUS;
 
 /// Why the MP table could not be written.
 #[derive(Debug, thiserror::Error)]

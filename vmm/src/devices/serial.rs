@@ -59,6 +59,20 @@ pub struct SerialConsole {
     serial: Serial<IrqTrigger, vm_superio::serial::NoEvents, ConsoleOut>,
 }
 
+/// Why a snapshot's UART state cannot be restored.
+#[derive(Debug, thiserror::Error)]
+pub enum SerialRestoreError {
+    /// More unread input than the UART could have held.
+    #[error("serial snapshot holds {len} bytes of input (at most {MAX_SNAPSHOT_INPUT})")]
+    TooMuchInput {
+        /// Bytes in the snapshot.
+        len: usize,
+    },
+    /// vm-superio refused the register state.
+    #[error("serial snapshot")]
+    State(#[source] vm_superio::serial::Error<std::io::Error>),
+}
+
 impl std::fmt::Debug for SerialConsole {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("SerialConsole")
@@ -78,13 +92,12 @@ impl SerialConsole {
         irq: EventFd,
         out: ConsoleOut,
         snap: &SerialSnapshot,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, SerialRestoreError> {
         // The receive buffer is the guest's unread input: bounded like the UART's FIFO.
         if snap.in_buffer.len() > MAX_SNAPSHOT_INPUT {
-            return Err(format!(
-                "serial snapshot holds {} bytes of input (at most {MAX_SNAPSHOT_INPUT})",
-                snap.in_buffer.len()
-            ));
+            return Err(SerialRestoreError::TooMuchInput {
+                len: snap.in_buffer.len(),
+            });
         }
         let state = SerialState {
             baud_divisor_low: snap.baud_divisor_low,
@@ -99,7 +112,7 @@ impl SerialConsole {
             in_buffer: snap.in_buffer.clone(),
         };
         let serial = Serial::from_state(&state, IrqTrigger(irq), vm_superio::serial::NoEvents, out)
-            .map_err(|e| format!("serial snapshot: {e:?}"))?;
+            .map_err(SerialRestoreError::State)?;
         Ok(Self { serial })
     }
 

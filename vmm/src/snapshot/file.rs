@@ -14,6 +14,7 @@
 //! The file is untrusted input: its size is capped before anything is read, and the body is
 //! only decoded once the header and the checksum agree with it.
 
+use podvisor_common::IoError;
 use std::ffi::OsString;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
@@ -36,16 +37,8 @@ const HEADER_LEN: usize = 8 + 4 + 4 + 8 + CHECKSUM_LEN;
 #[derive(Debug, thiserror::Error)]
 pub enum StateFileError {
     /// The file could not be created, read, written, synced or renamed.
-    #[error("state file {}: {what}", path.display())]
-    Io {
-        /// The file.
-        path: PathBuf,
-        /// The step that failed.
-        what: &'static str,
-        /// The error.
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("state file {}", .0.path.display())]
+    Io(#[source] IoError),
     /// The file (or the value to write) is above [`MAX_STATE_FILE_BYTES`].
     #[error("state file {} is {size} bytes, more than the {max}-byte cap", path.display())]
     TooLarge {
@@ -128,11 +121,7 @@ pub enum StateFileError {
 }
 
 fn io_err(path: &Path, what: &'static str) -> impl FnOnce(std::io::Error) -> StateFileError {
-    move |source| StateFileError::Io {
-        path: path.to_owned(),
-        what,
-        source,
-    }
+    move |source| StateFileError::Io(IoError::new(what, path, source))
 }
 
 /// Writes `value` to `path` atomically: the whole file goes to `<path>.tmp`, is synced, then
@@ -352,7 +341,7 @@ mod tests {
         std::fs::write(path.join("x"), b"x").unwrap();
         let e = write_state_file(&path, &sample()).unwrap_err();
         assert!(
-            matches!(e, StateFileError::Io { what: "commit", .. }),
+            matches!(e, StateFileError::Io(IoError { what: "commit", .. })),
             "{e}"
         );
         assert!(!tmp_path(&path).exists());
@@ -364,7 +353,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("nope");
         let e = read_state_file::<Sample>(&path).unwrap_err();
-        assert!(matches!(e, StateFileError::Io { .. }), "{e}");
+        assert!(matches!(e, StateFileError::Io(_)), "{e}");
         assert!(e.to_string().contains("nope"), "{e}");
     }
 

@@ -5,6 +5,7 @@
 //! maps the file private (copy-on-write), so pages the restored guest never writes stay shared
 //! through the page cache between every VM restored from the same file.
 
+use podvisor_common::IoError;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -38,16 +39,8 @@ pub struct MemoryFileStats {
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryFileError {
     /// The file could not be created, written, synced, renamed or opened.
-    #[error("memory file {}: {what}", path.display())]
-    Io {
-        /// The file.
-        path: PathBuf,
-        /// The step that failed.
-        what: &'static str,
-        /// The error.
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("memory file {}", .0.path.display())]
+    Io(#[source] IoError),
     /// Guest RAM could not be read.
     #[error("read guest memory at {addr:#x}")]
     ReadGuest {
@@ -102,11 +95,7 @@ pub enum MemoryFileError {
 }
 
 fn io_err(path: &Path, what: &'static str) -> impl FnOnce(std::io::Error) -> MemoryFileError {
-    move |source| MemoryFileError::Io {
-        path: path.to_owned(),
-        what,
-        source,
-    }
+    move |source| MemoryFileError::Io(IoError::new(what, path, source))
 }
 
 /// Regions back to back in order (region i at the sum of the earlier regions' sizes); every 4 KiB
@@ -362,7 +351,7 @@ mod tests {
         let e = map_memory_file(&path, &[(GuestAddress(0), LOW + HIGH - 1)]).unwrap_err();
         assert!(matches!(e, MemoryFileError::RegionSize { .. }), "{e}");
         let e = map_memory_file(&dir.path().join("none"), &regions()).unwrap_err();
-        assert!(matches!(e, MemoryFileError::Io { .. }), "{e}");
+        assert!(matches!(e, MemoryFileError::Io(_)), "{e}");
     }
 
     #[test]
@@ -386,7 +375,7 @@ mod tests {
         std::fs::write(path.join("x"), b"x").unwrap();
         let e = write_memory_file(&patterned_memory(), &path).unwrap_err();
         assert!(
-            matches!(e, MemoryFileError::Io { what: "commit", .. }),
+            matches!(e, MemoryFileError::Io(IoError { what: "commit", .. })),
             "{e}"
         );
         assert!(!tmp_path(&path).exists());

@@ -1,6 +1,6 @@
 //! Snapshots of a paused VM and their restore into a new VMM process.
 //!
-//! A snapshot is two files: the state file ([`file`], versioned and checksummed JSON of
+//! A snapshot is two files: the state file ([`file`](mod@file), versioned and checksummed JSON of
 //! [`VmSnapshot`]) and the memory file ([`memory_file`], guest RAM, sparse). A restore maps the
 //! memory file private copy-on-write, so VMs restored from one snapshot share every page none
 //! of them wrote. The state file is untrusted input: it is checked against this VMM's version,
@@ -14,8 +14,9 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use crate::device_table::DeviceState;
 use crate::devices::serial::SerialSnapshot;
-use crate::virtio::mmio::TransportSnapshot;
+use crate::virtio::mmio::{MmioRestoreError, TransportSnapshot};
 use kvm_state::{CpuidEntry, VcpuState, VmState};
 
 /// The VMM version that wrote a snapshot; a restore accepts only its own.
@@ -45,21 +46,11 @@ pub struct VmSnapshot {
 /// One virtio device.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DeviceSnapshot {
-    /// What the device is ([`device_kind`]): a restore must attach the same kinds in the same
-    /// order, since the guest's drivers are bound to their MMIO windows.
-    pub kind: String,
+    /// What the device is, with its own state ([`DeviceState`]): a restore must attach equal
+    /// ones in the same order, since the guest's drivers are bound to their MMIO windows.
+    pub state: DeviceState,
     /// Transport and queue state.
     pub transport: TransportSnapshot,
-}
-
-/// The kind a snapshot records for a device: `block:<id>`, `net` or `vsock`.
-pub fn device_kind(device_type: u32, drive_id: Option<&str>) -> String {
-    match (device_type, drive_id) {
-        (crate::virtio::TYPE_BLOCK, Some(id)) => format!("block:{id}"),
-        (crate::virtio::TYPE_NET, _) => "net".into(),
-        (crate::virtio::TYPE_VSOCK, _) => "vsock".into(),
-        (t, _) => format!("type{t}"),
-    }
 }
 
 /// Why a snapshot could not be taken or restored.
@@ -98,9 +89,32 @@ pub enum SnapshotError {
         /// What differs.
         detail: String,
     },
+    /// The UART refused its saved state.
+    #[error("state file {path}")]
+    Serial {
+        /// The file.
+        path: String,
+        /// Why.
+        #[source]
+        source: crate::devices::serial::SerialRestoreError,
+    },
+    /// A device's transport refused its saved state.
+    #[error("state file {path}: device {device}")]
+    Device {
+        /// The file.
+        path: String,
+        /// The device's kind ([`DeviceState`]'s display).
+        device: String,
+        /// Why.
+        #[source]
+        source: MmioRestoreError,
+    },
     /// The VM is not in a state that can be saved.
     #[error("{0}")]
     NotReady(String),
+    /// The vCPUs could not save their state (the VM is not parked, or a vCPU failed).
+    #[error(transparent)]
+    Vcpus(#[from] crate::vcpu::SaveError),
 }
 
 impl VmSnapshot {
@@ -140,16 +154,19 @@ impl VmSnapshot {
         Ok(snap)
     }
 
-    /// Checks that the restore attaches the same device kinds in the same order.
-    pub fn check_devices(&self, path: &Path, kinds: &[String]) -> Result<(), SnapshotError> {
-        let saved: Vec<&str> = self.devices.iter().map(|d| d.kind.as_str()).collect();
-        if saved != kinds.iter().map(String::as_str).collect::<Vec<_>>() {
+    /// Checks that the restore attaches the same device kinds (and drive ids) in the same
+    /// order.
+    pub fn check_devices(&self, path: &Path, states: &[DeviceState]) -> Result<(), SnapshotError> {
+        if !self.devices.iter().map(|d| &d.state).eq(states) {
+            let list = |states: &mut dyn Iterator<Item = &DeviceState>| {
+                states.map(|s| s.to_string()).collect::<Vec<_>>().join(", ")
+            };
             return Err(SnapshotError::Mismatch {
                 path: path.display().to_string(),
                 detail: format!(
                     "it has devices [{}], the configuration gives [{}]",
-                    saved.join(", "),
-                    kinds.join(", ")
+                    list(&mut self.devices.iter().map(|d| &d.state)),
+                    list(&mut states.iter())
                 ),
             });
         }
@@ -219,15 +236,5 @@ mod tests {
                 .unwrap()
                 .contains("1 CPUID leaves saved")
         );
-    }
-
-    #[test]
-    fn device_kinds_name_drives_by_id() {
-        assert_eq!(
-            device_kind(crate::virtio::TYPE_BLOCK, Some("root")),
-            "block:root"
-        );
-        assert_eq!(device_kind(crate::virtio::TYPE_NET, None), "net");
-        assert_eq!(device_kind(crate::virtio::TYPE_VSOCK, None), "vsock");
     }
 }

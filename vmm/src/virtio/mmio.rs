@@ -22,6 +22,7 @@
 
 use std::sync::{Arc, Mutex};
 
+use podvisor_common::{error_chain, lock};
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
@@ -260,12 +261,21 @@ pub enum MmioRestoreError {
     },
 }
 
+impl From<TransportCounters> for podvisor_vmm_api::TransportCountersBody {
+    fn from(c: TransportCounters) -> Self {
+        Self {
+            refused_writes: c.refused_writes,
+            bad_status_writes: c.bad_status_writes,
+        }
+    }
+}
+
 /// Why the device could not be started on a set of queues.
 #[derive(Debug, thiserror::Error)]
 enum StartError {
-    #[error("clone queue eventfd: {0}")]
-    EventFd(std::io::Error),
-    #[error("{0}")]
+    #[error("clone queue eventfd")]
+    EventFd(#[source] std::io::Error),
+    #[error(transparent)]
     Activate(ActivateError),
 }
 
@@ -709,7 +719,11 @@ impl MmioTransport {
                 self.state = TransportState::Active;
             }
             Err(e) => {
-                tracing::warn!("{}: activation failed: {e}", lock(&self.device).name());
+                tracing::warn!(
+                    "{}: activation failed: {}",
+                    lock(&self.device).name(),
+                    error_chain(&e)
+                );
                 self.needs_reset();
             }
         }
@@ -761,12 +775,6 @@ impl MmioTransport {
         self.queue_sel = 0;
         self.interrupt.ack(u32::MAX);
     }
-}
-
-/// Locks a device, recovering from a poisoned mutex: a panic elsewhere must
-/// not take the guest's other devices down with it.
-pub fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[cfg(test)]

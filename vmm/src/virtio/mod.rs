@@ -2,7 +2,9 @@
 //!
 //! Every device has the same layout: `mod.rs` (public surface), `device.rs`
 //! (features, config space, activation, reset), `handler.rs` (queue and
-//! backend event handling) and `tests.rs` (the device driven through its
+//! backend event handling), `persist.rs` (its constructor from the VM
+//! configuration and the state a snapshot records, registered in
+//! [`crate::device_table`]) and `tests.rs` (the device driven through its
 //! queues in test guest memory with good and malformed chains).
 //!
 //! Threading: the MMIO transport runs on vCPU threads and owns the device
@@ -95,9 +97,10 @@ pub enum ActivateError {
         #[source]
         source: std::io::Error,
     },
-    /// A backend (file, TAP, socket) could not be set up.
-    #[error("device backend: {0}")]
-    Backend(String),
+    /// A backend (file, TAP, socket) could not be set up; the error's type is the
+    /// device's own.
+    #[error("device backend")]
+    Backend(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
 /// One split virtqueue as saved in a snapshot: the driver's configuration
@@ -190,6 +193,18 @@ pub struct DeviceCounters {
     pub rx_bytes: u64,
     /// Backend I/O errors reported to the guest.
     pub io_errors: u64,
+}
+
+impl From<DeviceCounters> for podvisor_vmm_api::DeviceCountersBody {
+    fn from(c: DeviceCounters) -> Self {
+        Self {
+            malformed_chains: c.malformed_chains,
+            completed: c.completed,
+            tx_bytes: c.tx_bytes,
+            rx_bytes: c.rx_bytes,
+            io_errors: c.io_errors,
+        }
+    }
 }
 
 /// A virtio device behind the MMIO transport.

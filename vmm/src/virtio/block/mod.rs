@@ -9,6 +9,7 @@
 mod device;
 mod handler;
 mod io;
+pub mod persist;
 
 #[cfg(test)]
 mod tests;

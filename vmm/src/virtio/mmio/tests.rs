@@ -1,3 +1,8 @@
+//! The MMIO transport driven register by register, with a test device.
+
+// A test scenario reads top to bottom; the length limit is for the VMM's own code.
+#![allow(clippy::too_many_lines)]
+
 use std::sync::{Arc, Mutex};
 
 use vm_memory::{GuestAddress, GuestMemoryMmap};
@@ -47,7 +52,9 @@ impl VirtioDevice for Recorder {
     }
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
         if self.fail_activate {
-            return Err(ActivateError::Backend("refused".into()));
+            return Err(ActivateError::Backend(
+                std::io::Error::other("refused").into(),
+            ));
         }
         self.activations.push((
             ctx.acked_features,

@@ -12,10 +12,10 @@ use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::tap::Tap;
+use podvisor_vmm_api::tap::{Tap, TapError};
+
 use super::{
-    FRAME_BUFFER_LEN, NetError, QUEUE_SIZE, RX_QUEUE, RX_QUEUE_TOKEN, TAP_TOKEN, TX_QUEUE,
-    TX_QUEUE_TOKEN,
+    FRAME_BUFFER_LEN, QUEUE_SIZE, RX_QUEUE, RX_QUEUE_TOKEN, TAP_TOKEN, TX_QUEUE, TX_QUEUE_TOKEN,
 };
 use crate::virtio::{
     ActivateContext, ActivateError, DeviceCounters, EventRegistrar, EventToken, GuestMemory,
@@ -130,7 +130,7 @@ impl std::fmt::Debug for Net {
 
 impl Net {
     /// Opens (or creates) the TAP named in `cfg` and builds the device.
-    pub fn new(cfg: NetConfig) -> Result<Self, NetError> {
+    pub fn new(cfg: NetConfig) -> Result<Self, TapError> {
         let tap = Tap::open(&cfg.tap_name)?;
         Ok(Self::with_tap(tap, cfg.mac))
     }
@@ -204,18 +204,6 @@ impl Net {
     }
 }
 
-/// "message: cause: cause" for errors that must travel as a string.
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
-
 impl VirtioDevice for Net {
     fn device_type(&self) -> u32 {
         TYPE_NET
@@ -278,7 +266,7 @@ impl VirtioDevice for Net {
         }
         self.tap
             .set_offload(Self::tap_offloads(acked_features))
-            .map_err(|e| ActivateError::Backend(error_chain(&e)))?;
+            .map_err(|e| ActivateError::Backend(Box::new(e)))?;
 
         let mut queues = queues.into_iter();
         let mut queue_events = queue_events.into_iter();

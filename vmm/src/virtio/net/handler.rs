@@ -9,6 +9,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{Ordering, fence};
 
+use podvisor_vmm_api::tap::{Tap, VNET_HDR_LEN};
 use virtio_bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT;
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
@@ -16,10 +17,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::device::{Active, Drops, Net, TapPolling};
-use super::tap::Tap;
-use super::{
-    FRAME_BUFFER_LEN, QUEUE_SIZE, RX_QUEUE_TOKEN, TAP_TOKEN, TX_QUEUE_TOKEN, VNET_HDR_LEN,
-};
+use super::{FRAME_BUFFER_LEN, QUEUE_SIZE, RX_QUEUE_TOKEN, TAP_TOKEN, TX_QUEUE_TOKEN};
 use crate::virtio::{DeviceCounters, EventToken, GuestMemory};
 
 /// Length of an Ethernet header: anything shorter is not a frame.

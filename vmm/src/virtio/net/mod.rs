@@ -17,12 +17,11 @@
 
 mod device;
 mod handler;
-mod tap;
+pub mod persist;
 #[cfg(test)]
 mod tests;
 
 pub use device::{Net, NetConfig};
-pub use tap::Tap;
 
 use super::EventToken;
 
@@ -40,61 +39,8 @@ pub const TX_QUEUE_TOKEN: EventToken = 1;
 /// Event token of the TAP file descriptor.
 pub const TAP_TOKEN: EventToken = 2;
 
-/// Size of `struct virtio_net_hdr_v1`, the header in front of every frame
-/// (always this size: VERSION_1 is always negotiated).
-pub const VNET_HDR_LEN: usize = 12;
 /// The largest frame either side may hand over: a 64 KiB GSO packet plus
 /// Ethernet and VLAN headers.
 pub const MAX_FRAME_LEN: usize = 65562;
 /// Size of the device's RX and TX buffers: header plus the largest frame.
-pub const FRAME_BUFFER_LEN: usize = VNET_HDR_LEN + MAX_FRAME_LEN;
-
-/// Why the TAP backend could not be set up.
-#[derive(Debug, thiserror::Error)]
-pub enum NetError {
-    /// The interface name is empty, too long or contains a NUL byte.
-    #[error("invalid TAP name {name:?}: needs 1 to 15 bytes and no NUL")]
-    InvalidTapName {
-        /// The rejected name.
-        name: String,
-    },
-    /// `/dev/net/tun` could not be opened.
-    #[error("open /dev/net/tun for TAP {name}")]
-    OpenTun {
-        /// The TAP being opened.
-        name: String,
-        /// The underlying error.
-        #[source]
-        source: std::io::Error,
-    },
-    /// TUNSETIFF failed (no permission, or the interface exists with
-    /// incompatible flags such as multi_queue, or is not a TAP).
-    #[error("attach TAP {name} (TUNSETIFF)")]
-    Attach {
-        /// The TAP being opened.
-        name: String,
-        /// The underlying error.
-        #[source]
-        source: std::io::Error,
-    },
-    /// TUNSETVNETHDRSZ failed.
-    #[error("set a {VNET_HDR_LEN}-byte virtio-net header on TAP {name} (TUNSETVNETHDRSZ)")]
-    VnetHeaderSize {
-        /// The TAP.
-        name: String,
-        /// The underlying error.
-        #[source]
-        source: std::io::Error,
-    },
-    /// TUNSETOFFLOAD failed.
-    #[error("set offloads {flags:#x} on TAP {name} (TUNSETOFFLOAD)")]
-    Offload {
-        /// The TAP.
-        name: String,
-        /// The TUN_F_* flags asked for.
-        flags: u32,
-        /// The underlying error.
-        #[source]
-        source: std::io::Error,
-    },
-}
+pub const FRAME_BUFFER_LEN: usize = podvisor_vmm_api::tap::VNET_HDR_LEN + MAX_FRAME_LEN;

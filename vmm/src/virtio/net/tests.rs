@@ -13,6 +13,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
+use podvisor_vmm_api::tap::{Tap, TapError, VNET_HDR_LEN};
 use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_MAC,
     VIRTIO_NET_F_MRG_RXBUF,
@@ -498,7 +499,7 @@ fn device_surface() {
 fn tap_names_are_checked() {
     for bad in ["", "a-name-that-is-too-long", "nul\0byte"] {
         match Tap::open(bad) {
-            Err(NetError::InvalidTapName { name }) => assert_eq!(name, bad),
+            Err(TapError::InvalidTapName { name }) => assert_eq!(name, bad),
             other => panic!("{bad:?}: expected InvalidTapName, got {other:?}"),
         }
     }

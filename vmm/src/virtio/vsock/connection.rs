@@ -62,7 +62,7 @@ pub(super) enum RecvError {
     #[error("guest sent data after shutting down its send side")]
     AfterShutdown,
     /// Writing to the host stream failed.
-    #[error("write to host stream: {0}")]
+    #[error("write to host stream")]
     Io(#[from] io::Error),
 }
 

@@ -21,6 +21,7 @@ mod connection;
 mod device;
 mod handler;
 mod muxer;
+pub mod persist;
 #[cfg(test)]
 mod tests;
 

@@ -16,6 +16,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use podvisor_common::error_chain;
 use virtio_vsock::packet::VsockPacket;
 use vmm_sys_util::epoll::EventSet;
 
@@ -402,13 +403,15 @@ impl Muxer {
         self.next_deadline = pending.chain(conns).min();
     }
 
-    /// Handles one packet from the guest's TX queue. Returns false when its
-    /// header was invalid (counted as malformed).
-    pub fn handle_tx(&mut self, pkt: &VsockPacket<'_, ()>, counters: &mut DeviceCounters) -> bool {
-        let key = ConnKey {
-            local_port: pkt.dst_port(),
-            peer_port: pkt.src_port(),
-        };
+    /// Whether `pkt`'s header is one the device handles: from the guest's CID to the host,
+    /// a stream packet with a known op. A bad one is counted as malformed and, unless it is
+    /// an RST, its connection is reset.
+    fn check_header(
+        &mut self,
+        key: ConnKey,
+        pkt: &VsockPacket<'_, ()>,
+        counters: &mut DeviceCounters,
+    ) -> bool {
         // A spoofed source or a packet for another CID gets no reply.
         if pkt.src_cid() != self.guest_cid || pkt.dst_cid() != HOST_CID {
             tracing::debug!(
@@ -441,6 +444,20 @@ impl Muxer {
             }
             return false;
         }
+        true
+    }
+
+    /// Handles one packet from the guest's TX queue. Returns false when its
+    /// header was invalid (counted as malformed).
+    pub fn handle_tx(&mut self, pkt: &VsockPacket<'_, ()>, counters: &mut DeviceCounters) -> bool {
+        let key = ConnKey {
+            local_port: pkt.dst_port(),
+            peer_port: pkt.src_port(),
+        };
+        if !self.check_header(key, pkt, counters) {
+            return false;
+        }
+        let op = pkt.op();
 
         if op == OP_REQUEST {
             self.guest_connect(key, pkt, counters);
@@ -483,7 +500,7 @@ impl Muxer {
                     match conn.recv_from_guest(data) {
                         Ok(()) => counters.tx_bytes += data.len() as u64,
                         Err(e) => {
-                            tracing::debug!("vsock: {key:?}: {e}");
+                            tracing::debug!("vsock: {key:?}: {}", error_chain(&e));
                             if matches!(e, RecvError::Io(_)) {
                                 counters.io_errors += 1;
                             }

@@ -16,11 +16,12 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 use super::connect::parse_connect_line;
 use super::*;
 use crate::virtio::mmio::tests::{QueueLayout, drive_to_active, notify_queue};
-use crate::virtio::mmio::{MmioTransport, TransportState, lock};
+use crate::virtio::mmio::{MmioTransport, TransportState};
 use crate::virtio::{
     ActivateContext, EventRegistrar, GuestMemory, Interrupt, TYPE_VSOCK, VIRTIO_F_VERSION_1,
     VirtioDevice,
 };
+use podvisor_common::lock;
 
 const GUEST_CID: u64 = 3;
 const MEM_SIZE: usize = 16 << 20;
