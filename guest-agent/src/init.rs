@@ -8,6 +8,7 @@ use std::path::Path;
 
 use nix::mount::{MsFlags, mount};
 use nix::sys::stat::Mode;
+use podvisor_common::IoError;
 
 /// Controllers enabled for children of the cgroup root (and of the podvisor subtree).
 pub const CGROUP_CONTROLLERS: &[&str] = &["cpu", "memory", "pids", "cpuset"];
@@ -24,18 +25,9 @@ pub enum InitError {
         #[source]
         source: nix::Error,
     },
-    #[error("create directory {path}")]
-    Mkdir {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("enable cgroup controllers in {path}")]
-    Controllers {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
+    /// Creating a directory or enabling cgroup controllers failed.
+    #[error(transparent)]
+    Io(#[from] IoError),
     #[error("open /dev/console")]
     Console(#[source] std::io::Error),
 }
@@ -112,10 +104,7 @@ pub fn mount_pseudo_filesystems() -> Result<(), InitError> {
     for fs in pseudo_filesystems() {
         // The root may be read-only: the mount point usually exists already.
         if !Path::new(fs.target).exists() {
-            fs::create_dir_all(fs.target).map_err(|source| InitError::Mkdir {
-                path: fs.target.to_owned(),
-                source,
-            })?;
+            fs::create_dir_all(fs.target).map_err(IoError::at("create directory", fs.target))?;
         }
         match mount(
             Some(fs.source),
@@ -151,12 +140,8 @@ pub fn enable_controllers(dir: &Path) -> Result<(), InitError> {
     if wanted.is_empty() {
         return Ok(());
     }
-    fs::write(dir.join("cgroup.subtree_control"), wanted.join(" ")).map_err(|source| {
-        InitError::Controllers {
-            path: dir.display().to_string(),
-            source,
-        }
-    })
+    fs::write(dir.join("cgroup.subtree_control"), wanted.join(" "))
+        .map_err(|source| IoError::new("enable cgroup controllers in", dir, source).into())
 }
 
 /// Creates `dir`, the cgroup under which the sandbox's cgroups go, with [`CGROUP_CONTROLLERS`]
@@ -167,10 +152,7 @@ pub fn create_cgroup_parent(dir: &Path) -> Result<(), InitError> {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
         Err(source) => {
-            return Err(InitError::Mkdir {
-                path: dir.display().to_string(),
-                source,
-            });
+            return Err(IoError::new("create directory", dir, source).into());
         }
     }
     enable_controllers(dir)

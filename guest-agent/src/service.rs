@@ -5,6 +5,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
 
+use podvisor_common::error_chain;
 use podvisor_proto::v1::{self, *};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
@@ -12,18 +13,6 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::paths::Paths;
 use crate::reaper::Reaper;
 use crate::sandbox::SandboxFiles;
-
-/// Formats an error with its whole source chain: "a: b: c".
-pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
 
 /// Agent state shared by all RPCs.
 pub struct AgentService {

@@ -10,10 +10,11 @@ use std::path::Path;
 use std::sync::Mutex;
 
 use nix::fcntl::OFlag;
+use podvisor_common::lock;
 use podvisor_proto::v1::{ProcessOutput, Stream};
 use tokio::sync::{mpsc, watch};
 
-use super::spawn::ChildStdio;
+use super::plan::ChildStdio;
 
 /// Output chunks buffered per process before the pumps block (backpressure to the process).
 const OUTPUT_QUEUE: usize = 256;
@@ -63,7 +64,7 @@ fn container_pty(root: &OwnedFd) -> std::io::Result<Pty> {
         OFlag::O_RDWR | OFlag::O_NOCTTY,
         nix::sys::stat::Mode::empty(),
     )
-    .map_err(|e| std::io::Error::other(crate::service::error_chain(&e)))?;
+    .map_err(std::io::Error::other)?;
     let unlock: libc::c_int = 0;
     // SAFETY: TIOCSPTLCK reads an int from a valid pointer; the descriptor is our ptmx.
     if unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSPTLCK, &unlock) } < 0 {
@@ -245,7 +246,7 @@ impl ProcessIo {
     }
 
     pub fn close_stdin(&self) {
-        self.stdin.lock().unwrap_or_else(|e| e.into_inner()).take();
+        lock(&self.stdin).take();
     }
 
     pub fn resize(&self, width: u16, height: u16) -> nix::Result<()> {
@@ -308,10 +309,6 @@ impl Drop for Attachment {
             *lock(&self.io.output) = Some(rx);
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 #[cfg(test)]
