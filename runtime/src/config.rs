@@ -437,17 +437,7 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// The error and its sources, as `anyhow`'s `{:#}` shows them.
-    fn chain(e: &dyn std::error::Error) -> String {
-        let mut s = e.to_string();
-        let mut source = e.source();
-        while let Some(e) = source {
-            s = format!("{s}: {e}");
-            source = e.source();
-        }
-        s
-    }
+    use podvisor_common::error_chain as chain;
 
     fn invalid_key(text: &str) -> String {
         match Config::parse(text) {

@@ -6,16 +6,15 @@
 //! - [`logs`]: container logs in the CRI format.
 //! - [`image`]: pulling, the blob store and one ext4 image per image id.
 //! - [`vmm`]: one detached `podvisor-vmm` process per pod, found again after a restart.
+//! - [`network`]: a pod's network: its namespace, CNI plugins, the TAP for its VM.
 //! - [`pods`]: the sandbox and container manager (VMs, agent calls, logs, records).
 //! - [`cri`]: the gRPC services.
 
-pub mod cni;
 pub mod config;
 pub mod cri;
 pub mod image;
 pub mod logs;
-pub mod netns;
+pub mod network;
 pub mod pods;
 pub mod state;
-pub mod tap;
 pub mod vmm;

@@ -203,8 +203,7 @@ impl CriLogWriter {
 impl Drop for CriLogWriter {
     fn drop(&mut self) {
         if let Err(e) = self.flush_partial() {
-            let why = std::error::Error::source(&e).map(ToString::to_string);
-            tracing::warn!("flush partial lines: {e}: {}", why.unwrap_or_default());
+            tracing::warn!("flush partial lines: {}", podvisor_common::error_chain(&e));
         }
     }
 }

@@ -15,6 +15,7 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use podvisor_common::IoError;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
@@ -41,16 +42,8 @@ pub enum StateError {
     #[error("state directory {0} is not a directory")]
     NotADirectory(PathBuf),
     /// A file system operation failed.
-    #[error("{what} {path}")]
-    Io {
-        /// What was being done.
-        what: &'static str,
-        /// The file or directory.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] IoError),
     /// A record could not be turned into JSON or back.
     #[error("record {path}")]
     Json {
@@ -63,11 +56,7 @@ pub enum StateError {
 }
 
 fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> StateError + 'a {
-    move |source| StateError::Io {
-        what,
-        path: path.to_path_buf(),
-        source,
-    }
+    move |source| StateError::Io(IoError::new(what, path, source))
 }
 
 /// Checks that `id` is `[A-Za-z0-9][A-Za-z0-9_.-]{0,127}`: a file name of its own, never a
@@ -659,7 +648,7 @@ mod tests {
             store.load_all().unwrap(),
             [("good".into(), container("good"))]
         );
-        assert!(matches!(store.get("evil"), Err(StateError::Io { .. })));
+        assert!(matches!(store.get("evil"), Err(StateError::Io(_))));
         assert!(matches!(store.get("corrupt"), Err(StateError::Json { .. })));
     }
 

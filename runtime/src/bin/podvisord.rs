@@ -35,7 +35,7 @@ fn main() {
         .init();
     let args = Args::parse();
     if let Err(e) = run(args) {
-        eprintln!("podvisord: {e:#}");
+        eprintln!("podvisord: {}", podvisor_common::error_chain(e.as_ref()));
         std::process::exit(1);
     }
 }

@@ -143,8 +143,11 @@ impl ImageService for CriImageService {
         let usage = self
             .blocking("image fs info", |store| store.fs_info())
             .await?
-            .map_err(|e| Status::new(e.code(), format!("image fs info: {e}")))?;
-        let timestamp = chrono::Utc::now().timestamp_nanos_opt().unwrap_or(i64::MAX);
+            .map_err(|e| {
+                let message = podvisor_common::error_chain(&e);
+                Status::new(e.code(), format!("image fs info: {message}"))
+            })?;
+        let timestamp = podvisor_common::now_ns();
         let fs = FilesystemUsage {
             timestamp,
             fs_id: Some(FilesystemIdentifier {
@@ -176,10 +179,11 @@ fn spec_image(spec: Option<&ImageSpec>) -> Result<&str, Status> {
 /// A store error as a gRPC status: the error's code, and a message naming the operation
 /// and the image.
 fn image_status(error: &ImageError, op: &str, image: &str) -> Status {
+    let message = podvisor_common::error_chain(error);
     if error.code() == tonic::Code::Internal {
-        warn!(image, %error, "{op} failed");
+        warn!(image, error = %message, "{op} failed");
     }
-    Status::new(error.code(), format!("{op} {image:?}: {error}"))
+    Status::new(error.code(), format!("{op} {image:?}: {message}"))
 }
 
 /// A store record as a CRI image.

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use k8s_cri::v1::image_service_server::ImageServiceServer;
 use k8s_cri::v1::runtime_service_server::RuntimeServiceServer;
+use podvisor_common::IoError;
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
 
@@ -26,16 +27,8 @@ pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     /// Preparing or binding the socket failed.
-    #[error("{what} {path}")]
-    Socket {
-        /// What was being done.
-        what: &'static str,
-        /// The socket path.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Socket(#[from] IoError),
     /// Another process serves the socket.
     #[error("socket {0} is in use: is another podvisord running?")]
     InUse(PathBuf),
@@ -48,11 +41,7 @@ pub enum ServeError {
 }
 
 fn socket_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> ServeError + 'a {
-    move |source| ServeError::Socket {
-        what,
-        path: path.to_path_buf(),
-        source,
-    }
+    move |source| ServeError::Socket(IoError::new(what, path, source))
 }
 
 /// Binds the CRI socket: creates its directory, removes a stale socket (never a live one,
@@ -99,22 +88,10 @@ pub async fn serve(
         .map_err(ServeError::Serve)
 }
 
-/// The whole chain of an error, `: `-separated.
-pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
-
 /// The gRPC status for a manager error: its code, its whole chain as the message.
 pub fn status(e: &PodError) -> tonic::Status {
     let code = e.code();
-    let msg = error_chain(e);
+    let msg = podvisor_common::error_chain(e);
     if matches!(code, tonic::Code::Internal | tonic::Code::Unavailable) {
         tracing::warn!("{msg}");
     } else {

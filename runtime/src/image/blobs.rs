@@ -10,7 +10,7 @@ use futures::{Stream, StreamExt};
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 
-use super::error::{ImageError, io_err};
+use super::error::{ImageError, io_err, task_err};
 use super::reference::sha256_hex;
 
 /// Blobs under `<root>/blobs/sha256`, temporary files under the store's `tmp/`.
@@ -132,7 +132,7 @@ impl BlobStore {
                 let dest2 = dest.clone();
                 tokio::task::spawn_blocking(move || this.commit(&tmp, &dest2))
                     .await
-                    .map_err(|e| ImageError::Internal(format!("commit blob {digest}: {e}")))??;
+                    .map_err(task_err(format!("commit blob {digest}")))??;
                 Ok(total)
             }
             Err(e) => {

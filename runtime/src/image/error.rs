@@ -1,7 +1,10 @@
 //! Errors of the image store, each with the gRPC code a CRI server answers with.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
+
+use oci_client::errors::OciDistributionError;
+use podvisor_common::IoError;
 
 /// Everything that can go wrong with images. `Clone` because one pull's result is handed
 /// to every caller waiting for the same reference.
@@ -20,28 +23,38 @@ pub enum ImageError {
     NotFound(String),
 
     /// The registry does not have the image (or no linux/amd64 variant of it).
-    #[error("image {reference} not found in registry {registry}: {message}")]
+    #[error("image {reference} not found in registry {registry}")]
     NotInRegistry {
         reference: String,
         registry: String,
-        message: String,
+        #[source]
+        source: Arc<OciDistributionError>,
     },
 
     /// The registry cannot be reached, timed out, or failed on its side (5xx, 429).
-    #[error("registry {registry} unavailable: {message}")]
-    Unavailable { registry: String, message: String },
+    #[error("registry {registry} unavailable")]
+    Unavailable {
+        registry: String,
+        #[source]
+        source: Arc<OciDistributionError>,
+    },
 
     /// The registry refused the credentials, or asked for some.
-    #[error("registry {registry} refused access to {reference}: {message}")]
+    #[error("registry {registry} refused access to {reference}")]
     Unauthorized {
         reference: String,
         registry: String,
-        message: String,
+        #[source]
+        source: Arc<OciDistributionError>,
     },
 
     /// Any other answer of a registry that does not fit the variants above.
-    #[error("registry {registry}: {message}")]
-    Registry { registry: String, message: String },
+    #[error("registry {registry}")]
+    Registry {
+        registry: String,
+        #[source]
+        source: Arc<OciDistributionError>,
+    },
 
     /// The image uses something this store does not handle (media type, digest algorithm).
     #[error("image {reference}: unsupported {what}")]
@@ -71,14 +84,33 @@ pub enum ImageError {
     #[error("mkfs.ext4 for image {id} failed: {message}")]
     Mkfs { id: String, message: String },
 
-    /// A file operation of the store failed.
-    #[error("{op} {path}: {source}")]
-    Io {
-        op: &'static str,
-        path: PathBuf,
+    /// A file operation of the store failed (shared: the error is `Clone`).
+    #[error("{}: {}", .0, .0.source)]
+    Io(#[source] Arc<IoError>),
+
+    /// An image record is not the JSON it should be, or could not be encoded.
+    #[error("image record {what}")]
+    Record {
+        /// The record (its file, or its image id when encoding).
+        what: String,
+        /// Why.
         #[source]
-        source: Arc<std::io::Error>,
+        source: Arc<serde_json::Error>,
     },
+
+    /// A blocking task of the store ended without a result (it panicked).
+    #[error("{what}: task failed")]
+    Task {
+        /// What the task was doing.
+        what: String,
+        /// Why.
+        #[source]
+        source: Arc<tokio::task::JoinError>,
+    },
+
+    /// The registry client could not be set up.
+    #[error("registry client")]
+    Client(#[source] Arc<OciDistributionError>),
 
     /// A bug or an impossible state (a pull task that vanished, a corrupt record).
     #[error("internal image store error: {0}")]
@@ -102,29 +134,32 @@ impl ImageError {
             ImageError::Registry { .. } => Code::Unknown,
             ImageError::InvalidConfig(_)
             | ImageError::Mkfs { .. }
-            | ImageError::Io { .. }
+            | ImageError::Io(_)
+            | ImageError::Record { .. }
+            | ImageError::Task { .. }
+            | ImageError::Client(_)
             | ImageError::Internal(_) => Code::Internal,
         }
     }
 
     /// A file operation `op` on `path` failed with `source`.
     pub(crate) fn io(op: &'static str, path: &Path, source: std::io::Error) -> Self {
-        ImageError::Io {
-            op,
-            path: path.to_path_buf(),
-            source: Arc::new(source),
-        }
+        ImageError::Io(Arc::new(IoError::new(op, path, source)))
+    }
+}
+
+/// `.map_err(task_err(what))` for a `spawn_blocking` that did not finish.
+pub(crate) fn task_err(what: String) -> impl FnOnce(tokio::task::JoinError) -> ImageError {
+    move |source| ImageError::Task {
+        what,
+        source: Arc::new(source),
     }
 }
 
 /// `.map_err(io_err("read", path))`: shorthand for [`ImageError::io`].
 pub(crate) fn io_err(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> ImageError {
-    let path = path.to_path_buf();
-    move |source| ImageError::Io {
-        op,
-        path,
-        source: Arc::new(source),
-    }
+    let at = IoError::at(op, path);
+    move |source| ImageError::Io(Arc::new(at(source)))
 }
 
 #[cfg(test)]
@@ -150,7 +185,9 @@ mod tests {
         assert!(busy.to_string().contains("in use"));
         let down = ImageError::Unavailable {
             registry: "r".into(),
-            message: "connection refused".into(),
+            source: Arc::new(OciDistributionError::GenericError(Some(
+                "connection refused".into(),
+            ))),
         };
         assert_eq!(down.code(), tonic::Code::Unavailable);
     }

@@ -4,8 +4,9 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 
+use podvisor_common::lock;
 use tokio::sync::watch;
 
 use super::error::ImageError;
@@ -33,7 +34,7 @@ impl<T: Clone + Send + Sync + 'static> SingleFlight<T> {
         F: Future<Output = Result<T, ImageError>> + Send + 'static,
     {
         let mut rx = {
-            let mut calls = self.calls.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut calls = lock(&self.calls);
             match calls.get(key) {
                 Some(rx) => rx.clone(),
                 None => {
@@ -74,10 +75,7 @@ struct Forget<T> {
 
 impl<T> Drop for Forget<T> {
     fn drop(&mut self) {
-        self.calls
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(&self.key);
+        lock(&self.calls).remove(&self.key);
     }
 }
 

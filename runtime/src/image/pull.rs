@@ -7,6 +7,7 @@
 
 use std::io::BufReader;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{StreamExt, TryStreamExt};
@@ -15,11 +16,12 @@ use oci_client::errors::{OciDistributionError, OciErrorCode};
 use oci_client::manifest::{OciDescriptor, OciImageManifest};
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
+use podvisor_common::error_chain;
 use tracing::{info, warn};
 
 use super::blobs::fsync_dir;
 use super::endpoints::{Endpoint, plain_http_hosts};
-use super::error::{ImageError, io_err};
+use super::error::{ImageError, io_err, task_err};
 use super::ext4;
 use super::record::{ImageRecord, ROOTFS_FILE, parse_config, uid_and_username};
 use super::reference::{ImageName, sha256_hex};
@@ -99,7 +101,7 @@ impl ImageStore {
         let store = self.clone();
         tokio::task::spawn_blocking(move || store.add_names(&id, repo_tag.as_deref(), &repo_digest))
             .await
-            .map_err(|e| ImageError::Internal(format!("record names: {e}")))?
+            .map_err(task_err("record names".to_string()))?
     }
 
     /// Finds the image's (linux/amd64) manifest on the first endpoint that has it.
@@ -140,7 +142,7 @@ impl ImageStore {
                 }
                 Err(e) => {
                     let error = registry_error(&name, &endpoint.host, e);
-                    warn!(image = %name, endpoint = %endpoint.host, %error, "cannot resolve image");
+                    warn!(image = %name, endpoint = %endpoint.host, error = %error_chain(&error), "cannot resolve image");
                     last_error = Some(error);
                 }
             }
@@ -218,7 +220,7 @@ impl ImageStore {
         let record =
             tokio::task::spawn_blocking(move || store.assemble(&name, record, &layers, &diff_ids))
                 .await
-                .map_err(|e| ImageError::Internal(format!("build image {id}: {e}")))??;
+                .map_err(task_err(format!("build image {id}")))??;
         self.insert(record.clone());
         info!(image = %source.name, id = %record.id, size = record.size, "image ready");
         Ok(record)
@@ -343,38 +345,65 @@ fn registry_client(endpoints: &[Endpoint]) -> Result<Client, ImageError> {
         read_timeout: Some(READ_TIMEOUT),
         ..ClientConfig::default()
     };
-    Client::try_from(config).map_err(|e| ImageError::Internal(format!("registry client: {e}")))
+    Client::try_from(config).map_err(|e| ImageError::Client(Arc::new(e)))
+}
+
+/// What a CRI client can do about a registry client error.
+enum RegistryFailure {
+    Unauthorized,
+    NotFound,
+    Unavailable,
+    Digest,
+    Unsupported,
+    Other,
 }
 
 /// Sorts a registry client error into what a CRI client can act on.
 fn registry_error(name: &ImageName, host: &str, error: OciDistributionError) -> ImageError {
     let registry = host.to_string();
     let reference = name.to_string();
-    let message = error_chain(&error);
-    let unauthorized = || ImageError::Unauthorized {
-        reference: reference.clone(),
-        registry: registry.clone(),
-        message: message.clone(),
-    };
-    let not_found = || ImageError::NotInRegistry {
-        reference: reference.clone(),
-        registry: registry.clone(),
-        message: message.clone(),
-    };
-    let unavailable = || ImageError::Unavailable {
-        registry: registry.clone(),
-        message: message.clone(),
-    };
-    match &error {
-        OciDistributionError::RequestError(_) | OciDistributionError::IoError(_) => unavailable(),
+    let failure = classify(&error);
+    let source = Arc::new(error);
+    match failure {
+        RegistryFailure::Unauthorized => ImageError::Unauthorized {
+            reference,
+            registry,
+            source,
+        },
+        RegistryFailure::NotFound => ImageError::NotInRegistry {
+            reference,
+            registry,
+            source,
+        },
+        RegistryFailure::Unavailable => ImageError::Unavailable { registry, source },
+        RegistryFailure::Digest => ImageError::DigestMismatch {
+            what: format!("{reference} from {registry}"),
+            expected: "the digest in the reference or header".into(),
+            actual: error_chain(&*source),
+        },
+        RegistryFailure::Unsupported => ImageError::Unsupported {
+            reference,
+            what: format!("manifest ({})", error_chain(&*source)),
+        },
+        RegistryFailure::Other => ImageError::Registry { registry, source },
+    }
+}
+
+/// The [`RegistryFailure`] of a registry client error: by its kind, its HTTP status, or
+/// the OCI error codes of its answer.
+fn classify(error: &OciDistributionError) -> RegistryFailure {
+    match error {
+        OciDistributionError::RequestError(_) | OciDistributionError::IoError(_) => {
+            RegistryFailure::Unavailable
+        }
         OciDistributionError::UnauthorizedError { .. }
-        | OciDistributionError::AuthenticationFailure(_) => unauthorized(),
-        OciDistributionError::ImageManifestNotFoundError(_) => not_found(),
+        | OciDistributionError::AuthenticationFailure(_) => RegistryFailure::Unauthorized,
+        OciDistributionError::ImageManifestNotFoundError(_) => RegistryFailure::NotFound,
         OciDistributionError::ServerError { code, .. } => match code {
-            401 | 403 => unauthorized(),
-            404 => not_found(),
-            429 | 500.. => unavailable(),
-            _ => ImageError::Registry { registry, message },
+            401 | 403 => RegistryFailure::Unauthorized,
+            404 => RegistryFailure::NotFound,
+            429 | 500.. => RegistryFailure::Unavailable,
+            _ => RegistryFailure::Other,
         },
         OciDistributionError::RegistryError { envelope, .. } => {
             let codes: Vec<&OciErrorCode> = envelope.errors.iter().map(|e| &e.code).collect();
@@ -382,7 +411,7 @@ fn registry_error(name: &ImageName, host: &str, error: OciDistributionError) -> 
                 .iter()
                 .any(|c| matches!(c, OciErrorCode::Unauthorized | OciErrorCode::Denied))
             {
-                unauthorized()
+                RegistryFailure::Unauthorized
             } else if codes.iter().any(|c| {
                 matches!(
                     c,
@@ -392,43 +421,21 @@ fn registry_error(name: &ImageName, host: &str, error: OciDistributionError) -> 
                         | OciErrorCode::BlobUnknown
                 )
             }) {
-                not_found()
+                RegistryFailure::NotFound
             } else if codes
                 .iter()
                 .any(|c| matches!(c, OciErrorCode::Toomanyrequests))
             {
-                unavailable()
+                RegistryFailure::Unavailable
             } else {
-                ImageError::Registry { registry, message }
+                RegistryFailure::Other
             }
         }
-        OciDistributionError::DigestError(_) => ImageError::DigestMismatch {
-            what: format!("{reference} from {registry}"),
-            expected: "the digest in the reference or header".into(),
-            actual: message,
-        },
+        OciDistributionError::DigestError(_) => RegistryFailure::Digest,
         OciDistributionError::UnsupportedMediaTypeError(_)
         | OciDistributionError::UnsupportedSchemaVersionError(_)
         | OciDistributionError::ManifestParsingError(_)
-        | OciDistributionError::VersionedParsingError(_) => ImageError::Unsupported {
-            reference,
-            what: format!("manifest ({message})"),
-        },
-        _ => ImageError::Registry { registry, message },
+        | OciDistributionError::VersionedParsingError(_) => RegistryFailure::Unsupported,
+        _ => RegistryFailure::Other,
     }
-}
-
-/// An error and its sources, `: `-separated (reqwest hides "connection refused" there).
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(s) = source {
-        let s_text = s.to_string();
-        if !text.contains(&s_text) {
-            text.push_str(": ");
-            text.push_str(&s_text);
-        }
-        source = s.source();
-    }
-    text
 }

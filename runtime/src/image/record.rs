@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::Path;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -72,16 +73,20 @@ impl ImageRecord {
     pub fn load(dir: &Path) -> Result<Self, ImageError> {
         let path = dir.join(RECORD_FILE);
         let data = std::fs::read(&path).map_err(io_err("read", &path))?;
-        serde_json::from_slice(&data)
-            .map_err(|e| ImageError::Internal(format!("image record {}: {e}", path.display())))
+        serde_json::from_slice(&data).map_err(|e| ImageError::Record {
+            what: path.display().to_string(),
+            source: Arc::new(e),
+        })
     }
 
     /// Writes `dir/image.json`: temporary file, fsync, rename, fsync of `dir`.
     pub fn save(&self, dir: &Path) -> Result<(), ImageError> {
         let path = dir.join(RECORD_FILE);
         let tmp = dir.join(format!("{RECORD_FILE}.tmp"));
-        let data = serde_json::to_vec_pretty(self)
-            .map_err(|e| ImageError::Internal(format!("encode image record {}: {e}", self.id)))?;
+        let data = serde_json::to_vec_pretty(self).map_err(|e| ImageError::Record {
+            what: format!("encode {}", self.id),
+            source: Arc::new(e),
+        })?;
         let written = (|| {
             let mut f = std::fs::File::create(&tmp)?;
             f.write_all(&data)?;

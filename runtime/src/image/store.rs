@@ -5,8 +5,9 @@ use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard};
 
+use podvisor_common::error_chain;
 use tracing::{info, warn};
 
 use super::RegistryConfig;
@@ -238,7 +239,7 @@ impl ImageStore {
                 && !state.pinned.contains_key(digest)
                 && let Err(e) = self.inner.blobs.remove(digest)
             {
-                warn!(blob = digest, error = %e, "cannot remove blob");
+                warn!(blob = digest, error = %error_chain(&e), "cannot remove blob");
             }
         }
         drop(state);
@@ -370,10 +371,7 @@ impl ImageStore {
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.inner
-            .state
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+        podvisor_common::lock(&self.inner.state)
     }
 }
 
@@ -427,7 +425,7 @@ fn load_records(images_dir: &Path) -> Result<HashMap<String, ImageRecord>, Image
                 continue;
             }
             Err(e) => {
-                warn!(path = %dir.display(), error = %e, "ignoring unreadable image record");
+                warn!(path = %dir.display(), error = %error_chain(&e), "ignoring unreadable image record");
                 continue;
             }
         };

@@ -25,13 +25,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime};
 
-use podvisor_vmm::api::client::{self, ClientError};
-use podvisor_vmm::config::RestoreConfig;
+use podvisor_vmm_api::client::{self, ClientError};
+use podvisor_vmm_api::config::RestoreConfig;
 use sha2::{Digest, Sha256};
 
-use super::{AGENT_BOOT_TIMEOUT, VMM_STOP_TIMEOUT, connect_agent, lock};
+use podvisor_common::{IoError, lock};
+
+use super::agent::{AGENT_BOOT_TIMEOUT, connect_agent};
+use super::vm::VMM_STOP_TIMEOUT;
 use crate::config::Handler;
-use crate::netns::{self, NetNs, NetnsError};
+use crate::network::netns::{self, NetNs, NetnsError};
 use crate::vmm::{self, DriveSpec, VmmError, VmmHandle, VmmSpec};
 
 /// The directory of templates under the root directory.
@@ -56,16 +59,8 @@ const SHUTDOWN_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 #[derive(Debug, thiserror::Error)]
 pub enum TemplateError {
     /// A file operation.
-    #[error("{what} {path}")]
-    Io {
-        /// What was being done.
-        what: &'static str,
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] IoError),
     /// Launching or stopping the template VM.
     #[error(transparent)]
     Vmm(#[from] VmmError),
@@ -100,11 +95,6 @@ fn build_netns(key: &str) -> String {
 /// Whether `name` can be a template directory's name (a key).
 fn is_key(name: &str) -> bool {
     name.len() == KEY_LEN && name.bytes().all(|b| b.is_ascii_hexdigit())
-}
-
-fn io_err(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> TemplateError {
-    let path = path.to_path_buf();
-    move |source| TemplateError::Io { what, path, source }
 }
 
 /// A built template.
@@ -146,7 +136,7 @@ struct Stamp {
 }
 
 fn stamp(path: &Path) -> Result<Stamp, TemplateError> {
-    let m = std::fs::metadata(path).map_err(io_err("inspect", path))?;
+    let m = std::fs::metadata(path).map_err(IoError::at("inspect", path))?;
     Ok(Stamp {
         path: path.to_path_buf(),
         len: m.len(),
@@ -306,7 +296,7 @@ impl Templates {
                 });
                 let meta_path = template.dir.join(META_FILE);
                 std::fs::write(&meta_path, meta.to_string())
-                    .map_err(io_err("write", &meta_path))?;
+                    .map_err(IoError::at("write", &meta_path))?;
                 tracing::info!(template = %template.key, handler = %inputs.handler.name, secs, "VM template built");
                 Ok(template)
             }
@@ -324,9 +314,9 @@ fn digest(digests: &Mutex<HashMap<Stamp, String>>, path: &Path) -> Result<String
     if let Some(d) = lock(digests).get(&st) {
         return Ok(d.clone());
     }
-    let mut f = std::fs::File::open(path).map_err(io_err("open", path))?;
+    let mut f = std::fs::File::open(path).map_err(IoError::at("open", path))?;
     let mut h = Sha256::new();
-    io::copy(&mut f, &mut h).map_err(io_err("read", path))?;
+    io::copy(&mut f, &mut h).map_err(IoError::at("read", path))?;
     let d = hex::encode(h.finalize());
     lock(digests).insert(st, d.clone());
     Ok(d)
@@ -373,7 +363,7 @@ fn stop_leftover_build(template: &Template) -> Result<(), TemplateError> {
     let text = match std::fs::read_to_string(&record) {
         Ok(t) => t,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(io_err("read", &record)(e)),
+        Err(e) => return Err(IoError::new("read", &record, e).into()),
     };
     match serde_json::from_str::<VmmHandle>(&text) {
         Ok(handle) => {
@@ -387,7 +377,7 @@ fn stop_leftover_build(template: &Template) -> Result<(), TemplateError> {
         Err(e) => tracing::warn!(template = %template.key, "unreadable {}: {e}", record.display()),
     }
     delete_build_netns(&template.key);
-    std::fs::remove_file(&record).map_err(io_err("remove", &record))?;
+    std::fs::remove_file(&record).map_err(IoError::at("remove", &record))?;
     Ok(())
 }
 
@@ -400,7 +390,7 @@ async fn build(
     stopping: &AtomicBool,
 ) -> Result<(), TemplateError> {
     let dir = &template.dir;
-    std::fs::create_dir_all(dir).map_err(io_err("create", dir))?;
+    std::fs::create_dir_all(dir).map_err(IoError::at("create", dir))?;
     let ns_name = build_netns(&template.key);
     // A namespace left by a crashed build.
     match netns::delete(&ns_name) {
@@ -408,31 +398,8 @@ async fn build(
         Err(e) => return Err(e.into()),
     }
     let ns = NetNs::create(&ns_name)?;
-    let h = &inputs.handler;
-    let spec = VmmSpec {
-        sandbox_id: format!("template-{}", template.key),
-        dir: dir.join(BUILD_DIR),
-        kernel: h.kernel.clone(),
-        rootfs: h.image.clone(),
-        cmdline_extra: h.kernel_cmdline_extra.clone(),
-        vcpus: h.vcpus,
-        mem_mib: h.memory_mib,
-        drives: inputs.drives.clone(),
-        tap: Some(TEMPLATE_TAP.into()),
-        mac: Some(TEMPLATE_MAC.into()),
-        netns: Some(ns.path().to_path_buf()),
-        restore: None,
-    };
-    let binary = inputs.vmm_binary.clone();
-    let launched = tokio::task::spawn_blocking(move || vmm::launch(&binary, &spec))
-        .await
-        .map_err(|e| TemplateError::Task(e.to_string()));
-    let handle = match launched {
-        Ok(Ok(h)) => h,
-        Ok(Err(e)) => {
-            let _ = ns.delete();
-            return Err(e.into());
-        }
+    let handle = match launch(template, inputs, &ns).await {
+        Ok(h) => h,
         Err(e) => {
             let _ = ns.delete();
             return Err(e);
@@ -442,7 +409,7 @@ async fn build(
     let recorded = serde_json::to_vec(&handle)
         .map_err(io::Error::other)
         .and_then(|json| std::fs::write(&record, json))
-        .map_err(io_err("write", &record));
+        .map_err(IoError::at("write", &record));
     *lock(building) = Some((template.clone(), handle.clone()));
     // Shutdown sets `stopping` before it looks at `building`: if it looked before the VM
     // was in there, this sees the flag and stops the VM itself.
@@ -452,35 +419,7 @@ async fn build(
         if stopped {
             return Err(TemplateError::Stopping);
         }
-        let client = connect_agent(
-            &format!("template-{}", template.key),
-            &handle,
-            AGENT_BOOT_TIMEOUT,
-        )
-        .await
-        .map_err(|e| TemplateError::Agent(e.to_string()))?;
-        // The agent's end of this connection is reset in every restored copy.
-        drop(client);
-        let api = handle.api_sock.clone();
-        let body = serde_json::json!({
-            "state_path": dir.join(STATE_FILE),
-            "mem_path": dir.join(MEM_FILE),
-        })
-        .to_string();
-        tokio::task::spawn_blocking(move || {
-            client::call(&api, "PUT", "/vm/pause", None).map_err(|source| TemplateError::Api {
-                what: "pause",
-                source,
-            })?;
-            client::call(&api, "PUT", "/vm/snapshot", Some(&body)).map_err(|source| {
-                TemplateError::Api {
-                    what: "snapshot",
-                    source,
-                }
-            })
-        })
-        .await
-        .map_err(|e| TemplateError::Task(e.to_string()))?
+        snapshot_vm(template, &handle).await
     };
     let result = snapshot.await;
     let h2 = handle.clone();
@@ -504,6 +443,68 @@ async fn build(
     cleanup??;
     ns_deleted?;
     Ok(())
+}
+
+/// Launches the template VM of `inputs` in the namespace `ns` (booting the kernel).
+async fn launch(
+    template: &Template,
+    inputs: &TemplateInputs,
+    ns: &NetNs,
+) -> Result<VmmHandle, TemplateError> {
+    let h = &inputs.handler;
+    let spec = VmmSpec {
+        sandbox_id: format!("template-{}", template.key),
+        dir: template.dir.join(BUILD_DIR),
+        kernel: h.kernel.clone(),
+        rootfs: h.image.clone(),
+        cmdline_extra: h.kernel_cmdline_extra.clone(),
+        vcpus: h.vcpus,
+        mem_mib: h.memory_mib,
+        drives: inputs.drives.clone(),
+        tap: Some(TEMPLATE_TAP.into()),
+        mac: Some(TEMPLATE_MAC.into()),
+        netns: Some(ns.path().to_path_buf()),
+        restore: None,
+    };
+    let binary = inputs.vmm_binary.clone();
+    let handle = tokio::task::spawn_blocking(move || vmm::launch(&binary, &spec))
+        .await
+        .map_err(|e| TemplateError::Task(e.to_string()))??;
+    Ok(handle)
+}
+
+/// Waits for the template VM's agent, then pauses the VM and snapshots it into the
+/// template's directory. Returns the VMM's answer.
+async fn snapshot_vm(template: &Template, handle: &VmmHandle) -> Result<String, TemplateError> {
+    let client = connect_agent(
+        &format!("template-{}", template.key),
+        handle,
+        AGENT_BOOT_TIMEOUT,
+    )
+    .await
+    .map_err(|e| TemplateError::Agent(e.to_string()))?;
+    // The agent's end of this connection is reset in every restored copy.
+    drop(client);
+    let api = handle.api_sock.clone();
+    let body = serde_json::json!({
+        "state_path": template.dir.join(STATE_FILE),
+        "mem_path": template.dir.join(MEM_FILE),
+    })
+    .to_string();
+    tokio::task::spawn_blocking(move || {
+        client::call(&api, "PUT", "/vm/pause", None).map_err(|source| TemplateError::Api {
+            what: "pause",
+            source,
+        })?;
+        client::call(&api, "PUT", "/vm/snapshot", Some(&body)).map_err(|source| {
+            TemplateError::Api {
+                what: "snapshot",
+                source,
+            }
+        })
+    })
+    .await
+    .map_err(|e| TemplateError::Task(e.to_string()))?
 }
 
 #[cfg(test)]

@@ -23,6 +23,8 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
+use podvisor_common::IoError;
+
 /// Where the guest agent lets CopyFile write volume contents.
 pub const VOLUMES_ROOT: &str = "/run/podvisor/volumes";
 /// The most bytes copied into the guest for all mounts of one container.
@@ -68,16 +70,8 @@ pub enum VolumeError {
         path: PathBuf,
     },
     /// Reading the host failed.
-    #[error("{what} {path}")]
-    Io {
-        /// What was being done.
-        what: &'static str,
-        /// The path.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] IoError),
 }
 
 /// What identifies one version of a host file: any change means copying it again.
@@ -156,17 +150,6 @@ impl Budget {
     }
 }
 
-fn io_err<'a>(
-    what: &'static str,
-    path: &'a Path,
-) -> impl FnOnce(std::io::Error) -> VolumeError + 'a {
-    move |source| VolumeError::Io {
-        what,
-        path: path.to_path_buf(),
-        source,
-    }
-}
-
 fn kind_of(t: std::fs::FileType) -> &'static str {
     use std::os::unix::fs::FileTypeExt;
     if t.is_socket() {
@@ -216,10 +199,10 @@ impl Tree {
             .open(path)
             .map_err(|e| match e.raw_os_error() {
                 Some(libc::ELOOP) => VolumeError::Symlink(path.to_path_buf()),
-                _ => io_err("open", path)(e),
+                _ => IoError::new("open", path, e).into(),
             })?;
         let fd_link = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
-        let target = std::fs::read_link(&fd_link).map_err(io_err("resolve", path))?;
+        let target = std::fs::read_link(&fd_link).map_err(IoError::at("resolve", path))?;
         if !target.starts_with(&self.root) {
             return Err(VolumeError::Escapes {
                 path: path.to_path_buf(),
@@ -227,7 +210,7 @@ impl Tree {
                 root: self.root.clone(),
             });
         }
-        let meta = file.metadata().map_err(io_err("inspect", path))?;
+        let meta = file.metadata().map_err(IoError::at("inspect", path))?;
         if !meta.is_file() {
             return Err(VolumeError::Unsupported {
                 path: path.to_path_buf(),
@@ -238,7 +221,7 @@ impl Tree {
         let mut data = Vec::with_capacity(meta.len() as usize);
         file.take(MAX_VOLUME_BYTES + 1)
             .read_to_end(&mut data)
-            .map_err(io_err("read", path))?;
+            .map_err(IoError::at("read", path))?;
         // The file grew after fstat: count what was read.
         if data.len() as u64 > meta.len() {
             budget.take(data.len() as u64 - meta.len(), path)?;
@@ -317,7 +300,7 @@ fn scan(
         Ok(m) => m,
         // containerd would create the directory on the host; here it is simply empty.
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(io_err("inspect", host_path)(e)),
+        Err(e) => return Err(IoError::new("inspect", host_path, e).into()),
     };
     let t = meta.file_type();
     if t.is_symlink() {
@@ -329,7 +312,7 @@ fn scan(
             kind: kind_of(t),
         });
     }
-    let root = std::fs::canonicalize(host_path).map_err(io_err("resolve", host_path))?;
+    let root = std::fs::canonicalize(host_path).map_err(IoError::at("resolve", host_path))?;
     if t.is_file() {
         budget.take(meta.len(), host_path)?;
         return Ok(Some(Tree {
@@ -343,11 +326,35 @@ fn scan(
             single_file: true,
         }));
     }
+    let files = walk(host_path, &root, &base, budget)?;
+    if files.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(Tree {
+        root,
+        source: base,
+        single_file: false,
+        files,
+    }))
+}
+
+/// The regular files beneath the directory `root` (`host_path` resolved), depth first in
+/// name order, each with its path under the guest directory `base`; symlinks are followed
+/// while they stay beneath `root`.
+fn walk(
+    host_path: &Path,
+    root: &Path,
+    base: &str,
+    budget: &mut Budget,
+) -> Result<Vec<Found>, VolumeError> {
     let mut files = Vec::new();
     let mut dirs = 0usize;
     // (host directory, its guest directory, the host directories walked through to it)
-    let mut stack: Vec<(PathBuf, String, Vec<PathBuf>)> =
-        vec![(root.clone(), base.clone(), vec![root.clone()])];
+    let mut stack: Vec<(PathBuf, String, Vec<PathBuf>)> = vec![(
+        root.to_path_buf(),
+        base.to_string(),
+        vec![root.to_path_buf()],
+    )];
     while let Some((dir, guest_dir, ancestors)) = stack.pop() {
         dirs += 1;
         if dirs > MAX_VOLUME_FILES {
@@ -355,10 +362,10 @@ fn scan(
                 path: host_path.to_path_buf(),
             });
         }
-        let entries = std::fs::read_dir(&dir).map_err(io_err("list", &dir))?;
+        let entries = std::fs::read_dir(&dir).map_err(IoError::at("list", &dir))?;
         let mut entries: Vec<_> = entries
             .collect::<Result<_, _>>()
-            .map_err(io_err("list", &dir))?;
+            .map_err(IoError::at("list", &dir))?;
         entries.sort_by_key(|e| e.file_name());
         for entry in entries {
             let path = entry.path();
@@ -367,22 +374,8 @@ fn scan(
                 continue;
             };
             let guest = format!("{guest_dir}/{name}");
-            let (real, meta) = if entry
-                .file_type()
-                .map_err(io_err("inspect", &path))?
-                .is_symlink()
-            {
-                match follow(&path, &root, &ancestors) {
-                    Some(found) => found,
-                    None => continue,
-                }
-            } else {
-                match path.symlink_metadata() {
-                    Ok(m) => (path.clone(), m),
-                    // Gone since it was listed.
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                    Err(e) => return Err(io_err("inspect", &path)(e)),
-                }
+            let Some((real, meta)) = resolve_entry(&entry, root, &ancestors)? else {
+                continue;
             };
             let t = meta.file_type();
             if t.is_dir() {
@@ -405,15 +398,31 @@ fn scan(
             }
         }
     }
-    if files.is_empty() {
-        return Ok(None);
+    Ok(files)
+}
+
+/// What a directory entry is: its real path and metadata (a symlink followed when it
+/// stays beneath `root`); None to skip it (a symlink leading out, an entry gone since it
+/// was listed).
+fn resolve_entry(
+    entry: &std::fs::DirEntry,
+    root: &Path,
+    ancestors: &[PathBuf],
+) -> Result<Option<(PathBuf, std::fs::Metadata)>, VolumeError> {
+    let path = entry.path();
+    if entry
+        .file_type()
+        .map_err(IoError::at("inspect", &path))?
+        .is_symlink()
+    {
+        return Ok(follow(&path, root, ancestors));
     }
-    Ok(Some(Tree {
-        root,
-        source: base,
-        single_file: false,
-        files,
-    }))
+    match path.symlink_metadata() {
+        Ok(m) => Ok(Some((path, m))),
+        // Gone since it was listed.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(IoError::new("inspect", &path, e).into()),
+    }
 }
 
 /// Collects the host path of mount `index` of `container_id` for the guest.
@@ -497,8 +506,7 @@ impl VolumeWatch {
                 }
                 match tree.read(f, &mut reads) {
                     Ok(file) => changed.push(file),
-                    Err(VolumeError::Io { source, .. })
-                        if source.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(VolumeError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => {}
                     Err(e) => return Err(e),
                 }
             }

@@ -1,6 +1,6 @@
 //! A pod's network: a named network namespace per sandbox, the CNI plugins of the first
 //! valid config in `cni.conf_dir` run in it (ADD at RunPodSandbox, DEL at StopPodSandbox),
-//! a TAP redirected to and from the CNI interface with tc (see [`crate::tap`]) for the
+//! a TAP redirected to and from the CNI interface with tc (see [`crate::network::tap`]) for the
 //! VMM, and the guest's interface configuration (addresses, routes, MTU) for the agent's
 //! ConfigureNetwork.
 //!
@@ -15,18 +15,19 @@ use std::net::IpAddr;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
+use podvisor_common::IoError;
 use podvisor_proto::v1 as agent;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::cni::result::InvalidCidr;
-use crate::cni::{
+use crate::config::CniSettings;
+use crate::network::cni::result::InvalidCidr;
+use crate::network::cni::{
     self, Attachment, CapabilityArgs, Cni, CniError, CniResult, NetworkConfigList, PodRef,
 };
-use crate::config::CniSettings;
-use crate::netns::{self, NetNs, NetnsError};
+use crate::network::netns::{self, NetNs, NetnsError};
+use crate::network::tap::{self, TapError, TapLink};
 use crate::state::{PortMapping, Protocol};
-use crate::tap::{self, TapError, TapLink};
 
 /// The interface the CNI plugins create in the pod's namespace.
 pub const CNI_IFNAME: &str = "eth0";
@@ -52,13 +53,8 @@ pub enum NetworkError {
     NoAddress { network: String, ifname: String },
     #[error("CNI result: {0}")]
     BadResult(#[from] InvalidCidr),
-    #[error("{what} {path}")]
-    Io {
-        what: &'static str,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] IoError),
     #[error("parse {path}")]
     Parse {
         path: PathBuf,
@@ -141,13 +137,7 @@ impl Persisted {
         let bytes = match std::fs::read(file) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(source) => {
-                return Err(NetworkError::Io {
-                    what: "read",
-                    path: file.to_owned(),
-                    source,
-                });
-            }
+            Err(source) => return Err(IoError::new("read", file, source).into()),
         };
         serde_json::from_slice(&bytes)
             .map(Some)
@@ -159,10 +149,6 @@ impl Persisted {
 
     /// Writes the file: temporary file, fsync, rename.
     fn write(&self, file: &Path) -> Result<(), NetworkError> {
-        let io = |what, path: &Path| {
-            let path = path.to_owned();
-            move |source| NetworkError::Io { what, path, source }
-        };
         let json = serde_json::to_vec_pretty(self).map_err(|source| NetworkError::Parse {
             path: file.to_owned(),
             source,
@@ -175,11 +161,11 @@ impl Persisted {
             .mode(0o600)
             .custom_flags(libc::O_NOFOLLOW)
             .open(&tmp)
-            .map_err(io("create", &tmp))?;
+            .map_err(IoError::at("create", &tmp))?;
         f.write_all(&json)
             .and_then(|()| f.sync_all())
-            .map_err(io("write", &tmp))?;
-        std::fs::rename(&tmp, file).map_err(io("rename", &tmp))
+            .map_err(IoError::at("write", &tmp))?;
+        std::fs::rename(&tmp, file).map_err(|e| IoError::new("rename", &tmp, e).into())
     }
 }
 
@@ -224,6 +210,18 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| NetworkError::Task(e.to_string()))
 }
 
+/// Creates the pod directory (mode 0700, its parents as needed) unless it exists.
+fn create_pod_dir(pod_dir: &Path) -> Result<(), IoError> {
+    if let Some(parent) = pod_dir.parent() {
+        std::fs::create_dir_all(parent).map_err(IoError::at("create directory", parent))?;
+    }
+    match std::fs::DirBuilder::new().mode(0o700).create(pod_dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(source) => Err(IoError::new("create pod directory", pod_dir, source)),
+    }
+}
+
 /// A pod's network from ADD until it is released.
 #[derive(Debug)]
 pub struct PodNetwork {
@@ -263,24 +261,7 @@ impl PodNetwork {
         pod: PodRef,
         ports: &[PortMapping],
     ) -> Result<Self, NetworkError> {
-        if let Some(parent) = pod_dir.parent() {
-            std::fs::create_dir_all(parent).map_err(|source| NetworkError::Io {
-                what: "create directory",
-                path: parent.to_owned(),
-                source,
-            })?;
-        }
-        match std::fs::DirBuilder::new().mode(0o700).create(pod_dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-            Err(source) => {
-                return Err(NetworkError::Io {
-                    what: "create pod directory",
-                    path: pod_dir.to_owned(),
-                    source,
-                });
-            }
-        }
+        create_pod_dir(pod_dir)?;
         let name = netns_name(sandbox_id);
         let ns = blocking(move || NetNs::create(&name)).await??;
         let persisted = Persisted {
@@ -390,11 +371,7 @@ impl PodNetwork {
         if let Err(e) = std::fs::remove_file(&self.file)
             && e.kind() != std::io::ErrorKind::NotFound
         {
-            first.get_or_insert(NetworkError::Io {
-                what: "remove",
-                path: self.file.clone(),
-                source: e,
-            });
+            first.get_or_insert(IoError::new("remove", &self.file, e).into());
         }
         first.map_or(Ok(()), Err)
     }
@@ -534,11 +511,7 @@ pub async fn release_recorded(
     let cni = p.cni(settings, &file)?;
     cni.del(&p.attachment(sandbox_id), p.result.as_ref())
         .await?;
-    std::fs::remove_file(&file).map_err(|source| NetworkError::Io {
-        what: "remove",
-        path: file.clone(),
-        source,
-    })?;
+    std::fs::remove_file(&file).map_err(IoError::at("remove", &file))?;
     tracing::info!(sandbox = sandbox_id, "pod network released (CNI DEL)");
     Ok(())
 }

@@ -16,6 +16,7 @@ use std::sync::Mutex;
 use nix::errno::Errno;
 use nix::mount::{MntFlags, MsFlags};
 use nix::sched::CloneFlags;
+use podvisor_common::IoError;
 
 /// Where `ip netns` keeps its namespace files.
 pub const NETNS_RUN_DIR: &str = "/run/netns";
@@ -34,31 +35,15 @@ pub enum NetnsError {
     NotFound(PathBuf),
     #[error("{0} is not a network namespace file (symlink or not a regular file)")]
     NotAFile(PathBuf),
-    #[error("{what} {path}")]
-    Io {
-        what: &'static str,
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] IoError),
     #[error("thread for network namespace {0}")]
     Thread(PathBuf, #[source] io::Error),
 }
 
-fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> NetnsError + 'a {
-    move |source| NetnsError::Io {
-        what,
-        path: path.to_owned(),
-        source,
-    }
-}
-
+/// [`IoError::at`] for the nix calls, which fail with an `Errno`.
 fn errno_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(Errno) -> NetnsError + 'a {
-    move |e| NetnsError::Io {
-        what,
-        path: path.to_owned(),
-        source: io::Error::from(e),
-    }
+    move |e| IoError::new(what, path, io::Error::from(e)).into()
 }
 
 /// A named network namespace (`/run/netns/NAME`).
@@ -78,7 +63,7 @@ impl NetNs {
             .recursive(true)
             .mode(0o755)
             .create(dir)
-            .map_err(io_err("create directory", dir))?;
+            .map_err(IoError::at("create directory", dir))?;
         make_shared_mount_point(dir)?;
 
         // The mount point: an empty file, created exclusively so two creators of one name
@@ -94,7 +79,7 @@ impl NetNs {
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
                 return Err(NetnsError::Exists(ns.path));
             }
-            Err(e) => return Err(io_err("create", &ns.path)(e)),
+            Err(e) => return Err(IoError::new("create", &ns.path, e).into()),
         }
 
         if let Err(e) = bind_new_netns(&ns.path) {
@@ -115,7 +100,7 @@ impl NetNs {
             Ok(m) if m.file_type().is_file() => Ok(ns),
             Ok(_) => Err(NetnsError::NotAFile(ns.path)),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Err(NetnsError::NotFound(ns.path)),
-            Err(e) => Err(io_err("stat", &ns.path)(e)),
+            Err(e) => Err(IoError::new("stat", &ns.path, e).into()),
         }
     }
 
@@ -180,7 +165,7 @@ pub fn delete(name: &str) -> Result<(), NetnsError> {
         Ok(m) if m.file_type().is_file() => {}
         Ok(_) => return Err(NetnsError::NotAFile(path)),
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(io_err("stat", &path)(e)),
+        Err(e) => return Err(IoError::new("stat", &path, e).into()),
     }
     match nix::mount::umount2(&path, MntFlags::MNT_DETACH | MntFlags::UMOUNT_NOFOLLOW) {
         // EINVAL: not a mount point (a half-created namespace); ENOENT: deleted concurrently.
@@ -190,7 +175,7 @@ pub fn delete(name: &str) -> Result<(), NetnsError> {
     match fs::remove_file(&path) {
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(io_err("remove", &path)(e)),
+        Err(e) => return Err(IoError::new("remove", &path, e).into()),
     }
     tracing::debug!(netns = %path.display(), "network namespace deleted");
     Ok(())
@@ -281,7 +266,7 @@ fn open_ns_file(path: &Path) -> Result<File, NetnsError> {
             if e.kind() == io::ErrorKind::NotFound {
                 NetnsError::NotFound(path.to_owned())
             } else {
-                io_err("open", path)(e)
+                IoError::new("open", path, e).into()
             }
         })
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use tokio::io::AsyncWriteExt;
 
-use super::CniError;
+use super::error::CniError;
 
 /// The CNI operation, as `CNI_COMMAND` spells it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

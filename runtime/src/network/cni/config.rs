@@ -6,9 +6,10 @@ use std::collections::BTreeSet;
 use std::fs;
 use std::path::{Path, PathBuf};
 
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use super::CniError;
+use super::error::CniError;
 
 /// Versions whose configs we run: the result formats of 0.3.0 to 1.1.0 are the same for
 /// ADD/DEL/CHECK up to fields [`super::CniResult`] keeps verbatim.
@@ -41,7 +42,21 @@ pub struct PluginConfig {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CapabilityArgs {
     /// `portMappings`.
-    pub port_mappings: Vec<super::PortMapping>,
+    pub port_mappings: Vec<PortMapping>,
+}
+
+/// A port to publish on the host (the `portMappings` capability).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortMapping {
+    #[serde(rename = "hostPort")]
+    pub host_port: u16,
+    #[serde(rename = "containerPort")]
+    pub container_port: u16,
+    /// "tcp", "udp" or "sctp".
+    pub protocol: String,
+    /// Empty: all host addresses.
+    #[serde(rename = "hostIP", default, skip_serializing_if = "String::is_empty")]
+    pub host_ip: String,
 }
 
 impl NetworkConfigList {
@@ -234,7 +249,6 @@ fn version_tuple(v: &str) -> Option<(u32, u32, u32)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cni::PortMapping;
     use serde_json::json;
 
     const LIST: &str = r#"{

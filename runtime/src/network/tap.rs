@@ -18,11 +18,12 @@ use rtnetlink::packet_route::link::{LinkAttribute, LinkMessage};
 use rtnetlink::packet_route::tc::TcHandle;
 use rtnetlink::{Handle, LinkUnspec};
 
-use podvisor_vmm::virtio::net::Tap;
+use podvisor_common::{IfnameError, validate_ifname};
+use podvisor_vmm_api::tap::Tap;
 #[cfg(doc)]
-use podvisor_vmm::virtio::net::VNET_HDR_LEN;
+use podvisor_vmm_api::tap::VNET_HDR_LEN;
 
-use crate::netns::{NetNs, NetnsError};
+use crate::network::netns::{NetNs, NetnsError};
 
 /// The TAP name the runtime uses in every pod namespace.
 pub const DEFAULT_TAP_NAME: &str = "tap0_pv";
@@ -45,8 +46,8 @@ pub struct TapLink {
 pub enum TapError {
     #[error(transparent)]
     Netns(#[from] NetnsError),
-    #[error("invalid interface name {0:?}")]
-    InvalidName(String),
+    #[error(transparent)]
+    InvalidName(#[from] IfnameError),
     #[error("interface {0} not found in the pod network namespace")]
     LinkNotFound(String),
     #[error("interface {0} has no MAC address or MTU")]
@@ -55,7 +56,7 @@ pub enum TapError {
     Attach {
         name: String,
         #[source]
-        source: podvisor_vmm::virtio::net::NetError,
+        source: podvisor_vmm_api::tap::TapError,
     },
     #[error("{what} TAP {name}")]
     Ioctl {
@@ -138,19 +139,6 @@ fn create_persistent_tap(name: &str) -> Result<(), TapError> {
         });
     }
     Ok(())
-}
-
-fn validate_ifname(name: &str) -> Result<(), TapError> {
-    let ok = !name.is_empty()
-        && name.len() < libc::IFNAMSIZ
-        && !name
-            .bytes()
-            .any(|b| b == b'/' || b == b':' || b == 0 || b.is_ascii_whitespace());
-    if ok {
-        Ok(())
-    } else {
-        Err(TapError::InvalidName(name.to_owned()))
-    }
 }
 
 /// Runs `f` with a netlink handle on a current-thread runtime of the calling thread.

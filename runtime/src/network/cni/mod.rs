@@ -8,18 +8,19 @@
 //! restart. A failed ADD is rolled back with a best-effort DEL before the error is returned,
 //! so a retry starts clean.
 
+mod error;
+
 pub mod config;
 pub mod exec;
 pub mod result;
 
-use std::io;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-pub use config::{CapabilityArgs, NetworkConfigList, PluginConfig};
+pub use config::{CapabilityArgs, NetworkConfigList, PluginConfig, PortMapping};
+pub use error::CniError;
 pub use exec::Command;
 pub use result::{CniResult, Dns, Interface, IpConfig, Route};
 
@@ -31,75 +32,6 @@ pub const DEFAULT_PLUGIN_DIR: &str = "/opt/cni/bin";
 pub const DEFAULT_CONF_DIR: &str = "/etc/cni/net.d";
 /// How long one plugin run may take by default.
 pub const DEFAULT_PLUGIN_TIMEOUT: Duration = Duration::from_secs(60);
-
-#[derive(Debug, thiserror::Error)]
-pub enum CniError {
-    #[error("read CNI config {path}")]
-    ReadConfig {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-    #[error("no valid CNI network config in {0}")]
-    NoConfig(PathBuf),
-    #[error("invalid CNI config {source_name}: {reason}")]
-    InvalidConfig { source_name: String, reason: String },
-    #[error("CNI plugin {plugin} not found in {dirs}")]
-    PluginNotFound { plugin: String, dirs: String },
-    #[error("run CNI plugin {plugin}")]
-    Spawn {
-        plugin: String,
-        #[source]
-        source: io::Error,
-    },
-    #[error("CNI plugin {plugin} {command} timed out after {timeout:?}")]
-    Timeout {
-        plugin: String,
-        command: &'static str,
-        timeout: Duration,
-    },
-    /// The plugin failed; `code` and `details` come from its error object when it printed
-    /// one (`msg` is then its message, else its stderr and exit status).
-    #[error("CNI plugin {plugin} {command}: {msg}{}", details_suffix(.details))]
-    Plugin {
-        plugin: String,
-        command: &'static str,
-        code: Option<u32>,
-        msg: String,
-        details: String,
-    },
-    #[error("CNI plugin {plugin} {command}: invalid result")]
-    InvalidResult {
-        plugin: String,
-        command: &'static str,
-        #[source]
-        source: serde_json::Error,
-    },
-    #[error("CHECK needs cniVersion 0.4.0 or later, network {network} has {version}")]
-    CheckUnsupported { network: String, version: String },
-}
-
-fn details_suffix(details: &str) -> String {
-    if details.is_empty() {
-        String::new()
-    } else {
-        format!(" ({details})")
-    }
-}
-
-/// A port to publish on the host (the `portMappings` capability).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PortMapping {
-    #[serde(rename = "hostPort")]
-    pub host_port: u16,
-    #[serde(rename = "containerPort")]
-    pub container_port: u16,
-    /// "tcp", "udp" or "sctp".
-    pub protocol: String,
-    /// Empty: all host addresses.
-    #[serde(rename = "hostIP", default, skip_serializing_if = "String::is_empty")]
-    pub host_ip: String,
-}
 
 /// The pod a network attachment is for (sent in `CNI_ARGS` as the `K8S_POD_*` keys).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

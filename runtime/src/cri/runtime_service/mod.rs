@@ -1,0 +1,483 @@
+//! The CRI `RuntimeService`: validates requests, translates them for [`PodManager`], and
+//! translates records back into CRI statuses.
+//!
+//! This file holds the service's RPC methods; [`requests`] turns CRI requests into the pod
+//! manager's specs (refusing what a VM cannot do) and [`statuses`] turns records into CRI
+//! statuses, summaries and stats.
+
+mod requests;
+mod statuses;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use k8s_cri::v1 as cri;
+use k8s_cri::v1::runtime_service_server::RuntimeService;
+use podvisor_common::error_chain;
+use tonic::{Request, Response, Status};
+
+use super::{invalid, status};
+use crate::network;
+use crate::pods::PodManager;
+use crate::state::{ContainerRecord, ContainerState};
+use requests::{container_spec, resources, sandbox_spec};
+use statuses::{
+    container_state, container_status, container_summary, id_matches, labels_match, sandbox_meta,
+    sandbox_state, sandbox_status, stats_of, verbose_info,
+};
+
+/// The runtime name in `Version`.
+pub const RUNTIME_NAME: &str = "podvisor";
+/// The CRI version served.
+pub const RUNTIME_API_VERSION: &str = "v1";
+
+/// The CRI runtime service. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct CriRuntimeService {
+    pods: PodManager,
+}
+
+impl CriRuntimeService {
+    /// Serves `pods`.
+    pub fn new(pods: PodManager) -> Self {
+        Self { pods }
+    }
+}
+
+type Rsp<T> = Result<Response<T>, Status>;
+
+fn ok<T>(t: T) -> Rsp<T> {
+    Ok(Response::new(t))
+}
+
+fn unimplemented(what: &str, why: &str) -> Status {
+    Status::unimplemented(format!("{what} is not implemented by podvisor yet: {why}"))
+}
+
+const NO_STREAMING: &str = "it needs a streaming server (SPDY/WebSocket) podvisord does not have";
+
+#[tonic::async_trait]
+impl RuntimeService for CriRuntimeService {
+    async fn version(&self, _: Request<cri::VersionRequest>) -> Rsp<cri::VersionResponse> {
+        ok(cri::VersionResponse {
+            version: "0.1.0".into(),
+            runtime_name: RUNTIME_NAME.into(),
+            runtime_version: env!("CARGO_PKG_VERSION").into(),
+            runtime_api_version: RUNTIME_API_VERSION.into(),
+        })
+    }
+
+    async fn run_pod_sandbox(
+        &self,
+        req: Request<cri::RunPodSandboxRequest>,
+    ) -> Rsp<cri::RunPodSandboxResponse> {
+        let spec = sandbox_spec(req.into_inner())?;
+        self.pods
+            .config()
+            .handler(&spec.runtime_handler)
+            .map_err(|e| invalid(e.to_string()))?;
+        let id = self.pods.run_sandbox(spec).await.map_err(|e| status(&e))?;
+        ok(cri::RunPodSandboxResponse { pod_sandbox_id: id })
+    }
+
+    async fn stop_pod_sandbox(
+        &self,
+        req: Request<cri::StopPodSandboxRequest>,
+    ) -> Rsp<cri::StopPodSandboxResponse> {
+        let id = req.into_inner().pod_sandbox_id;
+        self.pods.stop_sandbox(&id).await.map_err(|e| status(&e))?;
+        ok(cri::StopPodSandboxResponse {})
+    }
+
+    async fn remove_pod_sandbox(
+        &self,
+        req: Request<cri::RemovePodSandboxRequest>,
+    ) -> Rsp<cri::RemovePodSandboxResponse> {
+        let id = req.into_inner().pod_sandbox_id;
+        self.pods
+            .remove_sandbox(&id)
+            .await
+            .map_err(|e| status(&e))?;
+        ok(cri::RemovePodSandboxResponse {})
+    }
+
+    async fn pod_sandbox_status(
+        &self,
+        req: Request<cri::PodSandboxStatusRequest>,
+    ) -> Rsp<cri::PodSandboxStatusResponse> {
+        let req = req.into_inner();
+        let r = self
+            .pods
+            .sandbox(&req.pod_sandbox_id)
+            .map_err(|e| status(&e))?;
+        let containers_statuses = self
+            .pods
+            .containers()
+            .iter()
+            .filter(|c| c.sandbox_id == r.id)
+            .map(container_status)
+            .collect();
+        ok(cri::PodSandboxStatusResponse {
+            status: Some(sandbox_status(&r)),
+            info: verbose_info(req.verbose, &r),
+            containers_statuses,
+            timestamp: podvisor_common::now_ns(),
+        })
+    }
+
+    async fn list_pod_sandbox(
+        &self,
+        req: Request<cri::ListPodSandboxRequest>,
+    ) -> Rsp<cri::ListPodSandboxResponse> {
+        let filter = req.into_inner().filter.unwrap_or_default();
+        let items = self
+            .pods
+            .sandboxes()
+            .into_iter()
+            .filter(|r| id_matches(&r.id, &filter.id))
+            .filter(|r| {
+                filter
+                    .state
+                    .as_ref()
+                    .is_none_or(|s| s.state == sandbox_state(r.state))
+            })
+            .filter(|r| labels_match(&r.labels, &filter.label_selector))
+            .map(|r| cri::PodSandbox {
+                id: r.id.clone(),
+                metadata: Some(sandbox_meta(&r)),
+                state: sandbox_state(r.state),
+                created_at: r.created_at_ns,
+                labels: r.labels.clone(),
+                annotations: r.annotations.clone(),
+                runtime_handler: r.runtime_handler.clone(),
+            })
+            .collect();
+        ok(cri::ListPodSandboxResponse { items })
+    }
+
+    async fn create_container(
+        &self,
+        req: Request<cri::CreateContainerRequest>,
+    ) -> Rsp<cri::CreateContainerResponse> {
+        let req = req.into_inner();
+        if req.pod_sandbox_id.is_empty() {
+            return Err(invalid("CreateContainer: pod_sandbox_id is empty"));
+        }
+        let config = req
+            .config
+            .ok_or_else(|| invalid("CreateContainer: config is missing"))?;
+        let spec = container_spec(config)?;
+        let id = self
+            .pods
+            .create_container(&req.pod_sandbox_id, spec)
+            .await
+            .map_err(|e| status(&e))?;
+        ok(cri::CreateContainerResponse { container_id: id })
+    }
+
+    async fn start_container(
+        &self,
+        req: Request<cri::StartContainerRequest>,
+    ) -> Rsp<cri::StartContainerResponse> {
+        let id = req.into_inner().container_id;
+        self.pods
+            .start_container(&id)
+            .await
+            .map_err(|e| status(&e))?;
+        ok(cri::StartContainerResponse {})
+    }
+
+    async fn stop_container(
+        &self,
+        req: Request<cri::StopContainerRequest>,
+    ) -> Rsp<cri::StopContainerResponse> {
+        let req = req.into_inner();
+        let timeout = Duration::from_secs(u64::try_from(req.timeout).unwrap_or(0));
+        self.pods
+            .stop_container(&req.container_id, timeout)
+            .await
+            .map_err(|e| status(&e))?;
+        ok(cri::StopContainerResponse {})
+    }
+
+    async fn remove_container(
+        &self,
+        req: Request<cri::RemoveContainerRequest>,
+    ) -> Rsp<cri::RemoveContainerResponse> {
+        let id = req.into_inner().container_id;
+        self.pods
+            .remove_container(&id)
+            .await
+            .map_err(|e| status(&e))?;
+        ok(cri::RemoveContainerResponse {})
+    }
+
+    async fn list_containers(
+        &self,
+        req: Request<cri::ListContainersRequest>,
+    ) -> Rsp<cri::ListContainersResponse> {
+        let filter = req.into_inner().filter.unwrap_or_default();
+        let containers = self
+            .pods
+            .containers()
+            .iter()
+            .filter(|r| id_matches(&r.id, &filter.id))
+            .filter(|r| id_matches(&r.sandbox_id, &filter.pod_sandbox_id))
+            .filter(|r| {
+                filter
+                    .state
+                    .as_ref()
+                    .is_none_or(|s| s.state == container_state(r.state))
+            })
+            .filter(|r| labels_match(&r.labels, &filter.label_selector))
+            .map(container_summary)
+            .collect();
+        ok(cri::ListContainersResponse { containers })
+    }
+
+    async fn container_status(
+        &self,
+        req: Request<cri::ContainerStatusRequest>,
+    ) -> Rsp<cri::ContainerStatusResponse> {
+        let req = req.into_inner();
+        let r = self
+            .pods
+            .container(&req.container_id)
+            .map_err(|e| status(&e))?;
+        ok(cri::ContainerStatusResponse {
+            status: Some(container_status(&r)),
+            info: verbose_info(req.verbose, &r),
+        })
+    }
+
+    async fn update_container_resources(
+        &self,
+        req: Request<cri::UpdateContainerResourcesRequest>,
+    ) -> Rsp<cri::UpdateContainerResourcesResponse> {
+        let req = req.into_inner();
+        let linux = req
+            .linux
+            .ok_or_else(|| invalid("UpdateContainerResources: linux resources are missing"))?;
+        self.pods
+            .update_resources(&req.container_id, resources(&linux)?)
+            .await
+            .map_err(|e| status(&e))?;
+        ok(cri::UpdateContainerResourcesResponse {})
+    }
+
+    async fn reopen_container_log(
+        &self,
+        req: Request<cri::ReopenContainerLogRequest>,
+    ) -> Rsp<cri::ReopenContainerLogResponse> {
+        let id = req.into_inner().container_id;
+        self.pods.reopen_log(&id).map_err(|e| status(&e))?;
+        ok(cri::ReopenContainerLogResponse {})
+    }
+
+    async fn exec_sync(&self, req: Request<cri::ExecSyncRequest>) -> Rsp<cri::ExecSyncResponse> {
+        let req = req.into_inner();
+        let timeout = u64::try_from(req.timeout)
+            .ok()
+            .filter(|t| *t > 0)
+            .map(Duration::from_secs);
+        let out = self
+            .pods
+            .exec_sync(&req.container_id, req.cmd, timeout)
+            .await
+            .map_err(|e| status(&e))?;
+        ok(cri::ExecSyncResponse {
+            stdout: out.stdout,
+            stderr: out.stderr,
+            exit_code: out.exit_code,
+        })
+    }
+
+    async fn exec(&self, _: Request<cri::ExecRequest>) -> Rsp<cri::ExecResponse> {
+        Err(unimplemented("Exec", NO_STREAMING))
+    }
+
+    async fn attach(&self, _: Request<cri::AttachRequest>) -> Rsp<cri::AttachResponse> {
+        Err(unimplemented("Attach", NO_STREAMING))
+    }
+
+    async fn port_forward(
+        &self,
+        _: Request<cri::PortForwardRequest>,
+    ) -> Rsp<cri::PortForwardResponse> {
+        Err(unimplemented(
+            "PortForward",
+            "it needs pod networking and a streaming server",
+        ))
+    }
+
+    async fn container_stats(
+        &self,
+        req: Request<cri::ContainerStatsRequest>,
+    ) -> Rsp<cri::ContainerStatsResponse> {
+        let id = req.into_inner().container_id;
+        let r = self.pods.container(&id).map_err(|e| status(&e))?;
+        let stats = self.pods.stats(vec![r]).await;
+        ok(cri::ContainerStatsResponse {
+            stats: stats.first().map(stats_of),
+        })
+    }
+
+    async fn list_container_stats(
+        &self,
+        req: Request<cri::ListContainerStatsRequest>,
+    ) -> Rsp<cri::ListContainerStatsResponse> {
+        let filter = req.into_inner().filter.unwrap_or_default();
+        let records: Vec<ContainerRecord> = self
+            .pods
+            .containers()
+            .into_iter()
+            .filter(|r| id_matches(&r.id, &filter.id))
+            .filter(|r| id_matches(&r.sandbox_id, &filter.pod_sandbox_id))
+            .filter(|r| labels_match(&r.labels, &filter.label_selector))
+            .filter(|r| r.state == ContainerState::Running)
+            .collect();
+        let stats = self.pods.stats(records).await;
+        ok(cri::ListContainerStatsResponse {
+            stats: stats.iter().map(stats_of).collect(),
+        })
+    }
+
+    async fn pod_sandbox_stats(
+        &self,
+        _: Request<cri::PodSandboxStatsRequest>,
+    ) -> Rsp<cri::PodSandboxStatsResponse> {
+        Err(unimplemented(
+            "PodSandboxStats",
+            "pod-level statistics come later",
+        ))
+    }
+
+    async fn list_pod_sandbox_stats(
+        &self,
+        _: Request<cri::ListPodSandboxStatsRequest>,
+    ) -> Rsp<cri::ListPodSandboxStatsResponse> {
+        Err(unimplemented(
+            "ListPodSandboxStats",
+            "pod-level statistics come later",
+        ))
+    }
+
+    async fn update_runtime_config(
+        &self,
+        req: Request<cri::UpdateRuntimeConfigRequest>,
+    ) -> Rsp<cri::UpdateRuntimeConfigResponse> {
+        // kubelet sends the pod CIDR here; it matters once pods have networking (issue 5).
+        let cidr = req
+            .into_inner()
+            .runtime_config
+            .and_then(|c| c.network_config)
+            .map(|n| n.pod_cidr)
+            .unwrap_or_default();
+        tracing::info!(pod_cidr = %cidr, "UpdateRuntimeConfig accepted");
+        ok(cri::UpdateRuntimeConfigResponse {})
+    }
+
+    async fn status(&self, req: Request<cri::StatusRequest>) -> Rsp<cri::StatusResponse> {
+        let verbose = req.into_inner().verbose;
+        // Ready while a valid CNI config with installed plugins is there (read each time:
+        // the config directory is usually filled by a network add-on after we start).
+        let network = match network::load(&self.pods.config().cni) {
+            Ok(_) => cri::RuntimeCondition {
+                r#type: "NetworkReady".into(),
+                status: true,
+                reason: String::new(),
+                message: String::new(),
+            },
+            Err(e) => cri::RuntimeCondition {
+                r#type: "NetworkReady".into(),
+                status: false,
+                reason: "NetworkPluginNotReady".into(),
+                message: error_chain(&e),
+            },
+        };
+        let conditions = vec![
+            cri::RuntimeCondition {
+                r#type: "RuntimeReady".into(),
+                status: true,
+                reason: String::new(),
+                message: String::new(),
+            },
+            network,
+        ];
+        let runtime_handlers = self
+            .pods
+            .config()
+            .handler_names()
+            .into_iter()
+            .map(|name| cri::RuntimeHandler {
+                name: name.to_string(),
+                features: Some(cri::RuntimeHandlerFeatures {
+                    recursive_read_only_mounts: false,
+                    user_namespaces: false,
+                }),
+            })
+            .collect();
+        let info = if verbose {
+            HashMap::from([("config".to_string(), format!("{:?}", self.pods.config()))])
+        } else {
+            HashMap::new()
+        };
+        ok(cri::StatusResponse {
+            status: Some(cri::RuntimeStatus { conditions }),
+            runtime_handlers,
+            features: Some(cri::RuntimeFeatures {
+                supplemental_groups_policy: false,
+            }),
+            info,
+        })
+    }
+
+    async fn checkpoint_container(
+        &self,
+        _: Request<cri::CheckpointContainerRequest>,
+    ) -> Rsp<cri::CheckpointContainerResponse> {
+        Err(unimplemented(
+            "CheckpointContainer",
+            "no checkpoint support",
+        ))
+    }
+
+    type GetContainerEventsStream = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<cri::ContainerEventResponse, Status>> + Send>,
+    >;
+
+    async fn get_container_events(
+        &self,
+        _: Request<cri::GetEventsRequest>,
+    ) -> Rsp<Self::GetContainerEventsStream> {
+        Err(unimplemented(
+            "GetContainerEvents",
+            "kubelet's evented PLEG is not supported; it polls instead",
+        ))
+    }
+
+    async fn list_metric_descriptors(
+        &self,
+        _: Request<cri::ListMetricDescriptorsRequest>,
+    ) -> Rsp<cri::ListMetricDescriptorsResponse> {
+        Err(unimplemented("ListMetricDescriptors", "no CRI metrics"))
+    }
+
+    async fn list_pod_sandbox_metrics(
+        &self,
+        _: Request<cri::ListPodSandboxMetricsRequest>,
+    ) -> Rsp<cri::ListPodSandboxMetricsResponse> {
+        Err(unimplemented("ListPodSandboxMetrics", "no CRI metrics"))
+    }
+
+    async fn runtime_config(
+        &self,
+        _: Request<cri::RuntimeConfigRequest>,
+    ) -> Rsp<cri::RuntimeConfigResponse> {
+        ok(cri::RuntimeConfigResponse {
+            linux: Some(cri::LinuxRuntimeConfiguration {
+                cgroup_driver: cri::CgroupDriver::Cgroupfs as i32,
+            }),
+        })
+    }
+}

@@ -1,0 +1,407 @@
+//! CRI requests into the pod manager's specs: `RunPodSandbox` into a [`SandboxSpec`],
+//! `CreateContainer` into a [`ContainerSpec`], resources into [`Resources`]; what a VM cannot
+//! do (host namespaces, devices, privileged mode) is refused as InvalidArgument.
+
+use std::path::PathBuf;
+
+use k8s_cri::v1 as cri;
+use tonic::Status;
+
+use crate::cri::invalid;
+use crate::pods::process::UserSpec;
+use crate::pods::{ContainerSpec, MountSpec, NamespaceMode, Resources, SandboxSpec};
+use crate::state::{DnsConfig, PortMapping, Protocol};
+
+/// Refuses a namespace shared with the host: a VM cannot share the host's.
+fn refuse_node_namespaces(ns: &cri::NamespaceOption) -> Result<(), Status> {
+    let node = cri::NamespaceMode::Node as i32;
+    for (mode, what) in [(ns.network, "network"), (ns.pid, "PID"), (ns.ipc, "IPC")] {
+        if mode == node {
+            return Err(invalid(format!(
+                "a VM cannot share the host's {what} namespace (host{} pods are not supported by \
+                 podvisor)",
+                match what {
+                    "network" => "Network",
+                    "PID" => "PID",
+                    _ => "IPC",
+                }
+            )));
+        }
+    }
+    if ns.userns_options.as_ref().is_some_and(|u| u.mode == node) {
+        // User namespaces: NODE is the default and the only mode podvisor runs.
+    }
+    Ok(())
+}
+
+/// A `SandboxSpec` from a `RunPodSandbox` request; refuses what a VM cannot do.
+pub(super) fn sandbox_spec(req: cri::RunPodSandboxRequest) -> Result<SandboxSpec, Status> {
+    let config = req
+        .config
+        .ok_or_else(|| invalid("RunPodSandbox: config is missing"))?;
+    let meta = config
+        .metadata
+        .ok_or_else(|| invalid("RunPodSandbox: metadata is missing"))?;
+    for (value, what) in [
+        (&meta.name, "name"),
+        (&meta.namespace, "namespace"),
+        (&meta.uid, "uid"),
+    ] {
+        if value.is_empty() {
+            return Err(invalid(format!("RunPodSandbox: metadata.{what} is empty")));
+        }
+    }
+    let linux = config.linux.unwrap_or_default();
+    if let Some(sc) = &linux.security_context {
+        if let Some(ns) = &sc.namespace_options {
+            refuse_node_namespaces(ns)?;
+        }
+        if sc.privileged {
+            return Err(invalid(
+                "privileged pods are not supported: a VM runtime does not hand out the host's \
+                 devices",
+            ));
+        }
+    }
+    let port_mappings = config
+        .port_mappings
+        .iter()
+        .map(|p| {
+            let protocol = match cri::Protocol::try_from(p.protocol) {
+                Ok(cri::Protocol::Tcp) => Protocol::Tcp,
+                Ok(cri::Protocol::Udp) => Protocol::Udp,
+                Ok(cri::Protocol::Sctp) => Protocol::Sctp,
+                Err(_) => return Err(invalid(format!("unknown port protocol {}", p.protocol))),
+            };
+            Ok(PortMapping {
+                protocol,
+                container_port: p.container_port,
+                host_port: p.host_port,
+                host_ip: p.host_ip.clone(),
+            })
+        })
+        .collect::<Result<_, Status>>()?;
+    let dns = config.dns_config.unwrap_or_default();
+    Ok(SandboxSpec {
+        name: meta.name,
+        namespace: meta.namespace,
+        uid: meta.uid,
+        attempt: meta.attempt,
+        labels: config.labels,
+        annotations: config.annotations,
+        runtime_handler: req.runtime_handler,
+        hostname: config.hostname,
+        log_directory: PathBuf::from(config.log_directory),
+        dns: DnsConfig {
+            servers: dns.servers,
+            searches: dns.searches,
+            options: dns.options,
+        },
+        port_mappings,
+        sysctls: linux.sysctls,
+    })
+}
+
+/// CRI resources as the agent applies them.
+pub(super) fn resources(r: &cri::LinuxContainerResources) -> Result<Resources, Status> {
+    let non_negative = |v: i64, what: &str| {
+        u64::try_from(v).map_err(|_| invalid(format!("resources: {what} {v} is negative")))
+    };
+    if r.memory_limit_in_bytes < 0 || r.cpu_quota < -1 {
+        return Err(invalid("resources: negative memory limit or CPU quota"));
+    }
+    Ok(Resources {
+        cpu_shares: non_negative(r.cpu_shares, "cpu_shares")?,
+        // -1 is "no limit" in CRI; the agent's 0.
+        cpu_quota: r.cpu_quota.max(0),
+        cpu_period: non_negative(r.cpu_period, "cpu_period")?,
+        cpuset_cpus: r.cpuset_cpus.clone(),
+        cpuset_mems: r.cpuset_mems.clone(),
+        memory_limit_bytes: r.memory_limit_in_bytes,
+        pids_limit: 0,
+    })
+}
+
+fn id_u32(v: i64, what: &str) -> Result<u32, Status> {
+    u32::try_from(v).map_err(|_| invalid(format!("{what} {v} is not a valid id")))
+}
+
+/// A `ContainerSpec` from a `CreateContainer` config; refuses what a VM cannot do.
+pub(super) fn container_spec(config: cri::ContainerConfig) -> Result<ContainerSpec, Status> {
+    let meta = config
+        .metadata
+        .ok_or_else(|| invalid("CreateContainer: metadata is missing"))?;
+    if meta.name.is_empty() {
+        return Err(invalid("CreateContainer: metadata.name is empty"));
+    }
+    let image = config
+        .image
+        .map(|i| i.image)
+        .filter(|i| !i.is_empty())
+        .ok_or_else(|| invalid("CreateContainer: image is missing"))?;
+    if !config.devices.is_empty() || !config.cdi_devices.is_empty() {
+        return Err(invalid(
+            "devices are not supported: a VM runtime does not hand out the host's devices",
+        ));
+    }
+    let mounts = mount_specs(config.mounts)?;
+    let linux = config.linux.unwrap_or_default();
+    let sc = linux.security_context.unwrap_or_default();
+    if sc.privileged {
+        return Err(invalid(
+            "privileged containers are not supported: a VM runtime does not hand out the host's \
+             devices",
+        ));
+    }
+    let ns = sc.namespace_options.clone().unwrap_or_default();
+    refuse_node_namespaces(&ns)?;
+    let caps = sc.capabilities.clone().unwrap_or_default();
+    let user = user_spec(&sc)?;
+    Ok(ContainerSpec {
+        name: meta.name,
+        attempt: meta.attempt,
+        labels: config.labels,
+        annotations: config.annotations,
+        image,
+        command: config.command,
+        args: config.args,
+        working_dir: config.working_dir,
+        envs: config
+            .envs
+            .into_iter()
+            .map(|kv| (kv.key, kv.value))
+            .collect(),
+        mounts,
+        log_path: config.log_path,
+        tty: config.tty,
+        user,
+        cap_add: caps.add_capabilities,
+        cap_drop: caps.drop_capabilities,
+        no_new_privs: sc.no_new_privs,
+        readonly_rootfs: sc.readonly_rootfs,
+        masked_paths: sc.masked_paths,
+        readonly_paths: sc.readonly_paths,
+        pid_namespace: namespace_mode(ns.pid, "PID")?,
+        ipc_namespace: namespace_mode(ns.ipc, "IPC")?,
+        resources: linux
+            .resources
+            .as_ref()
+            .map(resources)
+            .transpose()?
+            .unwrap_or_default(),
+    })
+}
+
+/// The container's mounts; refuses image volumes, bidirectional propagation and relative
+/// container paths.
+fn mount_specs(mounts: Vec<cri::Mount>) -> Result<Vec<MountSpec>, Status> {
+    let mut specs = Vec::new();
+    for m in mounts {
+        if m.image.as_ref().is_some_and(|i| !i.image.is_empty()) {
+            return Err(invalid(format!(
+                "mount {}: image volumes are not supported",
+                m.container_path
+            )));
+        }
+        if m.propagation == cri::MountPropagation::PropagationBidirectional as i32 {
+            return Err(invalid(format!(
+                "mount {}: bidirectional propagation cannot cross a VM boundary",
+                m.container_path
+            )));
+        }
+        if !m.container_path.starts_with('/') {
+            return Err(invalid(format!(
+                "mount container path {:?} is not absolute",
+                m.container_path
+            )));
+        }
+        specs.push(MountSpec {
+            container_path: m.container_path,
+            host_path: PathBuf::from(m.host_path),
+            readonly: m.readonly,
+        });
+    }
+    Ok(specs)
+}
+
+/// A container's PID or IPC namespace: the pod's or its own.
+fn namespace_mode(v: i32, what: &str) -> Result<NamespaceMode, Status> {
+    match cri::NamespaceMode::try_from(v) {
+        Ok(cri::NamespaceMode::Pod) => Ok(NamespaceMode::Pod),
+        Ok(cri::NamespaceMode::Container) => Ok(NamespaceMode::Container),
+        Ok(cri::NamespaceMode::Target) => Err(invalid(format!(
+            "targeting another container's {what} namespace is not supported"
+        ))),
+        _ => Err(invalid(format!("unknown {what} namespace mode {v}"))),
+    }
+}
+
+/// The user the container runs as.
+fn user_spec(sc: &cri::LinuxContainerSecurityContext) -> Result<UserSpec, Status> {
+    Ok(UserSpec {
+        uid: sc
+            .run_as_user
+            .as_ref()
+            .map(|v| id_u32(v.value, "run_as_user"))
+            .transpose()?,
+        gid: sc
+            .run_as_group
+            .as_ref()
+            .map(|v| id_u32(v.value, "run_as_group"))
+            .transpose()?,
+        username: sc.run_as_username.clone(),
+        supplemental_groups: sc
+            .supplemental_groups
+            .iter()
+            .map(|g| id_u32(*g, "supplemental group"))
+            .collect::<Result<_, _>>()?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(name: &str, ns: &str, uid: &str) -> cri::RunPodSandboxRequest {
+        cri::RunPodSandboxRequest {
+            config: Some(cri::PodSandboxConfig {
+                metadata: Some(cri::PodSandboxMetadata {
+                    name: name.into(),
+                    namespace: ns.into(),
+                    uid: uid.into(),
+                    attempt: 0,
+                }),
+                ..Default::default()
+            }),
+            runtime_handler: String::new(),
+        }
+    }
+
+    #[test]
+    fn sandbox_metadata_is_required() {
+        assert!(sandbox_spec(pod("a", "b", "c")).is_ok());
+        for (req, what) in [
+            (pod("", "b", "c"), "name"),
+            (pod("a", "", "c"), "namespace"),
+            (pod("a", "b", ""), "uid"),
+        ] {
+            let e = sandbox_spec(req).unwrap_err();
+            assert_eq!(e.code(), tonic::Code::InvalidArgument);
+            assert!(e.message().contains(what), "{}", e.message());
+        }
+        let e = sandbox_spec(cri::RunPodSandboxRequest::default()).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    }
+
+    #[test]
+    fn host_namespaces_are_refused() {
+        for (ns, what) in [
+            (
+                cri::NamespaceOption {
+                    network: cri::NamespaceMode::Node as i32,
+                    ..Default::default()
+                },
+                "network",
+            ),
+            (
+                cri::NamespaceOption {
+                    pid: cri::NamespaceMode::Node as i32,
+                    ..Default::default()
+                },
+                "PID",
+            ),
+            (
+                cri::NamespaceOption {
+                    ipc: cri::NamespaceMode::Node as i32,
+                    ..Default::default()
+                },
+                "IPC",
+            ),
+        ] {
+            let mut req = pod("a", "b", "c");
+            if let Some(c) = req.config.as_mut() {
+                c.linux = Some(cri::LinuxPodSandboxConfig {
+                    security_context: Some(cri::LinuxSandboxSecurityContext {
+                        namespace_options: Some(ns),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                });
+            }
+            let e = sandbox_spec(req).unwrap_err();
+            assert_eq!(e.code(), tonic::Code::InvalidArgument);
+            assert!(
+                e.message()
+                    .contains(&format!("a VM cannot share the host's {what} namespace")),
+                "{}",
+                e.message()
+            );
+        }
+    }
+
+    fn container(name: &str) -> cri::ContainerConfig {
+        cri::ContainerConfig {
+            metadata: Some(cri::ContainerMetadata {
+                name: name.into(),
+                attempt: 0,
+            }),
+            image: Some(cri::ImageSpec {
+                image: "busybox".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn container_requests_are_validated() {
+        let spec = container_spec(container("c")).unwrap();
+        assert_eq!(spec.pid_namespace, NamespaceMode::Pod);
+        assert_eq!(spec.image, "busybox");
+        assert!(container_spec(container("")).is_err());
+
+        let mut c = container("c");
+        c.devices.push(cri::Device {
+            container_path: "/dev/x".into(),
+            host_path: "/dev/x".into(),
+            permissions: "rwm".into(),
+        });
+        assert_eq!(
+            container_spec(c).unwrap_err().code(),
+            tonic::Code::InvalidArgument
+        );
+
+        let mut c = container("c");
+        c.linux = Some(cri::LinuxContainerConfig {
+            security_context: Some(cri::LinuxContainerSecurityContext {
+                privileged: true,
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        let e = container_spec(c).unwrap_err();
+        assert!(e.message().contains("privileged"), "{}", e.message());
+
+        let mut c = container("c");
+        c.linux = Some(cri::LinuxContainerConfig {
+            security_context: Some(cri::LinuxContainerSecurityContext {
+                namespace_options: Some(cri::NamespaceOption {
+                    pid: cri::NamespaceMode::Container as i32,
+                    ..Default::default()
+                }),
+                run_as_user: Some(cri::Int64Value { value: 1000 }),
+                ..Default::default()
+            }),
+            resources: Some(cri::LinuxContainerResources {
+                memory_limit_in_bytes: 64 << 20,
+                cpu_quota: -1,
+                ..Default::default()
+            }),
+        });
+        let spec = container_spec(c).unwrap();
+        assert_eq!(spec.pid_namespace, NamespaceMode::Container);
+        assert_eq!(spec.user.uid, Some(1000));
+        assert_eq!(spec.resources.memory_limit_bytes, 64 << 20);
+        assert_eq!(spec.resources.cpu_quota, 0);
+    }
+}

@@ -1,0 +1,169 @@
+//! After a (re)start of podvisord: every sandbox and container record loaded again. A
+//! sandbox whose VMM still runs and whose agent answers stays ready, its running containers'
+//! output and exits watched again; the others become NotReady with their containers exited.
+
+use std::collections::HashMap;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+
+use podvisor_common::lock;
+use podvisor_proto::AgentClient;
+use tokio::sync::watch;
+use tonic::transport::Channel;
+
+use super::agent::{AGENT_RECONNECT_TIMEOUT, connect_agent};
+use super::error::PodError;
+use super::supervise::refresh_volumes;
+use super::volumes::VolumeWatch;
+use super::{Container, LOST_EXIT_CODE, PodManager, Sandbox, VM_EXITED};
+use crate::logs::CriLogWriter;
+use crate::state::{ContainerRecord, ContainerState, SandboxRecord, SandboxState};
+use crate::vmm::VmmHandle;
+
+impl PodManager {
+    /// Loads every record after a (re)start: sandboxes whose VMM still runs and whose agent
+    /// answers stay ready, with their containers' exits watched again; the others become
+    /// NotReady with their containers exited. Container records without a sandbox are
+    /// removed.
+    pub async fn recover(&self) -> Result<(), PodError> {
+        let sandboxes = self.inner.state.sandboxes.load_all()?;
+        let mut by_sandbox = self.containers_by_sandbox(&sandboxes)?;
+        for (id, record) in sandboxes {
+            let containers = by_sandbox.remove(&id).unwrap_or_default();
+            self.recover_sandbox(id, record, containers).await?;
+        }
+        Ok(())
+    }
+
+    /// The container records grouped by sandbox; the records of containers without a
+    /// sandbox are removed.
+    fn containers_by_sandbox(
+        &self,
+        sandboxes: &[(String, SandboxRecord)],
+    ) -> Result<HashMap<String, Vec<ContainerRecord>>, PodError> {
+        let containers = self.inner.state.containers.load_all()?;
+        let mut by_sandbox: HashMap<String, Vec<ContainerRecord>> = HashMap::new();
+        for (id, r) in containers {
+            if sandboxes.iter().any(|(sid, _)| *sid == r.sandbox_id) {
+                by_sandbox.entry(r.sandbox_id.clone()).or_default().push(r);
+            } else {
+                tracing::warn!(container = %id, sandbox = %r.sandbox_id, "removing the record of a container without a sandbox");
+                self.inner.state.containers.remove(&id)?;
+            }
+        }
+        Ok(by_sandbox)
+    }
+
+    /// One sandbox and its containers again: ready if its agent answers.
+    async fn recover_sandbox(
+        &self,
+        id: String,
+        record: SandboxRecord,
+        containers: Vec<ContainerRecord>,
+    ) -> Result<(), PodError> {
+        let handle = record.vmm.clone();
+        let was_ready = record.state == SandboxState::Ready;
+        let client = if was_ready && handle.is_alive() {
+            reconnect(&id, &handle).await
+        } else {
+            None
+        };
+        let ready = client.is_some();
+        let sb = Arc::new(Sandbox {
+            id: id.clone(),
+            record: Mutex::new(SandboxRecord {
+                state: if ready {
+                    SandboxState::Ready
+                } else {
+                    SandboxState::NotReady
+                },
+                ..record
+            }),
+            agent: Mutex::new(client.clone()),
+            stopping: AtomicBool::new(false),
+            lifecycle: tokio::sync::Mutex::new(Default::default()),
+        });
+        self.put_sandbox(&sb)?;
+        lock(&self.inner.sandboxes).insert(id.clone(), sb.clone());
+        let message = if handle.is_alive() {
+            "the pod's VM stopped answering while podvisord restarted"
+        } else {
+            VM_EXITED
+        };
+        for r in containers {
+            self.recover_container(&id, r, client.as_ref(), message);
+        }
+        if ready {
+            self.watch_vmm(sb);
+        }
+        tracing::info!(sandbox = %id, ready, "sandbox recovered");
+        Ok(())
+    }
+
+    /// One container of a recovered sandbox: watched again when it still runs in a VM
+    /// whose agent answered (`client`), else exited with `message`.
+    fn recover_container(
+        &self,
+        sandbox_id: &str,
+        r: ContainerRecord,
+        client: Option<&AgentClient<Channel>>,
+        message: &str,
+    ) {
+        let lease = match self.inner.images.acquire(&r.image_id) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                tracing::warn!(container = %r.id, "image {}: {e}", r.image_id);
+                None
+            }
+        };
+        let log = reopen_log(&r);
+        let exited = r.state == ContainerState::Exited;
+        let c = Arc::new(Container {
+            id: r.id.clone(),
+            sandbox_id: sandbox_id.to_string(),
+            record: Mutex::new(r),
+            lease: Mutex::new(lease),
+            log: Arc::new(Mutex::new(log)),
+            exited: watch::Sender::new(exited),
+        });
+        lock(&self.inner.containers).insert(c.id.clone(), c.clone());
+        match (client, exited) {
+            (_, true) => {}
+            (Some(client), false) => {
+                // What is in the guest is unknown: the first poll copies it all again.
+                let mut watch = VolumeWatch::new(&c.id);
+                for (n, m) in lock(&c.record).mounts.iter().enumerate() {
+                    watch.add(n, &m.host_path, &[]);
+                }
+                refresh_volumes(c.clone(), client.clone(), watch);
+                self.supervise(c, client.clone(), true);
+            }
+            (None, false) => self.mark_exited(&c, LOST_EXIT_CODE, "Error", message),
+        }
+    }
+}
+
+/// The agent of a VM that ran before the restart, if it answers.
+async fn reconnect(id: &str, handle: &VmmHandle) -> Option<AgentClient<Channel>> {
+    match connect_agent(id, handle, AGENT_RECONNECT_TIMEOUT).await {
+        Ok(c) => Some(c),
+        Err(e) => {
+            tracing::warn!(sandbox = %id, "agent of a running VM unreachable: {e}");
+            None
+        }
+    }
+}
+
+/// The log of a running container, opened again to append to.
+fn reopen_log(r: &ContainerRecord) -> Option<CriLogWriter> {
+    if r.state != ContainerState::Running || r.log_path.as_os_str().is_empty() {
+        return None;
+    }
+    match CriLogWriter::open(&r.log_path) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            tracing::warn!(container = %r.id, "reopen log: {e}");
+            None
+        }
+    }
+}

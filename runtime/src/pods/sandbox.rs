@@ -1,0 +1,534 @@
+//! RunPodSandbox, StopPodSandbox and RemovePodSandbox: a pod's VM from its network and
+//! launch (restored from a VM template or booting the kernel) through the agent's setup,
+//! the watcher that notices the VM's end, and its stop and removal. Also the VM templates'
+//! preparation at start.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use podvisor_common::{error_chain, lock, now_ns};
+use podvisor_proto::AgentClient;
+use podvisor_proto::v1 as agent;
+use tonic::transport::Channel;
+
+use super::agent::{
+    AGENT_BOOT_TIMEOUT, AGENT_CALL_TIMEOUT, AGENT_RESTORE_TIMEOUT, call, connect_agent,
+};
+use super::error::PodError;
+use super::image_slots::slot_drives;
+use super::spec::{SandboxSpec, resolv_conf};
+use super::template::{self, Template};
+use super::vm::{self, VMM_STOP_TIMEOUT};
+use super::{
+    Container, KILL_WAIT, LOST_EXIT_CODE, POD_DIR_NAME_LEN, PODS_DIR, PodManager, Sandbox,
+    VM_EXITED, new_id, random_bytes,
+};
+use crate::config::Handler;
+use crate::network::cni::PodRef;
+use crate::network::{self, PodNetwork};
+use crate::state::{ContainerState, SandboxRecord, SandboxState};
+use crate::vmm::{self, VmmHandle, VmmSpec};
+
+/// Host random bytes a new VM's agent mixes into its RNG.
+const RANDOM_SEED_BYTES: usize = 64;
+/// How long StopPodSandbox waits for killed containers to report their exit codes.
+const POD_KILL_WAIT: Duration = Duration::from_secs(5);
+/// How often a running sandbox's VMM is checked.
+const WATCH_INTERVAL: Duration = Duration::from_secs(3);
+
+impl PodManager {
+    /// RunPodSandbox: boots the pod's VM, waits for its agent and sets the pod up. Returns
+    /// the sandbox id. On failure nothing of the sandbox is left.
+    pub async fn run_sandbox(&self, spec: SandboxSpec) -> Result<String, PodError> {
+        let handler = self
+            .inner
+            .config
+            .handler(&spec.runtime_handler)
+            .map_err(|e| PodError::InvalidArgument(e.to_string()))?
+            .clone();
+        let id = new_id()?;
+        let dir = self.new_pod_dir(&id)?;
+        // The network first: the VMM starts inside its namespace, on its TAP.
+        let net = self.setup_network(&id, &dir, &spec).await?;
+        let template = self.template_for(&id, &handler).await;
+        let vmm_spec = self.vmm_spec(&id, &dir, &handler, &net, template.as_ref());
+        let started = Instant::now();
+        let handle = match self.launch(&id, &vmm_spec).await {
+            Ok(h) => h,
+            Err(e) => {
+                net.abandon().await;
+                let _ = vmm::remove_pod_dir(&dir);
+                return Err(e);
+            }
+        };
+        let record = new_record(&id, &spec, &handle, &net);
+        let booted = self
+            .record_and_boot(&record, &handle, &spec, &net, template.is_some())
+            .await;
+        let (handle, booted) = match (booted, &template) {
+            (Err(e), Some(t)) => {
+                tracing::warn!(
+                    sandbox = %id,
+                    template = %t.key,
+                    "restore from the VM template failed, booting the kernel: {e}"
+                );
+                self.boot_cold(&record, handle, &spec, &net, vmm_spec, t)
+                    .await
+            }
+            (booted, _) => (handle, booted),
+        };
+        let client = match booted {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(sandbox = %id, "RunPodSandbox failed, cleaning up: {e}");
+                self.discard_vm(&id, &handle).await;
+                net.abandon().await;
+                return Err(e);
+            }
+        };
+        let sb = Arc::new(Sandbox {
+            id: id.clone(),
+            record: Mutex::new(SandboxRecord {
+                state: SandboxState::Ready,
+                vmm: handle.clone(),
+                ..record
+            }),
+            agent: Mutex::new(Some(client)),
+            stopping: AtomicBool::new(false),
+            lifecycle: tokio::sync::Mutex::new(Default::default()),
+        });
+        if let Err(e) = self.put_sandbox(&sb) {
+            self.discard_vm(&id, &handle).await;
+            net.abandon().await;
+            return Err(e);
+        }
+        lock(&self.inner.sandboxes).insert(id.clone(), sb.clone());
+        self.watch_vmm(sb);
+        tracing::info!(
+            sandbox = %id,
+            pod = %format!("{}/{}", spec.namespace, spec.name),
+            secs = started.elapsed().as_secs_f64(),
+            restored = template.is_some(),
+            "sandbox ready"
+        );
+        Ok(id)
+    }
+
+    /// The pod directory of the new sandbox `id`, which must not exist yet.
+    fn new_pod_dir(&self, id: &str) -> Result<PathBuf, PodError> {
+        let dir = self
+            .inner
+            .config
+            .state_dir
+            .join(PODS_DIR)
+            .join(&id[..POD_DIR_NAME_LEN]);
+        if dir.symlink_metadata().is_ok() {
+            return Err(PodError::Internal(format!(
+                "pod directory {} exists already",
+                dir.display()
+            )));
+        }
+        Ok(dir)
+    }
+
+    /// The new sandbox's network: namespace, CNI ADD, TAP.
+    async fn setup_network(
+        &self,
+        id: &str,
+        dir: &Path,
+        spec: &SandboxSpec,
+    ) -> Result<PodNetwork, PodError> {
+        let pod_ref = PodRef {
+            namespace: spec.namespace.clone(),
+            name: spec.name.clone(),
+            uid: spec.uid.clone(),
+        };
+        let net = PodNetwork::setup(
+            &self.inner.config.cni,
+            id,
+            dir,
+            pod_ref,
+            &spec.port_mappings,
+        )
+        .await?;
+        Ok(net)
+    }
+
+    /// The VM template a sandbox of `handler` restores from, when the handler uses one and
+    /// it can be had; None boots the kernel.
+    async fn template_for(&self, id: &str, handler: &Handler) -> Option<Template> {
+        if !handler.template {
+            return None;
+        }
+        match self
+            .inner
+            .templates
+            .get(&self.template_inputs(handler))
+            .await
+        {
+            Ok(t) => Some(t),
+            Err(e) => {
+                tracing::warn!(
+                    sandbox = %id,
+                    handler = %handler.name,
+                    "no VM template, booting the kernel: {}",
+                    error_chain(&e)
+                );
+                None
+            }
+        }
+    }
+
+    /// The VMM of a new sandbox: the handler's kernel, image and size, the image slots, the
+    /// pod's TAP and namespace, and the template to restore from, if any.
+    fn vmm_spec(
+        &self,
+        id: &str,
+        dir: &Path,
+        handler: &Handler,
+        net: &PodNetwork,
+        template: Option<&Template>,
+    ) -> VmmSpec {
+        VmmSpec {
+            sandbox_id: id.to_string(),
+            dir: dir.to_path_buf(),
+            kernel: handler.kernel.clone(),
+            rootfs: handler.image.clone(),
+            cmdline_extra: handler.kernel_cmdline_extra.clone(),
+            vcpus: handler.vcpus,
+            mem_mib: handler.memory_mib,
+            drives: slot_drives(&self.inner.placeholder),
+            tap: Some(net.link().tap.clone()),
+            mac: Some(net.link().mac.clone()),
+            netns: Some(net.netns_path().to_owned()),
+            restore: template.map(Template::restore_config),
+        }
+    }
+
+    /// Records the sandbox (NotReady) before the long wait, so that a crash now leaves a
+    /// NotReady sandbox to clean up, then waits for its agent and sets the pod up.
+    async fn record_and_boot(
+        &self,
+        record: &SandboxRecord,
+        handle: &VmmHandle,
+        spec: &SandboxSpec,
+        net: &PodNetwork,
+        restored: bool,
+    ) -> Result<AgentClient<Channel>, PodError> {
+        self.inner.state.sandboxes.put(&record.id, record)?;
+        self.boot(&record.id, handle, spec, &record.hostname, net, restored)
+            .await
+    }
+
+    /// After a VM restored from `template` failed: a template that does not restore is
+    /// dropped (the next pod builds a new one); this pod boots the kernel in the same
+    /// directory and namespace. Returns the VM now to clean up on failure (the restored one
+    /// if the new one did not launch) and the agent, or why it failed.
+    async fn boot_cold(
+        &self,
+        record: &SandboxRecord,
+        restored: VmmHandle,
+        spec: &SandboxSpec,
+        net: &PodNetwork,
+        vmm_spec: VmmSpec,
+        template: &Template,
+    ) -> (VmmHandle, Result<AgentClient<Channel>, PodError>) {
+        template.discard();
+        let h = restored.clone();
+        let _ = tokio::task::spawn_blocking(move || h.kill()).await;
+        let cold = VmmSpec {
+            restore: None,
+            ..vmm_spec
+        };
+        match self.launch(&record.id, &cold).await {
+            Ok(handle) => {
+                let record = SandboxRecord {
+                    vmm: handle.clone(),
+                    ..record.clone()
+                };
+                let booted = self
+                    .record_and_boot(&record, &handle, spec, net, false)
+                    .await;
+                (handle, booted)
+            }
+            Err(e) => (restored, Err(e)),
+        }
+    }
+
+    fn template_inputs(&self, handler: &Handler) -> template::TemplateInputs {
+        template::TemplateInputs {
+            handler: handler.clone(),
+            vmm_binary: self.inner.config.vmm_binary.clone(),
+            drives: slot_drives(&self.inner.placeholder),
+        }
+    }
+
+    /// In the background: removes the templates no handler uses any more (an earlier VMM,
+    /// kernel, image or configuration), then builds the VM template of every handler that
+    /// uses one, so that the first pod of a handler restores instead of waiting for a kernel
+    /// boot. Failures are logged: those pods boot cold.
+    pub fn prepare_templates(&self) -> tokio::task::JoinHandle<()> {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let config = &this.inner.config;
+            let wanted: Vec<(String, template::TemplateInputs)> = config
+                .handler_names()
+                .into_iter()
+                .filter_map(|name| config.handler(name).ok())
+                .filter(|h| h.template)
+                .map(|h| (h.name.clone(), this.template_inputs(h)))
+                .collect();
+            let (t, w) = (this.clone(), wanted.clone());
+            let pruned = tokio::task::spawn_blocking(move || {
+                let mut keep = Vec::new();
+                for (name, inputs) in &w {
+                    match t.inner.templates.key(inputs) {
+                        Ok(key) => keep.push(key),
+                        // Its pods fail the same way; nothing of it is worth keeping.
+                        Err(e) => {
+                            tracing::warn!(handler = %name, "template inputs: {}", error_chain(&e))
+                        }
+                    }
+                }
+                t.inner.templates.prune(&keep);
+            })
+            .await;
+            if let Err(e) = pruned {
+                tracing::error!("template prune task: {e}");
+            }
+            for (name, inputs) in &wanted {
+                if let Err(e) = this.inner.templates.get(inputs).await {
+                    if this.inner.templates.stopping() {
+                        tracing::info!(handler = %name, "template build ended: podvisord stops");
+                        return;
+                    }
+                    tracing::warn!(
+                        handler = %name,
+                        "no VM template; its pods will boot the kernel: {}",
+                        error_chain(&e)
+                    );
+                }
+            }
+        })
+    }
+
+    /// Starts the VMM of `spec` (a blocking launch).
+    async fn launch(&self, id: &str, spec: &VmmSpec) -> Result<VmmHandle, PodError> {
+        let binary = self.inner.config.vmm_binary.clone();
+        let spec = spec.clone();
+        vm::blocking(id, "launch", move || vmm::launch(&binary, &spec)).await
+    }
+
+    /// Waits for the new VM's agent and sets the pod up in it. A VM `restored` from a
+    /// template still has the template's NIC MAC, random state and clock: the agent takes
+    /// the pod's MAC, mixes in host random bytes and steps its clock (done on cold boots
+    /// too: the guest clock then starts exact).
+    async fn boot(
+        &self,
+        id: &str,
+        handle: &VmmHandle,
+        spec: &SandboxSpec,
+        hostname: &str,
+        net: &PodNetwork,
+        restored: bool,
+    ) -> Result<AgentClient<Channel>, PodError> {
+        let timeout = if restored {
+            AGENT_RESTORE_TIMEOUT
+        } else {
+            AGENT_BOOT_TIMEOUT
+        };
+        let mut client = connect_agent(id, handle, timeout).await?;
+        let mut net_config = net.guest_config()?;
+        if restored {
+            for i in &mut net_config.interfaces {
+                i.current_mac = template::TEMPLATE_MAC.to_string();
+            }
+        }
+        call(
+            "ConfigureNetwork",
+            AGENT_CALL_TIMEOUT,
+            client.configure_network(net_config),
+        )
+        .await?;
+        let req = agent::SetupSandboxRequest {
+            sandbox_id: id.to_string(),
+            hostname: hostname.to_string(),
+            resolv_conf: resolv_conf(&spec.dns),
+            hosts: Vec::new(),
+            sysctls: spec.sysctls.clone(),
+            random_seed: random_bytes(RANDOM_SEED_BYTES)?,
+            time_unix_nanos: now_ns(),
+        };
+        call(
+            "SetupSandbox",
+            AGENT_CALL_TIMEOUT,
+            client.setup_sandbox(req),
+        )
+        .await?;
+        Ok(client)
+    }
+
+    /// Kills a VM that never became a usable sandbox and removes all trace of it.
+    async fn discard_vm(&self, id: &str, handle: &VmmHandle) {
+        let h = handle.clone();
+        let done = tokio::task::spawn_blocking(move || {
+            h.kill()?;
+            h.remove_dir()
+        })
+        .await;
+        match done {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(sandbox = id, "clean up VM: {}", error_chain(&e)),
+            Err(e) => tracing::error!(sandbox = id, "clean up task: {e}"),
+        }
+        if let Err(e) = self.inner.state.sandboxes.remove(id) {
+            tracing::error!(sandbox = id, "remove record: {e}");
+        }
+    }
+
+    /// Watches a ready sandbox's VMM: if it ends unasked, the sandbox becomes NotReady and
+    /// its containers exited.
+    pub(super) fn watch_vmm(&self, sb: Arc<Sandbox>) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(WATCH_INTERVAL).await;
+                if sb.stopping.load(Ordering::SeqCst)
+                    || sb.state() != SandboxState::Ready
+                    || this.sandbox_arc(&sb.id).is_none()
+                {
+                    return;
+                }
+                let handle = lock(&sb.record).vmm.clone();
+                if !handle.is_alive() {
+                    if sb.stopping.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    tracing::warn!(
+                        sandbox = %sb.id,
+                        "the pod's VM exited; the end of its log:\n{}",
+                        handle.log_tail()
+                    );
+                    this.vm_gone(&sb, VM_EXITED);
+                    return;
+                }
+            }
+        });
+    }
+
+    /// The sandbox's VM is gone: NotReady, containers exited.
+    pub(super) fn vm_gone(&self, sb: &Sandbox, message: &str) {
+        lock(&sb.record).state = SandboxState::NotReady;
+        lock(&sb.agent).take();
+        if let Err(e) = self.put_sandbox(sb) {
+            tracing::error!(sandbox = %sb.id, "persist: {e}");
+        }
+        for c in self.containers_of(&sb.id) {
+            self.mark_exited(&c, LOST_EXIT_CODE, "Error", message);
+        }
+    }
+
+    /// StopPodSandbox: kills the containers, stops the VM. Idempotent; an unknown id is not
+    /// an error.
+    pub async fn stop_sandbox(&self, id: &str) -> Result<(), PodError> {
+        let Some(sb) = self.sandbox_arc(id) else {
+            return Ok(());
+        };
+        let _slots = sb.lifecycle.lock().await;
+        sb.stopping.store(true, Ordering::SeqCst);
+        let handle = lock(&sb.record).vmm.clone();
+        let live: Vec<Arc<Container>> = self
+            .containers_of(id)
+            .into_iter()
+            .filter(|c| c.state() != ContainerState::Exited)
+            .collect();
+        let client = lock(&sb.agent).clone();
+        if let (false, Some(mut client)) = (live.is_empty(), client) {
+            for c in &live {
+                let req = agent::DeleteContainerRequest {
+                    container_id: lock(&c.record).agent_container_id.clone(),
+                    force: true,
+                };
+                if let Err(e) =
+                    call("DeleteContainer", KILL_WAIT, client.delete_container(req)).await
+                {
+                    tracing::warn!(container = %c.id, "kill with its pod: {e}");
+                }
+            }
+            for c in &live {
+                c.wait_exited(POD_KILL_WAIT).await;
+            }
+        }
+        lock(&sb.agent).take();
+        let h = handle.clone();
+        let stopped = vm::blocking(id, "stop", move || h.stop(VMM_STOP_TIMEOUT)).await?;
+        tracing::info!(sandbox = id, outcome = ?stopped, "sandbox VM stopped");
+        for c in self.containers_of(id) {
+            self.mark_exited(&c, 137, "Error", "stopped with its pod");
+        }
+        lock(&sb.record).state = SandboxState::NotReady;
+        self.put_sandbox(&sb)?;
+        let pod_dir = lock(&sb.record).vmm.dir.clone();
+        network::release_recorded(&self.inner.config.cni, id, &pod_dir).await?;
+        Ok(())
+    }
+
+    /// RemovePodSandbox: stops it if needed, removes its containers, its pod directory and
+    /// its record. An unknown id is not an error.
+    pub async fn remove_sandbox(&self, id: &str) -> Result<(), PodError> {
+        if self.sandbox_arc(id).is_none() {
+            return Ok(());
+        }
+        self.stop_sandbox(id).await?;
+        let Some(sb) = self.sandbox_arc(id) else {
+            return Ok(());
+        };
+        let _slots = sb.lifecycle.lock().await;
+        for c in self.containers_of(id) {
+            self.forget_container(&sb, &c)?;
+        }
+        let handle = lock(&sb.record).vmm.clone();
+        vm::blocking(id, "remove", move || {
+            if handle.is_alive() {
+                handle.kill()?;
+            }
+            handle.remove_dir()
+        })
+        .await?;
+        network::delete_netns(id).await?;
+        self.inner.state.sandboxes.remove(id)?;
+        lock(&self.inner.sandboxes).remove(id);
+        tracing::info!(sandbox = id, "sandbox removed");
+        Ok(())
+    }
+}
+
+/// The record of a new sandbox, NotReady, on VM `handle` and network `net`.
+fn new_record(id: &str, spec: &SandboxSpec, handle: &VmmHandle, net: &PodNetwork) -> SandboxRecord {
+    let hostname = if spec.hostname.is_empty() {
+        spec.name.clone()
+    } else {
+        spec.hostname.clone()
+    };
+    SandboxRecord {
+        id: id.to_string(),
+        name: spec.name.clone(),
+        namespace: spec.namespace.clone(),
+        uid: spec.uid.clone(),
+        attempt: spec.attempt,
+        labels: spec.labels.clone(),
+        annotations: spec.annotations.clone(),
+        runtime_handler: spec.runtime_handler.clone(),
+        created_at_ns: now_ns(),
+        state: SandboxState::NotReady,
+        vmm: handle.clone(),
+        log_directory: spec.log_directory.clone(),
+        hostname,
+        dns: spec.dns.clone(),
+        port_mappings: spec.port_mappings.clone(),
+        ips: net.ips(),
+        netns: Some(net.netns_path().to_owned()),
+    }
+}

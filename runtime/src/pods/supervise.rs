@@ -1,0 +1,257 @@
+//! A container's background tasks once it exists: its output copied to its log, its exit
+//! awaited and recorded (or its VM's end noticed), and its copied host paths kept current.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use podvisor_common::{lock, now_ns};
+use podvisor_proto::AgentClient;
+use podvisor_proto::v1 as agent;
+use tonic::transport::Channel;
+
+use super::agent::{AGENT_CALL_TIMEOUT, AGENT_RETRY_MAX, call};
+use super::error::PodError;
+use super::vm::vmm_ended;
+use super::volumes::{self, VolumeWatch};
+use super::{Container, LOST_EXIT_CODE, PodManager, VM_EXITED};
+use crate::logs::Stream;
+
+/// How long re-attaching to a container's output after a restart may be refused.
+const ATTACH_RETRY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often a container's copied host paths are compared with the host.
+const VOLUME_REFRESH_INTERVAL: Duration = Duration::from_secs(3);
+
+impl PodManager {
+    /// Copies the container's output to its log (when `attach`), then waits for its exit.
+    pub(super) fn supervise(
+        &self,
+        c: Arc<Container>,
+        mut client: AgentClient<Channel>,
+        attach: bool,
+    ) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let agent_id = lock(&c.record).agent_container_id.clone();
+            if attach {
+                match attach_output(&mut client, &agent_id).await {
+                    Ok(stream) => pump_output(&c, stream).await,
+                    Err(s) => tracing::warn!(
+                        container = %c.id,
+                        "attach output: {}; the container's output is not logged",
+                        s.message()
+                    ),
+                }
+                if let Some(w) = lock(&c.log).take()
+                    && let Err(e) = w.close()
+                {
+                    tracing::warn!(container = %c.id, "close log: {e}");
+                }
+            }
+            let wait = client
+                .wait_process(agent::WaitProcessRequest {
+                    container_id: agent_id,
+                    exec_id: String::new(),
+                })
+                .await;
+            match wait {
+                Ok(w) => this.record_exit(&c, &w.into_inner()),
+                Err(s) => this.wait_failed(&c, &s).await,
+            }
+        });
+    }
+
+    /// Records the exit the agent reported.
+    fn record_exit(&self, c: &Container, w: &agent::WaitProcessResponse) {
+        let reason = if w.oom_killed {
+            "OOMKilled"
+        } else if w.exit_code == 0 {
+            "Completed"
+        } else {
+            "Error"
+        };
+        self.mark_exited_with(c, |r| {
+            r.exit_code = w.exit_code;
+            r.reason = reason.to_string();
+            r.message = String::new();
+            if r.started_at_ns == 0 && w.started_at_unix_nanos > 0 {
+                r.started_at_ns = w.started_at_unix_nanos;
+            }
+            r.finished_at_ns = if w.finished_at_unix_nanos > 0 {
+                w.finished_at_unix_nanos
+            } else {
+                now_ns()
+            };
+        });
+    }
+
+    /// Waiting for the container's exit failed with `s`: the container is gone from its VM,
+    /// or the VM is stopping or gone.
+    async fn wait_failed(&self, c: &Container, s: &tonic::Status) {
+        let message = if s.code() == tonic::Code::NotFound {
+            "the container is gone from the pod's VM".to_string()
+        } else {
+            format!("lost the container's VM: {}", s.message())
+        };
+        // A stopping VM is reported by StopPodSandbox, a dead one as the VM's exit
+        // (here, as the connection usually breaks before the watcher looks).
+        tracing::info!(container = %c.id, "wait: {}", s.message());
+        let Some(sb) = self.sandbox_arc(&c.sandbox_id) else {
+            return;
+        };
+        if sb.stopping.load(Ordering::SeqCst) {
+            return;
+        }
+        let handle = lock(&sb.record).vmm.clone();
+        if vmm_ended(&handle).await {
+            if !sb.stopping.load(Ordering::SeqCst) {
+                tracing::warn!(sandbox = %sb.id, "the pod's VM exited");
+                self.vm_gone(&sb, VM_EXITED);
+            }
+            return;
+        }
+        self.mark_exited(c, LOST_EXIT_CODE, "Error", &message);
+    }
+}
+
+/// Writes one host file into the guest: renamed into place, except the file of a
+/// single-file mount, which the container binds itself and so must be rewritten in place.
+pub(super) async fn copy_volume_file(
+    client: &mut AgentClient<Channel>,
+    f: volumes::VolumeFile,
+) -> Result<(), PodError> {
+    let req = agent::CopyFileRequest {
+        path: f.guest_path,
+        mode: f.mode,
+        uid: f.uid,
+        gid: f.gid,
+        contents: f.contents,
+        atomic: !f.in_place,
+        create_parents: true,
+        dir_mode: 0o755,
+    };
+    call("CopyFile", AGENT_CALL_TIMEOUT, client.copy_file(req)).await?;
+    Ok(())
+}
+
+/// Copies the container's host paths into its guest again whenever they change on the
+/// host, every [`VOLUME_REFRESH_INTERVAL`], until the container exits or is removed (both
+/// set `exited`, as does StopPodSandbox). Files removed on the host stay in the guest.
+pub(super) fn refresh_volumes(
+    c: Arc<Container>,
+    mut client: AgentClient<Channel>,
+    watch: VolumeWatch,
+) {
+    if watch.is_empty() {
+        return;
+    }
+    let mut exited = c.exited.subscribe();
+    tokio::spawn(async move {
+        let mut watch = Some(watch);
+        // Warn once per run of failures, not every poll.
+        let mut failing = false;
+        loop {
+            tokio::select! {
+                _ = exited.wait_for(|e| *e) => return,
+                () = tokio::time::sleep(VOLUME_REFRESH_INTERVAL) => {}
+            }
+            let Some(w) = watch.take() else { return };
+            let (w, changes) = match tokio::task::spawn_blocking(move || {
+                let changes = w.changes();
+                (w, changes)
+            })
+            .await
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(container = %c.id, "volume refresh task: {e}");
+                    return;
+                }
+            };
+            let w = watch.insert(w);
+            let result = match changes {
+                Ok(files) => {
+                    let mut result = Ok(());
+                    let count = files.len();
+                    for f in files {
+                        let (path, fingerprint) = (f.guest_path.clone(), f.fingerprint);
+                        if let Err(e) = copy_volume_file(&mut client, f).await {
+                            result = Err(e);
+                            break;
+                        }
+                        w.copied(path, fingerprint);
+                    }
+                    if result.is_ok() && count > 0 {
+                        tracing::info!(container = %c.id, files = count, "volume files copied again");
+                    }
+                    result
+                }
+                Err(e) => Err(PodError::from(e)),
+            };
+            match result {
+                Ok(()) => failing = false,
+                Err(e) if !failing && !*exited.borrow() => {
+                    failing = true;
+                    tracing::warn!(container = %c.id, "refreshing the container's volumes: {e}");
+                }
+                Err(_) => {}
+            }
+        }
+    });
+}
+
+/// Attaches to a container's output. After a podvisord restart the agent may not have seen
+/// the previous attachment's connection end yet and answers FailedPrecondition ("already
+/// attached") until it has: that is retried for [`ATTACH_RETRY_TIMEOUT`].
+async fn attach_output(
+    client: &mut AgentClient<Channel>,
+    agent_id: &str,
+) -> Result<tonic::Streaming<agent::ProcessOutput>, tonic::Status> {
+    let until = Instant::now() + ATTACH_RETRY_TIMEOUT;
+    loop {
+        let first = agent::ProcessInput {
+            container_id: agent_id.to_string(),
+            ..Default::default()
+        };
+        match client.process_io(tokio_stream::iter([first])).await {
+            Ok(stream) => return Ok(stream.into_inner()),
+            Err(s) if s.code() == tonic::Code::FailedPrecondition && Instant::now() < until => {
+                tracing::debug!(
+                    container = agent_id,
+                    "attach output: {}; retrying",
+                    s.message()
+                );
+                tokio::time::sleep(AGENT_RETRY_MAX).await;
+            }
+            Err(s) => return Err(s),
+        }
+    }
+}
+
+/// Copies a container's output stream to its log until both streams end.
+async fn pump_output(c: &Container, mut stream: tonic::Streaming<agent::ProcessOutput>) {
+    loop {
+        match stream.message().await {
+            Ok(Some(m)) => {
+                if m.data.is_empty() {
+                    continue;
+                }
+                let which = if m.stream == agent::Stream::Stderr as i32 {
+                    Stream::Stderr
+                } else {
+                    Stream::Stdout
+                };
+                if let Some(w) = lock(&c.log).as_mut()
+                    && let Err(e) = w.write(which, &m.data)
+                {
+                    tracing::warn!(container = %c.id, "write log: {e}");
+                }
+            }
+            Ok(None) => return,
+            Err(s) => {
+                tracing::info!(container = %c.id, "output stream ended: {}", s.message());
+                return;
+            }
+        }
+    }
+}
