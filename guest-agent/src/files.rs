@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 use nix::fcntl::{AT_FDCWD, OFlag, openat, renameat};
 use nix::sys::stat::{Mode, fchmod};
 use nix::unistd::{UnlinkatFlags, fchown, unlinkat};
-use podvisor_common::{IoError, error_chain};
 use podvisor_proto::v1::CopyFileRequest;
 
 use crate::safepath::{self, PathError};
@@ -20,13 +19,18 @@ pub enum CopyFileError {
     Path(#[from] PathError),
     #[error("parent directory of {0:?} does not exist (set create_parents)")]
     NoParent(String),
-    #[error(transparent)]
-    Io(#[from] IoError),
+    #[error("{op} {path:?}")]
+    Io {
+        op: &'static str,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl From<CopyFileError> for tonic::Status {
     fn from(e: CopyFileError) -> Self {
-        let msg = format!("copy file: {}", error_chain(&e));
+        let msg = format!("copy file: {}", podvisor_common::error_chain(&e));
         match &e {
             CopyFileError::Mode(_) => tonic::Status::invalid_argument(msg),
             CopyFileError::Path(p) if p.is_invalid_argument() => {
@@ -50,7 +54,11 @@ pub fn copy_file(roots: &[PathBuf], req: &CopyFileRequest) -> Result<(), CopyFil
         OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
         Mode::empty(),
     )
-    .map_err(|e| IoError::new("open root", root, e.into()))?;
+    .map_err(|e| CopyFileError::Io {
+        op: "open root",
+        path: root.display().to_string(),
+        source: e.into(),
+    })?;
     let parent_rel = rel.parent().unwrap_or(Path::new(""));
     let Some(name) = rel.file_name() else {
         return Err(PathError::Escape {
@@ -78,15 +86,22 @@ pub fn copy_file(roots: &[PathBuf], req: &CopyFileRequest) -> Result<(), CopyFil
             OFlag::O_PATH | OFlag::O_DIRECTORY,
             Mode::empty(),
         ) {
-            Err(PathError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => {
+            Err(PathError::Io {
+                source: nix::errno::Errno::ENOENT,
+                ..
+            }) => {
                 return Err(CopyFileError::NoParent(req.path.clone()));
             }
             r => r?,
         }
     };
-    let io = |what: &'static str| {
-        let path = PathBuf::from(&req.path);
-        move |source: nix::Error| IoError::new(what, path, source.into())
+    let io = |op: &'static str| {
+        let path = req.path.clone();
+        move |source: nix::Error| CopyFileError::Io {
+            op,
+            path,
+            source: source.into(),
+        }
     };
     let mode = Mode::from_bits_truncate(req.mode);
     let tmp_name;
@@ -110,7 +125,11 @@ pub fn copy_file(roots: &[PathBuf], req: &CopyFileRequest) -> Result<(), CopyFil
     let mut file = std::fs::File::from(fd);
     file.write_all(&req.contents)
         .and_then(|()| file.sync_data())
-        .map_err(IoError::at("write", &req.path))?;
+        .map_err(|source| CopyFileError::Io {
+            op: "write",
+            path: req.path.clone(),
+            source,
+        })?;
     if req.atomic {
         renameat(&parent, target_name, &parent, name).map_err(io("rename"))?;
     }

@@ -8,7 +8,6 @@ use std::path::Path;
 
 use nix::mount::{MsFlags, mount};
 use nix::sys::stat::Mode;
-use podvisor_common::IoError;
 
 /// Controllers enabled for children of the cgroup root (and of the podvisor subtree).
 pub const CGROUP_CONTROLLERS: &[&str] = &["cpu", "memory", "pids", "cpuset"];
@@ -25,9 +24,18 @@ pub enum InitError {
         #[source]
         source: nix::Error,
     },
-    /// Creating a directory or enabling cgroup controllers failed.
-    #[error(transparent)]
-    Io(#[from] IoError),
+    #[error("create directory {path}")]
+    Mkdir {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("enable cgroup controllers in {path}")]
+    Controllers {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("open /dev/console")]
     Console(#[source] std::io::Error),
 }
@@ -104,7 +112,10 @@ pub fn mount_pseudo_filesystems() -> Result<(), InitError> {
     for fs in pseudo_filesystems() {
         // The root may be read-only: the mount point usually exists already.
         if !Path::new(fs.target).exists() {
-            fs::create_dir_all(fs.target).map_err(IoError::at("create directory", fs.target))?;
+            fs::create_dir_all(fs.target).map_err(|source| InitError::Mkdir {
+                path: fs.target.to_owned(),
+                source,
+            })?;
         }
         match mount(
             Some(fs.source),
@@ -140,8 +151,12 @@ pub fn enable_controllers(dir: &Path) -> Result<(), InitError> {
     if wanted.is_empty() {
         return Ok(());
     }
-    fs::write(dir.join("cgroup.subtree_control"), wanted.join(" "))
-        .map_err(|source| IoError::new("enable cgroup controllers in", dir, source).into())
+    fs::write(dir.join("cgroup.subtree_control"), wanted.join(" ")).map_err(|source| {
+        InitError::Controllers {
+            path: dir.display().to_string(),
+            source,
+        }
+    })
 }
 
 /// Creates `dir`, the cgroup under which the sandbox's cgroups go, with [`CGROUP_CONTROLLERS`]
@@ -152,7 +167,10 @@ pub fn create_cgroup_parent(dir: &Path) -> Result<(), InitError> {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
         Err(source) => {
-            return Err(IoError::new("create directory", dir, source).into());
+            return Err(InitError::Mkdir {
+                path: dir.display().to_string(),
+                source,
+            });
         }
     }
     enable_controllers(dir)

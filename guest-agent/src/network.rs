@@ -12,8 +12,7 @@ use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use futures::TryStreamExt;
-use podvisor_common::{IfnameError, error_chain, validate_ifname};
-use podvisor_proto::v1::{ConfigureNetworkRequest, Interface, Route};
+use podvisor_proto::v1::ConfigureNetworkRequest;
 use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags};
 use rtnetlink::packet_route::route::RouteScope;
 use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
@@ -26,17 +25,6 @@ pub enum NetworkError {
     /// The guest is not in the state the request expects (no link has `current_mac`).
     #[error("{0}")]
     FailedPrecondition(String),
-    /// A request interface name the kernel would refuse.
-    #[error(transparent)]
-    Ifname(#[from] IfnameError),
-    /// rtnetlink refused to build a route message for a request route (the source says why:
-    /// its error type is not public, hence the box).
-    #[error("route {route}")]
-    Route {
-        route: String,
-        #[source]
-        source: Box<dyn std::error::Error + Send + Sync>,
-    },
     #[error("netlink connection")]
     Connection(#[source] io::Error),
     #[error("{what}")]
@@ -49,11 +37,9 @@ pub enum NetworkError {
 
 impl From<NetworkError> for tonic::Status {
     fn from(e: NetworkError) -> Self {
-        let msg = format!("configure network: {}", error_chain(&e));
+        let msg = format!("configure network: {}", podvisor_common::error_chain(&e));
         match e {
-            NetworkError::InvalidArgument(_)
-            | NetworkError::Ifname(_)
-            | NetworkError::Route { .. } => tonic::Status::invalid_argument(msg),
+            NetworkError::InvalidArgument(_) => tonic::Status::invalid_argument(msg),
             NetworkError::FailedPrecondition(_) => tonic::Status::failed_precondition(msg),
             NetworkError::Connection(_) | NetworkError::Netlink { .. } => {
                 tonic::Status::internal(msg)
@@ -64,17 +50,6 @@ impl From<NetworkError> for tonic::Status {
 
 fn invalid(msg: String) -> NetworkError {
     NetworkError::InvalidArgument(msg)
-}
-
-/// For the errors of rtnetlink's route builder (a type it does not export).
-fn bad_route<E: std::error::Error + Send + Sync + 'static>(
-    dst: IpAddr,
-    len: u8,
-) -> impl FnOnce(E) -> NetworkError {
-    move |e| NetworkError::Route {
-        route: format!("{dst}/{len}"),
-        source: Box::new(e),
-    }
 }
 
 fn nl(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> NetworkError {
@@ -117,80 +92,61 @@ fn validate(
 ) -> Result<(Vec<InterfacePlan>, Vec<RoutePlan>), NetworkError> {
     let mut interfaces = Vec::new();
     for i in &req.interfaces {
-        let plan = validate_interface(i, &interfaces)?;
-        interfaces.push(plan);
+        let mac = parse_mac(&i.mac)?;
+        if interfaces.iter().any(|p: &InterfacePlan| p.mac == mac) {
+            return Err(invalid(format!("interface MAC {} given twice", i.mac)));
+        }
+        let current_mac = if i.current_mac.is_empty() {
+            None
+        } else {
+            Some(parse_mac(&i.current_mac)?).filter(|c| *c != mac)
+        };
+        // The kernel only gives a link a unicast, non-zero Ethernet address.
+        if current_mac.is_some() && (mac[0] & 1 != 0 || mac == [0; 6]) {
+            return Err(invalid(format!(
+                "interface {}: not a unicast MAC, cannot be assigned",
+                i.mac
+            )));
+        }
+        let name = if i.name.is_empty() {
+            None
+        } else {
+            validate_ifname(&i.name)?;
+            Some(i.name.clone())
+        };
+        let mtu = match i.mtu {
+            0 => None,
+            m @ 68..=65535 => Some(m),
+            m => return Err(invalid(format!("interface {}: invalid MTU {m}", i.mac))),
+        };
+        let addresses = i
+            .addresses
+            .iter()
+            .map(|a| {
+                let ip: IpAddr = a
+                    .address
+                    .parse()
+                    .map_err(|_| invalid(format!("invalid IP address {:?}", a.address)))?;
+                let len = prefix_len(ip, a.prefix_len).ok_or_else(|| {
+                    invalid(format!(
+                        "invalid prefix length {}/{}",
+                        a.address, a.prefix_len
+                    ))
+                })?;
+                Ok((ip, len))
+            })
+            .collect::<Result<_, NetworkError>>()?;
+        interfaces.push(InterfacePlan {
+            mac,
+            current_mac,
+            name,
+            mtu,
+            addresses,
+        });
     }
-    check_replaced_macs(&interfaces)?;
-    let routes = req
-        .routes
-        .iter()
-        .map(|r| validate_route(r, &interfaces))
-        .collect::<Result<_, _>>()?;
-    Ok((interfaces, routes))
-}
 
-/// One interface of the request, after the `earlier` ones.
-fn validate_interface(
-    i: &Interface,
-    earlier: &[InterfacePlan],
-) -> Result<InterfacePlan, NetworkError> {
-    let mac = parse_mac(&i.mac)?;
-    if earlier.iter().any(|p| p.mac == mac) {
-        return Err(invalid(format!("interface MAC {} given twice", i.mac)));
-    }
-    let current_mac = if i.current_mac.is_empty() {
-        None
-    } else {
-        Some(parse_mac(&i.current_mac)?).filter(|c| *c != mac)
-    };
-    // The kernel only gives a link a unicast, non-zero Ethernet address.
-    if current_mac.is_some() && (mac[0] & 1 != 0 || mac == [0; 6]) {
-        return Err(invalid(format!(
-            "interface {}: not a unicast MAC, cannot be assigned",
-            i.mac
-        )));
-    }
-    // An empty name keeps the name the guest kernel gave the NIC.
-    let name = if i.name.is_empty() {
-        None
-    } else {
-        validate_ifname(&i.name)?;
-        Some(i.name.clone())
-    };
-    let mtu = match i.mtu {
-        0 => None,
-        m @ 68..=65535 => Some(m),
-        m => return Err(invalid(format!("interface {}: invalid MTU {m}", i.mac))),
-    };
-    let addresses = i
-        .addresses
-        .iter()
-        .map(|a| {
-            let ip: IpAddr = a
-                .address
-                .parse()
-                .map_err(|_| invalid(format!("invalid IP address {:?}", a.address)))?;
-            let len = prefix_len(ip, a.prefix_len).ok_or_else(|| {
-                invalid(format!(
-                    "invalid prefix length {}/{}",
-                    a.address, a.prefix_len
-                ))
-            })?;
-            Ok((ip, len))
-        })
-        .collect::<Result<_, NetworkError>>()?;
-    Ok(InterfacePlan {
-        mac,
-        current_mac,
-        name,
-        mtu,
-        addresses,
-    })
-}
-
-/// A MAC being replaced must name neither another NIC nor the NIC another one becomes:
-/// two links would share it, or which link is meant would depend on the order of changes.
-fn check_replaced_macs(interfaces: &[InterfacePlan]) -> Result<(), NetworkError> {
+    // A MAC being replaced must name neither another NIC nor the NIC another one becomes:
+    // two links would share it, or which link is meant would depend on the order of changes.
     for (n, plan) in interfaces.iter().enumerate() {
         let Some(current) = plan.current_mac else {
             continue;
@@ -206,61 +162,61 @@ fn check_replaced_macs(interfaces: &[InterfacePlan]) -> Result<(), NetworkError>
             )));
         }
     }
-    Ok(())
-}
 
-/// One route of the request, given the request's (validated) interfaces.
-fn validate_route(r: &Route, interfaces: &[InterfacePlan]) -> Result<RoutePlan, NetworkError> {
-    let gateway = if r.gateway.is_empty() {
-        None
-    } else {
-        Some(
-            r.gateway
-                .parse::<IpAddr>()
-                .map_err(|_| invalid(format!("invalid gateway {:?}", r.gateway)))?,
-        )
-    };
-    let destination = if r.destination.is_empty() {
-        match gateway {
-            Some(IpAddr::V4(_)) => (IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0),
-            Some(IpAddr::V6(_)) => (IpAddr::V6(Ipv6Addr::UNSPECIFIED), 0),
-            None => return Err(invalid("route with neither destination nor gateway".into())),
-        }
-    } else {
-        parse_cidr(&r.destination)?
-    };
-    if let Some(gw) = gateway
-        && gw.is_ipv4() != destination.0.is_ipv4()
-    {
-        return Err(invalid(format!(
-            "route {}: gateway {gw} of another address family",
-            r.destination
-        )));
-    }
-    let interface_mac = if r.interface_mac.is_empty() {
-        None
-    } else {
-        let mac = parse_mac(&r.interface_mac)?;
-        if interfaces.iter().any(|i| i.current_mac == Some(mac)) {
+    let mut routes = Vec::new();
+    for r in &req.routes {
+        let gateway = if r.gateway.is_empty() {
+            None
+        } else {
+            Some(
+                r.gateway
+                    .parse::<IpAddr>()
+                    .map_err(|_| invalid(format!("invalid gateway {:?}", r.gateway)))?,
+            )
+        };
+        let destination = if r.destination.is_empty() {
+            match gateway {
+                Some(IpAddr::V4(_)) => (IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0),
+                Some(IpAddr::V6(_)) => (IpAddr::V6(Ipv6Addr::UNSPECIFIED), 0),
+                None => return Err(invalid("route with neither destination nor gateway".into())),
+            }
+        } else {
+            parse_cidr(&r.destination)?
+        };
+        if let Some(gw) = gateway
+            && gw.is_ipv4() != destination.0.is_ipv4()
+        {
             return Err(invalid(format!(
-                "route {}: interface MAC {} is being replaced (name the new one)",
-                r.destination, r.interface_mac
+                "route {}: gateway {gw} of another address family",
+                r.destination
             )));
         }
-        Some(mac)
-    };
-    if gateway.is_none() && interface_mac.is_none() {
-        return Err(invalid(format!(
-            "route {}: needs a gateway or an interface",
-            r.destination
-        )));
+        let interface_mac = if r.interface_mac.is_empty() {
+            None
+        } else {
+            let mac = parse_mac(&r.interface_mac)?;
+            if interfaces.iter().any(|i| i.current_mac == Some(mac)) {
+                return Err(invalid(format!(
+                    "route {}: interface MAC {} is being replaced (name the new one)",
+                    r.destination, r.interface_mac
+                )));
+            }
+            Some(mac)
+        };
+        if gateway.is_none() && interface_mac.is_none() {
+            return Err(invalid(format!(
+                "route {}: needs a gateway or an interface",
+                r.destination
+            )));
+        }
+        routes.push(RoutePlan {
+            destination,
+            gateway,
+            interface_mac,
+            metric: r.metric,
+        });
     }
-    Ok(RoutePlan {
-        destination,
-        gateway,
-        interface_mac,
-        metric: r.metric,
-    })
+    Ok((interfaces, routes))
 }
 
 async fn apply(
@@ -276,132 +232,114 @@ async fn apply(
         .collect::<Result<Vec<_>, _>>()?;
     let route_indexes = routes
         .iter()
-        .map(|r| route_interface(r, interfaces, &targets, &links))
+        .map(|r| {
+            let Some(mac) = &r.interface_mac else {
+                return Ok(None);
+            };
+            // A NIC named by its new MAC is found by the old one.
+            let planned = interfaces.iter().zip(&targets).find(|(i, _)| i.mac == *mac);
+            match planned {
+                Some((_, target)) => Ok(Some(target.index)),
+                None => index_of(&links, mac).map(Some),
+            }
+        })
         .collect::<Result<Vec<_>, _>>()?;
 
     set_up(h, LinkUnspec::new_with_name("lo"), "lo").await?;
+
     for (plan, target) in interfaces.iter().zip(&targets) {
-        configure_interface(h, plan, target).await?;
+        let index = target.index;
+        let mac = format_mac(&plan.mac);
+        if let Some(current) = target.replace_mac {
+            let current = format_mac(&current);
+            // Drivers without live address change refuse a new MAC while the link is up; it
+            // comes up again below, with the new MAC.
+            h.link()
+                .set(LinkUnspec::new_with_index(index).down().build())
+                .execute()
+                .await
+                .map_err(nl(format!("set {current} down")))?;
+            h.link()
+                .set(
+                    LinkUnspec::new_with_index(index)
+                        .address(plan.mac.to_vec())
+                        .build(),
+                )
+                .execute()
+                .await
+                .map_err(nl(format!("change MAC {current} to {mac}")))?;
+            tracing::info!(from = %current, to = %mac, "interface MAC changed");
+        }
+        let current_name = target.name.as_str();
+        if let Some(name) = plan.name.as_deref()
+            && name != current_name
+        {
+            // The kernel renames only links that are down.
+            h.link()
+                .set(LinkUnspec::new_with_index(index).down().build())
+                .execute()
+                .await
+                .map_err(nl(format!("set {mac} down")))?;
+            h.link()
+                .set(
+                    LinkUnspec::new_with_index(index)
+                        .name(name.to_owned())
+                        .build(),
+                )
+                .execute()
+                .await
+                .map_err(nl(format!("rename {mac} to {name}")))?;
+        }
+        if let Some(mtu) = plan.mtu {
+            h.link()
+                .set(LinkUnspec::new_with_index(index).mtu(mtu).build())
+                .execute()
+                .await
+                .map_err(nl(format!("set {mac} mtu {mtu}")))?;
+        }
+        for &(ip, len) in &plan.addresses {
+            h.address()
+                .add(index, ip, len)
+                .replace()
+                .execute()
+                .await
+                .map_err(nl(format!("add address {ip}/{len} to {mac}")))?;
+        }
+        // Up after the addresses, before the routes: the connected routes that make the
+        // gateways reachable appear when the link comes up.
+        set_up(h, LinkUnspec::new_with_index(index), &mac).await?;
+        tracing::info!(%mac, name = ?plan.name, mtu = ?plan.mtu, addresses = ?plan.addresses, "interface configured");
     }
+
     for (r, oif) in routes.iter().zip(route_indexes) {
-        add_route(h, r, oif).await?;
-    }
-    Ok(())
-}
-
-/// The index of the link a route names by MAC, None when it names none.
-fn route_interface(
-    r: &RoutePlan,
-    interfaces: &[InterfacePlan],
-    targets: &[TargetLink],
-    links: &HashMap<[u8; 6], (u32, String)>,
-) -> Result<Option<u32>, NetworkError> {
-    let Some(mac) = &r.interface_mac else {
-        return Ok(None);
-    };
-    // A NIC named by its new MAC is found by the old one.
-    let planned = interfaces.iter().zip(targets).find(|(i, _)| i.mac == *mac);
-    match planned {
-        Some((_, target)) => Ok(Some(target.index)),
-        None => index_of(links, mac).map(Some),
-    }
-}
-
-/// Gives `target` the MAC, name, MTU and addresses of `plan`, then brings it up.
-async fn configure_interface(
-    h: &Handle,
-    plan: &InterfacePlan,
-    target: &TargetLink,
-) -> Result<(), NetworkError> {
-    let index = target.index;
-    let mac = format_mac(&plan.mac);
-    if let Some(current) = target.replace_mac {
-        let current = format_mac(&current);
-        // Drivers without live address change refuse a new MAC while the link is up; it
-        // comes up again below, with the new MAC.
-        h.link()
-            .set(LinkUnspec::new_with_index(index).down().build())
-            .execute()
-            .await
-            .map_err(nl(format!("set {current} down")))?;
-        h.link()
-            .set(
-                LinkUnspec::new_with_index(index)
-                    .address(plan.mac.to_vec())
-                    .build(),
-            )
-            .execute()
-            .await
-            .map_err(nl(format!("change MAC {current} to {mac}")))?;
-        tracing::info!(from = %current, to = %mac, "interface MAC changed");
-    }
-    let current_name = target.name.as_str();
-    if let Some(name) = plan.name.as_deref()
-        && name != current_name
-    {
-        // The kernel renames only links that are down.
-        h.link()
-            .set(LinkUnspec::new_with_index(index).down().build())
-            .execute()
-            .await
-            .map_err(nl(format!("set {mac} down")))?;
-        h.link()
-            .set(
-                LinkUnspec::new_with_index(index)
-                    .name(name.to_owned())
-                    .build(),
-            )
-            .execute()
-            .await
-            .map_err(nl(format!("rename {mac} to {name}")))?;
-    }
-    if let Some(mtu) = plan.mtu {
-        h.link()
-            .set(LinkUnspec::new_with_index(index).mtu(mtu).build())
-            .execute()
-            .await
-            .map_err(nl(format!("set {mac} mtu {mtu}")))?;
-    }
-    for &(ip, len) in &plan.addresses {
-        h.address()
-            .add(index, ip, len)
+        let (dst, len) = r.destination;
+        let what = format!("add route {dst}/{len}");
+        let mut b = RouteMessageBuilder::<IpAddr>::new()
+            .destination_prefix(dst, len)
+            .map_err(|e| invalid(format!("route {dst}/{len}: {e}")))?;
+        match r.gateway {
+            Some(gw) => {
+                b = b
+                    .gateway(gw)
+                    .map_err(|e| invalid(format!("route {dst}/{len}: {e}")))?;
+            }
+            // Directly reachable on the interface.
+            None => b = b.scope(RouteScope::Link),
+        }
+        if let Some(oif) = oif {
+            b = b.output_interface(oif);
+        }
+        if r.metric != 0 {
+            b = b.priority(r.metric);
+        }
+        h.route()
+            .add(b.build())
             .replace()
             .execute()
             .await
-            .map_err(nl(format!("add address {ip}/{len} to {mac}")))?;
+            .map_err(nl(what))?;
+        tracing::info!(destination = %format!("{dst}/{len}"), gateway = ?r.gateway, metric = r.metric, "route added");
     }
-    // Up after the addresses, before the routes: the connected routes that make the
-    // gateways reachable appear when the link comes up.
-    set_up(h, LinkUnspec::new_with_index(index), &mac).await?;
-    tracing::info!(%mac, name = ?plan.name, mtu = ?plan.mtu, addresses = ?plan.addresses, "interface configured");
-    Ok(())
-}
-
-/// Adds (or replaces) route `r`, out of link `oif` when given.
-async fn add_route(h: &Handle, r: &RoutePlan, oif: Option<u32>) -> Result<(), NetworkError> {
-    let (dst, len) = r.destination;
-    let what = format!("add route {dst}/{len}");
-    let mut b = RouteMessageBuilder::<IpAddr>::new()
-        .destination_prefix(dst, len)
-        .map_err(bad_route(dst, len))?;
-    match r.gateway {
-        Some(gw) => b = b.gateway(gw).map_err(bad_route(dst, len))?,
-        // Directly reachable on the interface.
-        None => b = b.scope(RouteScope::Link),
-    }
-    if let Some(oif) = oif {
-        b = b.output_interface(oif);
-    }
-    if r.metric != 0 {
-        b = b.priority(r.metric);
-    }
-    h.route()
-        .add(b.build())
-        .replace()
-        .execute()
-        .await
-        .map_err(nl(what))?;
-    tracing::info!(destination = %format!("{dst}/{len}"), gateway = ?r.gateway, metric = r.metric, "route added");
     Ok(())
 }
 
@@ -505,6 +443,18 @@ fn parse_mac(s: &str) -> Result<[u8; 6], NetworkError> {
         return Err(bad());
     }
     Ok(mac)
+}
+
+fn validate_ifname(name: &str) -> Result<(), NetworkError> {
+    let ok = name.len() < libc::IFNAMSIZ
+        && !name
+            .bytes()
+            .any(|b| b == b'/' || b == b':' || b == 0 || b.is_ascii_whitespace());
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(format!("invalid interface name {name:?}")))
+    }
 }
 
 fn format_mac(mac: &[u8; 6]) -> String {

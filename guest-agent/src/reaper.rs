@@ -67,7 +67,7 @@ impl Reaper {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         // A panic while holding the lock leaves the map consistent (single inserts/removes).
-        podvisor_common::lock(&self.inner)
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Collects every exited child without blocking and dispatches registered ones.

@@ -9,9 +9,8 @@ use std::path::{Component, Path, PathBuf};
 use nix::errno::Errno;
 use nix::fcntl::{OFlag, OpenHow, ResolveFlag, openat, openat2};
 use nix::sys::stat::{Mode, mkdirat};
-use podvisor_common::IoError;
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PathError {
     #[error("path {0:?} is empty")]
     Empty(String),
@@ -25,9 +24,13 @@ pub enum PathError {
     NotBeneath { path: String, root: String },
     #[error("{path:?} escapes its root or crosses a symlink")]
     Escape { path: String },
-    /// A system call on the path failed (the OS error is the source).
-    #[error(transparent)]
-    Io(IoError),
+    #[error("{op} {path:?}")]
+    Io {
+        op: &'static str,
+        path: String,
+        #[source]
+        source: Errno,
+    },
 }
 
 impl PathError {
@@ -88,7 +91,11 @@ fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(Errno) -> PathError +
         Errno::EXDEV | Errno::ELOOP => PathError::Escape {
             path: path.display().to_string(),
         },
-        _ => PathError::Io(IoError::new(op, path, source.into())),
+        _ => PathError::Io {
+            op,
+            path: path.display().to_string(),
+            source,
+        },
     }
 }
 

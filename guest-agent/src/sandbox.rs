@@ -6,7 +6,6 @@ use std::fmt::Write as _;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use podvisor_common::IoError;
 use podvisor_proto::v1::HostEntry;
 
 #[derive(Debug, thiserror::Error)]
@@ -17,9 +16,12 @@ pub enum SandboxError {
     SysctlName(String),
     #[error("invalid /etc/hosts entry {0:?}")]
     HostEntry(String),
-    /// Writing a sandbox file (or creating the shm directory) failed.
-    #[error(transparent)]
-    Write(IoError),
+    #[error("write {path}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("set hostname")]
     SetHostname(#[source] nix::Error),
     #[error(transparent)]
@@ -31,7 +33,7 @@ impl SandboxError {
     pub fn is_invalid_argument(&self) -> bool {
         match self {
             Self::Hostname(_) | Self::SysctlName(_) | Self::HostEntry(_) => true,
-            Self::Write(_) | Self::SetHostname(_) => false,
+            Self::Write { .. } | Self::SetHostname(_) => false,
             Self::Identity(e) => e.is_invalid_argument(),
         }
     }
@@ -108,8 +110,7 @@ pub fn hosts_file(hostname: &str, entries: &[HostEntry]) -> Result<String, Sandb
 
 fn write(path: PathBuf, contents: &str) -> Result<(), SandboxError> {
     // Written in place (not renamed over) so running containers' bind mounts see updates.
-    fs::write(&path, contents)
-        .map_err(|source| SandboxError::Write(IoError::new("write", path, source)))
+    fs::write(&path, contents).map_err(|source| SandboxError::Write { path, source })
 }
 
 /// Files written for a sandbox; bind-mounted into containers.
@@ -163,9 +164,10 @@ pub fn setup(
     write(files.hosts.clone(), &hosts)?;
     write(files.resolv_conf.clone(), &req.resolv_conf)?;
     if let Err(source) = fs::create_dir_all(&files.shm) {
-        return Err(SandboxError::Write(IoError::new(
-            "write", &files.shm, source,
-        )));
+        return Err(SandboxError::Write {
+            path: files.shm.clone(),
+            source,
+        });
     }
     if set_kernel_state {
         if !req.hostname.is_empty() {

@@ -5,7 +5,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
 
-use podvisor_common::error_chain;
 use podvisor_proto::v1::{self, *};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
@@ -13,6 +12,8 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::paths::Paths;
 use crate::reaper::Reaper;
 use crate::sandbox::SandboxFiles;
+
+use podvisor_common::error_chain;
 
 /// Agent state shared by all RPCs.
 pub struct AgentService {

@@ -4,20 +4,24 @@ use std::fs;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 
-use podvisor_common::IoError;
 use podvisor_proto::v1::LinuxResources;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CgroupError {
     #[error("invalid resources: {0}")]
     Invalid(String),
-    #[error(transparent)]
-    Io(#[from] IoError),
+    #[error("{op} {path}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
-fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> CgroupError {
-    let at = IoError::at(what, path);
-    move |source| CgroupError::Io(at(source))
+fn io(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> CgroupError {
+    let path = path.to_path_buf();
+    move |source| CgroupError::Io { op, path, source }
 }
 
 /// cgroup v1 cpu.shares (2..262144) → cgroup v2 cpu.weight (1..10000), the conversion runc

@@ -1,14 +1,21 @@
 //! Exit and OOM tracking: a process's exit is published only after its output was drained.
 
 use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
 
-use podvisor_common::{lock, now_ns};
 use podvisor_proto::v1::WaitProcessResponse;
 use tokio::sync::{oneshot, watch};
 
 use super::cgroup::Cgroup;
 use super::io::ProcessIo;
 use crate::reaper::ExitStatus;
+
+pub fn now_nanos() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
+}
 
 /// A process started by the agent (a container's init or an exec).
 #[derive(Debug)]
@@ -33,16 +40,16 @@ impl Process {
         let p = Arc::new(Self {
             pid,
             io: io.clone(),
-            started_at: std::sync::Mutex::new(now_ns()),
+            started_at: std::sync::Mutex::new(now_nanos()),
             exit: rx,
         });
         let started = p.clone();
         tokio::spawn(async move {
             let status = exit.await.unwrap_or(ExitStatus::Signaled(libc::SIGKILL));
-            let finished = now_ns();
+            let finished = now_nanos();
             let oom_killed = cgroup.as_ref().is_some_and(|c| c.oom_kills() > oom_before);
             io.drained().await;
-            let started_at = *lock(&started.started_at);
+            let started_at = *started.started_at.lock().unwrap_or_else(|e| e.into_inner());
             let _ = tx.send(Some(WaitProcessResponse {
                 exit_code: status.code(),
                 signal: status.signal(),

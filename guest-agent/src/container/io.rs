@@ -10,11 +10,10 @@ use std::path::Path;
 use std::sync::Mutex;
 
 use nix::fcntl::OFlag;
-use podvisor_common::lock;
 use podvisor_proto::v1::{ProcessOutput, Stream};
 use tokio::sync::{mpsc, watch};
 
-use super::plan::ChildStdio;
+use super::spawn::ChildStdio;
 
 /// Output chunks buffered per process before the pumps block (backpressure to the process).
 const OUTPUT_QUEUE: usize = 256;
@@ -64,7 +63,7 @@ fn container_pty(root: &OwnedFd) -> std::io::Result<Pty> {
         OFlag::O_RDWR | OFlag::O_NOCTTY,
         nix::sys::stat::Mode::empty(),
     )
-    .map_err(std::io::Error::other)?;
+    .map_err(|e| std::io::Error::other(podvisor_common::error_chain(&e)))?;
     let unlock: libc::c_int = 0;
     // SAFETY: TIOCSPTLCK reads an int from a valid pointer; the descriptor is our ptmx.
     if unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSPTLCK, &unlock) } < 0 {
@@ -246,7 +245,7 @@ impl ProcessIo {
     }
 
     pub fn close_stdin(&self) {
-        lock(&self.stdin).take();
+        self.stdin.lock().unwrap_or_else(|e| e.into_inner()).take();
     }
 
     pub fn resize(&self, width: u16, height: u16) -> nix::Result<()> {
@@ -309,6 +308,10 @@ impl Drop for Attachment {
             *lock(&self.io.output) = Some(rx);
         }
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 #[cfg(test)]

@@ -5,19 +5,16 @@
 //! files, state directories, a re-exec'd init, seccomp/systemd code) we would pay for on every
 //! container. Here the agent prepares the rootfs in its own mount namespace, then `clone3`s the
 //! container process straight into its namespaces and cgroup; the child runs a short list of raw
-//! system calls (see `child`) and waits for StartContainer before exec.
+//! system calls (see `spawn`) and waits for StartContainer before exec.
 //!
-//! Modules: `rootfs` (image, overlay, /dev, mounts), `spawn` (namespaces and the clone),
-//! `plan` (what the child is given), `child` (the child until exec),
+//! Modules: `rootfs` (image, overlay, /dev, mounts), `spawn` (namespaces and the child),
 //! `cgroup`, `users`, `caps` (capabilities, rlimits, no_new_privs), `io` (pipes, pty),
 //! `exit` (exit codes, OOM), `stats`.
 
 pub mod caps;
 pub mod cgroup;
-pub mod child;
 pub mod exit;
 pub mod io;
-pub mod plan;
 pub mod rootfs;
 pub mod spawn;
 pub mod stats;
@@ -28,9 +25,8 @@ use std::ffi::CString;
 use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
-use podvisor_common::{error_chain, lock, now_ns};
 use podvisor_proto::v1::*;
 use tonic::Status;
 
@@ -39,6 +35,7 @@ use crate::reaper::Reaper;
 use crate::sandbox::SandboxFiles;
 use cgroup::Cgroup;
 use exit::Process;
+use podvisor_common::error_chain;
 
 /// Execs one container may have at a time (finished ones are pruned first).
 const MAX_EXECS: usize = 256;
@@ -47,6 +44,10 @@ type BoxStream<T> =
     std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<T, Status>> + Send + 'static>>;
 
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 fn invalid(what: &str, e: &(dyn std::error::Error + 'static)) -> Status {
     Status::invalid_argument(format!("{what}: {}", error_chain(e)))
@@ -73,76 +74,6 @@ fn valid_id(id: &str) -> Result<(), Status> {
         )));
     }
     Ok(())
-}
-
-/// The request's namespace modes, checked.
-#[derive(Debug, Clone, Copy)]
-struct NamespaceModes {
-    pid: NamespaceMode,
-    ipc: NamespaceMode,
-    uts: NamespaceMode,
-}
-
-impl NamespaceModes {
-    fn of(r: &CreateContainerRequest) -> Result<Self, Status> {
-        let ns = r.namespaces.unwrap_or_default();
-        let mode = |v: i32, what: &str| {
-            NamespaceMode::try_from(v)
-                .map_err(|_| Status::invalid_argument(format!("unknown {what} namespace mode {v}")))
-        };
-        Ok(Self {
-            pid: mode(ns.pid, "pid")?,
-            ipc: mode(ns.ipc, "ipc")?,
-            uts: mode(ns.uts, "uts")?,
-        })
-    }
-}
-
-/// The terminal size a process asks for, each side clamped to 1..=65535.
-fn console_size(p: &podvisor_proto::v1::Process) -> (u16, u16) {
-    (
-        p.console_width.clamp(1, u16::MAX.into()) as u16,
-        p.console_height.clamp(1, u16::MAX.into()) as u16,
-    )
-}
-
-/// What the child does to the rootfs mounted at `root` in its own namespaces: its /proc,
-/// masked and read-only paths, sysctls.
-fn rootfs_plan(r: &CreateContainerRequest, root: &Path) -> Result<plan::RootfsPlan, Status> {
-    let path_pair = |p: &String| -> Result<(CString, CString), Status> {
-        let rel = crate::safepath::relative_components(p).map_err(|e| invalid("path", &e))?;
-        let abs = root.join(&rel);
-        Ok((
-            cstring("path", rel.as_os_str().as_bytes())?,
-            cstring("path", abs.as_os_str().as_bytes())?,
-        ))
-    };
-    let masked = r
-        .masked_paths
-        .iter()
-        .map(path_pair)
-        .collect::<Result<_, _>>()?;
-    let readonly = r
-        .readonly_paths
-        .iter()
-        .map(path_pair)
-        .collect::<Result<_, _>>()?;
-    let mut sysctls = Vec::new();
-    for (k, v) in &r.sysctls {
-        let p = crate::sandbox::sysctl_path(k).map_err(|e| invalid("sysctl", &e))?;
-        let in_root = root.join(p.strip_prefix("/").unwrap_or(&p));
-        sysctls.push((
-            cstring("sysctl", in_root.as_os_str().as_bytes())?,
-            cstring("sysctl value", v.as_bytes())?,
-        ));
-    }
-    Ok(plan::RootfsPlan {
-        rootfs: rootfs::cpath(root),
-        proc: rootfs::cpath(&root.join("proc")),
-        masked,
-        readonly,
-        sysctls,
-    })
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -249,7 +180,7 @@ impl Manager {
                     )
                 };
                 if r == 0 {
-                    child::close_all_but(&[-1, -1, -1]);
+                    spawn::close_all_but(&[-1, -1, -1]);
                     // SAFETY: async-signal-safe calls only.
                     unsafe {
                         // What the pod's containers see as PID 1, like Kubernetes' pause.
@@ -295,8 +226,8 @@ impl Manager {
         &self,
         p: &podvisor_proto::v1::Process,
         rootfs_fd: &OwnedFd,
-        stdio: plan::ChildStdio,
-    ) -> Result<plan::ChildPlan, Status> {
+        stdio: spawn::ChildStdio,
+    ) -> Result<spawn::ChildPlan, Status> {
         if p.args.is_empty() {
             return Err(Status::invalid_argument("process args are empty"));
         }
@@ -351,7 +282,7 @@ impl Manager {
                 .map(|d| format!("{}/{arg0}", d.trim_end_matches('/')))
                 .collect()
         };
-        Ok(plan::ChildPlan {
+        Ok(spawn::ChildPlan {
             clone_flags: 0,
             pid_ns: None,
             setns: Vec::new(),
@@ -500,28 +431,125 @@ impl Manager {
         lower: PathBuf,
         bundle: &Path,
     ) -> Result<(Container, u32), (Status, Option<Cgroup>)> {
-        let modes = NamespaceModes::of(r).map_err(|s| (s, None))?;
+        let ns = r.namespaces.unwrap_or_default();
+        let mode = |v: i32, what: &str| match NamespaceMode::try_from(v) {
+            Ok(m) => Ok(m),
+            Err(_) => Err((
+                Status::invalid_argument(format!("unknown {what} namespace mode {v}")),
+                None,
+            )),
+        };
+        let pid_mode = mode(ns.pid, "pid")?;
+        let ipc_mode = mode(ns.ipc, "ipc")?;
+        let uts_mode = mode(ns.uts, "uts")?;
+
         let t = std::time::Instant::now();
-        let prepared = self
-            .prepare_rootfs(r, lower, bundle, modes.ipc)
-            .map_err(|s| (s, None))?;
+        let prepared = rootfs::prepare(&rootfs::RootfsSpec {
+            lower,
+            bundle: bundle.to_path_buf(),
+            mounts: &r.mounts,
+            readonly: r.readonly_rootfs,
+            etc_files: vec![
+                (self.files.hosts.clone(), "/etc/hosts"),
+                (self.files.resolv_conf.clone(), "/etc/resolv.conf"),
+                (self.files.hostname.clone(), "/etc/hostname"),
+            ],
+            shared_shm: (ipc_mode == NamespaceMode::Pod && self.files.shm.is_dir())
+                .then(|| self.files.shm.clone()),
+        })
+        .map_err(|e| {
+            if e.is_invalid_argument() {
+                (invalid("rootfs", &e), None)
+            } else {
+                (internal("prepare rootfs", &e), None)
+            }
+        })?;
+
         tracing::debug!(container = %r.container_id, ms = t.elapsed().as_millis(), "rootfs prepared");
         let t = std::time::Instant::now();
-        let cgroup = self.create_cgroup(r)?;
+        let cgroup = if self.use_cgroups {
+            let sandbox = lock(&self.sandbox_id).clone();
+            let cg = Cgroup::create(&self.paths.cgroup_podvisor(), &sandbox, &r.container_id)
+                .map_err(|e| (internal("create cgroup", &e), None))?;
+            if let Some(res) = &r.resources {
+                cg.apply_new(res).map_err(|e| {
+                    let s = match e {
+                        cgroup::CgroupError::Invalid(_) => invalid("resources", &e),
+                        _ => internal("apply resources", &e),
+                    };
+                    (s, Some(cg.clone()))
+                })?;
+            }
+            Some(cg)
+        } else {
+            None
+        };
         let fail = |s: Status| (s, cgroup.clone());
 
-        let (stdio, pio) = io::create(
-            process.terminal,
-            process.stdin,
-            console_size(process),
-            Some(&prepared.fd),
-        )
-        .map_err(|e| fail(internal("create stdio", &e)))?;
+        let size = (
+            process.console_width.clamp(1, u16::MAX.into()) as u16,
+            process.console_height.clamp(1, u16::MAX.into()) as u16,
+        );
+        let (stdio, pio) = io::create(process.terminal, process.stdin, size, Some(&prepared.fd))
+            .map_err(|e| fail(internal("create stdio", &e)))?;
         let mut plan = self
             .process_plan(process, &prepared.fd, stdio)
             .map_err(fail)?;
-        plan.rootfs = Some(rootfs_plan(r, &prepared.rootfs).map_err(fail)?);
-        self.plan_namespaces(&mut plan, modes).map_err(fail)?;
+
+        let rootfs_c = rootfs::cpath(&prepared.rootfs);
+        let path_pair = |p: &String| -> Result<(CString, CString), Status> {
+            let rel = crate::safepath::relative_components(p).map_err(|e| invalid("path", &e))?;
+            let abs = prepared.rootfs.join(&rel);
+            Ok((
+                cstring("path", rel.as_os_str().as_bytes())?,
+                cstring("path", abs.as_os_str().as_bytes())?,
+            ))
+        };
+        let masked = r
+            .masked_paths
+            .iter()
+            .map(path_pair)
+            .collect::<Result<_, _>>()
+            .map_err(fail)?;
+        let readonly = r
+            .readonly_paths
+            .iter()
+            .map(path_pair)
+            .collect::<Result<_, _>>()
+            .map_err(fail)?;
+        let mut sysctls = Vec::new();
+        for (k, v) in &r.sysctls {
+            let p = crate::sandbox::sysctl_path(k).map_err(|e| fail(invalid("sysctl", &e)))?;
+            let in_root = prepared.rootfs.join(p.strip_prefix("/").unwrap_or(&p));
+            sysctls.push((
+                cstring("sysctl", in_root.as_os_str().as_bytes()).map_err(fail)?,
+                cstring("sysctl value", v.as_bytes()).map_err(fail)?,
+            ));
+        }
+        plan.rootfs = Some(spawn::RootfsPlan {
+            proc: rootfs::cpath(&prepared.rootfs.join("proc")),
+            rootfs: rootfs_c,
+            masked,
+            readonly,
+            sysctls,
+        });
+        let mut flags = libc::CLONE_NEWNS as u64;
+        match pid_mode {
+            NamespaceMode::Container => flags |= libc::CLONE_NEWPID as u64,
+            NamespaceMode::Pod => plan.pid_ns = Some(self.pod_pid_namespace().map_err(fail)?),
+        }
+        if ipc_mode == NamespaceMode::Container {
+            flags |= libc::CLONE_NEWIPC as u64;
+        }
+        if uts_mode == NamespaceMode::Container {
+            flags |= libc::CLONE_NEWUTS as u64;
+            let hostname = std::fs::read_to_string(&self.files.hostname).unwrap_or_default();
+            let h = hostname.trim();
+            if !h.is_empty() {
+                plan.hostname = Some(cstring("hostname", h.as_bytes()).map_err(fail)?);
+            }
+        }
+        plan.clone_flags = flags;
         plan.cgroup = match &cgroup {
             Some(cg) => Some(
                 cg.open_dir()
@@ -560,89 +588,6 @@ impl Manager {
         ))
     }
 
-    /// Mounts the container's rootfs over `lower` in `bundle`, with the sandbox's /etc files
-    /// and, when IPC is pod-shared, the sandbox's /dev/shm.
-    fn prepare_rootfs(
-        &self,
-        r: &CreateContainerRequest,
-        lower: PathBuf,
-        bundle: &Path,
-        ipc_mode: NamespaceMode,
-    ) -> Result<rootfs::PreparedRootfs, Status> {
-        rootfs::prepare(&rootfs::RootfsSpec {
-            lower,
-            bundle: bundle.to_path_buf(),
-            mounts: &r.mounts,
-            readonly: r.readonly_rootfs,
-            etc_files: vec![
-                (self.files.hosts.clone(), "/etc/hosts"),
-                (self.files.resolv_conf.clone(), "/etc/resolv.conf"),
-                (self.files.hostname.clone(), "/etc/hostname"),
-            ],
-            shared_shm: (ipc_mode == NamespaceMode::Pod && self.files.shm.is_dir())
-                .then(|| self.files.shm.clone()),
-        })
-        .map_err(|e| {
-            if e.is_invalid_argument() {
-                invalid("rootfs", &e)
-            } else {
-                internal("prepare rootfs", &e)
-            }
-        })
-    }
-
-    /// The container's cgroup with the request's resources applied (None without cgroups).
-    /// On error, the cgroup if it was created, for the caller to remove.
-    #[allow(clippy::result_large_err)]
-    fn create_cgroup(
-        &self,
-        r: &CreateContainerRequest,
-    ) -> Result<Option<Cgroup>, (Status, Option<Cgroup>)> {
-        if !self.use_cgroups {
-            return Ok(None);
-        }
-        let sandbox = lock(&self.sandbox_id).clone();
-        let cg = Cgroup::create(&self.paths.cgroup_podvisor(), &sandbox, &r.container_id)
-            .map_err(|e| (internal("create cgroup", &e), None))?;
-        if let Some(res) = &r.resources {
-            cg.apply_new(res).map_err(|e| {
-                let s = match e {
-                    cgroup::CgroupError::Invalid(_) => invalid("resources", &e),
-                    _ => internal("apply resources", &e),
-                };
-                (s, Some(cg.clone()))
-            })?;
-        }
-        Ok(Some(cg))
-    }
-
-    /// The clone flags, the PID namespace to join (the pod's) and the hostname of a container
-    /// with its own UTS namespace.
-    fn plan_namespaces(
-        &self,
-        plan: &mut plan::ChildPlan,
-        modes: NamespaceModes,
-    ) -> Result<(), Status> {
-        let mut flags = libc::CLONE_NEWNS as u64;
-        match modes.pid {
-            NamespaceMode::Container => flags |= libc::CLONE_NEWPID as u64,
-            NamespaceMode::Pod => plan.pid_ns = Some(self.pod_pid_namespace()?),
-        }
-        if modes.ipc == NamespaceMode::Container {
-            flags |= libc::CLONE_NEWIPC as u64;
-        }
-        if modes.uts == NamespaceMode::Container {
-            flags |= libc::CLONE_NEWUTS as u64;
-            let hostname = std::fs::read_to_string(&self.files.hostname).unwrap_or_default();
-            let h = hostname.trim();
-            if !h.is_empty() {
-                plan.hostname = Some(cstring("hostname", h.as_bytes())?);
-            }
-        }
-        plan.clone_flags = flags;
-        Ok(())
-    }
-
     pub async fn start(&self, id: &str) -> Result<(), Status> {
         let c = self.get(id)?;
         if *lock(&c.state) != State::Created {
@@ -661,7 +606,7 @@ impl Manager {
             )));
         };
         *lock(&c.state) = State::Running;
-        *lock(&c.init.started_at) = now_ns();
+        *lock(&c.init.started_at) = exit::now_nanos();
         let id2 = id.to_owned();
         let t = std::time::Instant::now();
         tokio::task::spawn_blocking(move || spawn::start(start_fd, &mut sync))
@@ -798,7 +743,10 @@ impl Manager {
             let root: OwnedFd = std::fs::File::open(format!("/proc/{init}/root"))
                 .map(Into::into)
                 .map_err(|e| internal("open container root", &e))?;
-            let size = console_size(&process);
+            let size = (
+                process.console_width.clamp(1, u16::MAX.into()) as u16,
+                process.console_height.clamp(1, u16::MAX.into()) as u16,
+            );
             // The container's rootfs as the agent mounted it: its devpts is the container's.
             let rootfs = rootfs::rootfs_dir(&c2.bundle);
             let rootfs_fd: OwnedFd = nix::fcntl::open(

@@ -14,7 +14,6 @@ use std::path::{Path, PathBuf};
 use nix::fcntl::{AT_FDCWD, OFlag, openat};
 use nix::mount::{MntFlags, MsFlags, mount, umount2};
 use nix::sys::stat::{Mode, SFlag, makedev, mknodat};
-use podvisor_common::IoError;
 use podvisor_proto::v1::Mount;
 
 use crate::safepath::{self, PathError};
@@ -40,8 +39,13 @@ pub enum RootfsError {
         #[source]
         source: nix::Error,
     },
-    #[error(transparent)]
-    Io(#[from] IoError),
+    #[error("{op} {path}")]
+    Io {
+        op: &'static str,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl RootfsError {
@@ -54,9 +58,12 @@ impl RootfsError {
     }
 }
 
-fn io_err(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> RootfsError {
-    let at = IoError::at(what, path);
-    move |source| RootfsError::Io(at(source))
+fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> RootfsError + 'a {
+    move |source| RootfsError::Io {
+        op,
+        path: path.display().to_string(),
+        source,
+    }
 }
 
 fn mnt(
@@ -139,7 +146,11 @@ nix::ioctl_none!(blkflsbuf, 0x12, 97);
 fn drop_cached_blocks(dev: &Path) -> Result<(), RootfsError> {
     let f = fs::File::open(dev).map_err(io_err("open", dev))?;
     // SAFETY: BLKFLSBUF takes no argument and acts on the open block device only.
-    unsafe { blkflsbuf(f.as_raw_fd()) }.map_err(|e| io_err("flush buffers of", dev)(e.into()))?;
+    unsafe { blkflsbuf(f.as_raw_fd()) }.map_err(|e| RootfsError::Io {
+        op: "flush buffers of",
+        path: dev.display().to_string(),
+        source: e.into(),
+    })?;
     Ok(())
 }
 
@@ -327,47 +338,6 @@ pub fn validate_mounts(mounts: &[Mount]) -> Result<(), RootfsError> {
 /// [`cleanup`].
 pub fn prepare(spec: &RootfsSpec<'_>) -> Result<PreparedRootfs, RootfsError> {
     validate_mounts(spec.mounts)?;
-    let PreparedRootfs { rootfs, fd } = mount_overlay(spec)?;
-    let d755 = Mode::from_bits_truncate(0o755);
-    for d in ["proc", "sys", "dev", "etc"] {
-        safepath::mkdir_all_beneath(&fd, Path::new(d), d755, None)?;
-    }
-    populate_dev(&fd, &rootfs, spec.shared_shm.as_deref())?;
-
-    // /sys, read-only.
-    mnt(
-        Some(Path::new("sysfs")),
-        &rootfs.join("sys"),
-        Some("sysfs"),
-        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC | MsFlags::MS_RDONLY,
-        None,
-    )?;
-
-    // Sandbox files, unless the request mounts something there itself.
-    for (src, dest) in &spec.etc_files {
-        if !src.exists() || spec.mounts.iter().any(|m| m.destination == *dest) {
-            continue;
-        }
-        bind(&fd, &rootfs, src, dest, true, MsFlags::empty(), false)?;
-    }
-    for m in spec.mounts {
-        mount_requested(&fd, &rootfs, m)?;
-    }
-
-    if spec.readonly {
-        mnt(
-            None,
-            &rootfs,
-            None,
-            MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY,
-            None,
-        )?;
-    }
-    Ok(PreparedRootfs { rootfs, fd })
-}
-
-/// The container's overlay: the image below, an upper layer on a tmpfs of its own.
-fn mount_overlay(spec: &RootfsSpec<'_>) -> Result<PreparedRootfs, RootfsError> {
     let upper = spec.bundle.join("upper");
     let rootfs = rootfs_dir(&spec.bundle);
     for d in [&upper, &rootfs] {
@@ -399,13 +369,12 @@ fn mount_overlay(spec: &RootfsSpec<'_>) -> Result<PreparedRootfs, RootfsError> {
         Mode::empty(),
     )
     .map_err(|e| io_err("open", &rootfs)(e.into()))?;
-    Ok(PreparedRootfs { rootfs, fd })
-}
-
-/// /dev: a tmpfs with the standard devices and links, a devpts instance of its own and
-/// /dev/shm (the sandbox's `shared_shm` when given, else a private tmpfs).
-fn populate_dev(fd: &OwnedFd, rootfs: &Path, shared_shm: Option<&Path>) -> Result<(), RootfsError> {
     let d755 = Mode::from_bits_truncate(0o755);
+    for d in ["proc", "sys", "dev", "etc"] {
+        safepath::mkdir_all_beneath(&fd, Path::new(d), d755, None)?;
+    }
+
+    // /dev
     let dev = rootfs.join("dev");
     mnt(
         Some(Path::new("tmpfs")),
@@ -415,7 +384,7 @@ fn populate_dev(fd: &OwnedFd, rootfs: &Path, shared_shm: Option<&Path>) -> Resul
         Some("mode=0755,size=65536k"),
     )?;
     let devfd = safepath::open_beneath(
-        fd,
+        &fd,
         Path::new("dev"),
         OFlag::O_PATH | OFlag::O_DIRECTORY,
         Mode::empty(),
@@ -450,46 +419,74 @@ fn populate_dev(fd: &OwnedFd, rootfs: &Path, shared_shm: Option<&Path>) -> Resul
         MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
         Some("newinstance,ptmxmode=0666,mode=0620,gid=5"),
     )?;
-    match shared_shm {
-        Some(shm) => mnt(Some(shm), &dev.join("shm"), None, MsFlags::MS_BIND, None),
+    match &spec.shared_shm {
+        Some(shm) => mnt(Some(shm), &dev.join("shm"), None, MsFlags::MS_BIND, None)?,
         None => mnt(
             Some(Path::new("shm")),
             &dev.join("shm"),
             Some("tmpfs"),
             MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
             Some("mode=1777,size=65536k"),
-        ),
+        )?,
     }
-}
 
-/// One mount of the request: a bind mount, or a file system of the given type.
-fn mount_requested(fd: &OwnedFd, rootfs: &Path, m: &Mount) -> Result<(), RootfsError> {
-    let o = parse_mount_options(&m.options, m.readonly);
-    if o.bind || m.r#type == "bind" || m.r#type.is_empty() {
-        return bind(
-            fd,
-            rootfs,
-            Path::new(&m.source),
-            &m.destination,
-            m.readonly,
-            o.flags,
-            o.recursive,
-        );
-    }
-    let rel = safepath::relative_components(&m.destination)?;
-    let target = safepath::mkdir_all_beneath(fd, &rel, Mode::from_bits_truncate(0o755), None)?;
-    let src = if m.source.is_empty() {
-        m.r#type.as_str()
-    } else {
-        m.source.as_str()
-    };
+    // /sys, read-only.
     mnt(
-        Some(Path::new(src)),
-        &safepath::fd_path(&target),
-        Some(&m.r#type),
-        o.flags,
-        (!o.data.is_empty()).then_some(o.data.as_str()),
-    )
+        Some(Path::new("sysfs")),
+        &rootfs.join("sys"),
+        Some("sysfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC | MsFlags::MS_RDONLY,
+        None,
+    )?;
+
+    // Sandbox files, unless the request mounts something there itself.
+    for (src, dest) in &spec.etc_files {
+        if !src.exists() || spec.mounts.iter().any(|m| m.destination == *dest) {
+            continue;
+        }
+        bind(&fd, &rootfs, src, dest, true, MsFlags::empty(), false)?;
+    }
+
+    for m in spec.mounts {
+        let o = parse_mount_options(&m.options, m.readonly);
+        if o.bind || m.r#type == "bind" || m.r#type.is_empty() {
+            bind(
+                &fd,
+                &rootfs,
+                Path::new(&m.source),
+                &m.destination,
+                m.readonly,
+                o.flags,
+                o.recursive,
+            )?;
+        } else {
+            let rel = safepath::relative_components(&m.destination)?;
+            let target = safepath::mkdir_all_beneath(&fd, &rel, d755, None)?;
+            let src = if m.source.is_empty() {
+                m.r#type.as_str()
+            } else {
+                m.source.as_str()
+            };
+            mnt(
+                Some(Path::new(src)),
+                &safepath::fd_path(&target),
+                Some(&m.r#type),
+                o.flags,
+                (!o.data.is_empty()).then_some(o.data.as_str()),
+            )?;
+        }
+    }
+
+    if spec.readonly {
+        mnt(
+            None,
+            &rootfs,
+            None,
+            MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY,
+            None,
+        )?;
+    }
+    Ok(PreparedRootfs { rootfs, fd })
 }
 
 /// Bind-mounts `src` (a file or directory in the guest) onto `dest` inside the rootfs, creating

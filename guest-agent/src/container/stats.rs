@@ -3,10 +3,10 @@
 use std::fs;
 use std::path::Path;
 
-use podvisor_common::now_ns;
 use podvisor_proto::v1::CgroupStats;
 
 use super::cgroup::flat_keyed;
+use super::exit::now_nanos;
 
 fn read(dir: &Path, file: &str) -> String {
     fs::read_to_string(dir.join(file)).unwrap_or_default()
@@ -31,7 +31,7 @@ pub fn read_stats(dir: &Path) -> CgroupStats {
         memory_rss_bytes: flat_keyed(&mem, "anon").unwrap_or(0),
         oom_kills: flat_keyed(&read(dir, "memory.events"), "oom_kill").unwrap_or(0),
         pids_current: single(dir, "pids.current"),
-        timestamp_unix_nanos: now_ns(),
+        timestamp_unix_nanos: now_nanos(),
     }
 }
 

@@ -235,13 +235,7 @@ async fn signals_exec_and_bad_input() {
     }];
     m.create_from_dir(&req, &f.image).expect("create");
     m.start("c2").await.expect("start");
-    execs_see_the_container(&m).await;
-    kill_then_delete(&m).await;
-    bad_input_is_refused(&m, &f.image).await;
-}
 
-/// Step of [`signals_exec_and_bad_input`]: execs in the running container "c2".
-async fn execs_see_the_container(m: &Arc<Manager>) {
     // exec in the running container: same namespaces, sees the read-only bind mount.
     let exec_pid = m
         .clone()
@@ -288,10 +282,7 @@ async fn execs_see_the_container(m: &Arc<Manager>) {
         "{}",
         bad_exec.message()
     );
-}
 
-/// Step of [`signals_exec_and_bad_input`]: "c2" is killed by a signal, then deleted.
-async fn kill_then_delete(m: &Manager) {
     // Running containers are not deleted without force.
     let busy = m.delete("c2", false).await.expect_err("running");
     assert_eq!(busy.code(), tonic::Code::FailedPrecondition);
@@ -304,10 +295,7 @@ async fn kill_then_delete(m: &Manager) {
     let exit = m.wait("c2", "").await.expect("wait");
     assert_eq!((exit.exit_code, exit.signal), (137, 9));
     m.delete("c2", false).await.expect("delete");
-}
 
-/// Step of [`signals_exec_and_bad_input`]: requests that must be refused.
-async fn bad_input_is_refused(m: &Arc<Manager>, image: &Path) {
     // Bad input.
     let mut esc = request("c3", "true");
     esc.mounts = vec![Mount {
@@ -331,15 +319,17 @@ async fn bad_input_is_refused(m: &Arc<Manager>, image: &Path) {
         tonic::Code::InvalidArgument
     );
     // A symlink in the image pointing out of the rootfs is not followed for a mount target.
-    std::os::unix::fs::symlink("/", image.join("escape")).expect("symlink");
+    std::os::unix::fs::symlink("/", f.image.join("escape")).expect("symlink");
     let mut sym = request("c5", "true");
     sym.mounts = vec![Mount {
-        source: image.join("etc").display().to_string(),
+        source: f.image.join("etc").display().to_string(),
         destination: "/escape/tmp/podvisor-escape".into(),
         r#type: "bind".into(),
         ..Default::default()
     }];
-    let e = m.create_from_dir(&sym, image).expect_err("symlink escape");
+    let e = m
+        .create_from_dir(&sym, &f.image)
+        .expect_err("symlink escape");
     assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
     assert!(!Path::new("/tmp/podvisor-escape").exists());
     assert_eq!(
