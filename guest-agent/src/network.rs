@@ -111,7 +111,7 @@ fn validate(
         let name = if i.name.is_empty() {
             None
         } else {
-            validate_ifname(&i.name)?;
+            podvisor_common::validate_ifname(&i.name).map_err(|e| invalid(e.to_string()))?;
             Some(i.name.clone())
         };
         let mtu = match i.mtu {
@@ -443,18 +443,6 @@ fn parse_mac(s: &str) -> Result<[u8; 6], NetworkError> {
         return Err(bad());
     }
     Ok(mac)
-}
-
-fn validate_ifname(name: &str) -> Result<(), NetworkError> {
-    let ok = name.len() < libc::IFNAMSIZ
-        && !name
-            .bytes()
-            .any(|b| b == b'/' || b == b':' || b == 0 || b.is_ascii_whitespace());
-    if ok {
-        Ok(())
-    } else {
-        Err(invalid(format!("invalid interface name {name:?}")))
-    }
 }
 
 fn format_mac(mac: &[u8; 6]) -> String {
