@@ -3,6 +3,7 @@
 
 mod error;
 mod ifname;
+pub mod names;
 
 pub use error::{IoError, error_chain};
 pub use ifname::{IfnameError, validate_ifname};

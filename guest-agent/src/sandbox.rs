@@ -6,7 +6,11 @@ use std::fmt::Write as _;
 use std::fs;
 use std::path::{Path, PathBuf};
 
+use podvisor_common::names;
 use podvisor_proto::v1::HostEntry;
+
+/// Where sysctls are written.
+const PROC_SYS: &str = "/proc/sys";
 
 #[derive(Debug, thiserror::Error)]
 pub enum SandboxError {
@@ -14,6 +18,8 @@ pub enum SandboxError {
     Hostname(String),
     #[error("invalid sysctl name {0:?}")]
     SysctlName(String),
+    #[error("sysctl {0:?} does not exist in the pod's kernel")]
+    UnknownSysctl(String),
     #[error("invalid /etc/hosts entry {0:?}")]
     HostEntry(String),
     #[error("write {path}")]
@@ -32,7 +38,10 @@ impl SandboxError {
     /// The request was wrong (as opposed to a failing write or system call).
     pub fn is_invalid_argument(&self) -> bool {
         match self {
-            Self::Hostname(_) | Self::SysctlName(_) | Self::HostEntry(_) => true,
+            Self::Hostname(_)
+            | Self::SysctlName(_)
+            | Self::UnknownSysctl(_)
+            | Self::HostEntry(_) => true,
             Self::Write { .. } | Self::SetHostname(_) => false,
             Self::Identity(e) => e.is_invalid_argument(),
         }
@@ -41,43 +50,34 @@ impl SandboxError {
 
 /// Checks a hostname (RFC 1123 labels, at most 64 bytes as the kernel allows).
 pub fn validate_hostname(h: &str) -> Result<(), SandboxError> {
-    let ok = !h.is_empty()
-        && h.len() <= 64
-        && h.split('.').all(|l| {
-            !l.is_empty()
-                && !l.starts_with('-')
-                && !l.ends_with('-')
-                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-        });
-    if ok {
-        Ok(())
-    } else {
-        Err(SandboxError::Hostname(h.to_owned()))
-    }
+    names::validate_hostname(h).map_err(|_| SandboxError::Hostname(h.to_owned()))
 }
 
 /// Maps a sysctl name ("net.ipv4.ip_forward" or "net/ipv4/ip_forward") to its path below
 /// `/proc/sys`, refusing anything that could leave that directory.
 pub fn sysctl_path(name: &str) -> Result<PathBuf, SandboxError> {
-    let bad = || SandboxError::SysctlName(name.to_owned());
-    let sep = if name.contains('/') { '/' } else { '.' };
-    let mut p = PathBuf::from("/proc/sys");
-    for part in name.split(sep) {
-        if part.is_empty()
-            || part == ".."
-            || part == "."
-            || !part
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b))
-        {
-            return Err(bad());
+    let rel =
+        names::sysctl_relative_path(name).map_err(|_| SandboxError::SysctlName(name.to_owned()))?;
+    Ok(Path::new(PROC_SYS).join(rel))
+}
+
+/// Writes a sysctl that must exist: a name this kernel does not have is the request's
+/// error (ENOENT without O_CREAT), not a failed write.
+fn write_sysctl(path: &Path, name: &str, value: &str) -> Result<(), SandboxError> {
+    let written = fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, value.as_bytes()));
+    match written {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Err(SandboxError::UnknownSysctl(name.to_owned()))
         }
-        p.push(part);
+        Err(source) => Err(SandboxError::Write {
+            path: path.to_path_buf(),
+            source,
+        }),
     }
-    if p == Path::new("/proc/sys") {
-        return Err(bad());
-    }
-    Ok(p)
 }
 
 /// Contents of the pod's /etc/hosts.
@@ -148,10 +148,16 @@ pub fn setup(
     let sysctls = req
         .sysctls
         .iter()
-        .map(|(k, v)| Ok((sysctl_path(k)?, v)))
+        .map(|(k, v)| Ok((sysctl_path(k)?, k, v)))
         .collect::<Result<Vec<_>, SandboxError>>()?;
     let hosts = hosts_file(&req.hostname, &req.hosts)?;
     crate::identity::validate(&req.random_seed, req.time_unix_nanos)?;
+    // A sysctl this kernel lacks is refused before anything changes.
+    if set_kernel_state
+        && let Some((_, name, _)) = sysctls.iter().find(|(path, _, _)| !path.exists())
+    {
+        return Err(SandboxError::UnknownSysctl((*name).clone()));
+    }
     if set_kernel_state {
         if !req.random_seed.is_empty() {
             crate::identity::mix_random_seed(&req.random_seed)?;
@@ -173,8 +179,8 @@ pub fn setup(
         if !req.hostname.is_empty() {
             nix::unistd::sethostname(&req.hostname).map_err(SandboxError::SetHostname)?;
         }
-        for (path, value) in sysctls {
-            write(path, value)?;
+        for (path, name, value) in sysctls {
+            write_sysctl(&path, name, value)?;
         }
     }
     Ok(())
