@@ -13,7 +13,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use chrono::{DateTime, Utc};
@@ -31,6 +31,15 @@ pub enum LogError {
     #[error("open container log {path}")]
     Open {
         /// The log file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// Its directory could not be created.
+    #[error("create container log directory {path}")]
+    CreateDir {
+        /// The directory.
         path: PathBuf,
         /// Why.
         #[source]
@@ -108,7 +117,25 @@ fn entry(out: &mut Vec<u8>, timestamp: &str, stream: Stream, partial: bool, text
 }
 
 impl CriLogWriter {
-    /// Opens (or creates) the log file at `path`.
+    /// CreateContainer's log: creates the directories above `path` that do not exist yet
+    /// (mode 0755, as containerd's MkdirAll; kubelet's log paths are trusted), then opens
+    /// or creates the file.
+    pub fn create(path: impl Into<PathBuf>) -> Result<Self, LogError> {
+        let path = path.into();
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o755)
+                .create(dir)
+                .map_err(|source| LogError::CreateDir {
+                    path: dir.to_path_buf(),
+                    source,
+                })?;
+        }
+        Self::open(path)
+    }
+
+    /// Opens (or creates) the log file at `path`, whose directory must exist.
     pub fn open(path: impl Into<PathBuf>) -> Result<Self, LogError> {
         let path = path.into();
         let file = open_log(&path)?;
@@ -451,6 +478,28 @@ mod tests {
             !d.path().join("missing").exists(),
             "kubelet makes the directory"
         );
+    }
+
+    #[test]
+    fn create_makes_the_missing_directories() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("ns_pod_uid/app/0.log");
+        let mut w = CriLogWriter::create(&path).unwrap();
+        w.write(Stdout, b"hi\n").unwrap();
+        assert_eq!(entries(&path), [f(Stdout, "hi")]);
+        let mode = std::fs::metadata(d.path().join("ns_pod_uid/app"))
+            .unwrap()
+            .permissions();
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+            0o755
+        );
+        // A file where a directory should be: a clear error, nothing written.
+        std::fs::write(d.path().join("file"), "").unwrap();
+        assert!(matches!(
+            CriLogWriter::create(d.path().join("file/0.log")),
+            Err(LogError::CreateDir { .. })
+        ));
     }
 
     #[test]

@@ -42,6 +42,7 @@ impl PodManager {
             .sandbox_arc(sandbox_id)
             .ok_or_else(|| PodError::NotFound(format!("pod sandbox {sandbox_id:?} not found")))?;
         let mut slots = sb.lifecycle.lock().await;
+        self.check_container_name(&sb, &spec.name, spec.attempt)?;
         if sb.state() != SandboxState::Ready {
             return Err(PodError::FailedPrecondition(format!(
                 "pod sandbox {sandbox_id} is not ready"
@@ -58,7 +59,7 @@ impl PodManager {
         let writer = if log_path.as_os_str().is_empty() {
             None
         } else {
-            Some(CriLogWriter::open(&log_path)?)
+            Some(CriLogWriter::create(&log_path)?)
         };
         let collected = collect_volumes(&id, &spec.mounts).await?;
 
@@ -107,6 +108,25 @@ impl PodManager {
         refresh_volumes(c.clone(), client.clone(), watch);
         self.supervise(c, client, true);
         Ok(id)
+    }
+
+    /// Refuses a container name (with attempt) another container of the pod has, in any
+    /// state, as containerd does. The caller holds the sandbox's lifecycle lock, which
+    /// every CreateContainer of the pod takes, so no second one passes this check before
+    /// the first is recorded.
+    fn check_container_name(&self, sb: &Sandbox, name: &str, attempt: u32) -> Result<(), PodError> {
+        let taken = self.containers_of(&sb.id).into_iter().find(|c| {
+            let r = lock(&c.record);
+            r.name == name && r.attempt == attempt
+        });
+        match taken {
+            Some(c) => Err(PodError::AlreadyExists(format!(
+                "container name {name:?} (attempt {attempt}) in pod sandbox {} is reserved for \
+                 container {}; remove it first",
+                sb.id, c.id
+            ))),
+            None => Ok(()),
+        }
     }
 
     /// A lease on the image named `name` (it stays while the container does) and the size

@@ -22,6 +22,9 @@ pub enum PodError {
     /// An unknown sandbox, container or image.
     #[error("{0}")]
     NotFound(String),
+    /// The name is reserved by another sandbox or container (or a request creating one).
+    #[error("{0}")]
+    AlreadyExists(String),
     /// The object is in the wrong state.
     #[error("{0}")]
     FailedPrecondition(String),
@@ -107,6 +110,7 @@ impl PodError {
         match self {
             PodError::InvalidArgument(_) | PodError::Process(_) => Code::InvalidArgument,
             PodError::NotFound(_) => Code::NotFound,
+            PodError::AlreadyExists(_) => Code::AlreadyExists,
             PodError::FailedPrecondition(_) => Code::FailedPrecondition,
             PodError::ResourceExhausted(_) => Code::ResourceExhausted,
             PodError::DeadlineExceeded(_) => Code::DeadlineExceeded,
@@ -134,6 +138,18 @@ impl PodError {
             | PodError::Io(_)
             | PodError::Internal(_) => Code::Internal,
         }
+    }
+}
+
+impl PodError {
+    /// The request's own fault (a bad argument, a name in use), as opposed to a failure
+    /// of the machinery serving it: doing it another way (a cold boot after a failed
+    /// restore) or again fails the same way, so it is answered at once.
+    pub fn is_request_error(&self) -> bool {
+        matches!(
+            self.code(),
+            tonic::Code::InvalidArgument | tonic::Code::AlreadyExists
+        )
     }
 }
 
@@ -165,6 +181,16 @@ mod tests {
         assert_eq!(agent(Code::Unknown).code(), Code::Unavailable);
         assert_eq!(agent(Code::DataLoss).code(), Code::Internal);
         assert!(ignore_gone::<()>(Err(agent(Code::NotFound))).is_ok());
+        // The agent refusing the request vs. the VM failing it.
+        assert!(agent(Code::InvalidArgument).is_request_error());
+        assert!(PodError::AlreadyExists("x".into()).is_request_error());
+        assert!(!agent(Code::Unavailable).is_request_error());
+        assert!(!agent(Code::NotFound).is_request_error());
+        let timeout = PodError::AgentTimeout {
+            what: "SetupSandbox".into(),
+            timeout: Duration::from_secs(1),
+        };
+        assert!(!timeout.is_request_error());
         assert!(ignore_gone::<()>(Err(agent(Code::Internal))).is_err());
     }
 }

@@ -43,6 +43,7 @@ mod container;
 mod error;
 mod exec;
 mod image_slots;
+mod names;
 pub mod process;
 mod recovery;
 mod sandbox;
@@ -178,6 +179,8 @@ struct Inner {
     templates: template::Templates,
     sandboxes: Mutex<HashMap<String, Arc<Sandbox>>>,
     containers: Mutex<HashMap<String, Arc<Container>>>,
+    /// Pod names of sandboxes being created.
+    pending_names: names::PendingNames,
 }
 
 /// The sandbox and container manager. Cheap to clone: clones share one manager.
@@ -209,6 +212,7 @@ impl PodManager {
                 placeholder,
                 sandboxes: Mutex::new(HashMap::new()),
                 containers: Mutex::new(HashMap::new()),
+                pending_names: names::PendingNames::default(),
             }),
         })
     }

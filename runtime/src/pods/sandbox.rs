@@ -18,6 +18,7 @@ use super::agent::{
 };
 use super::error::PodError;
 use super::image_slots::slot_drives;
+use super::names::sandbox_key;
 use super::spec::{SandboxSpec, resolv_conf};
 use super::template::{self, Template};
 use super::vm::{self, VMM_STOP_TIMEOUT};
@@ -41,13 +42,21 @@ const WATCH_INTERVAL: Duration = Duration::from_secs(3);
 impl PodManager {
     /// RunPodSandbox: boots the pod's VM, waits for its agent and sets the pod up. Returns
     /// the sandbox id. On failure nothing of the sandbox is left.
-    pub async fn run_sandbox(&self, spec: SandboxSpec) -> Result<String, PodError> {
+    pub async fn run_sandbox(&self, mut spec: SandboxSpec) -> Result<String, PodError> {
         let handler = self
             .inner
             .config
             .handler(&spec.runtime_handler)
             .map_err(|e| PodError::InvalidArgument(e.to_string()))?
             .clone();
+        let key = sandbox_key(&spec.name, &spec.namespace, &spec.uid, spec.attempt);
+        let _name = self
+            .inner
+            .pending_names
+            .reserve(key, |key| self.sandbox_named(key))?;
+        if spec.hostname.is_empty() {
+            spec.hostname = node_hostname()?;
+        }
         let id = new_id()?;
         let dir = self.new_pod_dir(&id)?;
         // The network first: the VMM starts inside its namespace, on its TAP.
@@ -68,7 +77,9 @@ impl PodManager {
             .record_and_boot(&record, &handle, &spec, &net, template.is_some())
             .await;
         let (handle, booted) = match (booted, &template) {
-            (Err(e), Some(t)) => {
+            // Only a failure of the restore itself is worth a cold boot; the request's own
+            // error (the agent refusing its hostname or sysctls) would fail the same way.
+            (Err(e), Some(t)) if !e.is_request_error() => {
                 tracing::warn!(
                     sandbox = %id,
                     template = %t.key,
@@ -370,6 +381,17 @@ impl PodManager {
         Ok(client)
     }
 
+    /// The id of the sandbox (in any state) whose pod name is `key` ([`sandbox_key`]).
+    fn sandbox_named(&self, key: &str) -> Option<String> {
+        lock(&self.inner.sandboxes)
+            .values()
+            .find(|sb| {
+                let r = lock(&sb.record);
+                sandbox_key(&r.name, &r.namespace, &r.uid, r.attempt) == key
+            })
+            .map(|sb| sb.id.clone())
+    }
+
     /// Kills a VM that never became a usable sandbox and removes all trace of it.
     async fn discard_vm(&self, id: &str, handle: &VmmHandle) {
         let h = handle.clone();
@@ -507,11 +529,6 @@ impl PodManager {
 
 /// The record of a new sandbox, NotReady, on VM `handle` and network `net`.
 fn new_record(id: &str, spec: &SandboxSpec, handle: &VmmHandle, net: &PodNetwork) -> SandboxRecord {
-    let hostname = if spec.hostname.is_empty() {
-        spec.name.clone()
-    } else {
-        spec.hostname.clone()
-    };
     SandboxRecord {
         id: id.to_string(),
         name: spec.name.clone(),
@@ -525,10 +542,19 @@ fn new_record(id: &str, spec: &SandboxSpec, handle: &VmmHandle, net: &PodNetwork
         state: SandboxState::NotReady,
         vmm: handle.clone(),
         log_directory: spec.log_directory.clone(),
-        hostname,
+        hostname: spec.hostname.clone(),
         dns: spec.dns.clone(),
         port_mappings: spec.port_mappings.clone(),
         ips: net.ips(),
         netns: Some(net.netns_path().to_owned()),
     }
+}
+
+/// The node's hostname: a pod's when its config gives none, as containerd does (the pod
+/// name is often longer than the 64 bytes a hostname may have).
+fn node_hostname() -> Result<String, PodError> {
+    let name =
+        nix::unistd::gethostname().map_err(|e| PodError::Internal(format!("gethostname: {e}")))?;
+    name.into_string()
+        .map_err(|n| PodError::Internal(format!("the node's hostname {n:?} is not UTF-8")))
 }

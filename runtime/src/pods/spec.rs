@@ -50,7 +50,7 @@ pub struct SandboxSpec {
     pub annotations: HashMap<String, String>,
     /// RuntimeClass handler ("" for the default).
     pub runtime_handler: String,
-    /// Hostname ("" for the pod name).
+    /// Hostname ("" for the node's, as containerd gives).
     pub hostname: String,
     /// Where container logs go ("" for nowhere).
     pub log_directory: PathBuf,

@@ -5,6 +5,7 @@
 use std::path::PathBuf;
 
 use k8s_cri::v1 as cri;
+use podvisor_common::names;
 use tonic::Status;
 
 use crate::cri::invalid;
@@ -39,6 +40,7 @@ pub(super) fn sandbox_spec(req: cri::RunPodSandboxRequest) -> Result<SandboxSpec
     let config = req
         .config
         .ok_or_else(|| invalid("RunPodSandbox: config is missing"))?;
+    validate_pod_config(&config)?;
     let meta = config
         .metadata
         .ok_or_else(|| invalid("RunPodSandbox: metadata is missing"))?;
@@ -100,6 +102,60 @@ pub(super) fn sandbox_spec(req: cri::RunPodSandboxRequest) -> Result<SandboxSpec
         port_mappings,
         sysctls: linux.sysctls,
     })
+}
+
+/// Checks what the pod's VM is set up with before any work starts: a bad field is refused
+/// as InvalidArgument naming it, not found out by the agent after a VM was made for it.
+fn validate_pod_config(config: &cri::PodSandboxConfig) -> Result<(), Status> {
+    let field = |name: &str, why: &dyn std::fmt::Display| {
+        invalid(format!("RunPodSandbox: config.{name}: {why}"))
+    };
+    if !config.hostname.is_empty() {
+        names::validate_hostname(&config.hostname).map_err(|e| field("hostname", &e))?;
+    }
+    if !config.log_directory.is_empty() && !config.log_directory.starts_with('/') {
+        return Err(field(
+            "log_directory",
+            &format_args!("{:?} is not an absolute path", config.log_directory),
+        ));
+    }
+    if let Some(dns) = &config.dns_config {
+        for (list, name) in [
+            (&dns.servers, "servers"),
+            (&dns.searches, "searches"),
+            (&dns.options, "options"),
+        ] {
+            // Each is one word of a resolv.conf line.
+            if let Some((i, v)) = list.iter().enumerate().find(|(_, v)| {
+                v.is_empty()
+                    || v.len() > 255
+                    || v.bytes()
+                        .any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
+            }) {
+                return Err(field(
+                    &format!("dns_config.{name}[{i}]"),
+                    &format_args!("{v:?} is not one word of at most 255 bytes"),
+                ));
+            }
+        }
+    }
+    for (i, p) in config.port_mappings.iter().enumerate() {
+        if !(1..=65535).contains(&p.container_port) || !(0..=65535).contains(&p.host_port) {
+            return Err(field(
+                &format!("port_mappings[{i}]"),
+                &format_args!(
+                    "container port {} or host port {} is out of range",
+                    p.container_port, p.host_port
+                ),
+            ));
+        }
+    }
+    if let Some(linux) = &config.linux {
+        for name in linux.sysctls.keys() {
+            names::sysctl_relative_path(name).map_err(|e| field("linux.sysctls", &e))?;
+        }
+    }
+    Ok(())
 }
 
 /// CRI resources as the agent applies them.
@@ -236,8 +292,15 @@ fn namespace_mode(v: i32, what: &str) -> Result<NamespaceMode, Status> {
     }
 }
 
-/// The user the container runs as.
+/// The user the container runs as. A group alone is refused, as kubelet and containerd
+/// do: it would pair with whatever user the image names.
 fn user_spec(sc: &cri::LinuxContainerSecurityContext) -> Result<UserSpec, Status> {
+    if sc.run_as_group.is_some() && sc.run_as_user.is_none() && sc.run_as_username.is_empty() {
+        return Err(invalid(
+            "CreateContainer: linux.security_context.run_as_group needs run_as_user or \
+             run_as_username",
+        ));
+    }
     Ok(UserSpec {
         uid: sc
             .run_as_user
@@ -337,6 +400,79 @@ mod tests {
                 e.message()
             );
         }
+    }
+
+    #[test]
+    fn pod_fields_are_checked_before_any_work() {
+        let with = |f: &dyn Fn(&mut cri::PodSandboxConfig)| {
+            let mut req = pod("a", "b", "c");
+            if let Some(c) = req.config.as_mut() {
+                f(c);
+            }
+            sandbox_spec(req)
+        };
+        // No hostname is fine (the node's is used); a good one too.
+        assert_eq!(with(&|_| {}).unwrap().hostname, "");
+        assert_eq!(
+            with(&|c| c.hostname = "web-0".into()).unwrap().hostname,
+            "web-0"
+        );
+        type Edit<'a> = &'a dyn Fn(&mut cri::PodSandboxConfig);
+        let bad: [(Edit, &str); 6] = [
+            (&|c| c.hostname = "a".repeat(65), "config.hostname"),
+            (&|c| c.hostname = "under_score".into(), "config.hostname"),
+            (
+                &|c| c.log_directory = "relative/logs".into(),
+                "config.log_directory",
+            ),
+            (
+                &|c| {
+                    c.dns_config = Some(cri::DnsConfig {
+                        searches: vec!["a.svc\nnameserver 6.6.6.6".into()],
+                        ..Default::default()
+                    })
+                },
+                "config.dns_config.searches[0]",
+            ),
+            (
+                &|c| {
+                    c.port_mappings = vec![cri::PortMapping {
+                        container_port: 70000,
+                        ..Default::default()
+                    }]
+                },
+                "config.port_mappings[0]",
+            ),
+            (
+                &|c| {
+                    c.linux = Some(cri::LinuxPodSandboxConfig {
+                        sysctls: [("net/../../etc".to_string(), "1".to_string())].into(),
+                        ..Default::default()
+                    })
+                },
+                "config.linux.sysctls",
+            ),
+        ];
+        for (f, what) in bad {
+            let e = with(f).unwrap_err();
+            assert_eq!(e.code(), tonic::Code::InvalidArgument, "{what}");
+            assert!(e.message().contains(what), "{what}: {}", e.message());
+        }
+    }
+
+    #[test]
+    fn run_as_group_needs_a_user() {
+        let sc = |user: Option<i64>, name: &str| cri::LinuxContainerSecurityContext {
+            run_as_user: user.map(|value| cri::Int64Value { value }),
+            run_as_username: name.into(),
+            run_as_group: Some(cri::Int64Value { value: 100 }),
+            ..Default::default()
+        };
+        let e = user_spec(&sc(None, "")).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(e.message().contains("run_as_group"), "{}", e.message());
+        assert_eq!(user_spec(&sc(Some(1000), "")).unwrap().gid, Some(100));
+        assert_eq!(user_spec(&sc(None, "nobody")).unwrap().gid, Some(100));
     }
 
     fn container(name: &str) -> cri::ContainerConfig {
