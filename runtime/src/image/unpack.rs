@@ -14,6 +14,7 @@
 //! modification times are kept, for `mkfs.ext4 -d` to copy. The uncompressed stream is
 //! checked against the config's `diff_ids`.
 
+use std::cell::Cell;
 use std::collections::{HashMap, HashSet};
 use std::ffi::{CString, OsStr};
 use std::fs;
@@ -125,10 +126,17 @@ impl Unpacker {
         };
         let mut count = 0;
         {
-            let mut archive = tar::Archive::new(&mut hashed);
+            let data_end = Cell::new(0);
+            let mut archive = tar::Archive::new(CompleteTail {
+                inner: &mut hashed,
+                read: 0,
+                data_end: &data_end,
+                zeros_left: None,
+            });
             let entries = archive.entries().map_err(|e| bad(format!("read: {e}")))?;
             for entry in entries {
                 let mut entry = entry.map_err(|e| bad(format!("read: {e}")))?;
+                data_end.set(entry.raw_file_position().saturating_add(entry.size()));
                 layer.apply_entry(&mut entry)?;
                 count += 1;
             }
@@ -558,6 +566,50 @@ impl<R: Read> Read for HashingReader<R> {
     }
 }
 
+/// The size of a tar block.
+const TAR_BLOCK: u64 = 512;
+/// The end-of-archive marker: two zero blocks.
+const TAR_END_BYTES: u64 = 2 * TAR_BLOCK;
+
+/// A layer stream as Go's `archive/tar` (and so containerd) reads it: a layer may end right
+/// after its last entry's data, without the padding to a block or the end-of-archive blocks
+/// (umoci writes such layers), which the tar crate insists on. Once the stream ends and
+/// everything it has held includes all of the last entry's data, this reader supplies the
+/// missing padding and end blocks as zeros; a stream that ends inside an entry's data ends
+/// there, and the entry or the next header is refused as truncated. Written by hand: the
+/// tar crate has no lenient mode.
+struct CompleteTail<'a, R> {
+    inner: R,
+    /// Bytes the stream has given.
+    read: u64,
+    /// Where the current entry's data ends in the stream.
+    data_end: &'a Cell<u64>,
+    /// Zeros still to give once the stream has ended after complete data.
+    zeros_left: Option<u64>,
+}
+
+impl<R: Read> Read for CompleteTail<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        if self.zeros_left.is_none() {
+            let n = self.inner.read(buf)?;
+            if n > 0 || self.read < self.data_end.get() {
+                self.read += n as u64;
+                return Ok(n);
+            }
+            let pad = (TAR_BLOCK - self.read % TAR_BLOCK) % TAR_BLOCK;
+            self.zeros_left = Some(pad + TAR_END_BYTES);
+        }
+        let left = self.zeros_left.unwrap_or(0);
+        let n = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+        buf[..n].fill(0);
+        self.zeros_left = Some(left - n as u64);
+        Ok(n)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -877,6 +929,42 @@ mod tests {
             1_500_000_000,
             "set after the directory's entries"
         );
+    }
+
+    #[test]
+    fn layers_without_the_tar_trailer_are_read_as_go_reads_them() {
+        let data = "x".repeat(700);
+        let full = LayerTar::default()
+            .dir("etc")
+            .file("etc/motd", &data)
+            .bytes();
+        // Header blocks: etc, etc/motd; then 700 bytes of data from offset 1024.
+        let data_end = 2 * 512 + 700;
+        for (cut, what) in [
+            (data_end, "no padding"),
+            (data_end + 100, "part of the padding"),
+        ] {
+            let layer = &full[..cut];
+            let diff_id = format!("sha256:{}", hex::encode(Sha256::digest(layer)));
+            let mut s = Scratch::new();
+            let count = s
+                .unpacker
+                .apply(layer, Compression::None, "sha256:l", Some(&diff_id))
+                .unwrap_or_else(|e| panic!("{what}: {e}"));
+            assert_eq!(count, 2, "{what}");
+            assert_eq!(s.read("etc/motd"), data, "{what}");
+        }
+        // Truncated entry data is still refused, also inside the last block.
+        for cut in [data_end - 1, 2 * 512 + 600, 2 * 512 + 10, 512 + 100] {
+            let mut s = Scratch::new();
+            let e = s
+                .unpacker
+                .apply(&full[..cut], Compression::None, "sha256:l", None);
+            assert!(
+                matches!(e, Err(ImageError::BadLayer { .. })),
+                "cut at {cut}: {e:?}"
+            );
+        }
     }
 
     #[test]
