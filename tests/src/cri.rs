@@ -414,3 +414,61 @@ pub fn shell_container(name: &str, image: &str, script: &str) -> cri::ContainerC
         ..Default::default()
     }
 }
+
+/// A test's pod network: its CNI conf dir, and its bridge, removed when dropped.
+pub struct PodNet {
+    dir: tempfile::TempDir,
+    bridge: &'static str,
+}
+
+impl Drop for PodNet {
+    fn drop(&mut self) {
+        delete_link(self.bridge);
+    }
+}
+
+/// What a CRI test needs around podvisord: the registry, the CNI network, the image
+/// reference. Kept until the test ends.
+pub struct CriSetup {
+    _registry: crate::registry::Registry,
+    _net: PodNet,
+    /// The pushed busybox image.
+    pub image_name: String,
+}
+
+/// A registry with busybox pushed, a bridge CNI network named `bridge` on `subnet`, and
+/// podvisord configured for them with the test kernel and agent image; `tag` prefixes
+/// what it prints.
+pub async fn start_cri_daemon(
+    tag: &str,
+    bridge: &'static str,
+    subnet: &str,
+) -> anyhow::Result<(CriSetup, Daemon)> {
+    paths::require_kvm()?;
+    let kernel = paths::guest_kernel()?;
+    let rootfs = artifacts::agent_rootfs()?;
+    let registry = crate::registry::Registry::start()?;
+    let pushed = crate::registry::push_busybox(&registry, "podvisor/busybox", tag).await?;
+    let image_name = registry.reference("podvisor/busybox", tag);
+    println!("[{tag}] pushed {image_name} ({})", pushed.digest);
+    let net = PodNet {
+        dir: tempfile::Builder::new().prefix("pvcni").tempdir()?,
+        bridge,
+    };
+    let conf_dir = write_bridge_conflist(net.dir.path(), bridge, bridge, subnet)?;
+    let daemon = Daemon::start(&format!(
+        "[registry]\ninsecure = [{host:?}]\n\n[cni]\nconf_dir = {conf_dir:?}\n\
+         bin_dirs = [{CNI_BIN_DIR:?}]\n\n[handlers.podvisor]\nvcpus = 1\nmemory_mib = 256\n\
+         kernel = {kernel:?}\nimage = {rootfs:?}\n",
+        host = registry.host(),
+        conf_dir = conf_dir.display().to_string(),
+        kernel = kernel.display().to_string(),
+        rootfs = rootfs.display().to_string(),
+    ))?;
+    let setup = CriSetup {
+        _registry: registry,
+        _net: net,
+        image_name,
+    };
+    Ok((setup, daemon))
+}

@@ -29,11 +29,8 @@ use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use podvisor_runtime::logs::{Stream, parse_line};
 use podvisor_tests::cri::{
-    CNI_BIN_DIR, Daemon, connect, delete_link, pull_image, shell_container, vmm_processes_under,
-    write_bridge_conflist,
+    Daemon, connect, pull_image, shell_container, start_cri_daemon, vmm_processes_under,
 };
-use podvisor_tests::registry::{Registry, push_busybox};
-use podvisor_tests::{artifacts, paths};
 use tonic::transport::Channel;
 
 type Runtime = RuntimeServiceClient<Channel>;
@@ -282,61 +279,10 @@ fn files_in(dir: &Path) -> Vec<PathBuf> {
 const SAY_LOOP: &str = "while true; do if [ -f /tmp/say ]; then cat /tmp/say; rm -f /tmp/say; \
                         fi; sleep 1; done";
 
-/// The pods' CNI network of one test: its conf dir, and its bridge removed at the end.
-struct PodNet {
-    dir: tempfile::TempDir,
-    bridge: &'static str,
-}
-
-impl Drop for PodNet {
-    fn drop(&mut self) {
-        delete_link(self.bridge);
-    }
-}
-
-/// What a test needs around podvisord: the registry, the CNI network, the image reference.
-struct Setup {
-    _registry: Registry,
-    _net: PodNet,
-    image_name: String,
-}
-
-/// A registry with busybox pushed, a bridge CNI network, and podvisord configured for them
-/// with the test kernel and agent image.
-async fn start_daemon(bridge: &'static str, subnet: &str) -> anyhow::Result<(Setup, Daemon)> {
-    paths::require_kvm()?;
-    let kernel = paths::guest_kernel()?;
-    let rootfs = artifacts::agent_rootfs()?;
-    let registry = Registry::start()?;
-    let pushed = push_busybox(&registry, "podvisor/busybox", "cri").await?;
-    let image_name = registry.reference("podvisor/busybox", "cri");
-    println!("[cri] pushed {image_name} ({})", pushed.digest);
-    let net = PodNet {
-        dir: tempfile::Builder::new().prefix("pvcni").tempdir()?,
-        bridge,
-    };
-    let conf_dir = write_bridge_conflist(net.dir.path(), bridge, bridge, subnet)?;
-    let daemon = Daemon::start(&format!(
-        "[registry]\ninsecure = [{host:?}]\n\n[cni]\nconf_dir = {conf_dir:?}\n\
-         bin_dirs = [{CNI_BIN_DIR:?}]\n\n[handlers.podvisor]\nvcpus = 1\nmemory_mib = 256\n\
-         kernel = {kernel:?}\nimage = {rootfs:?}\n",
-        host = registry.host(),
-        conf_dir = conf_dir.display().to_string(),
-        kernel = kernel.display().to_string(),
-        rootfs = rootfs.display().to_string(),
-    ))?;
-    let setup = Setup {
-        _registry: registry,
-        _net: net,
-        image_name,
-    };
-    Ok((setup, daemon))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubelet_lifecycle_on_a_real_vm() -> anyhow::Result<()> {
     let _one_vm = ONE_VM.lock().await;
-    let (setup, mut daemon) = start_daemon("pvcri1", "10.88.201.0/24").await?;
+    let (setup, mut daemon) = start_cri_daemon("cri", "pvcri1", "10.88.201.0/24").await?;
     let result = lifecycle(&mut daemon, &setup.image_name).await;
     if result.is_err() {
         println!("[cri] podvisord's log:\n{}", daemon.log());
@@ -351,7 +297,7 @@ async fn kubelet_lifecycle_on_a_real_vm() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_vmm_makes_the_pod_not_ready() -> anyhow::Result<()> {
     let _one_vm = ONE_VM.lock().await;
-    let (setup, mut daemon) = start_daemon("pvcri2", "10.88.202.0/24").await?;
+    let (setup, mut daemon) = start_cri_daemon("cri", "pvcri2", "10.88.202.0/24").await?;
     let result = vmm_killed(&daemon, &setup.image_name).await;
     if result.is_err() {
         println!("[cri] podvisord's log:\n{}", daemon.log());

@@ -1,0 +1,342 @@
+//! CRI conformance, detail by detail, as kubelet and crictl's validation suite rely on it:
+//! a real podvisord, a real registry, real microVMs (restored from the handler's template).
+//!
+//! - A pod with no hostname and a 68-byte name (crictl's suite names its pods so) gets the
+//!   node's hostname; a hostname or sysctl name that cannot be is refused as InvalidArgument
+//!   naming the field before any VM is made.
+//! - A sysctl the guest kernel lacks is refused by the agent after a template restore: the
+//!   request fails at once with InvalidArgument, without the cold-boot fallback meant for
+//!   failed restores, and leaves nothing behind.
+//! - Pod names are reserved: of two RunPodSandbox with the same metadata at once one makes
+//!   the pod and the other gets AlreadyExists, as does a later one, until the pod is
+//!   removed. Container names (with attempt) are reserved in their pod the same way.
+//! - CreateContainer makes a missing log directory, as containerd does.
+//! - RunAsGroup without RunAsUser is refused at CreateContainer.
+//!
+//! Every wait has a generous deadline; none is a fixed sleep.
+
+// An end-to-end scenario reads top to bottom, step after step; the length limit is for
+// the product code.
+#![allow(clippy::too_many_lines)]
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail, ensure};
+use k8s_cri::v1 as cri;
+use k8s_cri::v1::image_service_client::ImageServiceClient;
+use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
+use podvisor_tests::cri::{
+    Daemon, connect, pull_image, shell_container, start_cri_daemon, vmm_processes_under,
+};
+use tonic::transport::Channel;
+
+type Runtime = RuntimeServiceClient<Channel>;
+
+/// The pod name crictl's validation suite gives its pods: 68 bytes, too long for a hostname.
+const SUITE_POD_NAME: &str = "create-PodSandbox-for-container-0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0";
+
+fn say(what: &str) {
+    println!("[conformance] {what}");
+}
+
+fn expect_code<T: std::fmt::Debug>(
+    what: &str,
+    r: Result<tonic::Response<T>, tonic::Status>,
+    code: tonic::Code,
+) -> anyhow::Result<String> {
+    match r {
+        Err(s) if s.code() == code => {
+            say(&format!("{what}: {code:?} {:?}", s.message()));
+            Ok(s.message().to_string())
+        }
+        other => bail!("{what}: expected {code:?}, got {other:?}"),
+    }
+}
+
+fn pod_config(name: &str, log_directory: &Path) -> cri::PodSandboxConfig {
+    cri::PodSandboxConfig {
+        metadata: Some(cri::PodSandboxMetadata {
+            name: name.into(),
+            uid: "uid-conformance-1".into(),
+            namespace: "default".into(),
+            attempt: 0,
+        }),
+        log_directory: log_directory.display().to_string(),
+        ..Default::default()
+    }
+}
+
+async fn run_pod(rt: &mut Runtime, pod: &cri::PodSandboxConfig) -> Result<String, tonic::Status> {
+    rt.run_pod_sandbox(cri::RunPodSandboxRequest {
+        config: Some(pod.clone()),
+        runtime_handler: String::new(),
+    })
+    .await
+    .map(|r| r.into_inner().pod_sandbox_id)
+}
+
+/// Pod directories and VMM processes podvisord has now.
+fn pods_left(daemon: &Daemon) -> (Vec<String>, Vec<u32>) {
+    let pods = daemon.state_dir.join("pods");
+    let dirs = std::fs::read_dir(&pods)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    (dirs, vmm_processes_under(&pods))
+}
+
+async fn exec(rt: &mut Runtime, id: &str, cmd: &[&str]) -> anyhow::Result<cri::ExecSyncResponse> {
+    Ok(rt
+        .exec_sync(cri::ExecSyncRequest {
+            container_id: id.into(),
+            cmd: cmd.iter().map(|s| (*s).to_string()).collect(),
+            timeout: 120,
+        })
+        .await
+        .with_context(|| format!("ExecSync {cmd:?}"))?
+        .into_inner())
+}
+
+/// Bad pod fields are refused before any VM is made.
+async fn refused_before_work(rt: &mut Runtime, daemon: &Daemon, logs: &Path) -> anyhow::Result<()> {
+    let mut long_host = pod_config("bad-host", logs);
+    long_host.hostname = "h".repeat(65);
+    let msg = expect_code(
+        "RunPodSandbox with a 65-byte hostname",
+        run_pod(rt, &long_host).await.map(tonic::Response::new),
+        tonic::Code::InvalidArgument,
+    )?;
+    ensure!(msg.contains("config.hostname"), "{msg}");
+
+    let mut bad_sysctl = pod_config("bad-sysctl", logs);
+    bad_sysctl.linux = Some(cri::LinuxPodSandboxConfig {
+        sysctls: [("net/../../etc/x".to_string(), "1".to_string())].into(),
+        ..Default::default()
+    });
+    let msg = expect_code(
+        "RunPodSandbox with a sysctl name leaving /proc/sys",
+        run_pod(rt, &bad_sysctl).await.map(tonic::Response::new),
+        tonic::Code::InvalidArgument,
+    )?;
+    ensure!(msg.contains("config.linux.sysctls"), "{msg}");
+    let (dirs, vmms) = pods_left(daemon);
+    ensure!(
+        dirs.is_empty() && vmms.is_empty(),
+        "a refused request left pod dirs {dirs:?}, VMMs {vmms:?}"
+    );
+    Ok(())
+}
+
+/// A sysctl the guest kernel lacks: InvalidArgument from the agent after a restore, no
+/// cold boot, nothing left.
+async fn agent_refusal_is_not_retried(
+    rt: &mut Runtime,
+    daemon: &Daemon,
+    logs: &Path,
+) -> anyhow::Result<()> {
+    let mut pod = pod_config("unknown-sysctl", logs);
+    pod.linux = Some(cri::LinuxPodSandboxConfig {
+        sysctls: [(
+            "net.ipv4.podvisor_no_such_sysctl".to_string(),
+            "1".to_string(),
+        )]
+        .into(),
+        ..Default::default()
+    });
+    let msg = expect_code(
+        "RunPodSandbox with a sysctl the guest kernel lacks",
+        run_pod(rt, &pod).await.map(tonic::Response::new),
+        tonic::Code::InvalidArgument,
+    )?;
+    ensure!(
+        msg.contains("podvisor_no_such_sysctl") && msg.contains("SetupSandbox"),
+        "{msg}"
+    );
+    let log = daemon.log();
+    ensure!(
+        !log.contains("booting the kernel"),
+        "the request's own error fell back to a cold boot:\n{log}"
+    );
+    let (dirs, vmms) = pods_left(daemon);
+    ensure!(
+        dirs.is_empty() && vmms.is_empty(),
+        "a refused pod left pod dirs {dirs:?}, VMMs {vmms:?}"
+    );
+    Ok(())
+}
+
+/// Two RunPodSandbox with the same metadata at once: one pod, one AlreadyExists. Returns
+/// the pod's id.
+async fn one_pod_per_name(
+    channel: &Channel,
+    pod: &cri::PodSandboxConfig,
+) -> anyhow::Result<String> {
+    let (mut a, mut b) = (
+        RuntimeServiceClient::new(channel.clone()),
+        RuntimeServiceClient::new(channel.clone()),
+    );
+    let started = Instant::now();
+    let (ra, rb) = tokio::join!(run_pod(&mut a, pod), run_pod(&mut b, pod));
+    say(&format!(
+        "two RunPodSandbox of one name at once took {:.1} s",
+        started.elapsed().as_secs_f64()
+    ));
+    let (id, refused) = match (ra, rb) {
+        (Ok(id), Err(s)) | (Err(s), Ok(id)) => (id, s),
+        other => bail!("expected one pod and one refusal, got {other:?}"),
+    };
+    ensure!(
+        refused.code() == tonic::Code::AlreadyExists && refused.message().contains("reserved"),
+        "{refused:?}"
+    );
+    say(&format!("the second: {:?}", refused.message()));
+    Ok(id)
+}
+
+async fn conformance(daemon: &Daemon, image_name: &str) -> anyhow::Result<()> {
+    let channel = connect(&daemon.socket).await?;
+    let mut rt = RuntimeServiceClient::new(channel.clone());
+    let mut images = ImageServiceClient::new(channel.clone());
+    let logs = daemon.dir().join("logs");
+
+    refused_before_work(&mut rt, daemon, &logs).await?;
+    agent_refusal_is_not_retried(&mut rt, daemon, &logs).await?;
+
+    // No hostname, crictl's long pod name, a log directory that does not exist yet.
+    let pod_logs = logs.join("default_suite_uid").join("deeper");
+    let pod = pod_config(SUITE_POD_NAME, &pod_logs);
+    let id = one_pod_per_name(&channel, &pod).await?;
+    let msg = expect_code(
+        "RunPodSandbox of a name in use",
+        run_pod(&mut rt, &pod).await.map(tonic::Response::new),
+        tonic::Code::AlreadyExists,
+    )?;
+    ensure!(msg.contains(&id), "{msg}");
+
+    let image = pull_image(&mut images, image_name, &pod).await?;
+    let mut no_user = shell_container("grouped", &image, "true");
+    no_user.linux = Some(cri::LinuxContainerConfig {
+        security_context: Some(cri::LinuxContainerSecurityContext {
+            run_as_group: Some(cri::Int64Value { value: 100 }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let create = |config: cri::ContainerConfig| cri::CreateContainerRequest {
+        pod_sandbox_id: id.clone(),
+        config: Some(config),
+        sandbox_config: Some(pod.clone()),
+    };
+    let msg = expect_code(
+        "CreateContainer with RunAsGroup and no RunAsUser",
+        rt.create_container(create(no_user)).await,
+        tonic::Code::InvalidArgument,
+    )?;
+    ensure!(msg.contains("run_as_group"), "{msg}");
+
+    ensure!(
+        !pod_logs.exists(),
+        "{} exists before CreateContainer",
+        pod_logs.display()
+    );
+    let app = cri::ContainerConfig {
+        log_path: "app/0.log".into(),
+        ..shell_container("app", &image, "echo started; exec sleep 1000")
+    };
+    let cid = rt
+        .create_container(create(app.clone()))
+        .await
+        .context("CreateContainer with a missing log directory")?
+        .into_inner()
+        .container_id;
+    ensure!(
+        pod_logs.join("app").is_dir(),
+        "CreateContainer did not make {}",
+        pod_logs.join("app").display()
+    );
+    let msg = expect_code(
+        "CreateContainer of a name in use in the pod",
+        rt.create_container(create(app)).await,
+        tonic::Code::AlreadyExists,
+    )?;
+    ensure!(msg.contains(&cid), "{msg}");
+
+    rt.start_container(cri::StartContainerRequest {
+        container_id: cid.clone(),
+    })
+    .await
+    .context("StartContainer")?;
+    let node = std::fs::read_to_string("/proc/sys/kernel/hostname")?
+        .trim()
+        .to_string();
+    let out = exec(&mut rt, &cid, &["hostname"]).await?;
+    let got = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    ensure!(
+        out.exit_code == 0 && got == node,
+        "the pod's hostname is {got:?}, the node's {node:?}: {out:?}"
+    );
+    say(&format!(
+        "the pod without a hostname has the node's: {got:?}"
+    ));
+    let log = pod_logs.join("app/0.log");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("stdout F started")
+    {
+        ensure!(
+            Instant::now() < deadline,
+            "{} never got the output",
+            log.display()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Removal frees the name: the same metadata makes a new pod.
+    rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
+        pod_sandbox_id: id.clone(),
+    })
+    .await
+    .context("StopPodSandbox")?;
+    rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
+        pod_sandbox_id: id.clone(),
+    })
+    .await
+    .context("RemovePodSandbox")?;
+    let again = run_pod(&mut rt, &pod)
+        .await
+        .context("RunPodSandbox of a removed pod's name")?;
+    ensure!(again != id, "the same id again");
+    rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
+        pod_sandbox_id: again.clone(),
+    })
+    .await?;
+    rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
+        pod_sandbox_id: again,
+    })
+    .await?;
+    let (dirs, vmms) = pods_left(daemon);
+    ensure!(
+        dirs.is_empty() && vmms.is_empty(),
+        "removed pods left pod dirs {dirs:?}, VMMs {vmms:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cri_details_as_kubelet_and_crictl_expect() -> anyhow::Result<()> {
+    let (setup, mut daemon) = start_cri_daemon("conformance", "pvconf1", "10.88.203.0/24").await?;
+    let result = conformance(&daemon, &setup.image_name).await;
+    if result.is_err() {
+        println!("[conformance] podvisord's log:\n{}", daemon.log());
+        println!("[conformance] the pods' logs:\n{}", daemon.pod_logs());
+    }
+    result?;
+    let status = daemon.stop()?;
+    ensure!(status.success(), "podvisord exited {status} on SIGTERM");
+    Ok(())
+}
