@@ -49,6 +49,13 @@ pub struct ExecDefaults {
     pub username: String,
     /// Supplementary groups.
     pub additional_gids: Vec<u32>,
+    /// The container's capability set (bounding, effective and permitted), when its
+    /// request changed the defaults: an exec gets no more than its container.
+    #[serde(default)]
+    pub capabilities: Option<Vec<String>>,
+    /// The container's no_new_privs.
+    #[serde(default)]
+    pub no_new_privs: bool,
 }
 
 impl ExecDefaults {
@@ -62,13 +69,16 @@ impl ExecDefaults {
         }
     }
 
-    /// An exec of `args` with these defaults (no terminal, no stdin).
+    /// An exec of `args` with these defaults (no terminal, no stdin): the container's user,
+    /// environment, working directory, capabilities and no_new_privs.
     pub fn process(&self, args: Vec<String>) -> agent::Process {
         agent::Process {
             args,
             env: self.env.clone(),
             cwd: self.cwd.clone(),
             user: Some(self.user()),
+            capabilities: self.capabilities.as_deref().map(capability_sets),
+            no_new_privs: self.no_new_privs,
             ..Default::default()
         }
     }
@@ -177,12 +187,24 @@ fn normalise_cap(name: &str) -> Result<String, ProcessError> {
     }
 }
 
-/// The capability sets for `add` and `drop` (CRI names, with or without `CAP_`, `ALL`
-/// allowed); `None` when both are empty (the agent's defaults apply).
+/// The agent's capability sets for a process holding `caps`: bounding, effective and
+/// permitted; nothing inheritable or ambient.
+pub fn capability_sets(caps: &[String]) -> agent::Capabilities {
+    agent::Capabilities {
+        bounding: caps.to_vec(),
+        effective: caps.to_vec(),
+        permitted: caps.to_vec(),
+        inheritable: Vec::new(),
+        ambient: Vec::new(),
+    }
+}
+
+/// The capability set for `add` and `drop` (CRI names, with or without `CAP_`, `ALL`
+/// allowed), sorted; `None` when both are empty (the agent's defaults apply).
 pub fn compose_capabilities(
     add: &[String],
     drop: &[String],
-) -> Result<Option<agent::Capabilities>, ProcessError> {
+) -> Result<Option<Vec<String>>, ProcessError> {
     if add.is_empty() && drop.is_empty() {
         return Ok(None);
     }
@@ -206,13 +228,7 @@ pub fn compose_capabilities(
     }
     let mut caps: Vec<String> = set.into_iter().collect();
     caps.sort();
-    Ok(Some(agent::Capabilities {
-        bounding: caps.clone(),
-        effective: caps.clone(),
-        permitted: caps,
-        inheritable: Vec::new(),
-        ambient: Vec::new(),
-    }))
+    Ok(Some(caps))
 }
 
 /// A signal number from an image's `StopSignal` (`SIGQUIT`, `QUIT`, `3`); SIGTERM when
@@ -337,21 +353,44 @@ mod tests {
     #[test]
     fn capabilities_add_and_drop() {
         assert_eq!(compose_capabilities(&[], &[]).unwrap(), None);
-        let c = compose_capabilities(&s(&["sys_admin"]), &s(&["CAP_KILL", "net_raw"]))
+        let set = compose_capabilities(&s(&["sys_admin"]), &s(&["CAP_KILL", "net_raw"]))
             .unwrap()
             .unwrap();
+        let c = capability_sets(&set);
         assert!(c.bounding.contains(&"CAP_SYS_ADMIN".to_string()));
         assert!(!c.bounding.contains(&"CAP_KILL".to_string()));
         assert!(!c.bounding.contains(&"CAP_NET_RAW".to_string()));
         assert!(c.effective.contains(&"CAP_CHOWN".to_string()));
         assert!(c.ambient.is_empty());
 
-        let c = compose_capabilities(&s(&["NET_BIND_SERVICE"]), &s(&["ALL"]))
+        let set = compose_capabilities(&s(&["NET_BIND_SERVICE"]), &s(&["ALL"]))
             .unwrap()
             .unwrap();
-        assert_eq!(c.permitted, ["CAP_NET_BIND_SERVICE"]);
-        let c = compose_capabilities(&s(&["ALL"]), &[]).unwrap().unwrap();
-        assert_eq!(c.bounding.len(), all_caps().count());
+        assert_eq!(capability_sets(&set).permitted, ["CAP_NET_BIND_SERVICE"]);
+        let set = compose_capabilities(&s(&["ALL"]), &[]).unwrap().unwrap();
+        assert_eq!(capability_sets(&set).bounding.len(), all_caps().count());
+        // Dropping everything is an empty set, not the defaults.
+        assert_eq!(
+            compose_capabilities(&[], &s(&["ALL"])).unwrap(),
+            Some(vec![])
+        );
+
+        // An exec gets its container's set and no_new_privs.
+        let defaults = ExecDefaults {
+            capabilities: Some(vec![]),
+            no_new_privs: true,
+            ..Default::default()
+        };
+        let p = defaults.process(s(&["true"]));
+        assert_eq!(p.capabilities, Some(capability_sets(&[])));
+        assert!(p.no_new_privs);
+        assert_eq!(ExecDefaults::default().process(vec![]).capabilities, None);
+        // Records written before these fields read as the defaults.
+        let old: ExecDefaults = serde_json::from_str(
+            r#"{"env":[],"cwd":"/","uid":0,"gid":null,"username":"","additional_gids":[]}"#,
+        )
+        .unwrap();
+        assert_eq!((old.capabilities, old.no_new_privs), (None, false));
         assert_eq!(
             compose_capabilities(&s(&["CAP_NOPE"]), &[]).unwrap_err(),
             ProcessError::UnknownCapability("CAP_NOPE".into())

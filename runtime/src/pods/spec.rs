@@ -172,7 +172,8 @@ pub(super) fn resolv_conf(dns: &DnsConfig) -> String {
 
 /// The container's process from `spec` over the image's `config`: argv, environment (with
 /// `HOSTNAME` unless set), user, working directory and capabilities. Also returns the exec
-/// defaults (user, environment, working directory) later execs in it get.
+/// defaults (user, environment, working directory, capabilities, no_new_privs) later execs
+/// in it get.
 pub(super) fn container_process(
     spec: &ContainerSpec,
     config: &ImageConfig,
@@ -190,14 +191,18 @@ pub(super) fn container_process(
     } else {
         spec.working_dir.clone()
     };
-    let capabilities = process::compose_capabilities(&spec.cap_add, &spec.cap_drop)?;
+    defaults.capabilities = process::compose_capabilities(&spec.cap_add, &spec.cap_drop)?;
+    defaults.no_new_privs = spec.no_new_privs;
     let process = agent::Process {
         args: argv,
         env: defaults.env.clone(),
         cwd: defaults.cwd.clone(),
         user: Some(defaults.user()),
-        capabilities,
-        no_new_privs: spec.no_new_privs,
+        capabilities: defaults
+            .capabilities
+            .as_deref()
+            .map(process::capability_sets),
+        no_new_privs: defaults.no_new_privs,
         rlimits: Vec::new(),
         terminal: spec.tty,
         console_width: 0,
