@@ -8,7 +8,8 @@
 //! directories with the target's content, never a symlink. A link that leads out of the
 //! root, dangles or loops is skipped with a warning. Every opened file is checked once
 //! more through `/proc/self/fd` so a link swapped in between the check and the open cannot
-//! lead outside. A host path that is itself a symlink is refused; empty subdirectories
+//! lead outside. A host path that is itself a symlink is resolved once (kubelet is trusted,
+//! as containerd's EvalSymlinks trusts it); one leading nowhere is refused; empty subdirectories
 //! are not copied (CopyFile creates only the parents of files). An empty or absent
 //! directory is not copied at all: the container gets an empty tmpfs there.
 //!
@@ -47,9 +48,12 @@ pub enum VolumeError {
         /// What it is.
         kind: &'static str,
     },
-    /// The host path itself is a symlink.
+    /// A file beneath the mount became a symlink after it was found.
     #[error("host path {0} is a symlink: podvisor does not follow symlinks on the host")]
     Symlink(PathBuf),
+    /// The host path is a symlink that leads nowhere.
+    #[error("host path {0} is a symlink to nothing")]
+    Dangling(PathBuf),
     /// An opened file turned out to lie outside the mount's root (a link swapped in).
     #[error("host path {path} leads to {target}, outside the mounted {root}")]
     Escapes {
@@ -296,23 +300,30 @@ fn scan(
         return Err(VolumeError::NotAbsolute(host_path.to_path_buf()));
     }
     let base = guest_base(container_id, index);
-    let meta = match host_path.symlink_metadata() {
-        Ok(m) => m,
-        // containerd would create the directory on the host; here it is simply empty.
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(IoError::new("inspect", host_path, e).into()),
+    // kubelet's host path is trusted: resolved once here, as containerd's EvalSymlinks
+    // does (hostPath volumes and subPaths may be links); what lies beneath it is walked
+    // without leaving it.
+    let root = match std::fs::canonicalize(host_path) {
+        Ok(p) => p,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if host_path.symlink_metadata().is_ok() {
+                return Err(VolumeError::Dangling(host_path.to_path_buf()));
+            }
+            // containerd would create the directory on the host; here it is simply empty.
+            return Ok(None);
+        }
+        Err(e) => return Err(IoError::new("resolve", host_path, e).into()),
     };
+    let meta = root
+        .symlink_metadata()
+        .map_err(IoError::at("inspect", &root))?;
     let t = meta.file_type();
-    if t.is_symlink() {
-        return Err(VolumeError::Symlink(host_path.to_path_buf()));
-    }
     if !t.is_file() && !t.is_dir() {
         return Err(VolumeError::Unsupported {
             path: host_path.to_path_buf(),
             kind: kind_of(t),
         });
     }
-    let root = std::fs::canonicalize(host_path).map_err(IoError::at("resolve", host_path))?;
     if t.is_file() {
         budget.take(meta.len(), host_path)?;
         return Ok(Some(Tree {
@@ -326,7 +337,7 @@ fn scan(
             single_file: true,
         }));
     }
-    let files = walk(host_path, &root, &base, budget)?;
+    let files = walk(&root, &root, &base, budget)?;
     if files.is_empty() {
         return Ok(None);
     }
@@ -591,11 +602,17 @@ mod tests {
         };
         assert!(files.iter().all(|f| !f.in_place));
 
+        // A host path that is a link is resolved once (kubelet is trusted); one to nothing
+        // is refused.
         let link = dir.path().join("link");
         symlink(&vol, &link).unwrap();
+        let through_link = collect("c1", 2, &link, &mut Budget::default()).unwrap();
+        assert_eq!(guest_paths(&through_link), guest_paths(&source));
+        let dangling = dir.path().join("dangling");
+        symlink(dir.path().join("nothing"), &dangling).unwrap();
         assert!(matches!(
-            collect("c1", 3, &link, &mut Budget::default()),
-            Err(VolumeError::Symlink(_))
+            collect("c1", 3, &dangling, &mut Budget::default()),
+            Err(VolumeError::Dangling(_))
         ));
         assert!(matches!(
             collect("c1", 4, &vol.join("fifo"), &mut Budget::default()),
