@@ -55,9 +55,11 @@ unit-test: build
 
 # Two groups of end-to-end test binaries run side by side (a microVM keeps about one core
 # busy; the machine has two): the VMM and the agent on their own microVMs, and podvisord's
-# pods. Built first, so the two cargo runs only run tests.
-E2E_VM   := --test vmm --test agent --test images --test cni --test conformance
-E2E_PODS := --test cri --test network --test snapshot
+# pods. Every test that runs a podvisord is in the second group, one at a time: their
+# no-leak checks look at every podvisor namespace and TAP on the host. Built first, so the
+# two cargo runs only run tests.
+E2E_VM   := --test vmm --test agent --test images --test cni
+E2E_PODS := --test cri --test network --test snapshot --test conformance
 
 e2e-test: guest probe build
 	$(CARGO) test -p podvisor-tests --tests --no-run

@@ -10,6 +10,7 @@ use anyhow::{Context, anyhow, bail};
 use hyper_util::rt::TokioIo;
 use k8s_cri::v1 as cri;
 use k8s_cri::v1::image_service_client::ImageServiceClient;
+use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use tonic::transport::{Channel, Endpoint, Uri};
 
 use crate::{artifacts, paths};
@@ -415,6 +416,56 @@ pub fn shell_container(name: &str, image: &str, script: &str) -> cri::ContainerC
     }
 }
 
+/// The message of a CRI call that failed with `code` (printed under `[tag]`); an error for
+/// any other outcome.
+pub fn expect_code<T: std::fmt::Debug>(
+    tag: &str,
+    what: &str,
+    r: Result<tonic::Response<T>, tonic::Status>,
+    code: tonic::Code,
+) -> anyhow::Result<String> {
+    match r {
+        Err(s) if s.code() == code => {
+            println!("[{tag}] {what}: {code:?} {:?}", s.message());
+            Ok(s.message().to_string())
+        }
+        other => bail!("{what}: expected {code:?}, got {other:?}"),
+    }
+}
+
+/// ExecSync of `cmd` in container `id`, with two minutes to run.
+pub async fn exec_sync(
+    rt: &mut RuntimeServiceClient<Channel>,
+    id: &str,
+    cmd: &[&str],
+) -> anyhow::Result<cri::ExecSyncResponse> {
+    Ok(rt
+        .exec_sync(cri::ExecSyncRequest {
+            container_id: id.into(),
+            cmd: cmd.iter().map(|s| (*s).to_string()).collect(),
+            timeout: 120,
+        })
+        .await
+        .with_context(|| format!("ExecSync {cmd:?}"))?
+        .into_inner())
+}
+
+/// podvisord's configuration for a test: the registry at `registry_host` (plain HTTP), the
+/// CNI networks in `conf_dir` with Debian's plugins, and the `podvisor` handler with the
+/// test kernel and agent image (one vCPU, 256 MiB).
+pub fn daemon_config(registry_host: &str, conf_dir: &Path) -> anyhow::Result<String> {
+    let kernel = paths::guest_kernel()?;
+    let rootfs = artifacts::agent_rootfs()?;
+    Ok(format!(
+        "[registry]\ninsecure = [{registry_host:?}]\n\n[cni]\nconf_dir = {conf_dir:?}\n\
+         bin_dirs = [{CNI_BIN_DIR:?}]\n\n[handlers.podvisor]\nvcpus = 1\nmemory_mib = 256\n\
+         kernel = {kernel:?}\nimage = {rootfs:?}\n",
+        conf_dir = conf_dir.display().to_string(),
+        kernel = kernel.display().to_string(),
+        rootfs = rootfs.display().to_string(),
+    ))
+}
+
 /// A test's pod network: its CNI conf dir, and its bridge, removed when dropped.
 pub struct PodNet {
     dir: tempfile::TempDir,
@@ -445,8 +496,6 @@ pub async fn start_cri_daemon(
     subnet: &str,
 ) -> anyhow::Result<(CriSetup, Daemon)> {
     paths::require_kvm()?;
-    let kernel = paths::guest_kernel()?;
-    let rootfs = artifacts::agent_rootfs()?;
     let registry = crate::registry::Registry::start()?;
     let pushed = crate::registry::push_busybox(&registry, "podvisor/busybox", tag).await?;
     let image_name = registry.reference("podvisor/busybox", tag);
@@ -456,15 +505,7 @@ pub async fn start_cri_daemon(
         bridge,
     };
     let conf_dir = write_bridge_conflist(net.dir.path(), bridge, bridge, subnet)?;
-    let daemon = Daemon::start(&format!(
-        "[registry]\ninsecure = [{host:?}]\n\n[cni]\nconf_dir = {conf_dir:?}\n\
-         bin_dirs = [{CNI_BIN_DIR:?}]\n\n[handlers.podvisor]\nvcpus = 1\nmemory_mib = 256\n\
-         kernel = {kernel:?}\nimage = {rootfs:?}\n",
-        host = registry.host(),
-        conf_dir = conf_dir.display().to_string(),
-        kernel = kernel.display().to_string(),
-        rootfs = rootfs.display().to_string(),
-    ))?;
+    let daemon = Daemon::start(&daemon_config(registry.host(), &conf_dir)?)?;
     let setup = CriSetup {
         _registry: registry,
         _net: net,

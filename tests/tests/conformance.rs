@@ -12,6 +12,8 @@
 //!   removed. Container names (with attempt) are reserved in their pod the same way.
 //! - CreateContainer makes a missing log directory, as containerd does.
 //! - RunAsGroup without RunAsUser is refused at CreateContainer.
+//! - A mount whose host path is a symlink is served from its target (kubelet is trusted).
+//! - Capabilities as asked, also for ExecSync: drop ALL, drop NET_RAW, add SYS_ADMIN.
 //!
 //! Every wait has a generous deadline; none is a fixed sleep.
 
@@ -27,7 +29,8 @@ use k8s_cri::v1 as cri;
 use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use podvisor_tests::cri::{
-    Daemon, connect, pull_image, shell_container, start_cri_daemon, vmm_processes_under,
+    Daemon, connect, exec_sync as exec, pull_image, shell_container, start_cri_daemon,
+    vmm_processes_under,
 };
 use tonic::transport::Channel;
 
@@ -45,13 +48,7 @@ fn expect_code<T: std::fmt::Debug>(
     r: Result<tonic::Response<T>, tonic::Status>,
     code: tonic::Code,
 ) -> anyhow::Result<String> {
-    match r {
-        Err(s) if s.code() == code => {
-            say(&format!("{what}: {code:?} {:?}", s.message()));
-            Ok(s.message().to_string())
-        }
-        other => bail!("{what}: expected {code:?}, got {other:?}"),
-    }
+    podvisor_tests::cri::expect_code("conformance", what, r, code)
 }
 
 fn pod_config(name: &str, log_directory: &Path) -> cri::PodSandboxConfig {
@@ -87,18 +84,6 @@ fn pods_left(daemon: &Daemon) -> (Vec<String>, Vec<u32>) {
         })
         .unwrap_or_default();
     (dirs, vmm_processes_under(&pods))
-}
-
-async fn exec(rt: &mut Runtime, id: &str, cmd: &[&str]) -> anyhow::Result<cri::ExecSyncResponse> {
-    Ok(rt
-        .exec_sync(cri::ExecSyncRequest {
-            container_id: id.into(),
-            cmd: cmd.iter().map(|s| (*s).to_string()).collect(),
-            timeout: 120,
-        })
-        .await
-        .with_context(|| format!("ExecSync {cmd:?}"))?
-        .into_inner())
 }
 
 /// Bad pod fields are refused before any VM is made.
@@ -197,6 +182,102 @@ async fn one_pod_per_name(
     Ok(id)
 }
 
+/// Creates and starts `config` in the pod; returns the container's id.
+async fn start(
+    rt: &mut Runtime,
+    create: &dyn Fn(cri::ContainerConfig) -> cri::CreateContainerRequest,
+    config: cri::ContainerConfig,
+) -> anyhow::Result<String> {
+    let name = config
+        .metadata
+        .as_ref()
+        .map(|m| m.name.clone())
+        .unwrap_or_default();
+    let id = rt
+        .create_container(create(config))
+        .await
+        .with_context(|| format!("CreateContainer {name}"))?
+        .into_inner()
+        .container_id;
+    rt.start_container(cri::StartContainerRequest {
+        container_id: id.clone(),
+    })
+    .await
+    .with_context(|| format!("StartContainer {name}"))?;
+    Ok(id)
+}
+
+/// A container with `add` and `drop` capabilities, sleeping.
+fn with_caps(name: &str, image: &str, add: &[&str], drop: &[&str]) -> cri::ContainerConfig {
+    let strings = |v: &[&str]| v.iter().map(|s| (*s).to_string()).collect();
+    cri::ContainerConfig {
+        linux: Some(cri::LinuxContainerConfig {
+            security_context: Some(cri::LinuxContainerSecurityContext {
+                capabilities: Some(cri::Capability {
+                    add_capabilities: strings(add),
+                    drop_capabilities: strings(drop),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..shell_container(name, image, "exec sleep 1000")
+    }
+}
+
+/// What crictl's suite checks of capabilities, through ExecSync (an exec gets no more than
+/// its container): dropping ALL empties the bounding set, dropping NET_RAW makes ping fail
+/// with "permission denied" while the output before it still comes back, adding SYS_ADMIN
+/// lets `hostname NAME` work. The last renames the pod's VM: run after the hostname check.
+async fn capabilities_as_asked(
+    rt: &mut Runtime,
+    create: &dyn Fn(cri::ContainerConfig) -> cri::CreateContainerRequest,
+    image: &str,
+) -> anyhow::Result<()> {
+    let none = start(rt, create, with_caps("nocaps", image, &[], &["ALL"])).await?;
+    let out = exec(rt, &none, &["grep", "CapBnd", "/proc/self/status"]).await?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    ensure!(
+        out.exit_code == 0 && text.trim_end() == "CapBnd:\t0000000000000000",
+        "drop ALL: {out:?}"
+    );
+    say(&format!("drop ALL: {:?}", text.trim_end()));
+
+    let noraw = start(rt, create, with_caps("noraw", image, &[], &["NET_RAW"])).await?;
+    let out = exec(
+        rt,
+        &noraw,
+        &["sh", "-c", "echo before-ping; ping -c 1 -W 2 127.0.0.1"],
+    )
+    .await?;
+    let stderr = String::from_utf8_lossy(&out.stderr).to_lowercase();
+    ensure!(
+        out.exit_code != 0
+            && String::from_utf8_lossy(&out.stdout).starts_with("before-ping\n")
+            && stderr.contains("permission denied"),
+        "drop NET_RAW: {out:?}"
+    );
+    say(&format!(
+        "drop NET_RAW: exit {}, {:?}",
+        out.exit_code,
+        stderr.trim_end()
+    ));
+
+    let admin = start(rt, create, with_caps("admin", image, &["SYS_ADMIN"], &[])).await?;
+    let out = exec(
+        rt,
+        &admin,
+        &["sh", "-c", "hostname renamed-by-admin && hostname"],
+    )
+    .await?;
+    ensure!(
+        out.exit_code == 0 && out.stdout == b"renamed-by-admin\n",
+        "add SYS_ADMIN: {out:?}"
+    );
+    Ok(())
+}
+
 async fn conformance(daemon: &Daemon, image_name: &str) -> anyhow::Result<()> {
     let channel = connect(&daemon.socket).await?;
     let mut rt = RuntimeServiceClient::new(channel.clone());
@@ -243,8 +324,20 @@ async fn conformance(daemon: &Daemon, image_name: &str) -> anyhow::Result<()> {
         "{} exists before CreateContainer",
         pod_logs.display()
     );
+    // Its volume's host path is a symlink to a directory, as hostPath volumes may be.
+    let volume = daemon.dir().join("volume");
+    std::fs::create_dir_all(&volume)?;
+    std::fs::write(volume.join("hello"), "hello through a link\n")?;
+    let volume_link = daemon.dir().join("volume-link");
+    std::os::unix::fs::symlink(&volume, &volume_link)?;
     let app = cri::ContainerConfig {
         log_path: "app/0.log".into(),
+        mounts: vec![cri::Mount {
+            container_path: "/data".into(),
+            host_path: volume_link.display().to_string(),
+            readonly: true,
+            ..Default::default()
+        }],
         ..shell_container("app", &image, "echo started; exec sleep 1000")
     };
     let cid = rt
@@ -282,6 +375,12 @@ async fn conformance(daemon: &Daemon, image_name: &str) -> anyhow::Result<()> {
     say(&format!(
         "the pod without a hostname has the node's: {got:?}"
     ));
+    let out = exec(&mut rt, &cid, &["cat", "/data/hello"]).await?;
+    ensure!(
+        out.exit_code == 0 && out.stdout == b"hello through a link\n",
+        "a mount whose host path is a symlink: {out:?}"
+    );
+    capabilities_as_asked(&mut rt, &create, &image).await?;
     let log = pod_logs.join("app/0.log");
     let deadline = Instant::now() + Duration::from_secs(120);
     while !std::fs::read_to_string(&log)

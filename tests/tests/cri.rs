@@ -29,7 +29,8 @@ use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use podvisor_runtime::logs::{Stream, parse_line};
 use podvisor_tests::cri::{
-    Daemon, connect, pull_image, shell_container, start_cri_daemon, vmm_processes_under,
+    Daemon, connect, exec_sync as exec, pull_image, shell_container, start_cri_daemon,
+    vmm_processes_under,
 };
 use tonic::transport::Channel;
 
@@ -63,13 +64,7 @@ fn expect_code<T: std::fmt::Debug>(
     r: Result<tonic::Response<T>, tonic::Status>,
     code: tonic::Code,
 ) -> anyhow::Result<String> {
-    match r {
-        Err(s) if s.code() == code => {
-            println!("[cri] {what}: {code:?} {:?}", s.message());
-            Ok(s.message().to_string())
-        }
-        other => bail!("{what}: expected {code:?}, got {other:?}"),
-    }
+    podvisor_tests::cri::expect_code("cri", what, r, code)
 }
 
 fn pod_config(log_directory: &Path) -> cri::PodSandboxConfig {
@@ -418,18 +413,6 @@ async fn run_container(
     ensure!(st.image_id.starts_with("sha256:"), "{st:?}");
     ensure!(!st.image_ref.is_empty(), "{st:?}");
     Ok(container_id)
-}
-
-async fn exec(rt: &mut Runtime, id: &str, cmd: &[&str]) -> anyhow::Result<cri::ExecSyncResponse> {
-    Ok(rt
-        .exec_sync(cri::ExecSyncRequest {
-            container_id: id.into(),
-            cmd: cmd.iter().map(|s| s.to_string()).collect(),
-            timeout: 120,
-        })
-        .await
-        .with_context(|| format!("ExecSync {cmd:?}"))?
-        .into_inner())
 }
 
 /// Makes `app` (running [`SAY_LOOP`]) write `line` to its stdout.

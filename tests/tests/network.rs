@@ -31,11 +31,12 @@ use k8s_cri::v1 as cri;
 use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use podvisor_tests::cri::{
-    CNI_BIN_DIR, Daemon, connect, delete_link, pull_image, shell_container, vmm_processes_under,
+    CNI_BIN_DIR, Daemon, connect, daemon_config, delete_link, pull_image, shell_container,
+    vmm_processes_under,
 };
 use podvisor_tests::host::run;
+use podvisor_tests::paths;
 use podvisor_tests::registry::{Registry, push_busybox};
-use podvisor_tests::{artifacts, paths};
 use tonic::transport::Channel;
 
 type Runtime = RuntimeServiceClient<Channel>;
@@ -238,8 +239,6 @@ async fn two_pods_talk_over_the_bridge_and_the_host_port() -> Result<()> {
         Path::new(CNI_BIN_DIR).join("bridge").exists(),
         "containernetworking-plugins missing in {CNI_BIN_DIR}"
     );
-    let kernel = paths::guest_kernel()?;
-    let rootfs = artifacts::agent_rootfs()?;
     let registry = Registry::start()?;
     push_busybox(&registry, "podvisor/busybox", "net").await?;
     let image = registry.reference("podvisor/busybox", "net");
@@ -252,15 +251,7 @@ async fn two_pods_talk_over_the_bridge_and_the_host_port() -> Result<()> {
         }
     }
     let _bridge = Bridge;
-    let mut daemon = Daemon::start(&format!(
-        "[registry]\ninsecure = [{host:?}]\n\n[cni]\nconf_dir = {conf_dir:?}\n\
-         bin_dirs = [{CNI_BIN_DIR:?}]\n\n[handlers.podvisor]\nvcpus = 1\nmemory_mib = 256\n\
-         kernel = {kernel:?}\nimage = {rootfs:?}\n",
-        host = registry.host(),
-        conf_dir = conf_dir.display().to_string(),
-        kernel = kernel.display().to_string(),
-        rootfs = rootfs.display().to_string(),
-    ))?;
+    let mut daemon = Daemon::start(&daemon_config(registry.host(), &conf_dir)?)?;
     let mut created = Vec::new();
     let result = match templates_at_start(&mut daemon) {
         Ok(()) => pods(&daemon, &image, &ipam_dir, &mut created).await,

@@ -21,11 +21,11 @@ use k8s_cri::v1 as cri;
 use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use podvisor_tests::cri::{
-    CNI_BIN_DIR, Daemon, connect, delete_link, pull_image, shell_container, write_bridge_conflist,
+    Daemon, connect, daemon_config, delete_link, pull_image, shell_container, write_bridge_conflist,
 };
 use podvisor_tests::host::run;
+use podvisor_tests::paths;
 use podvisor_tests::registry::{Registry, push_busybox};
-use podvisor_tests::{artifacts, paths};
 
 const PORT: u16 = 9000;
 const BRIDGE: &str = "pvnbench0";
@@ -120,8 +120,6 @@ fn veth_baseline(bytes: usize) -> anyhow::Result<f64> {
 /// The pod: podvisord, one pod VM, a container with nc listening.
 async fn pod(bytes: usize) -> anyhow::Result<f64> {
     paths::require_kvm()?;
-    let kernel = paths::guest_kernel()?;
-    let rootfs = artifacts::agent_rootfs()?;
     let registry = Registry::start()?;
     push_busybox(&registry, "podvisor/busybox", "bench").await?;
     let image = registry.reference("podvisor/busybox", "bench");
@@ -134,15 +132,7 @@ async fn pod(bytes: usize) -> anyhow::Result<f64> {
         }
     }
     let _bridge = Bridge;
-    let daemon = Daemon::start(&format!(
-        "[registry]\ninsecure = [{host:?}]\n\n[cni]\nconf_dir = {conf_dir:?}\n\
-         bin_dirs = [{CNI_BIN_DIR:?}]\n\n[handlers.podvisor]\nvcpus = 1\nmemory_mib = 256\n\
-         kernel = {kernel:?}\nimage = {rootfs:?}\n",
-        host = registry.host(),
-        conf_dir = conf_dir.display().to_string(),
-        kernel = kernel.display().to_string(),
-        rootfs = rootfs.display().to_string(),
-    ))?;
+    let daemon = Daemon::start(&daemon_config(registry.host(), &conf_dir)?)?;
     let result = pod_transfer(&daemon, &image, bytes).await;
     if result.is_err() {
         eprintln!("podvisord's log:\n{}", daemon.log());
