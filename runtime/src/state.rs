@@ -362,6 +362,9 @@ pub struct SandboxRecord {
     /// The pod's network namespace file (CNI needs it again for DEL), if it has one.
     #[serde(default)]
     pub netns: Option<PathBuf>,
+    /// Privileged inside its VM: its containers may be too.
+    #[serde(default)]
+    pub privileged: bool,
 }
 
 /// A container's state.
@@ -479,6 +482,7 @@ mod tests {
             vmm: handle(),
             log_directory: "/var/log/pods/default_web_u-1".into(),
             hostname: "web".into(),
+            privileged: false,
             dns: DnsConfig {
                 servers: vec!["10.96.0.10".into()],
                 searches: vec!["default.svc.cluster.local".into()],

@@ -14,6 +14,9 @@
 //! - RunAsGroup without RunAsUser is refused at CreateContainer.
 //! - A mount whose host path is a symlink is served from its target (kubelet is trusted).
 //! - Capabilities as asked, also for ExecSync: drop ALL, drop NET_RAW, add SYS_ADMIN.
+//! - A privileged pod's privileged container is privileged inside the VM (every capability,
+//!   the VM's devices, /sys and /proc writable); a privileged container needs a privileged
+//!   pod.
 //!
 //! Every wait has a generous deadline; none is a fixed sleep.
 
@@ -278,6 +281,83 @@ async fn capabilities_as_asked(
     Ok(())
 }
 
+fn privileged_linux() -> cri::LinuxContainerConfig {
+    cri::LinuxContainerConfig {
+        security_context: Some(cri::LinuxContainerSecurityContext {
+            privileged: true,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// A privileged pod: its privileged container has every capability, the VM's devices, and
+/// /sys and /proc writable; its other container none of that. The pod is removed after.
+async fn privileged_inside_the_vm(
+    rt: &mut Runtime,
+    image: &str,
+    logs: &Path,
+) -> anyhow::Result<()> {
+    let mut pod = pod_config("privileged", logs);
+    pod.linux = Some(cri::LinuxPodSandboxConfig {
+        security_context: Some(cri::LinuxSandboxSecurityContext {
+            privileged: true,
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let id = run_pod(rt, &pod)
+        .await
+        .context("RunPodSandbox privileged")?;
+    let create = |config: cri::ContainerConfig| cri::CreateContainerRequest {
+        pod_sandbox_id: id.clone(),
+        config: Some(config),
+        sandbox_config: Some(pod.clone()),
+    };
+    let probe = "grep CapBnd /proc/self/status; cat /proc/sys/kernel/cap_last_cap; \
+                 ls /dev/vda; grep ' /sys ' /proc/self/mounts | cut -d' ' -f4 | cut -d, -f1; \
+                 echo 1 > /proc/sys/net/ipv4/ip_forward && echo proc-sys-written";
+    let privileged = cri::ContainerConfig {
+        linux: Some(privileged_linux()),
+        ..shell_container("priv", image, "exec sleep 1000")
+    };
+    let priv_id = start(rt, &create, privileged).await?;
+    let out = exec(rt, &priv_id, &["sh", "-c", probe]).await?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    say(&format!("privileged container: {text:?}"));
+    let lines: Vec<&str> = text.lines().collect();
+    let [capbnd, last_cap, vda, sys, written] = lines[..] else {
+        bail!("privileged container: {out:?}");
+    };
+    let last: u32 = last_cap.parse().context("cap_last_cap")?;
+    let all = format!("CapBnd:\t{:016x}", (1u64 << (last + 1)) - 1);
+    ensure!(
+        capbnd == all && vda == "/dev/vda" && sys == "rw" && written == "proc-sys-written",
+        "privileged container: {out:?}"
+    );
+
+    let plain = start(
+        rt,
+        &create,
+        shell_container("plain", image, "exec sleep 1000"),
+    )
+    .await?;
+    let out = exec(rt, &plain, &["sh", "-c", probe]).await?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    say(&format!("its unprivileged neighbour: {text:?}"));
+    ensure!(
+        !text.contains("/dev/vda") && text.contains("\nro\n"),
+        "an unprivileged container of a privileged pod: {out:?}"
+    );
+    rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
+        pod_sandbox_id: id.clone(),
+    })
+    .await?;
+    rt.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: id })
+        .await?;
+    Ok(())
+}
+
 async fn conformance(daemon: &Daemon, image_name: &str) -> anyhow::Result<()> {
     let channel = connect(&daemon.socket).await?;
     let mut rt = RuntimeServiceClient::new(channel.clone());
@@ -381,6 +461,15 @@ async fn conformance(daemon: &Daemon, image_name: &str) -> anyhow::Result<()> {
         "a mount whose host path is a symlink: {out:?}"
     );
     capabilities_as_asked(&mut rt, &create, &image).await?;
+    let mut privileged = shell_container("priv", &image, "exec sleep 1000");
+    privileged.linux = Some(privileged_linux());
+    let msg = expect_code(
+        "CreateContainer of a privileged container in a pod that is not",
+        rt.create_container(create(privileged)).await,
+        tonic::Code::InvalidArgument,
+    )?;
+    ensure!(msg.contains("privileged pod"), "{msg}");
+    privileged_inside_the_vm(&mut rt, &image, &logs).await?;
     let log = pod_logs.join("app/0.log");
     let deadline = Instant::now() + Duration::from_secs(120);
     while !std::fs::read_to_string(&log)

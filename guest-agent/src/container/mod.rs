@@ -456,6 +456,7 @@ impl Manager {
             ],
             shared_shm: (ipc_mode == NamespaceMode::Pod && self.files.shm.is_dir())
                 .then(|| self.files.shm.clone()),
+            privileged: r.privileged,
         })
         .map_err(|e| {
             if e.is_invalid_argument() {

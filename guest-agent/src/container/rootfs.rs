@@ -291,6 +291,8 @@ pub struct RootfsSpec<'a> {
     pub etc_files: Vec<(PathBuf, &'static str)>,
     /// Sandbox /dev/shm directory when IPC is pod-shared; None for a private tmpfs.
     pub shared_shm: Option<PathBuf>,
+    /// Privileged inside the VM: the VM's devices in /dev, /sys writable.
+    pub privileged: bool,
 }
 
 /// A prepared rootfs: the mount point and an O_PATH descriptor of it.
@@ -312,6 +314,58 @@ const DEVICES: [(&str, u64, u64); 6] = [
     ("urandom", 1, 9),
     ("tty", 5, 0),
 ];
+
+/// Names in the VM's /dev a privileged container does not get from it: its own terminal
+/// devices, /dev/shm and the links are made for it.
+const NOT_COPIED: [&str; 6] = ["pts", "shm", "ptmx", "console", "fd", "core"];
+
+/// A privileged container's view of the VM's devices: a node for every character and block
+/// device in `vm_dev` (the VM's devtmpfs) and its subdirectories (`net/tun`, ...), made in
+/// the container's /dev tmpfs `devfd` (at `dev`) beside the standard ones. Nodes, not a
+/// mount of devtmpfs: that is one instance for the whole VM, and the container's links and
+/// nodes must not appear in the agent's /dev.
+fn vm_devices(vm_dev: &Path, devfd: &OwnedFd, dev: &Path) -> Result<(), RootfsError> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let entries = fs::read_dir(vm_dev).map_err(io_err("read", vm_dev))?;
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if NOT_COPIED.contains(&name) || DEVICES.iter().any(|(d, _, _)| *d == name) {
+            continue;
+        }
+        let Ok(meta) = e.path().symlink_metadata() else {
+            continue;
+        };
+        let t = meta.file_type();
+        let kind = if t.is_char_device() {
+            SFlag::S_IFCHR
+        } else if t.is_block_device() {
+            SFlag::S_IFBLK
+        } else if t.is_dir() && vm_dev == Path::new("/dev") {
+            let d755 = Mode::from_bits_truncate(0o755);
+            safepath::mkdir_all_beneath(devfd, Path::new(name), d755, None)?;
+            let sub = safepath::open_beneath(
+                devfd,
+                Path::new(name),
+                OFlag::O_PATH | OFlag::O_DIRECTORY,
+                Mode::empty(),
+            )?;
+            vm_devices(&e.path(), &sub, &dev.join(name))?;
+            continue;
+        } else {
+            continue;
+        };
+        mknodat(
+            devfd,
+            name,
+            kind,
+            Mode::from_bits_truncate(meta.mode() & 0o777),
+            meta.rdev(),
+        )
+        .map_err(|err| io_err("mknod", &dev.join(name))(err.into()))?;
+    }
+    Ok(())
+}
 
 /// Validates the request's mounts without touching anything.
 pub fn validate_mounts(mounts: &[Mount]) -> Result<(), RootfsError> {
@@ -399,6 +453,9 @@ pub fn prepare(spec: &RootfsSpec<'_>) -> Result<PreparedRootfs, RootfsError> {
         )
         .map_err(|e| io_err("mknod", &dev.join(name))(e.into()))?;
     }
+    if spec.privileged {
+        vm_devices(Path::new("/dev"), &devfd, &dev)?;
+    }
     for (target, link) in [
         ("pts/ptmx", "ptmx"),
         ("/proc/self/fd", "fd"),
@@ -430,12 +487,17 @@ pub fn prepare(spec: &RootfsSpec<'_>) -> Result<PreparedRootfs, RootfsError> {
         )?,
     }
 
-    // /sys, read-only.
+    // /sys, read-only unless privileged.
+    let sys_flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
     mnt(
         Some(Path::new("sysfs")),
         &rootfs.join("sys"),
         Some("sysfs"),
-        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC | MsFlags::MS_RDONLY,
+        if spec.privileged {
+            sys_flags
+        } else {
+            sys_flags | MsFlags::MS_RDONLY
+        },
         None,
     )?;
 

@@ -50,6 +50,13 @@ impl PodManager {
         }
         let mut client = sb.agent()?;
         let sandbox = sb.record();
+        if spec.privileged && !sandbox.privileged {
+            return Err(PodError::InvalidArgument(format!(
+                "container {:?} is privileged but its pod sandbox {sandbox_id} is not: a \
+                 privileged container needs a privileged pod",
+                spec.name
+            )));
+        }
         let (lease, image_bytes) = self.lease_image(&spec.image)?;
         let image = lease.record().clone();
         let (process, defaults) = container_process(&spec, &image.config, &sandbox.hostname)?;

@@ -187,6 +187,13 @@ fn normalise_cap(name: &str) -> Result<String, ProcessError> {
     }
 }
 
+/// Every capability, sorted: a privileged container's set.
+pub fn all_capabilities() -> Vec<String> {
+    let mut caps: Vec<String> = all_caps().collect();
+    caps.sort();
+    caps
+}
+
 /// The agent's capability sets for a process holding `caps`: bounding, effective and
 /// permitted; nothing inheritable or ambient.
 pub fn capability_sets(caps: &[String]) -> agent::Capabilities {

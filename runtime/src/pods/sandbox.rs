@@ -547,6 +547,7 @@ fn new_record(id: &str, spec: &SandboxSpec, handle: &VmmHandle, net: &PodNetwork
         port_mappings: spec.port_mappings.clone(),
         ips: net.ips(),
         netns: Some(net.netns_path().to_owned()),
+        privileged: spec.privileged,
     }
 }
 

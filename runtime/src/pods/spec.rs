@@ -60,6 +60,8 @@ pub struct SandboxSpec {
     pub port_mappings: Vec<PortMapping>,
     /// Pod-level sysctls.
     pub sysctls: HashMap<String, String>,
+    /// Privileged inside its VM (its containers may be privileged).
+    pub privileged: bool,
 }
 
 /// Container resources (cgroup v2 in the guest); zero means unset.
@@ -147,6 +149,9 @@ pub struct ContainerSpec {
     pub masked_paths: Vec<String>,
     /// Paths made read-only.
     pub readonly_paths: Vec<String>,
+    /// Privileged inside the VM: every capability, the VM's devices, /sys and /proc
+    /// writable (no masked or read-only paths); never a host device.
+    pub privileged: bool,
     /// PID namespace.
     pub pid_namespace: NamespaceMode,
     /// IPC namespace.
@@ -191,7 +196,11 @@ pub(super) fn container_process(
     } else {
         spec.working_dir.clone()
     };
-    defaults.capabilities = process::compose_capabilities(&spec.cap_add, &spec.cap_drop)?;
+    defaults.capabilities = if spec.privileged {
+        Some(process::all_capabilities())
+    } else {
+        process::compose_capabilities(&spec.cap_add, &spec.cap_drop)?
+    };
     defaults.no_new_privs = spec.no_new_privs;
     let process = agent::Process {
         args: argv,
@@ -255,9 +264,19 @@ pub(super) fn create_request(
         }),
         resources: Some(spec.resources.agent()),
         readonly_rootfs: spec.readonly_rootfs,
-        masked_paths: spec.masked_paths.clone(),
-        readonly_paths: spec.readonly_paths.clone(),
+        // A privileged container sees /proc and /sys whole, as containerd gives it.
+        masked_paths: if spec.privileged {
+            Vec::new()
+        } else {
+            spec.masked_paths.clone()
+        },
+        readonly_paths: if spec.privileged {
+            Vec::new()
+        } else {
+            spec.readonly_paths.clone()
+        },
         sysctls: HashMap::new(),
+        privileged: spec.privileged,
     }
 }
 

@@ -1,6 +1,7 @@
 //! CRI requests into the pod manager's specs: `RunPodSandbox` into a [`SandboxSpec`],
 //! `CreateContainer` into a [`ContainerSpec`], resources into [`Resources`]; what a VM cannot
-//! do (host namespaces, devices, privileged mode) is refused as InvalidArgument.
+//! do (host namespaces, host devices) is refused as InvalidArgument; privileged mode is
+//! privileged inside the VM.
 
 use std::path::PathBuf;
 
@@ -54,17 +55,17 @@ pub(super) fn sandbox_spec(req: cri::RunPodSandboxRequest) -> Result<SandboxSpec
         }
     }
     let linux = config.linux.unwrap_or_default();
-    if let Some(sc) = &linux.security_context {
-        if let Some(ns) = &sc.namespace_options {
-            refuse_node_namespaces(ns)?;
-        }
-        if sc.privileged {
-            return Err(invalid(
-                "privileged pods are not supported: a VM runtime does not hand out the host's \
-                 devices",
-            ));
-        }
+    if let Some(ns) = linux
+        .security_context
+        .as_ref()
+        .and_then(|sc| sc.namespace_options.as_ref())
+    {
+        refuse_node_namespaces(ns)?;
     }
+    let privileged = linux
+        .security_context
+        .as_ref()
+        .is_some_and(|sc| sc.privileged);
     let port_mappings = config
         .port_mappings
         .iter()
@@ -101,6 +102,7 @@ pub(super) fn sandbox_spec(req: cri::RunPodSandboxRequest) -> Result<SandboxSpec
         },
         port_mappings,
         sysctls: linux.sysctls,
+        privileged,
     })
 }
 
@@ -203,12 +205,6 @@ pub(super) fn container_spec(config: cri::ContainerConfig) -> Result<ContainerSp
     let mounts = mount_specs(config.mounts)?;
     let linux = config.linux.unwrap_or_default();
     let sc = linux.security_context.unwrap_or_default();
-    if sc.privileged {
-        return Err(invalid(
-            "privileged containers are not supported: a VM runtime does not hand out the host's \
-             devices",
-        ));
-    }
     let ns = sc.namespace_options.clone().unwrap_or_default();
     refuse_node_namespaces(&ns)?;
     let caps = sc.capabilities.clone().unwrap_or_default();
@@ -237,6 +233,7 @@ pub(super) fn container_spec(config: cri::ContainerConfig) -> Result<ContainerSp
         readonly_rootfs: sc.readonly_rootfs,
         masked_paths: sc.masked_paths,
         readonly_paths: sc.readonly_paths,
+        privileged: sc.privileged,
         pid_namespace: namespace_mode(ns.pid, "PID")?,
         ipc_namespace: namespace_mode(ns.ipc, "IPC")?,
         resources: linux
@@ -507,6 +504,7 @@ mod tests {
             tonic::Code::InvalidArgument
         );
 
+        // Privileged inside the VM: taken (the pod must be privileged too).
         let mut c = container("c");
         c.linux = Some(cri::LinuxContainerConfig {
             security_context: Some(cri::LinuxContainerSecurityContext {
@@ -515,8 +513,7 @@ mod tests {
             }),
             ..Default::default()
         });
-        let e = container_spec(c).unwrap_err();
-        assert!(e.message().contains("privileged"), "{}", e.message());
+        assert!(container_spec(c).unwrap().privileged);
 
         let mut c = container("c");
         c.linux = Some(cri::LinuxContainerConfig {
