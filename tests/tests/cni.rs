@@ -139,19 +139,34 @@ fn arp_request(mac: [u8; 6], ip: Ipv4Addr, target: Ipv4Addr) -> Vec<u8> {
     f
 }
 
-/// Reads frames from the TAP until an ARP reply from `from` to `mac` arrives.
-fn wait_arp_reply(tap: &mut fs::File, mac: [u8; 6], from: Ipv4Addr) -> Result<[u8; 6]> {
-    let deadline = Instant::now() + Duration::from_secs(10);
+/// Writes the ARP `request` into the TAP and reads frames until a reply from `from` to
+/// `mac` arrives; the request is sent again every second, as a guest's ARP retries (a
+/// fresh bridge port may drop the first one while the host is busy).
+fn arp_exchange(
+    tap: &mut fs::File,
+    request: &[u8],
+    mac: [u8; 6],
+    from: Ipv4Addr,
+) -> Result<[u8; 6]> {
+    const RETRY: Duration = Duration::from_secs(1);
+    let deadline = Instant::now() + Duration::from_secs(30);
     let mut buf = vec![0u8; 65536];
+    let mut next_send = Instant::now();
     loop {
-        let left = deadline.saturating_duration_since(Instant::now());
+        let now = Instant::now();
+        let left = deadline.saturating_duration_since(now);
         ensure!(!left.is_zero(), "no ARP reply from {from} on the TAP");
+        if now >= next_send {
+            tap.write_all(request)?;
+            next_send = now + RETRY;
+        }
         let mut pfd = libc::pollfd {
             fd: tap.as_raw_fd(),
             events: libc::POLLIN,
             revents: 0,
         };
-        let ms = i32::try_from(left.as_millis()).unwrap_or(i32::MAX);
+        let wait = left.min(next_send.saturating_duration_since(now));
+        let ms = i32::try_from(wait.as_millis()).unwrap_or(i32::MAX);
         // SAFETY: one valid pollfd that outlives the call.
         let ready = unsafe { libc::poll(&mut pfd, 1, ms) };
         ensure!(ready >= 0, "poll: {}", std::io::Error::last_os_error());
@@ -346,8 +361,7 @@ async fn bridge_network_tap_redirect_and_clean_teardown() -> Result<()> {
     let (a, b) = (ips[0], ips[1]);
     let b_mac = namespaces[0].enter(|| -> Result<[u8; 6]> {
         let mut q = tap::open_queue(tap::DEFAULT_TAP_NAME)?;
-        q.write_all(&arp_request(mac, a, b))?;
-        wait_arp_reply(&mut q, mac, b)
+        arp_exchange(&mut q, &arp_request(mac, a, b), mac, b)
     })??;
     let b_link = run("ip", &["-n", &names[1], "link", "show", "eth0"])?;
     let b_mac_text = b_mac

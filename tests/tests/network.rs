@@ -102,6 +102,8 @@ fn pod_config(name: &str, ports: Vec<cri::PortMapping>) -> cri::PodSandboxConfig
             namespace: "default".into(),
             attempt: 0,
         }),
+        // As kubelet gives it (a pod without one gets the node's hostname).
+        hostname: name.into(),
         port_mappings: ports,
         ..Default::default()
     }
