@@ -13,7 +13,8 @@
 //! - CreateContainer makes a missing log directory, as containerd does.
 //! - RunAsGroup without RunAsUser is refused at CreateContainer.
 //! - A mount whose host path is a symlink is served from its target (kubelet is trusted).
-//! - Capabilities as asked, also for ExecSync: drop ALL, drop NET_RAW, add SYS_ADMIN.
+//! - Capabilities as asked, also for ExecSync: drop ALL, drop NET_RAW, add SYS_ADMIN; with
+//!   NET_ADMIN the guest kernel makes bridges and veth pairs, and offers TUN and iptables NAT.
 //! - A privileged pod's privileged container is privileged inside the VM (every capability,
 //!   the VM's devices, /sys and /proc writable); a privileged container needs a privileged
 //!   pod.
@@ -266,6 +267,34 @@ async fn capabilities_as_asked(
         out.exit_code,
         stderr.trim_end()
     ));
+
+    // What a node kernel offers pods, inside the VM: with NET_ADMIN a bridge (crictl's
+    // suite: `brctl addbr`), a veth pair; TUN; iptables' NAT targets and matches.
+    let net = start(
+        rt,
+        create,
+        with_caps("netadmin", image, &["NET_ADMIN"], &[]),
+    )
+    .await?;
+    let script = "brctl addbr foobar && echo bridge-made; \
+                  ip link add pvveth0 type veth && echo veth-made; \
+                  cat /sys/class/misc/tun/dev; \
+                  cat /proc/net/ip_tables_targets /proc/net/ip_tables_matches";
+    let out = exec(rt, &net, &["sh", "-c", script]).await?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let lines: Vec<&str> = text.lines().collect();
+    for want in [
+        "bridge-made",
+        "veth-made",
+        "10:200",
+        "REDIRECT",
+        "MASQUERADE",
+        "owner",
+        "conntrack",
+    ] {
+        ensure!(lines.contains(&want), "NET_ADMIN: no {want:?} in {out:?}");
+    }
+    say("NET_ADMIN: bridge, veth, TUN, iptables NAT targets and matches");
 
     let admin = start(rt, create, with_caps("admin", image, &["SYS_ADMIN"], &[])).await?;
     let out = exec(
