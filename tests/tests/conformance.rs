@@ -17,7 +17,7 @@
 //!   NET_ADMIN the guest kernel makes bridges and veth pairs, and offers TUN and iptables NAT.
 //! - A privileged pod's privileged container is privileged inside the VM (every capability,
 //!   the VM's devices, /sys and /proc writable); a privileged container needs a privileged
-//!   pod.
+//!   pod; an unprivileged one cannot open a node it makes for the VM's disk.
 //!
 //! Every wait has a generous deadline; none is a fixed sleep.
 
@@ -377,6 +377,27 @@ async fn privileged_inside_the_vm(
     ensure!(
         !text.contains("/dev/vda") && text.contains("\nro\n"),
         "an unprivileged container of a privileged pod: {out:?}"
+    );
+    // A node it makes for the VM's disk (it has CAP_MKNOD) does not open: the device
+    // cgroup lets it open only the standard devices. The privileged one reads it.
+    let disk = "echo x > /dev/null && echo null-writable; \
+                mknod /tmp/disk b $(tr : ' ' < /sys/block/vda/dev) && echo node-made; \
+                head -c 512 /tmp/disk | wc -c";
+    let out = exec(rt, &plain, &["sh", "-c", disk]).await?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    say(&format!(
+        "the VM's disk from an unprivileged container: {text:?} {:?}",
+        String::from_utf8_lossy(&out.stderr)
+    ));
+    ensure!(
+        text == "null-writable\nnode-made\n0\n"
+            && String::from_utf8_lossy(&out.stderr).contains("not permitted"),
+        "an unprivileged container opened the VM's disk: {out:?}"
+    );
+    let out = exec(rt, &priv_id, &["sh", "-c", disk]).await?;
+    ensure!(
+        String::from_utf8_lossy(&out.stdout) == "null-writable\nnode-made\n512\n",
+        "the privileged container could not read the VM's disk: {out:?}"
     );
     rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
         pod_sandbox_id: id.clone(),

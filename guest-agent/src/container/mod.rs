@@ -8,11 +8,13 @@
 //! system calls (see `spawn`) and waits for StartContainer before exec.
 //!
 //! Modules: `rootfs` (image, overlay, /dev, mounts), `spawn` (namespaces and the child),
-//! `cgroup`, `users`, `caps` (capabilities, rlimits, no_new_privs), `io` (pipes, pty),
+//! `cgroup`, `devices` (which devices a container may open), `users`, `caps` (capabilities,
+//! rlimits, no_new_privs), `io` (pipes, pty),
 //! `exit` (exit codes, OOM), `stats`.
 
 pub mod caps;
 pub mod cgroup;
+pub mod devices;
 pub mod exit;
 pub mod io;
 pub mod rootfs;
@@ -480,6 +482,11 @@ impl Manager {
                     };
                     (s, Some(cg.clone()))
                 })?;
+            }
+            // Only the standard devices, unless privileged (every device of the VM).
+            if !r.privileged {
+                devices::restrict(&cg.path)
+                    .map_err(|e| (internal("restrict devices", &e), Some(cg.clone())))?;
             }
             Some(cg)
         } else {
