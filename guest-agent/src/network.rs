@@ -87,9 +87,18 @@ pub async fn configure(req: &ConfigureNetworkRequest) -> Result<(), NetworkError
     result
 }
 
+/// Checks the whole request before anything changes: its interfaces, then its routes.
 fn validate(
     req: &ConfigureNetworkRequest,
 ) -> Result<(Vec<InterfacePlan>, Vec<RoutePlan>), NetworkError> {
+    let interfaces = validate_interfaces(req)?;
+    check_mac_changes(&interfaces)?;
+    let routes = validate_routes(req, &interfaces)?;
+    Ok((interfaces, routes))
+}
+
+/// The request's interfaces: MACs, names, MTUs and addresses.
+fn validate_interfaces(req: &ConfigureNetworkRequest) -> Result<Vec<InterfacePlan>, NetworkError> {
     let mut interfaces = Vec::new();
     for i in &req.interfaces {
         let mac = parse_mac(&i.mac)?;
@@ -144,9 +153,12 @@ fn validate(
             addresses,
         });
     }
+    Ok(interfaces)
+}
 
-    // A MAC being replaced must name neither another NIC nor the NIC another one becomes:
-    // two links would share it, or which link is meant would depend on the order of changes.
+/// A MAC being replaced must name neither another NIC nor the NIC another one becomes:
+/// two links would share it, or which link is meant would depend on the order of changes.
+fn check_mac_changes(interfaces: &[InterfacePlan]) -> Result<(), NetworkError> {
     for (n, plan) in interfaces.iter().enumerate() {
         let Some(current) = plan.current_mac else {
             continue;
@@ -162,7 +174,15 @@ fn validate(
             )));
         }
     }
+    Ok(())
+}
 
+/// The request's routes, each through a gateway or on an interface of the request (by its
+/// new MAC) or of the VM.
+fn validate_routes(
+    req: &ConfigureNetworkRequest,
+    interfaces: &[InterfacePlan],
+) -> Result<Vec<RoutePlan>, NetworkError> {
     let mut routes = Vec::new();
     for r in &req.routes {
         let gateway = if r.gateway.is_empty() {
@@ -216,9 +236,11 @@ fn validate(
             metric: r.metric,
         });
     }
-    Ok((interfaces, routes))
+    Ok(routes)
 }
 
+/// Changes the VM's links, then adds the routes; every MAC is resolved before the first
+/// change.
 async fn apply(
     h: &Handle,
     interfaces: &[InterfacePlan],
@@ -246,100 +268,114 @@ async fn apply(
         .collect::<Result<Vec<_>, _>>()?;
 
     set_up(h, LinkUnspec::new_with_name("lo"), "lo").await?;
-
     for (plan, target) in interfaces.iter().zip(&targets) {
-        let index = target.index;
-        let mac = format_mac(&plan.mac);
-        if let Some(current) = target.replace_mac {
-            let current = format_mac(&current);
-            // Drivers without live address change refuse a new MAC while the link is up; it
-            // comes up again below, with the new MAC.
-            h.link()
-                .set(LinkUnspec::new_with_index(index).down().build())
-                .execute()
-                .await
-                .map_err(nl(format!("set {current} down")))?;
-            h.link()
-                .set(
-                    LinkUnspec::new_with_index(index)
-                        .address(plan.mac.to_vec())
-                        .build(),
-                )
-                .execute()
-                .await
-                .map_err(nl(format!("change MAC {current} to {mac}")))?;
-            tracing::info!(from = %current, to = %mac, "interface MAC changed");
-        }
-        let current_name = target.name.as_str();
-        if let Some(name) = plan.name.as_deref()
-            && name != current_name
-        {
-            // The kernel renames only links that are down.
-            h.link()
-                .set(LinkUnspec::new_with_index(index).down().build())
-                .execute()
-                .await
-                .map_err(nl(format!("set {mac} down")))?;
-            h.link()
-                .set(
-                    LinkUnspec::new_with_index(index)
-                        .name(name.to_owned())
-                        .build(),
-                )
-                .execute()
-                .await
-                .map_err(nl(format!("rename {mac} to {name}")))?;
-        }
-        if let Some(mtu) = plan.mtu {
-            h.link()
-                .set(LinkUnspec::new_with_index(index).mtu(mtu).build())
-                .execute()
-                .await
-                .map_err(nl(format!("set {mac} mtu {mtu}")))?;
-        }
-        for &(ip, len) in &plan.addresses {
-            h.address()
-                .add(index, ip, len)
-                .replace()
-                .execute()
-                .await
-                .map_err(nl(format!("add address {ip}/{len} to {mac}")))?;
-        }
-        // Up after the addresses, before the routes: the connected routes that make the
-        // gateways reachable appear when the link comes up.
-        set_up(h, LinkUnspec::new_with_index(index), &mac).await?;
-        tracing::info!(%mac, name = ?plan.name, mtu = ?plan.mtu, addresses = ?plan.addresses, "interface configured");
+        configure_link(h, plan, target).await?;
     }
-
     for (r, oif) in routes.iter().zip(route_indexes) {
-        let (dst, len) = r.destination;
-        let what = format!("add route {dst}/{len}");
-        let mut b = RouteMessageBuilder::<IpAddr>::new()
-            .destination_prefix(dst, len)
-            .map_err(|e| invalid(format!("route {dst}/{len}: {e}")))?;
-        match r.gateway {
-            Some(gw) => {
-                b = b
-                    .gateway(gw)
-                    .map_err(|e| invalid(format!("route {dst}/{len}: {e}")))?;
-            }
-            // Directly reachable on the interface.
-            None => b = b.scope(RouteScope::Link),
-        }
-        if let Some(oif) = oif {
-            b = b.output_interface(oif);
-        }
-        if r.metric != 0 {
-            b = b.priority(r.metric);
-        }
-        h.route()
-            .add(b.build())
+        add_route(h, r, oif).await?;
+    }
+    Ok(())
+}
+
+/// One interface: its MAC (when it changes), name, MTU and addresses, then up.
+async fn configure_link(
+    h: &Handle,
+    plan: &InterfacePlan,
+    target: &TargetLink,
+) -> Result<(), NetworkError> {
+    let index = target.index;
+    let mac = format_mac(&plan.mac);
+    if let Some(current) = target.replace_mac {
+        let current = format_mac(&current);
+        // Drivers without live address change refuse a new MAC while the link is up; it
+        // comes up again below, with the new MAC.
+        h.link()
+            .set(LinkUnspec::new_with_index(index).down().build())
+            .execute()
+            .await
+            .map_err(nl(format!("set {current} down")))?;
+        h.link()
+            .set(
+                LinkUnspec::new_with_index(index)
+                    .address(plan.mac.to_vec())
+                    .build(),
+            )
+            .execute()
+            .await
+            .map_err(nl(format!("change MAC {current} to {mac}")))?;
+        tracing::info!(from = %current, to = %mac, "interface MAC changed");
+    }
+    let current_name = target.name.as_str();
+    if let Some(name) = plan.name.as_deref()
+        && name != current_name
+    {
+        // The kernel renames only links that are down.
+        h.link()
+            .set(LinkUnspec::new_with_index(index).down().build())
+            .execute()
+            .await
+            .map_err(nl(format!("set {mac} down")))?;
+        h.link()
+            .set(
+                LinkUnspec::new_with_index(index)
+                    .name(name.to_owned())
+                    .build(),
+            )
+            .execute()
+            .await
+            .map_err(nl(format!("rename {mac} to {name}")))?;
+    }
+    if let Some(mtu) = plan.mtu {
+        h.link()
+            .set(LinkUnspec::new_with_index(index).mtu(mtu).build())
+            .execute()
+            .await
+            .map_err(nl(format!("set {mac} mtu {mtu}")))?;
+    }
+    for &(ip, len) in &plan.addresses {
+        h.address()
+            .add(index, ip, len)
             .replace()
             .execute()
             .await
-            .map_err(nl(what))?;
-        tracing::info!(destination = %format!("{dst}/{len}"), gateway = ?r.gateway, metric = r.metric, "route added");
+            .map_err(nl(format!("add address {ip}/{len} to {mac}")))?;
     }
+    // Up after the addresses, before the routes: the connected routes that make the
+    // gateways reachable appear when the link comes up.
+    set_up(h, LinkUnspec::new_with_index(index), &mac).await?;
+    tracing::info!(%mac, name = ?plan.name, mtu = ?plan.mtu, addresses = ?plan.addresses, "interface configured");
+    Ok(())
+}
+
+/// One route, on the output interface `oif` when it names one.
+async fn add_route(h: &Handle, r: &RoutePlan, oif: Option<u32>) -> Result<(), NetworkError> {
+    let (dst, len) = r.destination;
+    let what = format!("add route {dst}/{len}");
+    let mut b = RouteMessageBuilder::<IpAddr>::new()
+        .destination_prefix(dst, len)
+        .map_err(|e| invalid(format!("route {dst}/{len}: {e}")))?;
+    match r.gateway {
+        Some(gw) => {
+            b = b
+                .gateway(gw)
+                .map_err(|e| invalid(format!("route {dst}/{len}: {e}")))?;
+        }
+        // Directly reachable on the interface.
+        None => b = b.scope(RouteScope::Link),
+    }
+    if let Some(oif) = oif {
+        b = b.output_interface(oif);
+    }
+    if r.metric != 0 {
+        b = b.priority(r.metric);
+    }
+    h.route()
+        .add(b.build())
+        .replace()
+        .execute()
+        .await
+        .map_err(nl(what))?;
+    tracing::info!(destination = %format!("{dst}/{len}"), gateway = ?r.gateway, metric = r.metric, "route added");
     Ok(())
 }
 

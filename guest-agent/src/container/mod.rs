@@ -426,6 +426,36 @@ impl Manager {
     }
 
     #[allow(clippy::result_large_err)]
+    /// The container's cgroup under the sandbox's, with its resources and, unless it is
+    /// privileged, its device program; None where the guest has no cgroups. On error, the
+    /// cgroup made so far is returned for removal.
+    fn container_cgroup(
+        &self,
+        r: &CreateContainerRequest,
+    ) -> Result<Option<Cgroup>, (Status, Option<Cgroup>)> {
+        if !self.use_cgroups {
+            return Ok(None);
+        }
+        let sandbox = lock(&self.sandbox_id).clone();
+        let cg = Cgroup::create(&self.paths.cgroup_podvisor(), &sandbox, &r.container_id)
+            .map_err(|e| (internal("create cgroup", &e), None))?;
+        if let Some(res) = &r.resources {
+            cg.apply_new(res).map_err(|e| {
+                let s = match e {
+                    cgroup::CgroupError::Invalid(_) => invalid("resources", &e),
+                    _ => internal("apply resources", &e),
+                };
+                (s, Some(cg.clone()))
+            })?;
+        }
+        // Only the standard devices, unless privileged (every device of the VM).
+        if !r.privileged {
+            devices::restrict(&cg.path)
+                .map_err(|e| (internal("restrict devices", &e), Some(cg.clone())))?;
+        }
+        Ok(Some(cg))
+    }
+
     fn create_in(
         &self,
         r: &CreateContainerRequest,
@@ -470,28 +500,7 @@ impl Manager {
 
         tracing::debug!(container = %r.container_id, ms = t.elapsed().as_millis(), "rootfs prepared");
         let t = std::time::Instant::now();
-        let cgroup = if self.use_cgroups {
-            let sandbox = lock(&self.sandbox_id).clone();
-            let cg = Cgroup::create(&self.paths.cgroup_podvisor(), &sandbox, &r.container_id)
-                .map_err(|e| (internal("create cgroup", &e), None))?;
-            if let Some(res) = &r.resources {
-                cg.apply_new(res).map_err(|e| {
-                    let s = match e {
-                        cgroup::CgroupError::Invalid(_) => invalid("resources", &e),
-                        _ => internal("apply resources", &e),
-                    };
-                    (s, Some(cg.clone()))
-                })?;
-            }
-            // Only the standard devices, unless privileged (every device of the VM).
-            if !r.privileged {
-                devices::restrict(&cg.path)
-                    .map_err(|e| (internal("restrict devices", &e), Some(cg.clone())))?;
-            }
-            Some(cg)
-        } else {
-            None
-        };
+        let cgroup = self.container_cgroup(r)?;
         let fail = |s: Status| (s, cgroup.clone());
 
         let size = (
@@ -504,43 +513,7 @@ impl Manager {
             .process_plan(process, &prepared.fd, stdio)
             .map_err(fail)?;
 
-        let rootfs_c = rootfs::cpath(&prepared.rootfs);
-        let path_pair = |p: &String| -> Result<(CString, CString), Status> {
-            let rel = crate::safepath::relative_components(p).map_err(|e| invalid("path", &e))?;
-            let abs = prepared.rootfs.join(&rel);
-            Ok((
-                cstring("path", rel.as_os_str().as_bytes())?,
-                cstring("path", abs.as_os_str().as_bytes())?,
-            ))
-        };
-        let masked = r
-            .masked_paths
-            .iter()
-            .map(path_pair)
-            .collect::<Result<_, _>>()
-            .map_err(fail)?;
-        let readonly = r
-            .readonly_paths
-            .iter()
-            .map(path_pair)
-            .collect::<Result<_, _>>()
-            .map_err(fail)?;
-        let mut sysctls = Vec::new();
-        for (k, v) in &r.sysctls {
-            let p = crate::sandbox::sysctl_path(k).map_err(|e| fail(invalid("sysctl", &e)))?;
-            let in_root = prepared.rootfs.join(p.strip_prefix("/").unwrap_or(&p));
-            sysctls.push((
-                cstring("sysctl", in_root.as_os_str().as_bytes()).map_err(fail)?,
-                cstring("sysctl value", v.as_bytes()).map_err(fail)?,
-            ));
-        }
-        plan.rootfs = Some(spawn::RootfsPlan {
-            proc: rootfs::cpath(&prepared.rootfs.join("proc")),
-            rootfs: rootfs_c,
-            masked,
-            readonly,
-            sysctls,
-        });
+        plan.rootfs = Some(rootfs_plan(r, &prepared.rootfs).map_err(fail)?);
         let mut flags = libc::CLONE_NEWNS as u64;
         match pid_mode {
             NamespaceMode::Container => flags |= libc::CLONE_NEWPID as u64,
@@ -927,6 +900,45 @@ impl Manager {
             })
             .collect())
     }
+}
+
+/// What the child does in the container's rootfs at `rootfs` before it execs: /proc, the
+/// masked and read-only paths and the namespaced sysctls of `r`.
+fn rootfs_plan(r: &CreateContainerRequest, rootfs: &Path) -> Result<spawn::RootfsPlan, Status> {
+    let path_pair = |p: &String| -> Result<(CString, CString), Status> {
+        let rel = crate::safepath::relative_components(p).map_err(|e| invalid("path", &e))?;
+        let abs = rootfs.join(&rel);
+        Ok((
+            cstring("path", rel.as_os_str().as_bytes())?,
+            cstring("path", abs.as_os_str().as_bytes())?,
+        ))
+    };
+    let masked = r
+        .masked_paths
+        .iter()
+        .map(path_pair)
+        .collect::<Result<_, _>>()?;
+    let readonly = r
+        .readonly_paths
+        .iter()
+        .map(path_pair)
+        .collect::<Result<_, _>>()?;
+    let mut sysctls = Vec::new();
+    for (k, v) in &r.sysctls {
+        let p = crate::sandbox::sysctl_path(k).map_err(|e| invalid("sysctl", &e))?;
+        let in_root = rootfs.join(p.strip_prefix("/").unwrap_or(&p));
+        sysctls.push((
+            cstring("sysctl", in_root.as_os_str().as_bytes())?,
+            cstring("sysctl value", v.as_bytes())?,
+        ));
+    }
+    Ok(spawn::RootfsPlan {
+        proc: rootfs::cpath(&rootfs.join("proc")),
+        rootfs: rootfs::cpath(rootfs),
+        masked,
+        readonly,
+        sysctls,
+    })
 }
 
 #[cfg(test)]

@@ -315,6 +315,103 @@ const DEVICES: [(&str, u64, u64); 6] = [
     ("tty", 5, 0),
 ];
 
+/// The container's /dev: a tmpfs with the standard nodes (and, when privileged, the VM's
+/// devices), the usual links, its own devpts and /dev/shm (the pod's or its own).
+fn mount_dev(spec: &RootfsSpec<'_>, fd: &OwnedFd, rootfs: &Path) -> Result<(), RootfsError> {
+    let d755 = Mode::from_bits_truncate(0o755);
+    let dev = rootfs.join("dev");
+    mnt(
+        Some(Path::new("tmpfs")),
+        &dev,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("mode=0755,size=65536k"),
+    )?;
+    let devfd = safepath::open_beneath(
+        fd,
+        Path::new("dev"),
+        OFlag::O_PATH | OFlag::O_DIRECTORY,
+        Mode::empty(),
+    )?;
+    for (name, major, minor) in DEVICES {
+        mknodat(
+            &devfd,
+            name,
+            SFlag::S_IFCHR,
+            Mode::from_bits_truncate(0o666),
+            makedev(major, minor),
+        )
+        .map_err(|e| io_err("mknod", &dev.join(name))(e.into()))?;
+    }
+    if spec.privileged {
+        vm_devices(Path::new("/dev"), &devfd, &dev)?;
+    }
+    for (target, link) in [
+        ("pts/ptmx", "ptmx"),
+        ("/proc/self/fd", "fd"),
+        ("/proc/self/fd/0", "stdin"),
+        ("/proc/self/fd/1", "stdout"),
+        ("/proc/self/fd/2", "stderr"),
+    ] {
+        nix::unistd::symlinkat(target, &devfd, link)
+            .map_err(|e| io_err("symlink", &dev.join(link))(e.into()))?;
+    }
+    for d in ["pts", "shm"] {
+        safepath::mkdir_all_beneath(&devfd, Path::new(d), d755, None)?;
+    }
+    mnt(
+        Some(Path::new("devpts")),
+        &dev.join("pts"),
+        Some("devpts"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("newinstance,ptmxmode=0666,mode=0620,gid=5"),
+    )?;
+    match &spec.shared_shm {
+        Some(shm) => mnt(Some(shm), &dev.join("shm"), None, MsFlags::MS_BIND, None)?,
+        None => mnt(
+            Some(Path::new("shm")),
+            &dev.join("shm"),
+            Some("tmpfs"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+            Some("mode=1777,size=65536k"),
+        )?,
+    }
+    Ok(())
+}
+
+/// One mount of the request: a bind of a guest path, or a file system of its type.
+fn mount_one(fd: &OwnedFd, rootfs: &Path, m: &Mount) -> Result<(), RootfsError> {
+    let d755 = Mode::from_bits_truncate(0o755);
+    let o = parse_mount_options(&m.options, m.readonly);
+    if o.bind || m.r#type == "bind" || m.r#type.is_empty() {
+        bind(
+            fd,
+            rootfs,
+            Path::new(&m.source),
+            &m.destination,
+            m.readonly,
+            o.flags,
+            o.recursive,
+        )?;
+    } else {
+        let rel = safepath::relative_components(&m.destination)?;
+        let target = safepath::mkdir_all_beneath(fd, &rel, d755, None)?;
+        let src = if m.source.is_empty() {
+            m.r#type.as_str()
+        } else {
+            m.source.as_str()
+        };
+        mnt(
+            Some(Path::new(src)),
+            &safepath::fd_path(&target),
+            Some(&m.r#type),
+            o.flags,
+            (!o.data.is_empty()).then_some(o.data.as_str()),
+        )?;
+    }
+    Ok(())
+}
+
 /// Names in the VM's /dev a privileged container does not get from it: its own terminal
 /// devices, /dev/shm and the links are made for it.
 const NOT_COPIED: [&str; 6] = ["pts", "shm", "ptmx", "console", "fd", "core"];
@@ -428,64 +525,7 @@ pub fn prepare(spec: &RootfsSpec<'_>) -> Result<PreparedRootfs, RootfsError> {
         safepath::mkdir_all_beneath(&fd, Path::new(d), d755, None)?;
     }
 
-    // /dev
-    let dev = rootfs.join("dev");
-    mnt(
-        Some(Path::new("tmpfs")),
-        &dev,
-        Some("tmpfs"),
-        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
-        Some("mode=0755,size=65536k"),
-    )?;
-    let devfd = safepath::open_beneath(
-        &fd,
-        Path::new("dev"),
-        OFlag::O_PATH | OFlag::O_DIRECTORY,
-        Mode::empty(),
-    )?;
-    for (name, major, minor) in DEVICES {
-        mknodat(
-            &devfd,
-            name,
-            SFlag::S_IFCHR,
-            Mode::from_bits_truncate(0o666),
-            makedev(major, minor),
-        )
-        .map_err(|e| io_err("mknod", &dev.join(name))(e.into()))?;
-    }
-    if spec.privileged {
-        vm_devices(Path::new("/dev"), &devfd, &dev)?;
-    }
-    for (target, link) in [
-        ("pts/ptmx", "ptmx"),
-        ("/proc/self/fd", "fd"),
-        ("/proc/self/fd/0", "stdin"),
-        ("/proc/self/fd/1", "stdout"),
-        ("/proc/self/fd/2", "stderr"),
-    ] {
-        nix::unistd::symlinkat(target, &devfd, link)
-            .map_err(|e| io_err("symlink", &dev.join(link))(e.into()))?;
-    }
-    for d in ["pts", "shm"] {
-        safepath::mkdir_all_beneath(&devfd, Path::new(d), d755, None)?;
-    }
-    mnt(
-        Some(Path::new("devpts")),
-        &dev.join("pts"),
-        Some("devpts"),
-        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
-        Some("newinstance,ptmxmode=0666,mode=0620,gid=5"),
-    )?;
-    match &spec.shared_shm {
-        Some(shm) => mnt(Some(shm), &dev.join("shm"), None, MsFlags::MS_BIND, None)?,
-        None => mnt(
-            Some(Path::new("shm")),
-            &dev.join("shm"),
-            Some("tmpfs"),
-            MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
-            Some("mode=1777,size=65536k"),
-        )?,
-    }
+    mount_dev(spec, &fd, &rootfs)?;
 
     // /sys, read-only unless privileged.
     let sys_flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
@@ -510,33 +550,7 @@ pub fn prepare(spec: &RootfsSpec<'_>) -> Result<PreparedRootfs, RootfsError> {
     }
 
     for m in spec.mounts {
-        let o = parse_mount_options(&m.options, m.readonly);
-        if o.bind || m.r#type == "bind" || m.r#type.is_empty() {
-            bind(
-                &fd,
-                &rootfs,
-                Path::new(&m.source),
-                &m.destination,
-                m.readonly,
-                o.flags,
-                o.recursive,
-            )?;
-        } else {
-            let rel = safepath::relative_components(&m.destination)?;
-            let target = safepath::mkdir_all_beneath(&fd, &rel, d755, None)?;
-            let src = if m.source.is_empty() {
-                m.r#type.as_str()
-            } else {
-                m.source.as_str()
-            };
-            mnt(
-                Some(Path::new(src)),
-                &safepath::fd_path(&target),
-                Some(&m.r#type),
-                o.flags,
-                (!o.data.is_empty()).then_some(o.data.as_str()),
-            )?;
-        }
+        mount_one(&fd, &rootfs, m)?;
     }
 
     if spec.readonly {

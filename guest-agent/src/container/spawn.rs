@@ -573,6 +573,10 @@ fn open_beneath_raw(dirfd: RawFd, rel: &CString) -> RawFd {
     }
 }
 
+// The child's side between clone and exec is one straight sequence of raw system calls on
+// a borrowed stack (no allocation, no locks): kept in one piece so it can be read and
+// audited top to bottom, rather than split under the 100-line limit.
+#[allow(clippy::too_many_lines)]
 fn setup_rootfs(r: &RootfsPlan, sync_fd: RawFd) {
     let null = std::ptr::null::<libc::c_char>();
     // SAFETY: mount/chdir/pivot_root/umount/open/write/close with C strings and
@@ -748,6 +752,10 @@ struct KernelSigaction {
     mask: u64,
 }
 
+// The child's side between clone and exec is one straight sequence of raw system calls on
+// a borrowed stack (no allocation, no locks): kept in one piece so it can be read and
+// audited top to bottom, rather than split under the 100-line limit.
+#[allow(clippy::too_many_lines)]
 fn child_main(
     plan: &ChildPlan,
     argv: &[*const libc::c_char],

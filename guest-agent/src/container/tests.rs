@@ -1,6 +1,9 @@
 //! Host tests of the whole container path. They need root (mounts, namespaces) and busybox;
 //! without them they return early.
 
+// A scenario reads top to bottom, step after step; the length limit is for the product code.
+#![allow(clippy::too_many_lines)]
+
 use std::path::Path;
 use std::sync::Arc;
 
