@@ -49,7 +49,7 @@ impl PodManager {
             return Err(PodError::InvalidArgument("exec: empty command".into()));
         }
         let mut client = sb.agent()?;
-        let defaults = read_exec_defaults(&sb.exec_defaults_path(id), id);
+        let defaults = read_exec_defaults(&sb.exec_defaults_path(id), id)?;
         let agent_id = lock(&c.record).agent_container_id.clone();
         let exec_id = random_hex(8)?;
         let t = Instant::now();
@@ -93,15 +93,22 @@ pub(super) fn write_exec_defaults(path: &Path, defaults: &ExecDefaults) -> Resul
     Ok(())
 }
 
-/// The exec defaults recorded in `path` for container `id`; root's when there are none.
-fn read_exec_defaults(path: &Path, id: &str) -> ExecDefaults {
-    std::fs::read(path)
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .unwrap_or_else(|| {
-            tracing::warn!(container = id, "no {}: exec as root", path.display());
-            ExecDefaults::default()
-        })
+/// The exec defaults recorded in `path` for container `id`. Without them an exec would not
+/// know its container's user and capabilities: it is refused rather than run as root with
+/// the default set.
+fn read_exec_defaults(path: &Path, id: &str) -> Result<ExecDefaults, PodError> {
+    let bytes = std::fs::read(path).map_err(|e| {
+        PodError::FailedPrecondition(format!(
+            "container {id}: its exec defaults {} cannot be read ({e}): exec refused",
+            path.display()
+        ))
+    })?;
+    serde_json::from_slice(&bytes).map_err(|e| {
+        PodError::FailedPrecondition(format!(
+            "container {id}: its exec defaults {} are corrupt ({e}): exec refused",
+            path.display()
+        ))
+    })
 }
 
 /// Collects the output of exec `eid` in container `cid` (at most [`MAX_EXEC_OUTPUT`] per
@@ -165,4 +172,27 @@ async fn kill_exec(client: &mut AgentClient<Channel>, container_id: String, exec
         client.signal_process(req),
     )
     .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_exec_without_its_defaults_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("exec-c1.json");
+        let missing = read_exec_defaults(&path, "c1").unwrap_err();
+        assert_eq!(missing.code(), tonic::Code::FailedPrecondition);
+        std::fs::write(&path, "{not json").unwrap();
+        let corrupt = read_exec_defaults(&path, "c1").unwrap_err();
+        assert!(corrupt.to_string().contains("corrupt"), "{corrupt}");
+        let defaults = ExecDefaults {
+            uid: 1000,
+            capabilities: Some(vec![]),
+            ..Default::default()
+        };
+        write_exec_defaults(&path, &defaults).unwrap();
+        assert_eq!(read_exec_defaults(&path, "c1").unwrap(), defaults);
+    }
 }
