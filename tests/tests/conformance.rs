@@ -77,17 +77,37 @@ async fn run_pod(rt: &mut Runtime, pod: &cri::PodSandboxConfig) -> Result<String
     .map(|r| r.into_inner().pod_sandbox_id)
 }
 
-/// Pod directories and VMM processes podvisord has now.
-fn pods_left(daemon: &Daemon) -> (Vec<String>, Vec<u32>) {
+/// Fails unless podvisord has no pod directory and no VMM left; `after` says after what.
+fn ensure_nothing_left(daemon: &Daemon, after: &str) -> anyhow::Result<()> {
     let pods = daemon.state_dir.join("pods");
-    let dirs = std::fs::read_dir(&pods)
+    let dirs: Vec<String> = std::fs::read_dir(&pods)
         .map(|d| {
             d.flatten()
                 .map(|e| e.file_name().to_string_lossy().into_owned())
                 .collect()
         })
         .unwrap_or_default();
-    (dirs, vmm_processes_under(&pods))
+    let vmms = vmm_processes_under(&pods);
+    ensure!(
+        dirs.is_empty() && vmms.is_empty(),
+        "{after} left pod dirs {dirs:?}, VMMs {vmms:?}"
+    );
+    Ok(())
+}
+
+/// StopPodSandbox then RemovePodSandbox of `id`, as kubelet removes a pod.
+async fn remove_pod(rt: &mut Runtime, id: &str) -> anyhow::Result<()> {
+    rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
+        pod_sandbox_id: id.to_string(),
+    })
+    .await
+    .with_context(|| format!("StopPodSandbox {id}"))?;
+    rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
+        pod_sandbox_id: id.to_string(),
+    })
+    .await
+    .with_context(|| format!("RemovePodSandbox {id}"))?;
+    Ok(())
 }
 
 /// Bad pod fields are refused before any VM is made.
@@ -112,11 +132,7 @@ async fn refused_before_work(rt: &mut Runtime, daemon: &Daemon, logs: &Path) -> 
         tonic::Code::InvalidArgument,
     )?;
     ensure!(msg.contains("config.linux.sysctls"), "{msg}");
-    let (dirs, vmms) = pods_left(daemon);
-    ensure!(
-        dirs.is_empty() && vmms.is_empty(),
-        "a refused request left pod dirs {dirs:?}, VMMs {vmms:?}"
-    );
+    ensure_nothing_left(daemon, "a refused request")?;
     Ok(())
 }
 
@@ -150,11 +166,7 @@ async fn agent_refusal_is_not_retried(
         !log.contains("booting the kernel"),
         "the request's own error fell back to a cold boot:\n{log}"
     );
-    let (dirs, vmms) = pods_left(daemon);
-    ensure!(
-        dirs.is_empty() && vmms.is_empty(),
-        "a refused pod left pod dirs {dirs:?}, VMMs {vmms:?}"
-    );
+    ensure_nothing_left(daemon, "a refused pod")?;
     Ok(())
 }
 
@@ -399,13 +411,7 @@ async fn privileged_inside_the_vm(
         String::from_utf8_lossy(&out.stdout) == "null-writable\nnode-made\n512\n",
         "the privileged container could not read the VM's disk: {out:?}"
     );
-    rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
-        pod_sandbox_id: id.clone(),
-    })
-    .await?;
-    rt.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: id })
-        .await?;
-    Ok(())
+    remove_pod(rt, &id).await
 }
 
 async fn conformance(daemon: &Daemon, image_name: &str) -> anyhow::Result<()> {
@@ -535,33 +541,13 @@ async fn conformance(daemon: &Daemon, image_name: &str) -> anyhow::Result<()> {
     }
 
     // Removal frees the name: the same metadata makes a new pod.
-    rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
-        pod_sandbox_id: id.clone(),
-    })
-    .await
-    .context("StopPodSandbox")?;
-    rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
-        pod_sandbox_id: id.clone(),
-    })
-    .await
-    .context("RemovePodSandbox")?;
+    remove_pod(&mut rt, &id).await?;
     let again = run_pod(&mut rt, &pod)
         .await
         .context("RunPodSandbox of a removed pod's name")?;
     ensure!(again != id, "the same id again");
-    rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
-        pod_sandbox_id: again.clone(),
-    })
-    .await?;
-    rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
-        pod_sandbox_id: again,
-    })
-    .await?;
-    let (dirs, vmms) = pods_left(daemon);
-    ensure!(
-        dirs.is_empty() && vmms.is_empty(),
-        "removed pods left pod dirs {dirs:?}, VMMs {vmms:?}"
-    );
+    remove_pod(&mut rt, &again).await?;
+    ensure_nothing_left(daemon, "removed pods")?;
     Ok(())
 }
 
