@@ -135,10 +135,43 @@ fn run(pid1: bool) -> anyhow::Result<()> {
             tracing::info!("listening on vsock port {AGENT_VSOCK_PORT}");
             init::console_line(READY_LINE);
             router
-                .serve_with_incoming(listener.incoming())
+                .serve_with_incoming(host_only(listener.incoming()))
                 .await
                 .context("serve")?;
         }
         Ok(())
+    })
+}
+
+/// The host's vsock context id: the only peer the agent answers.
+const VMADDR_CID_HOST: u32 = 2;
+
+/// Connections from the host only: one from inside the guest (a container reaching the
+/// agent's port through its own CID) is closed at once and counted; the first few and then
+/// every thousandth are logged, so a container cannot flood the console.
+fn host_only(
+    incoming: impl futures::Stream<Item = std::io::Result<tokio_vsock::VsockStream>>,
+) -> impl futures::Stream<Item = std::io::Result<tokio_vsock::VsockStream>> {
+    use futures::StreamExt;
+    let refused = std::sync::atomic::AtomicU64::new(0);
+    incoming.filter(move |conn| {
+        let keep = match conn {
+            Ok(stream) => match stream.peer_addr() {
+                Ok(peer) if peer.cid() == VMADDR_CID_HOST => true,
+                peer => {
+                    let n = refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                    if n <= 3 || n.is_multiple_of(1000) {
+                        tracing::warn!(
+                            ?peer,
+                            refused = n,
+                            "vsock connection not from the host: closed"
+                        );
+                    }
+                    false
+                }
+            },
+            Err(_) => true,
+        };
+        std::future::ready(keep)
     })
 }
