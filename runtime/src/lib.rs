@@ -7,6 +7,7 @@
 //! - [`image`]: pulling, the blob store and one ext4 image per image id.
 //! - [`vmm`]: one detached `podvisor-vmm` process per pod, found again after a restart.
 //! - [`network`]: a pod's network: its namespace, CNI plugins, the TAP for its VM.
+//! - [`seccomp`]: containers' seccomp profiles, compiled for the guest agent.
 //! - [`pods`]: the sandbox and container manager (VMs, agent calls, logs, records).
 //! - [`cri`]: the gRPC services.
 
@@ -16,5 +17,6 @@ pub mod image;
 pub mod logs;
 pub mod network;
 pub mod pods;
+pub mod seccomp;
 pub mod state;
 pub mod vmm;

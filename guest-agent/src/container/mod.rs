@@ -18,6 +18,7 @@ pub mod devices;
 pub mod exit;
 pub mod io;
 pub mod rootfs;
+pub mod seccomp;
 pub mod spawn;
 pub mod stats;
 pub mod users;
@@ -295,6 +296,7 @@ impl Manager {
             caps: caps_sets,
             last_cap: self.last_cap,
             no_new_privs: p.no_new_privs,
+            seccomp: seccomp::parse(&p.seccomp_filter)?,
             uid: id.uid,
             gid: id.gid,
             groups: id.additional_gids,

@@ -21,6 +21,7 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use nix::unistd::Pid;
 
 use super::caps::{self, CapSets, RlimitSpec};
+use super::seccomp;
 use crate::reaper::{ExitStatus, Reaper};
 
 /// Steps of the child's setup, reported with errno on failure.
@@ -44,6 +45,7 @@ pub enum Stage {
     NoNewPrivs = 14,
     WaitStart = 15,
     Exec = 16,
+    Seccomp = 17,
     Unknown = 99,
 }
 
@@ -68,6 +70,7 @@ impl Stage {
             NoNewPrivs,
             WaitStart,
             Exec,
+            Seccomp,
         ]
         .into_iter()
         .find(|s| *s as u32 == v)
@@ -134,6 +137,9 @@ pub struct ChildPlan {
     pub caps: CapSets,
     pub last_cap: u32,
     pub no_new_privs: bool,
+    /// Installed just before execve with no_new_privs; otherwise before the user and
+    /// capabilities change, while the child may still install it (as runc does).
+    pub seccomp: Vec<libc::sock_filter>,
     pub uid: u32,
     pub gid: u32,
     pub groups: Vec<libc::gid_t>,
@@ -839,6 +845,12 @@ fn child_main(
         if let Err(e) = caps::keep_caps(true) {
             fail(sync_fd, Stage::Capabilities, 1, e);
         }
+        if !plan.no_new_privs
+            && !plan.seccomp.is_empty()
+            && let Err(e) = seccomp::install(&plan.seccomp)
+        {
+            fail(sync_fd, Stage::Seccomp, 0, e);
+        }
         // Raw system calls: glibc's set*id would try to synchronise threads that only exist in
         // the parent.
         check(
@@ -887,6 +899,12 @@ fn child_main(
                 libc::_exit(1);
             }
             libc::close(start_fd);
+        }
+        if plan.no_new_privs
+            && !plan.seccomp.is_empty()
+            && let Err(e) = seccomp::install(&plan.seccomp)
+        {
+            fail(sync_fd, Stage::Seccomp, 1, e);
         }
         let mut err = libc::ENOENT;
         for c in &plan.exec_candidates {

@@ -31,7 +31,7 @@ fn busybox_image(dir: &Path) {
     std::fs::copy(BUSYBOX, bin.join("busybox")).expect("copy busybox");
     for applet in [
         "sh", "cat", "echo", "id", "hostname", "ls", "sleep", "readlink", "wc", "head", "touch",
-        "grep", "tty",
+        "grep", "tty", "mkdir",
     ] {
         std::os::unix::fs::symlink("busybox", bin.join(applet)).expect("symlink");
     }
@@ -434,4 +434,63 @@ async fn terminals_are_named_inside_the_container() {
         "container init: {out:?}"
     );
     m.delete("t1", false).await.expect("delete");
+}
+
+/// A program failing mkdir and mkdirat with EOPNOTSUPP, allowing everything else.
+fn deny_mkdir() -> Vec<u8> {
+    let insns: [(u16, u8, u8, u32); 5] = [
+        (0x20, 0, 0, 0),                                     // A = nr
+        (0x15, 1, 0, 83),                                    // mkdir -> deny
+        (0x15, 0, 1, 258),                                   // mkdirat -> deny, else allow
+        (0x06, 0, 0, 0x0005_0000 | libc::EOPNOTSUPP as u32), // ERRNO
+        (0x06, 0, 0, 0x7fff_0000),                           // ALLOW
+    ];
+    insns
+        .iter()
+        .flat_map(|(code, jt, jf, k)| {
+            let mut b = code.to_le_bytes().to_vec();
+            b.extend([*jt, *jf]);
+            b.extend(k.to_le_bytes());
+            b
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seccomp_program_holds_with_and_without_no_new_privs() {
+    if !can_run() {
+        return;
+    }
+    let f = fixture();
+    let m = f.manager.clone();
+    for (id, nnp) in [("nnp", true), ("privs", false)] {
+        let mut req = request(
+            id,
+            "grep Seccomp: /proc/self/status; mkdir /made; echo rc=$?",
+        );
+        let p = req.process.as_mut().expect("process");
+        p.no_new_privs = nnp;
+        p.seccomp_filter = deny_mkdir();
+        m.create_from_dir(&req, &f.image).expect("create");
+        let collector = {
+            let m = m.clone();
+            let id = id.to_string();
+            tokio::spawn(async move { output(&m, &id).await })
+        };
+        m.start(id).await.expect("start");
+        m.wait(id, "").await.expect("wait");
+        let (out, err) = collector.await.expect("collector");
+        assert!(out.contains("Seccomp:\t2"), "{id}: {out}");
+        assert!(out.contains("rc=1"), "{id}: {out}");
+        assert!(
+            err.contains("not supported"),
+            "{id}: the filter's errno: {err}"
+        );
+        m.delete(id, false).await.expect("delete");
+    }
+    // A program that is not whole instructions is refused before anything runs.
+    let mut req = request("bad", "true");
+    req.process.as_mut().expect("process").seccomp_filter = vec![0; 12];
+    let err = m.create_from_dir(&req, &f.image).expect_err("bad program");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
 }

@@ -10,6 +10,7 @@ use super::volumes::VolumeError;
 use crate::image::ImageError;
 use crate::logs::LogError;
 use crate::network::NetworkError;
+use crate::seccomp::SeccompError;
 use crate::state::StateError;
 use crate::vmm::VmmError;
 
@@ -40,6 +41,9 @@ pub enum PodError {
     /// A host path cannot be mounted.
     #[error(transparent)]
     Volume(#[from] VolumeError),
+    /// The container's seccomp profile cannot be used.
+    #[error(transparent)]
+    Seccomp(#[from] SeccompError),
     /// The image store failed.
     #[error(transparent)]
     Image(#[from] ImageError),
@@ -116,7 +120,7 @@ impl PodError {
             PodError::DeadlineExceeded(_) => Code::DeadlineExceeded,
             PodError::Volume(VolumeError::TooLarge { .. }) => Code::ResourceExhausted,
             PodError::Volume(VolumeError::Io(_)) => Code::Internal,
-            PodError::Volume(_) => Code::InvalidArgument,
+            PodError::Volume(_) | PodError::Seccomp(_) => Code::InvalidArgument,
             PodError::Image(e) => e.code(),
             PodError::Agent { status, .. } => match status.code() {
                 c @ (Code::InvalidArgument

@@ -59,7 +59,7 @@ impl PodManager {
             client.exec_process(agent::ExecProcessRequest {
                 container_id: agent_id.clone(),
                 exec_id: exec_id.clone(),
-                process: Some(defaults.process(cmd)),
+                process: Some(defaults.process(cmd)?),
             }),
         )
         .await?;
@@ -103,12 +103,16 @@ fn read_exec_defaults(path: &Path, id: &str) -> Result<ExecDefaults, PodError> {
             path.display()
         ))
     })?;
-    serde_json::from_slice(&bytes).map_err(|e| {
+    let corrupt = |e: &dyn std::error::Error| {
         PodError::FailedPrecondition(format!(
-            "container {id}: its exec defaults {} are corrupt ({e}): exec refused",
-            path.display()
+            "container {id}: its exec defaults {} are corrupt ({}): exec refused",
+            path.display(),
+            podvisor_common::error_chain(e)
         ))
-    })
+    };
+    let defaults: ExecDefaults = serde_json::from_slice(&bytes).map_err(|e| corrupt(&e))?;
+    defaults.seccomp_filter_bytes().map_err(|e| corrupt(&e))?;
+    Ok(defaults)
 }
 
 /// Collects the output of exec `eid` in container `cid` (at most [`MAX_EXEC_OUTPUT`] per

@@ -56,6 +56,9 @@ pub struct ExecDefaults {
     /// The container's no_new_privs.
     #[serde(default)]
     pub no_new_privs: bool,
+    /// The container's seccomp program, hex; none when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seccomp_filter: Option<String>,
 }
 
 impl ExecDefaults {
@@ -69,23 +72,32 @@ impl ExecDefaults {
         }
     }
 
+    /// The seccomp program as the agent takes it (empty for none).
+    pub fn seccomp_filter_bytes(&self) -> Result<Vec<u8>, ProcessError> {
+        self.seccomp_filter
+            .as_deref()
+            .map_or(Ok(Vec::new()), hex::decode)
+            .map_err(ProcessError::CorruptSeccomp)
+    }
+
     /// An exec of `args` with these defaults (no terminal, no stdin): the container's user,
-    /// environment, working directory, capabilities and no_new_privs.
-    pub fn process(&self, args: Vec<String>) -> agent::Process {
-        agent::Process {
+    /// environment, working directory, capabilities, no_new_privs and seccomp.
+    pub fn process(&self, args: Vec<String>) -> Result<agent::Process, ProcessError> {
+        Ok(agent::Process {
             args,
             env: self.env.clone(),
             cwd: self.cwd.clone(),
             user: Some(self.user()),
             capabilities: self.capabilities.as_deref().map(capability_sets),
             no_new_privs: self.no_new_privs,
+            seccomp_filter: self.seccomp_filter_bytes()?,
             ..Default::default()
-        }
+        })
     }
 }
 
 /// Why a process cannot be composed.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, thiserror::Error, PartialEq)]
 pub enum ProcessError {
     /// Neither the request nor the image has a command.
     #[error("no command to run: the container config and image {0:?} have none")]
@@ -96,6 +108,9 @@ pub enum ProcessError {
     /// An environment variable name that cannot be one.
     #[error("invalid environment variable name {0:?}")]
     BadEnvName(String),
+    /// A recorded seccomp program that is not hex.
+    #[error("the recorded seccomp program is corrupt")]
+    CorruptSeccomp(#[source] hex::FromHexError),
 }
 
 /// The argument vector: a CRI `command` replaces the image's Entrypoint and drops its Cmd;
@@ -388,10 +403,16 @@ mod tests {
             no_new_privs: true,
             ..Default::default()
         };
-        let p = defaults.process(s(&["true"]));
+        let p = defaults.process(s(&["true"])).expect("process");
         assert_eq!(p.capabilities, Some(capability_sets(&[])));
         assert!(p.no_new_privs);
-        assert_eq!(ExecDefaults::default().process(vec![]).capabilities, None);
+        assert_eq!(
+            ExecDefaults::default()
+                .process(vec![])
+                .expect("process")
+                .capabilities,
+            None
+        );
         // Records written before these fields read as the defaults.
         let old: ExecDefaults = serde_json::from_str(
             r#"{"env":[],"cwd":"/","uid":0,"gid":null,"username":"","additional_gids":[]}"#,

@@ -12,6 +12,7 @@ use podvisor_proto::v1 as agent;
 use super::error::PodError;
 use super::process::{self, ExecDefaults, UserSpec};
 use crate::image::ImageConfig;
+use crate::seccomp::{self, SeccompChoice};
 use crate::state::{DnsConfig, PortMapping};
 
 /// A namespace's sharing within the pod.
@@ -152,6 +153,8 @@ pub struct ContainerSpec {
     /// Privileged inside the VM: every capability, the VM's devices, /sys and /proc
     /// writable (no masked or read-only paths); never a host device.
     pub privileged: bool,
+    /// Seccomp (none for privileged containers, whatever is asked).
+    pub seccomp: SeccompChoice,
     /// PID namespace.
     pub pid_namespace: NamespaceMode,
     /// IPC namespace.
@@ -202,6 +205,15 @@ pub(super) fn container_process(
         process::compose_capabilities(&spec.cap_add, &spec.cap_drop)?
     };
     defaults.no_new_privs = spec.no_new_privs;
+    if !spec.privileged {
+        let bounding = defaults.capabilities.clone().unwrap_or_else(|| {
+            process::DEFAULT_CAPS
+                .iter()
+                .map(|c| c.to_string())
+                .collect()
+        });
+        defaults.seccomp_filter = seccomp::program(&spec.seccomp, &bounding)?.map(hex::encode);
+    }
     let process = agent::Process {
         args: argv,
         env: defaults.env.clone(),
@@ -217,6 +229,7 @@ pub(super) fn container_process(
         console_width: 0,
         console_height: 0,
         stdin: false,
+        seccomp_filter: defaults.seccomp_filter_bytes()?,
     };
     Ok((process, defaults))
 }

@@ -12,6 +12,7 @@ use tonic::Status;
 use crate::cri::invalid;
 use crate::pods::process::UserSpec;
 use crate::pods::{ContainerSpec, MountSpec, NamespaceMode, Resources, SandboxSpec};
+use crate::seccomp::SeccompChoice;
 use crate::state::{DnsConfig, PortMapping, Protocol};
 
 /// Refuses a namespace shared with the host: a VM cannot share the host's.
@@ -209,6 +210,8 @@ pub(super) fn container_spec(config: cri::ContainerConfig) -> Result<ContainerSp
     refuse_node_namespaces(&ns)?;
     let caps = sc.capabilities.clone().unwrap_or_default();
     let user = user_spec(&sc)?;
+    let seccomp = seccomp_choice(&sc)?;
+    check_lsm(&sc)?;
     Ok(ContainerSpec {
         name: meta.name,
         attempt: meta.attempt,
@@ -234,6 +237,7 @@ pub(super) fn container_spec(config: cri::ContainerConfig) -> Result<ContainerSp
         masked_paths: sc.masked_paths,
         readonly_paths: sc.readonly_paths,
         privileged: sc.privileged,
+        seccomp,
         pid_namespace: namespace_mode(ns.pid, "PID")?,
         ipc_namespace: namespace_mode(ns.ipc, "IPC")?,
         resources: linux
@@ -291,6 +295,80 @@ fn namespace_mode(v: i32, what: &str) -> Result<NamespaceMode, Status> {
 
 /// The user the container runs as. A group alone is refused, as kubelet and containerd
 /// do: it would pair with whatever user the image names.
+/// The container's seccomp: the `seccomp` profile, else the deprecated
+/// `seccomp_profile_path` (`runtime/default`, `docker/default`, `unconfined`,
+/// `localhost/<path>`), else unconfined (as containerd and kubelet without
+/// `--seccomp-default`).
+// Older kubelets send only the deprecated fields.
+#[allow(deprecated)]
+fn seccomp_choice(sc: &cri::LinuxContainerSecurityContext) -> Result<SeccompChoice, Status> {
+    use cri::security_profile::ProfileType;
+    let localhost = |path: &str| {
+        if path.starts_with('/') {
+            Ok(SeccompChoice::Localhost(PathBuf::from(path)))
+        } else {
+            Err(invalid(format!(
+                "linux.security_context.seccomp: localhost profile {path:?} is not an absolute path"
+            )))
+        }
+    };
+    if let Some(p) = &sc.seccomp {
+        return match ProfileType::try_from(p.profile_type) {
+            Ok(ProfileType::RuntimeDefault) => Ok(SeccompChoice::RuntimeDefault),
+            Ok(ProfileType::Unconfined) => Ok(SeccompChoice::Unconfined),
+            Ok(ProfileType::Localhost) => localhost(&p.localhost_ref),
+            Err(_) => Err(invalid(format!(
+                "linux.security_context.seccomp: unknown profile type {}",
+                p.profile_type
+            ))),
+        };
+    }
+    match sc.seccomp_profile_path.as_str() {
+        "" | "unconfined" => Ok(SeccompChoice::Unconfined),
+        "runtime/default" | "docker/default" => Ok(SeccompChoice::RuntimeDefault),
+        other => match other.strip_prefix("localhost/") {
+            Some(path) => localhost(path),
+            None => Err(invalid(format!(
+                "linux.security_context.seccomp_profile_path: unknown profile {other:?}"
+            ))),
+        },
+    }
+}
+
+/// AppArmor and SELinux do not exist in the guest (the VM is the confinement): the runtime
+/// default and unconfined are accepted as they are, a named profile or SELinux label is
+/// refused rather than silently not applied.
+#[allow(deprecated)]
+fn check_lsm(sc: &cri::LinuxContainerSecurityContext) -> Result<(), Status> {
+    use cri::security_profile::ProfileType;
+    let apparmor_named = match &sc.apparmor {
+        Some(p) => p.profile_type == ProfileType::Localhost as i32,
+        None => !matches!(
+            sc.apparmor_profile.as_str(),
+            "" | "runtime/default" | "unconfined"
+        ),
+    };
+    if apparmor_named {
+        return Err(invalid(
+            "linux.security_context.apparmor: AppArmor profiles are not supported: the guest \
+             kernel has no AppArmor (the pod's VM is its confinement); use RuntimeDefault or \
+             Unconfined",
+        ));
+    }
+    if let Some(se) = &sc.selinux_options
+        && !(se.user.is_empty()
+            && se.role.is_empty()
+            && se.r#type.is_empty()
+            && se.level.is_empty())
+    {
+        return Err(invalid(
+            "linux.security_context.selinux_options: SELinux labels are not supported: the \
+             guest kernel has no SELinux (the pod's VM is its confinement)",
+        ));
+    }
+    Ok(())
+}
+
 fn user_spec(sc: &cri::LinuxContainerSecurityContext) -> Result<UserSpec, Status> {
     if sc.run_as_group.is_some() && sc.run_as_user.is_none() && sc.run_as_username.is_empty() {
         return Err(invalid(
@@ -536,5 +614,74 @@ mod tests {
         assert_eq!(spec.user.uid, Some(1000));
         assert_eq!(spec.resources.memory_limit_bytes, 64 << 20);
         assert_eq!(spec.resources.cpu_quota, 0);
+    }
+    #[test]
+    #[allow(deprecated)]
+    fn seccomp_and_lsm_choices() {
+        use cri::security_profile::ProfileType;
+        let sc =
+            |profile: Option<(ProfileType, &str)>, path: &str| cri::LinuxContainerSecurityContext {
+                seccomp: profile.map(|(t, r)| cri::SecurityProfile {
+                    profile_type: t as i32,
+                    localhost_ref: r.into(),
+                }),
+                seccomp_profile_path: path.into(),
+                ..Default::default()
+            };
+        let cases = [
+            (sc(None, ""), SeccompChoice::Unconfined),
+            (sc(None, "runtime/default"), SeccompChoice::RuntimeDefault),
+            (sc(None, "docker/default"), SeccompChoice::RuntimeDefault),
+            (
+                sc(None, "localhost//p.json"),
+                SeccompChoice::Localhost("/p.json".into()),
+            ),
+            (
+                sc(Some((ProfileType::RuntimeDefault, "")), "unconfined"),
+                SeccompChoice::RuntimeDefault,
+            ),
+            (
+                sc(Some((ProfileType::Unconfined, "")), ""),
+                SeccompChoice::Unconfined,
+            ),
+            (
+                sc(Some((ProfileType::Localhost, "/x.json")), ""),
+                SeccompChoice::Localhost("/x.json".into()),
+            ),
+        ];
+        for (ctx, want) in cases {
+            assert_eq!(seccomp_choice(&ctx).expect("choice"), want, "{ctx:?}");
+        }
+        for bad in [
+            sc(None, "localhost/relative.json"),
+            sc(None, "something"),
+            sc(Some((ProfileType::Localhost, "x.json")), ""),
+        ] {
+            assert_eq!(
+                seccomp_choice(&bad).expect_err("refused").code(),
+                tonic::Code::InvalidArgument
+            );
+        }
+        let apparmor = |t: ProfileType, old: &str| cri::LinuxContainerSecurityContext {
+            apparmor: (old.is_empty()).then(|| cri::SecurityProfile {
+                profile_type: t as i32,
+                localhost_ref: "p".into(),
+            }),
+            apparmor_profile: old.into(),
+            ..Default::default()
+        };
+        assert!(check_lsm(&apparmor(ProfileType::RuntimeDefault, "")).is_ok());
+        assert!(check_lsm(&apparmor(ProfileType::Unconfined, "")).is_ok());
+        assert!(check_lsm(&apparmor(ProfileType::Localhost, "")).is_err());
+        assert!(check_lsm(&apparmor(ProfileType::Localhost, "runtime/default")).is_ok());
+        assert!(check_lsm(&apparmor(ProfileType::Localhost, "localhost/p")).is_err());
+        let selinux = cri::LinuxContainerSecurityContext {
+            selinux_options: Some(cri::SeLinuxOption {
+                level: "s0:c1,c2".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        assert!(check_lsm(&selinux).is_err());
     }
 }
