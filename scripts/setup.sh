@@ -14,6 +14,8 @@ packages=(
     qemu-system-x86
     # CRI tests (later issues): registry and CNI plugins
     docker-registry containernetworking-plugins iptables
+    # image tests: layers as umoci writes them
+    umoci
     # CRI types (k8s-cri's build script runs protoc)
     protobuf-compiler
 )

@@ -247,6 +247,17 @@ fn build_busybox_layer() -> anyhow::Result<(Vec<u8>, String)> {
             Some("busybox"),
         )?;
     }
+    // The probe the isolation checks run as a hostile container.
+    let probe = crate::artifacts::guest_probe()?;
+    let probe = std::fs::read(&probe).with_context(|| format!("read {}", probe.display()))?;
+    append(
+        &mut tar,
+        tar::EntryType::Regular,
+        "bin/guest-probe",
+        0o755,
+        &probe,
+        None,
+    )?;
     append(
         &mut tar,
         tar::EntryType::Regular,
@@ -298,7 +309,8 @@ fn append(
         .with_context(|| format!("append {path}"))
 }
 
-fn hex_digest(data: &[u8]) -> String {
+/// The sha256 of `data`, hex.
+pub fn hex_digest(data: &[u8]) -> String {
     Sha256::digest(data)
         .iter()
         .map(|b| format!("{b:02x}"))
@@ -342,6 +354,80 @@ async fn push_image(
     push_image_to(registry.host(), repo, tag, architecture)
         .await
         .map_err(|e| anyhow!("{e:#}; registry log: {}", registry.log()))
+}
+
+/// Pushes the image `ref_name` of the OCI layout at `layout` (as umoci writes one) as
+/// `repo:tag`, its config and layer blobs byte for byte; `edit` may change the config and
+/// layers first. Returns the reference.
+pub async fn push_oci_layout(
+    registry: &Registry,
+    layout: &Path,
+    ref_name: &str,
+    repo: &str,
+    tag: &str,
+    edit: impl FnOnce(&mut Vec<u8>, &mut Vec<Vec<u8>>) -> anyhow::Result<()>,
+) -> anyhow::Result<String> {
+    let blob = |digest: &str| -> anyhow::Result<Vec<u8>> {
+        let hex = digest.strip_prefix("sha256:").context("sha256 digest")?;
+        let path = layout.join("blobs/sha256").join(hex);
+        std::fs::read(&path).with_context(|| format!("read {}", path.display()))
+    };
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(layout.join("index.json")).context("index.json")?)?;
+    let manifest_digest = index["manifests"]
+        .as_array()
+        .context("index manifests")?
+        .iter()
+        .find(|m| m["annotations"]["org.opencontainers.image.ref.name"] == ref_name)
+        .and_then(|m| m["digest"].as_str())
+        .with_context(|| format!("no {ref_name} in the layout"))?
+        .to_string();
+    let manifest: serde_json::Value = serde_json::from_slice(&blob(&manifest_digest)?)?;
+    let config_media = manifest["config"]["mediaType"]
+        .as_str()
+        .context("config type")?;
+    let mut config = blob(
+        manifest["config"]["digest"]
+            .as_str()
+            .context("config digest")?,
+    )?;
+    let descriptors = manifest["layers"].as_array().context("layers")?;
+    let mut layers = descriptors
+        .iter()
+        .map(|l| blob(l["digest"].as_str().unwrap_or_default()))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    edit(&mut config, &mut layers)?;
+    let layers: Vec<ImageLayer> = layers
+        .into_iter()
+        .zip(descriptors)
+        .map(|(data, d)| {
+            ImageLayer::new(
+                data,
+                d["mediaType"].as_str().unwrap_or_default().to_string(),
+                None,
+            )
+        })
+        .collect();
+    let reference_text = registry.reference(repo, tag);
+    let reference: Reference = reference_text
+        .parse()
+        .with_context(|| format!("parse {reference_text}"))?;
+    client()
+        .push(
+            &reference,
+            &layers,
+            Config::new(config, config_media.to_string(), None),
+            &RegistryAuth::Anonymous,
+            None,
+        )
+        .await
+        .map_err(|e| {
+            anyhow!(
+                "push {reference_text}: {e}; registry log: {}",
+                registry.log()
+            )
+        })?;
+    Ok(reference_text)
 }
 
 /// Pushes the busybox image for linux/amd64 as `repo:tag` to the registry at `host`

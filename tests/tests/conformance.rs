@@ -18,6 +18,11 @@
 //! - A privileged pod's privileged container is privileged inside the VM (every capability,
 //!   the VM's devices, /sys and /proc writable); a privileged container needs a privileged
 //!   pod; an unprivileged one cannot open a node it makes for the VM's disk.
+//! - Seccomp: RuntimeDefault (containerd's profile) in the container and its execs, refusing
+//!   user namespaces and AF_VSOCK sockets; Unconfined; a Localhost profile enforced; bad
+//!   references and AppArmor profiles refused.
+//! - No container reaches the guest agent over vsock, not even a privileged one: CID 1, the
+//!   VM's own CID and the host's are all refused, and the agent serves on.
 //!
 //! Every wait has a generous deadline; none is a fixed sleep.
 
@@ -411,7 +416,204 @@ async fn privileged_inside_the_vm(
         String::from_utf8_lossy(&out.stdout) == "null-writable\nnode-made\n512\n",
         "the privileged container could not read the VM's disk: {out:?}"
     );
+    // The strongest container there is (root, every capability, no seccomp, /dev/vsock)
+    // cannot reach the guest agent: no vsock loopback in the guest kernel, and the VMM
+    // forwards only packets addressed to the host.
+    let out = exec(rt, &priv_id, &["guest-probe", "vsock-attack", "1024"]).await?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    say(&format!("vsock from a privileged container: {text:?}"));
+    ensure_vsock_refused(&text, true)?;
+    let out = exec(rt, &priv_id, &["true"]).await?;
+    ensure!(out.exit_code == 0, "the agent no longer serves: {out:?}");
     remove_pod(rt, &id).await
+}
+
+/// `guest-probe vsock-attack` output: no connection made; `own_cid`: the VM's own CID was
+/// tried too.
+fn ensure_vsock_refused(text: &str, own_cid: bool) -> anyhow::Result<()> {
+    let tried = |prefix: &str| {
+        text.lines()
+            .any(|l| l.starts_with(&format!("VSOCK-ATTACK {prefix}")) && l.contains(" refused: "))
+    };
+    ensure!(
+        !text.contains("connected") && tried("cid-1") && tried("host"),
+        "vsock attack: {text:?}"
+    );
+    ensure!(
+        !own_cid || tried("own-cid-"),
+        "vsock attack on the VM's own CID: {text:?}"
+    );
+    Ok(())
+}
+
+/// A container sleeping under `seccomp`, its init's seccomp mode in /tmp/init-seccomp.
+fn with_seccomp(
+    name: &str,
+    image: &str,
+    seccomp: Option<cri::SecurityProfile>,
+    apparmor: Option<cri::SecurityProfile>,
+) -> cri::ContainerConfig {
+    cri::ContainerConfig {
+        linux: Some(cri::LinuxContainerConfig {
+            security_context: Some(cri::LinuxContainerSecurityContext {
+                seccomp,
+                apparmor,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..shell_container(
+            name,
+            image,
+            "grep Seccomp: /proc/self/status > /tmp/init-seccomp; exec sleep 1000",
+        )
+    }
+}
+
+fn profile(kind: cri::security_profile::ProfileType, path: &str) -> Option<cri::SecurityProfile> {
+    Some(cri::SecurityProfile {
+        profile_type: kind as i32,
+        localhost_ref: path.to_string(),
+    })
+}
+
+/// A Localhost profile: everything allowed but changing modes and making directories.
+const DENY_CHMOD_MKDIR: &str = r#"{
+  "defaultAction": "SCMP_ACT_ALLOW",
+  "architectures": ["SCMP_ARCH_X86_64"],
+  "syscalls": [
+    {"names": ["chmod", "fchmod", "fchmodat", "fchmodat2", "mkdir", "mkdirat"],
+     "action": "SCMP_ACT_ERRNO"}
+  ]
+}"#;
+
+/// Seccomp as CRI asks for it, in the container and its execs: RuntimeDefault (containerd's
+/// profile: no user namespaces without SYS_ADMIN, no AF_VSOCK sockets), Unconfined, and a
+/// Localhost profile; bad references and AppArmor profiles are refused.
+async fn seccomp_as_asked(
+    rt: &mut Runtime,
+    create: &dyn Fn(cri::ContainerConfig) -> cri::CreateContainerRequest,
+    image: &str,
+    dir: &Path,
+) -> anyhow::Result<()> {
+    use cri::security_profile::ProfileType;
+    // The init's mode (written when it started), then the exec's own.
+    let probe = "until [ -s /tmp/init-seccomp ]; do sleep 0.1; done; \
+                 cat /tmp/init-seccomp; grep Seccomp: /proc/self/status; \
+                 unshare -U true; echo unshare=$?; guest-probe vsock-attack 1024";
+    let default = start(
+        rt,
+        create,
+        with_seccomp(
+            "sc-default",
+            image,
+            profile(ProfileType::RuntimeDefault, ""),
+            None,
+        ),
+    )
+    .await?;
+    let out = exec(rt, &default, &["sh", "-c", probe]).await?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    say(&format!("RuntimeDefault: {text:?}"));
+    let lines: Vec<&str> = text.lines().collect();
+    ensure!(
+        lines.get(..3) == Some(&["Seccomp:\t2", "Seccomp:\t2", "unshare=1"][..])
+            && lines.contains(
+                &"VSOCK-ATTACK socket-high-bits refused: Operation not permitted (os error 1)"
+            ),
+        "RuntimeDefault: {out:?}"
+    );
+    ensure_vsock_refused(&text, false)?;
+    ensure!(
+        text.contains("VSOCK-ATTACK cid-1 refused: socket(AF_VSOCK): Operation not permitted"),
+        "RuntimeDefault lets AF_VSOCK sockets be made: {text:?}"
+    );
+
+    let unconfined = start(
+        rt,
+        create,
+        with_seccomp(
+            "sc-unconfined",
+            image,
+            profile(ProfileType::Unconfined, ""),
+            None,
+        ),
+    )
+    .await?;
+    let out = exec(rt, &unconfined, &["sh", "-c", probe]).await?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    say(&format!("Unconfined: {text:?}"));
+    ensure!(
+        text.starts_with("Seccomp:\t0\nSeccomp:\t0\nunshare=0\n"),
+        "Unconfined: {out:?}"
+    );
+    ensure_vsock_refused(&text, false)?;
+
+    let path = dir.join("deny-chmod-mkdir.json");
+    std::fs::write(&path, DENY_CHMOD_MKDIR)?;
+    let local = start(
+        rt,
+        create,
+        with_seccomp(
+            "sc-localhost",
+            image,
+            profile(ProfileType::Localhost, &path.display().to_string()),
+            None,
+        ),
+    )
+    .await?;
+    let script = "chmod 400 /; echo chmod=$?; mkdir /made; echo mkdir=$?; echo still-runs";
+    let out = exec(rt, &local, &["sh", "-c", script]).await?;
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    say(&format!(
+        "Localhost denying chmod and mkdir: {:?} {stderr:?}",
+        String::from_utf8_lossy(&out.stdout)
+    ));
+    ensure!(
+        out.stdout == b"chmod=1\nmkdir=1\nstill-runs\n" && stderr.contains("not permitted"),
+        "Localhost profile: {out:?}"
+    );
+
+    for (what, config, want) in [
+        (
+            "a relative Localhost profile",
+            with_seccomp(
+                "sc-rel",
+                image,
+                profile(ProfileType::Localhost, "deny.json"),
+                None,
+            ),
+            "not an absolute path",
+        ),
+        (
+            "a missing Localhost profile",
+            with_seccomp(
+                "sc-missing",
+                image,
+                profile(ProfileType::Localhost, "/nonexistent/podvisor-profile.json"),
+                None,
+            ),
+            "/nonexistent/podvisor-profile.json",
+        ),
+        (
+            "an AppArmor Localhost profile",
+            with_seccomp(
+                "aa-local",
+                image,
+                None,
+                profile(ProfileType::Localhost, "podvisor-test-profile"),
+            ),
+            "AppArmor",
+        ),
+    ] {
+        let msg = expect_code(
+            &format!("CreateContainer with {what}"),
+            rt.create_container(create(config)).await,
+            tonic::Code::InvalidArgument,
+        )?;
+        ensure!(msg.contains(want), "{what}: {msg}");
+    }
+    Ok(())
 }
 
 async fn conformance(daemon: &Daemon, image_name: &str) -> anyhow::Result<()> {
@@ -517,6 +719,7 @@ async fn conformance(daemon: &Daemon, image_name: &str) -> anyhow::Result<()> {
         "a mount whose host path is a symlink: {out:?}"
     );
     capabilities_as_asked(&mut rt, &create, &image).await?;
+    seccomp_as_asked(&mut rt, &create, &image, daemon.dir()).await?;
     let mut privileged = shell_container("priv", &image, "exec sleep 1000");
     privileged.linux = Some(privileged_linux());
     let msg = expect_code(

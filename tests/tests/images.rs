@@ -1,7 +1,8 @@
 //! The runtime's image store against a real registry (Debian's docker-registry on
 //! 127.0.0.1): pulls by tag, digest, mirror and index; the ext4 image's content (read with
 //! debugfs, nothing mounted); single flight; list, status, leases, removal, reopening;
-//! and the errors a CRI server maps to gRPC codes. No VM is involved.
+//! and the errors a CRI server maps to gRPC codes; an image built by umoci, whose layers have
+//! no tar end-of-archive blocks. No VM is involved.
 
 // An end-to-end scenario reads top to bottom, step after step; the length limit is for
 // the product code.
@@ -16,7 +17,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, ensure};
 use podvisor_runtime::image::{ImageError, ImageRecord, ImageStore, RegistryConfig};
 use podvisor_tests::image::{CONTAINER_PASSWD, HOST_BUSYBOX};
-use podvisor_tests::registry::{IMAGE_PATH, Registry, push_busybox, push_busybox_index};
+use podvisor_tests::registry::{
+    IMAGE_PATH, Registry, push_busybox, push_busybox_index, push_oci_layout,
+};
 
 /// Runs `debugfs -R request` on an ext4 image (read-only, no mount).
 fn debugfs(image: &Path, request: &str) -> anyhow::Result<String> {
@@ -340,5 +343,95 @@ async fn mirrors_fall_back_and_errors_map_to_grpc_codes() -> anyhow::Result<()> 
     ensure!(store.list().len() == 1, "{:?}", store.list());
     let leftovers = std::fs::read_dir(dir.path().join("tmp"))?.count();
     ensure!(leftovers == 0, "{leftovers} entries left in tmp/");
+    Ok(())
+}
+
+/// Runs umoci (Debian's) with `args`.
+fn umoci(args: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new("umoci")
+        .args(args)
+        .output()
+        .context("run umoci (make setup installs it)")?;
+    ensure!(out.status.success(), "umoci {args:?}: {out:?}");
+    Ok(())
+}
+
+fn gunzip(data: &[u8]) -> anyhow::Result<Vec<u8>> {
+    let mut tar = Vec::new();
+    std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(data), &mut tar)?;
+    Ok(tar)
+}
+
+/// umoci writes a layer that ends right after its last file's data: no padding to 512
+/// bytes, no end-of-archive blocks (Go's archive/tar, and so containerd, takes them). The
+/// pull unpacks it; the same layer cut inside the file's data is refused, and leaves no image.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn umoci_layers_without_tar_trailer() -> anyhow::Result<()> {
+    let registry = Registry::start()?;
+    let dir = tempfile::tempdir()?;
+    let layout = dir.path().join("layout");
+    let layout_s = layout.display().to_string();
+    let src = dir.path().join("hello");
+    std::fs::write(&src, "hello from umoci\n")?;
+    umoci(&["init", "--layout", &layout_s])?;
+    umoci(&["new", "--image", &format!("{layout_s}:t")])?;
+    umoci(&[
+        "insert",
+        "--image",
+        &format!("{layout_s}:t"),
+        &src.display().to_string(),
+        "/hello",
+    ])?;
+    let mut tar_len = 0;
+    let reference = push_oci_layout(&registry, &layout, "t", "test/umoci", "1", |_, layers| {
+        let tar = gunzip(&layers[0])?;
+        tar_len = tar.len();
+        Ok(())
+    })
+    .await?;
+    // One header and the 17 bytes of data: nothing after them.
+    ensure!(tar_len == 512 + 17, "umoci's layer is {tar_len} bytes");
+
+    let store = ImageStore::open(&dir.path().join("store"), config_for(&registry, &[]))?;
+    let record = store.pull(&reference, None).await?;
+    let hello = debugfs(&store.rootfs(&record), "cat /hello")?;
+    ensure!(
+        hello == "hello from umoci\n",
+        "/hello in the image: {hello:?}"
+    );
+
+    // The same layer cut inside the file's data (the config's diff_id made to match).
+    let cut = push_oci_layout(
+        &registry,
+        &layout,
+        "t",
+        "test/umoci",
+        "cut",
+        |config, layers| {
+            let tar = gunzip(&layers[0])?;
+            let short = &tar[..512 + 8];
+            let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            std::io::Write::write_all(&mut gz, short)?;
+            layers[0] = gz.finish()?;
+            let mut json: serde_json::Value = serde_json::from_slice(config)?;
+            let digest = format!("sha256:{}", podvisor_tests::registry::hex_digest(short));
+            json["rootfs"]["diff_ids"][0] = serde_json::Value::String(digest);
+            *config = serde_json::to_vec(&json)?;
+            Ok(())
+        },
+    )
+    .await?;
+    let err = store.pull(&cut, None).await.expect_err("a truncated layer");
+    let msg = format!("{:#}", anyhow::Error::from(err));
+    println!("[images] a layer cut inside its last file: {msg}");
+    ensure!(
+        msg.contains("truncated") || msg.contains("unexpected EOF") || msg.contains("end of file"),
+        "{msg}"
+    );
+    ensure!(
+        store.list().len() == 1,
+        "the cut image was kept: {:?}",
+        store.list()
+    );
     Ok(())
 }

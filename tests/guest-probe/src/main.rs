@@ -5,6 +5,8 @@
 //! guest-probe vsock-echo-server PORT        # listen on VMADDR_CID_ANY:PORT, echo one connection
 //! guest-probe vsock-echo-client PORT MSG    # connect to the host (CID 2), send MSG, print the reply
 //! guest-probe hello                         # prove a static program runs: print uid and pid
+//! guest-probe vsock-attack PORT             # as a hostile container: socket(AF_VSOCK) and
+//!                                           # connect to CID 1, the VM's own CID and the host
 //! ```
 //!
 //! Every line meant for the test starts with a fixed word (`VSOCK-LISTENING`,
@@ -28,8 +30,9 @@ fn main() -> ExitCode {
             parse_port(port).and_then(|p| echo_client(p, message))
         }
         ["hello"] => hello(),
+        ["vsock-attack", port] => parse_port(port).map(vsock_attack),
         _ => Err(format!(
-            "usage: guest-probe vsock-echo-server PORT | vsock-echo-client PORT MESSAGE | hello (got {args:?})"
+            "usage: guest-probe vsock-echo-server PORT | vsock-echo-client PORT MESSAGE | hello | vsock-attack PORT (got {args:?})"
         )),
     };
     match result {
@@ -185,4 +188,73 @@ fn hello() -> Result<(), String> {
     let uid = unsafe { libc::getuid() };
     say(&format!("HELLO uid={uid} pid={}", std::process::id()));
     Ok(())
+}
+
+/// `IOCTL_VM_SOCKETS_GET_LOCAL_CID` (linux/vm_sockets.h).
+const IOCTL_VM_SOCKETS_GET_LOCAL_CID: libc::c_ulong = 0x7b9;
+
+/// The VM's own CID from /dev/vsock, when this process can open it.
+fn local_cid() -> Result<u32, String> {
+    let dev = std::fs::File::open("/dev/vsock").map_err(|e| format!("open /dev/vsock: {e}"))?;
+    let mut cid: u32 = 0;
+    // SAFETY: the ioctl writes one u32 into `cid`, which outlives the call.
+    let rc = unsafe { libc::ioctl(dev.as_raw_fd(), IOCTL_VM_SOCKETS_GET_LOCAL_CID, &mut cid) };
+    if rc != 0 {
+        return Err(os_err("IOCTL_VM_SOCKETS_GET_LOCAL_CID"));
+    }
+    Ok(cid)
+}
+
+/// Tries to reach `port` over vsock as a container would reach its agent, one line per
+/// attempt: `VSOCK-ATTACK <target> connected` or `VSOCK-ATTACK <target> refused: <error>`.
+/// A socket(2) call with AF_VSOCK in the low 32 bits and junk above them is tried too (the
+/// kernel reads the family as an int).
+fn vsock_attack(port: u32) {
+    // SAFETY: socket() takes no pointers; the raw call passes the 64-bit family unmodified.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_socket,
+            0xffff_ffff_0000_0000u64 | libc::AF_VSOCK as u64,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
+    if fd >= 0 {
+        // SAFETY: a fresh descriptor nothing else owns.
+        drop(unsafe { OwnedFd::from_raw_fd(fd as i32) });
+        say("VSOCK-ATTACK socket-high-bits created");
+    } else {
+        say(&format!(
+            "VSOCK-ATTACK socket-high-bits refused: {}",
+            io::Error::last_os_error()
+        ));
+    }
+    let mut targets = vec![
+        ("cid-1".to_string(), libc::VMADDR_CID_LOCAL),
+        ("host".to_string(), VMADDR_CID_HOST),
+    ];
+    match local_cid() {
+        Ok(cid) => targets.push((format!("own-cid-{cid}"), cid)),
+        Err(e) => say(&format!("VSOCK-ATTACK own-cid unknown: {e}")),
+    }
+    for (name, cid) in targets {
+        let sock = match vsock_socket() {
+            Ok(s) => s,
+            Err(e) => {
+                say(&format!("VSOCK-ATTACK {name} refused: {e}"));
+                continue;
+            }
+        };
+        let addr = vsock_addr(cid, port);
+        // SAFETY: addr is a valid sockaddr_vm of ADDR_LEN bytes that outlives the call.
+        let rc = unsafe { libc::connect(sock.as_raw_fd(), (&raw const addr).cast(), ADDR_LEN) };
+        if rc == 0 {
+            say(&format!("VSOCK-ATTACK {name} connected"));
+        } else {
+            say(&format!(
+                "VSOCK-ATTACK {name} refused: {}",
+                os_err("connect")
+            ));
+        }
+    }
 }
