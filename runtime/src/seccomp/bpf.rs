@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 
 use seccompiler::{BpfProgram, SeccompAction, SeccompCondition, SeccompRule, sock_filter};
 
-use super::SeccompError;
+use super::error::SeccompError;
 
 /// What the kernel does with a system call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,7 +106,10 @@ fn ret(action: Action) -> sock_filter {
 }
 
 fn ja(distance: usize) -> Result<sock_filter, SeccompError> {
-    let k = u32::try_from(distance).map_err(|_| SeccompError::TooLarge(distance))?;
+    let k = u32::try_from(distance).map_err(|_| SeccompError::TooLarge {
+        len: distance,
+        max: MAX_INSTRUCTIONS,
+    })?;
     Ok(stmt(BPF_JMP_JA, k))
 }
 
@@ -131,7 +134,10 @@ pub fn compile(profile: &Profile) -> Result<BpfProgram, SeccompError> {
         .collect::<Result<Vec<_>, SeccompError>>()?;
     program.extend(dispatch(&blocks, profile.default)?);
     if program.len() > MAX_INSTRUCTIONS {
-        return Err(SeccompError::TooLarge(program.len()));
+        return Err(SeccompError::TooLarge {
+            len: program.len(),
+            max: MAX_INSTRUCTIONS,
+        });
     }
     Ok(program)
 }

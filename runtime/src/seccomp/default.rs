@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 
 use seccompiler::{SeccompCmpArgLen, SeccompCmpOp, SeccompCondition};
 
-use super::SeccompError;
 use super::bpf::{Action, Profile, Rule};
+use super::error::SeccompError;
 use super::profile::{max_known, syscall_number};
 
 /// Allowed for every container (x86_64 names only; the profile's 32-bit and newer-ABI names

@@ -8,8 +8,11 @@
 
 pub mod bpf;
 pub mod default;
+mod error;
 pub mod profile;
 mod syscalls;
+
+pub use error::SeccompError;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -29,62 +32,6 @@ pub enum SeccompChoice {
     Localhost(PathBuf),
 }
 
-/// Why a profile cannot be used.
-#[derive(Debug, thiserror::Error)]
-pub enum SeccompError {
-    /// The profile file cannot be read.
-    #[error("read seccomp profile {path}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The profile file is too large.
-    #[error("seccomp profile {0} is over {MAX_PROFILE_BYTES} bytes")]
-    TooLong(PathBuf),
-    /// A `Localhost` reference that is not an absolute path.
-    #[error("seccomp localhost profile {0:?} is not an absolute path")]
-    NotAbsolute(String),
-    /// The profile is not valid JSON of the profile format.
-    #[error("seccomp profile is not a valid profile")]
-    Json(#[source] serde_json::Error),
-    /// Where the profile was read from, around any other error.
-    #[error("seccomp profile {path}")]
-    InFile {
-        /// The file.
-        path: PathBuf,
-        /// What is wrong with it.
-        #[source]
-        source: Box<SeccompError>,
-    },
-    /// An action this runtime does not know.
-    #[error("unknown seccomp action {0:?}")]
-    UnknownAction(String),
-    /// `SCMP_ACT_NOTIFY` or a listener: there is no seccomp agent in the guest.
-    #[error("seccomp notifications (SCMP_ACT_NOTIFY, listenerPath) are not supported")]
-    Notify,
-    /// A comparison operator this runtime does not know.
-    #[error("unknown seccomp comparison {0:?}")]
-    UnknownOperator(String),
-    /// A system call has arguments 0 to 5.
-    #[error("seccomp rule on argument {0}: system calls have arguments 0 to 5")]
-    ArgIndex(u8),
-    /// A `minKernel` that is not `major.minor`.
-    #[error("seccomp minKernel {0:?} is not major.minor")]
-    MinKernel(String),
-    /// `seccompiler` refused a rule.
-    #[error("seccomp rule")]
-    Rule(#[source] seccompiler::BackendError),
-    /// The program is longer than the kernel takes.
-    #[error(
-        "seccomp profile compiles to {0} BPF instructions; the kernel takes at most {max}",
-        max = bpf::MAX_INSTRUCTIONS
-    )]
-    TooLarge(usize),
-}
-
 /// Reads a `Localhost` profile: at most [`MAX_PROFILE_BYTES`].
 fn read_profile(path: &Path) -> Result<Vec<u8>, SeccompError> {
     let read = |source| SeccompError::Read {
@@ -97,7 +44,10 @@ fn read_profile(path: &Path) -> Result<Vec<u8>, SeccompError> {
         .read_to_end(&mut text)
         .map_err(read)?;
     if text.len() as u64 > MAX_PROFILE_BYTES {
-        return Err(SeccompError::TooLong(path.to_path_buf()));
+        return Err(SeccompError::TooLong {
+            path: path.to_path_buf(),
+            max: MAX_PROFILE_BYTES,
+        });
     }
     Ok(text)
 }
@@ -153,6 +103,6 @@ mod tests {
         let big = dir.path().join("big.json");
         std::fs::write(&big, vec![b' '; MAX_PROFILE_BYTES as usize + 1]).expect("write");
         let err = program(&SeccompChoice::Localhost(big), &[]).expect_err("big");
-        assert!(matches!(err, SeccompError::TooLong(_)), "{err:?}");
+        assert!(matches!(err, SeccompError::TooLong { .. }), "{err:?}");
     }
 }

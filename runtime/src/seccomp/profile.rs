@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use seccompiler::{SeccompCmpArgLen, SeccompCmpOp, SeccompCondition};
 use serde::Deserialize;
 
-use super::SeccompError;
 use super::bpf::{Action, Profile, Rule};
+use super::error::SeccompError;
 use super::syscalls::X86_64;
 
 /// The guest kernel's version, for `minKernel`.
