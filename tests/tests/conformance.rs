@@ -21,6 +21,7 @@
 //! - Seccomp: RuntimeDefault (containerd's profile) in the container and its execs, refusing
 //!   user namespaces and AF_VSOCK sockets; Unconfined; a Localhost profile enforced; bad
 //!   references and AppArmor profiles refused.
+//! - The pod's VMM runs every thread under its seccomp filter, with no_new_privs.
 //! - No container reaches the guest agent over vsock, not even a privileged one: CID 1, the
 //!   VM's own CID and the host's are all refused, and the agent serves on.
 //!
@@ -98,6 +99,24 @@ fn ensure_nothing_left(daemon: &Daemon, after: &str) -> anyhow::Result<()> {
         "{after} left pod dirs {dirs:?}, VMMs {vmms:?}"
     );
     Ok(())
+}
+
+/// (name, Seccomp, NoNewPrivs) of every thread of process `pid`.
+fn thread_security(pid: u32) -> anyhow::Result<Vec<(String, String, String)>> {
+    let mut threads = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let status = std::fs::read_to_string(task?.path().join("status"))?;
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .unwrap_or_default()
+                .trim()
+                .to_string()
+        };
+        threads.push((field("Name:"), field("Seccomp:"), field("NoNewPrivs:")));
+    }
+    Ok(threads)
 }
 
 /// StopPodSandbox then RemovePodSandbox of `id`, as kubelet removes a pod.
@@ -713,6 +732,20 @@ async fn conformance(daemon: &Daemon, image_name: &str) -> anyhow::Result<()> {
     say(&format!(
         "the pod without a hostname has the node's: {got:?}"
     ));
+    // The pod's VMM: every thread under its seccomp filter, with no_new_privs.
+    let vmms = vmm_processes_under(&daemon.state_dir.join("pods").join(&id));
+    ensure!(vmms.len() == 1, "the pod's VMM processes: {vmms:?}");
+    let threads = thread_security(vmms[0])?;
+    say(&format!(
+        "the pod's VMM threads (name, Seccomp, NoNewPrivs): {threads:?}"
+    ));
+    ensure!(
+        threads.len() >= 3
+            && threads
+                .iter()
+                .all(|(_, seccomp, nnp)| seccomp == "2" && nnp == "1"),
+        "the pod's VMM is not confined: {threads:?}"
+    );
     let out = exec(&mut rt, &cid, &["cat", "/data/hello"]).await?;
     ensure!(
         out.exit_code == 0 && out.stdout == b"hello through a link\n",

@@ -57,6 +57,31 @@ pub enum SerialOutput {
     Null,
 }
 
+/// What the VMM's seccomp filters do with a system call they do not allow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum SeccompLevel {
+    /// Kill the VMM (the default): an unexpected system call is an attack or a bug.
+    #[default]
+    Kill,
+    /// Allow it and log it to the kernel's audit log: for finding what a new code path needs.
+    Log,
+    /// No filters.
+    Off,
+}
+
+impl std::str::FromStr for SeccompLevel {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "kill" => Ok(Self::Kill),
+            "log" => Ok(Self::Log),
+            "off" => Ok(Self::Off),
+            other => Err(format!("seccomp level {other:?}: kill, log or off")),
+        }
+    }
+}
+
 /// A snapshot to continue from instead of booting a kernel.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RestoreConfig {
@@ -103,6 +128,9 @@ pub struct VmConfig {
     /// from this configuration (same kinds, same order; new files, TAP and sockets).
     #[serde(default)]
     pub restore: Option<RestoreConfig>,
+    /// The VMM's own seccomp filters.
+    #[serde(default)]
+    pub seccomp: SeccompLevel,
 }
 
 fn default_vcpus() -> u8 {
@@ -374,6 +402,7 @@ mod tests {
             api_sock: None,
             serial: SerialOutput::Null,
             restore: None,
+            seccomp: SeccompLevel::Kill,
         }
     }
 

@@ -63,6 +63,7 @@ struct Shared {
 pub fn build(mut config: VmConfig, start: Instant) -> Result<Vm, VmError> {
     config.validate()?;
     let (kvm, vm) = open_kvm()?;
+    crate::snapshot::kvm_state::read_host_caps(&kvm);
     let base_cpuid = vcpu::supported_cpuid(&kvm)?;
     let (mem, start_kind) = guest_memory(&mut config, &base_cpuid)?;
     register_memory(&vm, &mem)?;
@@ -147,6 +148,7 @@ pub fn build(mut config: VmConfig, start: Instant) -> Result<Vm, VmError> {
         mem: shared.mem,
         restored: entry.is_none(),
         start,
+        seccomp: config.seccomp,
     })
 }
 

@@ -8,7 +8,8 @@
 //! virtio devices of the [`device_table`]; `main` starts the control API ([`api::server`])
 //! on the VM's [`handle::VmHandle`], then runs the VM. The configuration, the API's bodies,
 //! codec and client live in the `podvisor-vmm-api` crate, which callers use without linking
-//! KVM code.
+//! KVM code. Each thread runs under its own seccomp filter ([`seccomp`]) once the VM is
+//! built.
 
 pub mod api;
 pub mod boot;
@@ -20,6 +21,7 @@ pub mod exit;
 pub mod handle;
 pub mod layout;
 pub mod memory;
+pub mod seccomp;
 pub mod snapshot;
 pub mod vcpu;
 pub mod virtio;

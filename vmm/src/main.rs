@@ -54,6 +54,10 @@ struct Cli {
     /// Serial console: stdout, null or a file path.
     #[arg(long, default_value = "stdout")]
     serial: String,
+    /// The VMM's seccomp filters: kill (an unexpected system call ends the VMM), log (allow
+    /// and audit-log it) or off.
+    #[arg(long, default_value = "kill")]
+    seccomp: config::SeccompLevel,
 }
 
 fn vm_config(cli: Cli) -> anyhow::Result<VmConfig> {
@@ -93,15 +97,18 @@ fn vm_config(cli: Cli) -> anyhow::Result<VmConfig> {
             .as_deref()
             .map(config::parse_restore)
             .transpose()?,
+        seccomp: cli.seccomp,
     })
 }
 
 /// Builds the VM, serves its control API if asked to, and runs it until it ends.
 fn run(config: VmConfig, start: Instant) -> anyhow::Result<ExitReason> {
+    podvisor_vmm::seccomp::no_new_privs()?;
     let api_sock = config.api_sock.clone();
+    let level = config.seccomp;
     let mut vm = podvisor_vmm::builder::build(config, start)?;
     if let Some(path) = api_sock {
-        podvisor_vmm::api::server::start(&path, vm.handle())?;
+        podvisor_vmm::api::server::start(&path, vm.handle(), level)?;
         vm.remove_on_exit(path);
     }
     Ok(vm.run()?)

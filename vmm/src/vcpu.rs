@@ -73,6 +73,9 @@ pub enum VcpuError {
 /// Why the vCPUs' state could not be saved for a snapshot.
 #[derive(Debug, thiserror::Error)]
 pub enum SaveError {
+    /// Which MSRs to save could not be found out.
+    #[error("probe the MSRs to save")]
+    Msrs(#[source] Arc<MsrProbeError>),
     /// Not every vCPU is parked.
     #[error("the VM is not paused")]
     NotPaused,
@@ -413,6 +416,7 @@ impl VcpuControl {
     /// Saves the state of every vCPU of a paused VM (each parked vCPU thread saves its own:
     /// a vCPU's ioctls belong to its thread). Results are in vCPU order.
     pub fn save_vcpus(&self) -> Result<Vec<VcpuState>, SaveError> {
+        probe_msrs().map_err(SaveError::Msrs)?;
         let n = self.threads.lock().unwrap_or_else(|e| e.into_inner()).len();
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if !st.paused || st.parked < n {
@@ -527,18 +531,23 @@ impl VcpuRunner {
 /// Saves a parked vCPU. An exit to user space (MMIO, port I/O) is only complete once KVM_RUN
 /// is entered again: one run with immediate_exit set finishes the instruction and returns at
 /// once, so the saved registers are past it.
-fn save_state(vcpu: &mut VcpuFd) -> Result<VcpuState, VcpuSaveError> {
-    // Probing which MSRs round-trip takes a throwaway VM (~15 ms): only once, and only for
-    // a VM that is actually snapshotted.
+/// The MSRs that round-trip on this host. Probing takes a throwaway VM (~15 ms): only once,
+/// and only for a VM that is actually snapshotted, on the thread that asks for the snapshot
+/// ([`VcpuControl::save_vcpus`], the control API's), so that vCPUs saving their state under
+/// their seccomp filter open nothing.
+fn probe_msrs() -> Result<&'static [u32], Arc<MsrProbeError>> {
     static MSRS: std::sync::OnceLock<Result<Vec<u32>, Arc<MsrProbeError>>> =
         std::sync::OnceLock::new();
-    let msrs = MSRS
-        .get_or_init(|| {
-            let kvm = Kvm::new().map_err(MsrProbeError::OpenKvm)?;
-            Ok(msrs_to_save(&kvm).map_err(MsrProbeError::from)?)
-        })
-        .as_ref()
-        .map_err(|e| VcpuSaveError::Msrs(e.clone()))?;
+    MSRS.get_or_init(|| {
+        let kvm = Kvm::new().map_err(MsrProbeError::OpenKvm)?;
+        Ok(msrs_to_save(&kvm).map_err(MsrProbeError::from)?)
+    })
+    .as_deref()
+    .map_err(Arc::clone)
+}
+
+fn save_state(vcpu: &mut VcpuFd) -> Result<VcpuState, VcpuSaveError> {
+    let msrs = probe_msrs().map_err(VcpuSaveError::Msrs)?;
     vcpu.set_kvm_immediate_exit(1);
     let finished = match vcpu.run() {
         Err(e) if e.errno() == libc::EINTR => Ok(()),

@@ -6,13 +6,15 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use podvisor_common::lock;
+use podvisor_common::{error_chain, lock};
+use podvisor_vmm_api::config::SeccompLevel;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{Epoll, EpollEvent};
 
 use crate::device_table::DeviceError;
 use crate::exit::{ExitReason, ExitSignal};
 use crate::handle::VmHandle;
+use crate::seccomp::{self, ThreadKind};
 use crate::snapshot::SnapshotError;
 use crate::vcpu::{self, VcpuRunner};
 use crate::virtio::mmio::MmioError;
@@ -25,6 +27,9 @@ pub const EXIT_SLOT: u32 = u32::MAX;
 /// Why a VM could not be built or run.
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
+    /// The VMM's seccomp filter could not be installed.
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::SeccompError),
     /// The configuration is invalid.
     #[error(transparent)]
     Config(#[from] podvisor_vmm_api::config::ConfigError),
@@ -136,6 +141,8 @@ pub struct Vm {
     pub(crate) restored: bool,
     /// When the VMM process started.
     pub(crate) start: Instant,
+    /// The threads' seccomp filters.
+    pub(crate) seccomp: SeccompLevel,
 }
 
 impl std::fmt::Debug for Vm {
@@ -170,15 +177,23 @@ impl Vm {
             mem,
             restored,
             start,
+            seccomp: level,
         } = self;
         for r in runners {
             let name = format!("vcpu{}", r.id);
+            let exit = handle.exit.clone();
             let t = std::thread::Builder::new()
                 .name(name)
-                .spawn(move || r.run())
+                .spawn(move || match seccomp::install(ThreadKind::Vcpu, level) {
+                    Ok(()) => r.run(),
+                    Err(e) => exit.trigger(ExitReason::Fault(error_chain(&e))),
+                })
                 .map_err(host_err("spawn vCPU thread"))?;
             handle.control.register_thread(t.as_pthread_t());
         }
+        // Every thread is started: from here the event loop needs no new thread, file or
+        // mapping of its own.
+        seccomp::install(ThreadKind::EventLoop, level)?;
         tracing::info!(
             vcpus = handle.vcpus,
             mem_mib = handle.mem_mib,

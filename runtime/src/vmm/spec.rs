@@ -3,7 +3,9 @@
 
 use std::path::PathBuf;
 
-use podvisor_vmm_api::config::{DriveConfig, SerialOutput, VmConfig, VsockDeviceConfig};
+use podvisor_vmm_api::config::{
+    DriveConfig, SeccompLevel, SerialOutput, VmConfig, VsockDeviceConfig,
+};
 use serde::{Deserialize, Serialize};
 
 use super::error::VmmError;
@@ -116,6 +118,7 @@ pub(super) fn vm_config(spec: &VmmSpec, handle: &VmmHandle) -> Result<VmConfig, 
         api_sock: Some(handle.api_sock.clone()),
         serial: SerialOutput::File(handle.console_log.clone()),
         restore: spec.restore.clone(),
+        seccomp: SeccompLevel::default(),
     };
     config.validate().map_err(config_err)?;
     Ok(config)

@@ -8,10 +8,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use podvisor_common::{IoError, error_chain};
+use podvisor_vmm_api::config::SeccompLevel;
 use podvisor_vmm_api::http::{self, HttpError, Request};
 use podvisor_vmm_api::{DriveSwap, ErrorBody, SnapshotCreate, SnapshotCreated};
 
+use crate::exit::ExitReason;
 use crate::handle::{SwapError, VmHandle};
+use crate::seccomp::{self, ThreadKind};
 use crate::snapshot::SnapshotError;
 
 /// Why the API could not be started.
@@ -27,12 +30,17 @@ pub enum ServerError {
 
 /// Binds the control socket at `path` and serves it on a thread of its own for as long as
 /// the process runs.
-pub fn start(path: &Path, vm: Arc<VmHandle>) -> Result<(), ServerError> {
+/// The thread runs under the API's seccomp filter (`level`); if it cannot be installed, the
+/// VM ends with the reason.
+pub fn start(path: &Path, vm: Arc<VmHandle>, level: SeccompLevel) -> Result<(), ServerError> {
     let listener = UnixListener::bind(path)
         .map_err(|e| ServerError::Bind(IoError::new("control socket", path, e)))?;
     std::thread::Builder::new()
         .name("api".into())
-        .spawn(move || serve(listener, &vm))
+        .spawn(move || match seccomp::install(ThreadKind::Api, level) {
+            Ok(()) => serve(listener, &vm),
+            Err(e) => vm.exit.trigger(ExitReason::Fault(error_chain(&e))),
+        })
         .map_err(ServerError::Spawn)?;
     Ok(())
 }

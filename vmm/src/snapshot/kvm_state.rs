@@ -257,18 +257,28 @@ struct XstateCaps {
     xsave_size: usize,
 }
 
-fn xstate_caps() -> Result<XstateCaps, KvmStateError> {
-    static CAPS: OnceLock<XstateCaps> = OnceLock::new();
-    if let Some(caps) = CAPS.get() {
-        return Ok(*caps);
-    }
-    let kvm = Kvm::new().map_err(ioctl_err("open /dev/kvm"))?;
-    let caps = XstateCaps {
+static XSTATE_CAPS: OnceLock<XstateCaps> = OnceLock::new();
+
+fn caps_of(kvm: &Kvm) -> XstateCaps {
+    XstateCaps {
         xsave: kvm.check_extension(Cap::Xsave),
         xcrs: kvm.check_extension(Cap::Xcrs),
         xsave_size: usize::try_from(kvm.check_extension_int(Cap::Xsave2)).unwrap_or(0),
-    };
-    Ok(*CAPS.get_or_init(|| caps))
+    }
+}
+
+/// Reads the host's extended-state capabilities from the VMM's own KVM handle. The builder
+/// calls it, so that a vCPU saving its state later (under its seccomp filter) opens nothing.
+pub fn read_host_caps(kvm: &Kvm) {
+    XSTATE_CAPS.get_or_init(|| caps_of(kvm));
+}
+
+fn xstate_caps() -> Result<XstateCaps, KvmStateError> {
+    if let Some(caps) = XSTATE_CAPS.get() {
+        return Ok(*caps);
+    }
+    let kvm = Kvm::new().map_err(ioctl_err("open /dev/kvm"))?;
+    Ok(*XSTATE_CAPS.get_or_init(|| caps_of(&kvm)))
 }
 
 impl XstateCaps {

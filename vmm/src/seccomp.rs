@@ -1,0 +1,252 @@
+//! The VMM's own seccomp filters, one per thread kind, as Firecracker has them: the event
+//! loop (the main thread, after it has started the others), each vCPU, and the control API.
+//! Everything the VMM opens, maps and registers with KVM is done before the filters go on;
+//! what is left is I/O on descriptors it holds, guest exits, and the API's files (snapshots,
+//! drive swaps). A system call outside a thread's list ends the VMM (`SeccompLevel::Kill`,
+//! the default), or is allowed and written to the kernel's audit log (`Log`), for finding
+//! what a new code path needs.
+//!
+//! The lists are system calls without argument checks, except `socket` (AF_UNIX only: the
+//! vsock device's connections to the host). Filters are built with `seccompiler` (rust-vmm).
+
+use std::collections::BTreeMap;
+
+use podvisor_vmm_api::config::SeccompLevel;
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule, TargetArch,
+};
+
+/// Which thread a filter is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ThreadKind {
+    /// The main thread: device event loop.
+    EventLoop,
+    /// A vCPU thread: KVM_RUN and the exits it handles (MMIO, port I/O).
+    Vcpu,
+    /// The control API thread: snapshots, drive swaps, pause, stop.
+    Api,
+}
+
+/// Why a filter could not be installed.
+#[derive(Debug, thiserror::Error)]
+pub enum SeccompError {
+    /// `seccompiler` refused the filter.
+    #[error("build the {0:?} seccomp filter")]
+    Build(ThreadKind, #[source] seccompiler::BackendError),
+    /// The kernel refused it.
+    #[error("install the {0:?} seccomp filter")]
+    Install(ThreadKind, #[source] seccompiler::Error),
+    /// no_new_privs could not be set.
+    #[error("set no_new_privs")]
+    NoNewPrivs(#[source] std::io::Error),
+}
+
+/// Every thread: memory, locks, time, signals used by the runtime, logging, thread exit.
+const COMMON: &[i64] = &[
+    libc::SYS_read,
+    libc::SYS_write,
+    libc::SYS_readv,
+    libc::SYS_writev,
+    libc::SYS_close,
+    libc::SYS_mmap,
+    libc::SYS_munmap,
+    libc::SYS_mremap,
+    libc::SYS_madvise,
+    libc::SYS_mprotect,
+    libc::SYS_brk,
+    libc::SYS_futex,
+    libc::SYS_sched_yield,
+    libc::SYS_rt_sigprocmask,
+    libc::SYS_rt_sigreturn,
+    libc::SYS_sigaltstack,
+    libc::SYS_exit,
+    libc::SYS_exit_group,
+    libc::SYS_gettid,
+    libc::SYS_getpid,
+    libc::SYS_tgkill,
+    libc::SYS_clock_gettime,
+    libc::SYS_clock_nanosleep,
+    libc::SYS_nanosleep,
+    libc::SYS_getrandom,
+    libc::SYS_fcntl,
+    libc::SYS_epoll_ctl,
+    libc::SYS_eventfd2,
+    libc::SYS_ioctl,
+];
+
+/// The event loop: virtio-blk files, the TAP, the vsock device's Unix sockets, cleanup at
+/// exit.
+const EVENT_LOOP: &[i64] = &[
+    libc::SYS_epoll_wait,
+    libc::SYS_epoll_pwait,
+    libc::SYS_pread64,
+    libc::SYS_pwrite64,
+    libc::SYS_preadv,
+    libc::SYS_pwritev,
+    libc::SYS_fsync,
+    libc::SYS_fdatasync,
+    libc::SYS_fallocate,
+    libc::SYS_lseek,
+    libc::SYS_accept4,
+    libc::SYS_connect,
+    libc::SYS_recvfrom,
+    libc::SYS_sendto,
+    libc::SYS_recvmsg,
+    libc::SYS_sendmsg,
+    libc::SYS_shutdown,
+    libc::SYS_getsockopt,
+    libc::SYS_setsockopt,
+    libc::SYS_unlink,
+    libc::SYS_unlinkat,
+];
+
+/// A vCPU: KVM_RUN (ioctl), MMIO and port I/O handled in place (serial output, virtio
+/// notifications), pausing for snapshots.
+const VCPU: &[i64] = &[
+    // The console file starts over at its cap (devices/console_file.rs).
+    libc::SYS_ftruncate,
+    libc::SYS_pread64,
+    libc::SYS_pwrite64,
+    libc::SYS_fsync,
+    libc::SYS_fdatasync,
+    libc::SYS_lseek,
+];
+
+/// The control API: its socket, snapshot files, drive swaps, stop.
+const API: &[i64] = &[
+    libc::SYS_accept4,
+    libc::SYS_recvfrom,
+    libc::SYS_sendto,
+    libc::SYS_getsockopt,
+    libc::SYS_setsockopt,
+    libc::SYS_shutdown,
+    libc::SYS_openat,
+    libc::SYS_fstat,
+    libc::SYS_newfstatat,
+    libc::SYS_statx,
+    libc::SYS_lseek,
+    libc::SYS_pread64,
+    libc::SYS_pwrite64,
+    libc::SYS_ftruncate,
+    libc::SYS_fallocate,
+    libc::SYS_fsync,
+    libc::SYS_fdatasync,
+    libc::SYS_rename,
+    libc::SYS_renameat,
+    libc::SYS_renameat2,
+    libc::SYS_unlink,
+    libc::SYS_unlinkat,
+    libc::SYS_poll,
+    libc::SYS_ppoll,
+];
+
+fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompiler::BackendError> {
+    let own = match kind {
+        ThreadKind::EventLoop => EVENT_LOOP,
+        ThreadKind::Vcpu => VCPU,
+        ThreadKind::Api => API,
+    };
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = COMMON
+        .iter()
+        .chain(own)
+        .map(|nr| (*nr, Vec::new()))
+        .collect();
+    if kind == ThreadKind::EventLoop {
+        // Unix sockets only (the vsock device connecting a guest to `<uds>_<port>`).
+        rules.insert(
+            libc::SYS_socket,
+            vec![SeccompRule::new(vec![SeccompCondition::new(
+                0,
+                SeccompCmpArgLen::Dword,
+                SeccompCmpOp::Eq,
+                libc::AF_UNIX as u64,
+            )?])?],
+        );
+    }
+    Ok(rules)
+}
+
+/// The filter for `kind`; `None` with `SeccompLevel::Off`.
+pub fn filter(kind: ThreadKind, level: SeccompLevel) -> Result<Option<BpfProgram>, SeccompError> {
+    let mismatch = match level {
+        SeccompLevel::Off => return Ok(None),
+        SeccompLevel::Kill => SeccompAction::KillProcess,
+        SeccompLevel::Log => SeccompAction::Log,
+    };
+    let build = |e| SeccompError::Build(kind, e);
+    let filter = SeccompFilter::new(
+        rules(kind).map_err(build)?,
+        mismatch,
+        SeccompAction::Allow,
+        TargetArch::x86_64,
+    )
+    .map_err(build)?;
+    Ok(Some(filter.try_into().map_err(build)?))
+}
+
+/// Sets no_new_privs for the process (its threads started later inherit it).
+pub fn no_new_privs() -> Result<(), SeccompError> {
+    // SAFETY: prctl with integer arguments only.
+    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
+        return Err(SeccompError::NoNewPrivs(std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+/// Installs the filter for `kind` on the calling thread.
+pub fn install(kind: ThreadKind, level: SeccompLevel) -> Result<(), SeccompError> {
+    if let Some(program) = filter(kind, level)? {
+        seccompiler::apply_filter(&program).map_err(|e| SeccompError::Install(kind, e))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filters_build_for_every_kind() {
+        for kind in [ThreadKind::EventLoop, ThreadKind::Vcpu, ThreadKind::Api] {
+            for level in [SeccompLevel::Kill, SeccompLevel::Log] {
+                assert!(filter(kind, level).expect("build").is_some());
+            }
+            assert!(filter(kind, SeccompLevel::Off).expect("build").is_none());
+        }
+    }
+
+    /// A forked child installs a filter and makes a call outside it: the kernel kills it
+    /// with SIGSYS.
+    #[test]
+    fn a_call_outside_the_filter_kills() {
+        let program = filter(ThreadKind::Vcpu, SeccompLevel::Kill)
+            .expect("build")
+            .expect("program");
+        // SAFETY: the child only makes raw system calls and exits.
+        match unsafe { libc::fork() } {
+            0 => {
+                if no_new_privs().is_err() || seccompiler::apply_filter(&program).is_err() {
+                    // SAFETY: leaving the forked child.
+                    unsafe { libc::_exit(3) };
+                }
+                // Allowed: the child is still alive after it.
+                // SAFETY: getpid takes no arguments.
+                unsafe { libc::syscall(libc::SYS_getpid) };
+                // Not in any VMM list.
+                // SAFETY: execve of a null path; it must never return.
+                unsafe { libc::syscall(libc::SYS_execve, 0, 0, 0) };
+                // SAFETY: leaving the forked child.
+                unsafe { libc::_exit(0) };
+            }
+            pid if pid > 0 => {
+                let mut status = 0;
+                // SAFETY: waiting for our own child with a valid status pointer.
+                unsafe { libc::waitpid(pid, &mut status, 0) };
+                assert!(libc::WIFSIGNALED(status), "status {status:#x}");
+                assert_eq!(libc::WTERMSIG(status), libc::SIGSYS);
+            }
+            _ => panic!("fork failed"),
+        }
+    }
+}
