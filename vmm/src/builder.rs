@@ -3,7 +3,6 @@
 //! the serial console and legacy ports, the boot structures or the snapshot's state, and
 //! the vCPUs. Running it is [`Vm::run`]'s.
 
-use std::fs::OpenOptions;
 use std::io::LineWriter;
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
@@ -22,6 +21,7 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 use crate::boot::{self, cmdline};
 use crate::bus::{MmioBus, PortIoBus};
 use crate::device_table::{self, DeviceState};
+use crate::devices::console_file::{CONSOLE_CAP, CappedFile};
 use crate::devices::legacy::{BootTimes, LegacyPorts};
 use crate::devices::serial::{ConsoleOut, SerialConsole};
 use crate::exit::ExitSignal;
@@ -304,14 +304,10 @@ fn serial_out(s: &SerialOutput) -> Result<ConsoleOut, VmError> {
         SerialOutput::Stdout => Box::new(std::io::stdout()),
         SerialOutput::Null => Box::new(std::io::sink()),
         SerialOutput::File(p) => {
-            let f = OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(p)
-                .map_err(|source| VmError::Serial {
-                    path: p.display().to_string(),
-                    source,
-                })?;
+            let f = CappedFile::open(p, CONSOLE_CAP).map_err(|source| VmError::Serial {
+                path: p.display().to_string(),
+                source,
+            })?;
             Box::new(LineWriter::new(f))
         }
     })
