@@ -21,6 +21,8 @@ const KILL_WAIT: Duration = Duration::from_secs(10);
 const API_POLL: Duration = Duration::from_millis(20);
 /// Lines of `vmm.log` an [`VmmError::Exited`] quotes.
 const LOG_TAIL_LINES: usize = 20;
+/// How much of the end of `vmm.log` is read for [`LOG_TAIL_LINES`].
+const LOG_TAIL_BYTES: u64 = 64 * 1024;
 
 /// A launched VMM, as persisted in the sandbox record.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -121,9 +123,10 @@ impl VmmHandle {
         }
     }
 
-    /// The last lines of `vmm.log`, for error messages.
+    /// The last lines of `vmm.log`, for error messages: only its last
+    /// [`LOG_TAIL_BYTES`] are read, however much the VMM wrote.
     pub fn log_tail(&self) -> String {
-        let text = match std::fs::read(&self.vmm_log) {
+        let text = match read_tail(&self.vmm_log, LOG_TAIL_BYTES) {
             Ok(b) => String::from_utf8_lossy(&b).into_owned(),
             Err(e) => return format!("<cannot read {}: {e}>", self.vmm_log.display()),
         };
@@ -227,6 +230,17 @@ impl VmmHandle {
         }
         remove_pod_dir(&self.dir)
     }
+}
+
+/// At most the last `max` bytes of the file at `path`.
+fn read_tail(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(path)?;
+    let len = f.metadata()?.len();
+    f.seek(SeekFrom::Start(len.saturating_sub(max)))?;
+    let mut out = Vec::new();
+    f.take(max).read_to_end(&mut out)?;
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -431,5 +445,17 @@ mod tests {
         let json = serde_json::to_string(&h).unwrap();
         assert!(json.contains("\"start_time\":123456789"), "{json}");
         assert_eq!(serde_json::from_str::<VmmHandle>(&json).unwrap(), h);
+    }
+    #[test]
+    fn only_the_tail_of_a_long_log_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("vmm.log");
+        let mut text = "x".repeat(1 << 20);
+        text.push_str("\nthe last line\n");
+        std::fs::write(&log, &text).unwrap();
+        let tail = read_tail(&log, LOG_TAIL_BYTES).unwrap();
+        assert_eq!(tail.len() as u64, LOG_TAIL_BYTES);
+        assert!(tail.ends_with(b"the last line\n"));
+        assert_eq!(read_tail(&log, 1 << 30).unwrap().len(), text.len());
     }
 }

@@ -113,6 +113,22 @@ fn validate_pod_config(config: &cri::PodSandboxConfig) -> Result<(), Status> {
     let field = |name: &str, why: &dyn std::fmt::Display| {
         invalid(format!("RunPodSandbox: config.{name}: {why}"))
     };
+    if let Some(meta) = &config.metadata {
+        // Passed to CNI plugins in CNI_ARGS ("K=V;K=V"): a ';' would add arguments.
+        for (name, value) in [
+            ("name", &meta.name),
+            ("namespace", &meta.namespace),
+            ("uid", &meta.uid),
+        ] {
+            if value.len() > 253 || value.bytes().any(|b| b == b';' || b.is_ascii_control()) {
+                return Err(field(
+                    &format!("metadata.{name}"),
+                    &format_args!("{value:?} has ';' or a control character, or is over 253 bytes"),
+                ));
+            }
+        }
+    }
+    check_metadata_size("RunPodSandbox", &config.labels, &config.annotations)?;
     if !config.hostname.is_empty() {
         names::validate_hostname(&config.hostname).map_err(|e| field("hostname", &e))?;
     }
@@ -161,6 +177,29 @@ fn validate_pod_config(config: &cri::PodSandboxConfig) -> Result<(), Status> {
     Ok(())
 }
 
+/// Most bytes of labels and annotations together (keys and values), as the Kubernetes API
+/// allows annotations: they are kept in every record and answered in every status.
+pub(super) const MAX_METADATA_BYTES: usize = 256 * 1024;
+
+/// Refuses labels and annotations over [`MAX_METADATA_BYTES`] together.
+pub(super) fn check_metadata_size(
+    rpc: &str,
+    labels: &std::collections::HashMap<String, String>,
+    annotations: &std::collections::HashMap<String, String>,
+) -> Result<(), Status> {
+    let size: usize = labels
+        .iter()
+        .chain(annotations)
+        .map(|(k, v)| k.len() + v.len())
+        .sum();
+    if size > MAX_METADATA_BYTES {
+        return Err(invalid(format!(
+            "{rpc}: labels and annotations are {size} bytes together; at most {MAX_METADATA_BYTES}"
+        )));
+    }
+    Ok(())
+}
+
 /// CRI resources as the agent applies them.
 pub(super) fn resources(r: &cri::LinuxContainerResources) -> Result<Resources, Status> {
     let non_negative = |v: i64, what: &str| {
@@ -198,6 +237,7 @@ pub(super) fn container_spec(config: cri::ContainerConfig) -> Result<ContainerSp
         .map(|i| i.image)
         .filter(|i| !i.is_empty())
         .ok_or_else(|| invalid("CreateContainer: image is missing"))?;
+    check_metadata_size("CreateContainer", &config.labels, &config.annotations)?;
     if !config.devices.is_empty() || !config.cdi_devices.is_empty() {
         return Err(invalid(
             "devices are not supported: a VM runtime does not hand out the host's devices",
@@ -683,5 +723,30 @@ mod tests {
             ..Default::default()
         };
         assert!(check_lsm(&selinux).is_err());
+    }
+    #[test]
+    fn cni_args_and_metadata_size_are_checked() {
+        let with_name = |name: &str| {
+            let mut r = pod(name, "default", "uid-1");
+            validate_pod_config(r.config.as_mut().expect("config"))
+        };
+        assert!(with_name("web-0").is_ok());
+        for bad in ["a;K8S_POD_NAMESPACE=kube-system", "a\nb", &"n".repeat(254)] {
+            let e = with_name(bad).expect_err(bad);
+            assert_eq!(e.code(), tonic::Code::InvalidArgument);
+            assert!(e.message().contains("metadata.name"), "{}", e.message());
+        }
+        let mut big = pod("big", "default", "uid-1");
+        big.config
+            .as_mut()
+            .expect("config")
+            .annotations
+            .insert("a".into(), "x".repeat(MAX_METADATA_BYTES));
+        let e = validate_pod_config(big.config.as_ref().expect("config")).expect_err("big");
+        assert!(
+            e.message().contains("labels and annotations"),
+            "{}",
+            e.message()
+        );
     }
 }
