@@ -732,8 +732,9 @@ async fn conformance(daemon: &Daemon, image_name: &str) -> anyhow::Result<()> {
     say(&format!(
         "the pod without a hostname has the node's: {got:?}"
     ));
-    // The pod's VMM: every thread under its seccomp filter, with no_new_privs.
-    let vmms = vmm_processes_under(&daemon.state_dir.join("pods").join(&id));
+    // The pod's VMM (the only pod now): every thread under its seccomp filter, with
+    // no_new_privs.
+    let vmms = vmm_processes_under(&daemon.state_dir.join("pods"));
     ensure!(vmms.len() == 1, "the pod's VMM processes: {vmms:?}");
     let threads = thread_security(vmms[0])?;
     say(&format!(
