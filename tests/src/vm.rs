@@ -63,6 +63,8 @@ pub struct VmSpec {
     pub api: bool,
     /// Appended to the kernel command line (`KEY=value` words reach init's environment).
     pub cmdline_extra: String,
+    /// `--seccomp` for the VMM (kill, log, off); `None` for its default (kill).
+    pub seccomp: Option<&'static str>,
 }
 
 impl VmSpec {
@@ -79,6 +81,7 @@ impl VmSpec {
             vsock_cid: None,
             api: false,
             cmdline_extra: String::new(),
+            seccomp: None,
         }
     }
 }
@@ -267,6 +270,10 @@ impl Vm {
         if let (Some(cid), Some(uds)) = (spec.vsock_cid, &vsock_uds) {
             args.push("--vsock".into());
             args.push(format!("cid={cid},uds={}", uds.display()));
+        }
+        if let Some(level) = spec.seccomp {
+            args.push("--seccomp".into());
+            args.push(level.into());
         }
         let api_sock = spec.api.then(|| dir.path().join("api.sock"));
         if let Some(sock) = &api_sock {

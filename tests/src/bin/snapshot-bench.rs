@@ -4,7 +4,9 @@
 //! vCPU, 128 MiB). Cold: VMM start to the first vsock echo answered. The booted VM is then
 //! paused and snapshotted while its next server listens; each restore is timed from its VMM's
 //! start to the first echo answered on its own socket, one at a time and then two at once.
-//! Also printed: snapshot time and sizes, and each restored VMM's private (anonymous) memory.
+//! Also printed: snapshot time and sizes, and each restored VMM's private (anonymous) memory,
+//! and what the VMM's seccomp filters cost a restore: restores with `--seccomp off`
+//! alternate with the default ones (filters on).
 //! Figures from one run on one host: compare the ratios.
 //!
 //! ```text
@@ -71,8 +73,13 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-fn restore_once(state: &Path, mem: &Path) -> anyhow::Result<(f64, u64)> {
-    let mut vm = Vm::restore(&spec(), state, mem)?;
+fn restore_once(
+    state: &Path,
+    mem: &Path,
+    seccomp: Option<&'static str>,
+) -> anyhow::Result<(f64, u64)> {
+    let spec = VmSpec { seccomp, ..spec() };
+    let mut vm = Vm::restore(&spec, state, mem)?;
     let t = first_echo(&mut vm, STEP_TIMEOUT)?;
     let anon = procfs::anonymous_kib(vm.pid())?;
     stop(&mut vm)?;
@@ -115,11 +122,16 @@ fn main() -> anyhow::Result<()> {
 
     let mut times = Vec::new();
     let mut anons = Vec::new();
+    let mut unfiltered = Vec::new();
     for i in 0..restores {
-        let (t, anon) = restore_once(&state, &mem).with_context(|| format!("restore {i}"))?;
+        let (t, anon) = restore_once(&state, &mem, None).with_context(|| format!("restore {i}"))?;
         eprintln!("restore {i}: first echo {t:.1} ms, private memory {anon} KiB");
         times.push(t);
         anons.push(anon as f64);
+        let (t, _) = restore_once(&state, &mem, Some("off"))
+            .with_context(|| format!("restore {i} without seccomp"))?;
+        eprintln!("restore {i} without seccomp: first echo {t:.1} ms");
+        unfiltered.push(t);
     }
     // Two at once from the one snapshot.
     let pair_started = Instant::now();
@@ -132,6 +144,7 @@ fn main() -> anyhow::Result<()> {
     stop(&mut b)?;
 
     let restore_ms = median(times);
+    let unfiltered_ms = median(unfiltered);
     println!("snapshot-bench: 1 vCPU, 128 MiB, test image, kvm_pvm; one run");
     println!(
         "cold boot, VMM start -> first vsock echo        {:>10.1} ms   private memory {cold_anon} KiB (guest RAM included)",
@@ -141,6 +154,10 @@ fn main() -> anyhow::Result<()> {
         "restore,   VMM start -> first vsock echo (median of {restores}) {:>6.1} ms   private memory {:.0} KiB (median)",
         restore_ms,
         median(anons)
+    );
+    println!(
+        "restore without the VMM's seccomp filters (median of {restores}) {unfiltered_ms:>6.1} ms   ratio filtered / unfiltered {:.3}",
+        restore_ms / unfiltered_ms
     );
     println!(
         "two restores at once: both answered after {:.1} ms ({:.1} / {:.1} ms)",
