@@ -1,6 +1,7 @@
 //! Helpers shared by every podvisor crate (the VMM, the guest agent, podvisord and its
 //! tools). Each exists once here instead of a copy per crate.
 
+pub mod caps;
 mod error;
 mod ifname;
 pub mod names;

@@ -21,7 +21,8 @@
 //! - Seccomp: RuntimeDefault (containerd's profile) in the container and its execs, refusing
 //!   user namespaces and AF_VSOCK sockets; Unconfined; a Localhost profile enforced; bad
 //!   references and AppArmor profiles refused.
-//! - The pod's VMM runs every thread under its seccomp filter, with no_new_privs.
+//! - The pod's VMM runs every thread under its seccomp filter, with no_new_privs and no
+//!   capability.
 //! - No container reaches the guest agent over vsock, not even a privileged one: CID 1, the
 //!   VM's own CID and the host's are all refused, and the agent serves on.
 //!
@@ -101,8 +102,8 @@ fn ensure_nothing_left(daemon: &Daemon, after: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// (name, Seccomp, NoNewPrivs) of every thread of process `pid`.
-fn thread_security(pid: u32) -> anyhow::Result<Vec<(String, String, String)>> {
+/// [name, Seccomp, NoNewPrivs, CapEff, CapBnd] of every thread of process `pid`.
+fn thread_security(pid: u32) -> anyhow::Result<Vec<[String; 5]>> {
     let mut threads = Vec::new();
     for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
         let status = std::fs::read_to_string(task?.path().join("status"))?;
@@ -114,7 +115,7 @@ fn thread_security(pid: u32) -> anyhow::Result<Vec<(String, String, String)>> {
                 .trim()
                 .to_string()
         };
-        threads.push((field("Name:"), field("Seccomp:"), field("NoNewPrivs:")));
+        threads.push(["Name:", "Seccomp:", "NoNewPrivs:", "CapEff:", "CapBnd:"].map(field));
     }
     Ok(threads)
 }
@@ -738,13 +739,14 @@ async fn conformance(daemon: &Daemon, image_name: &str) -> anyhow::Result<()> {
     ensure!(vmms.len() == 1, "the pod's VMM processes: {vmms:?}");
     let threads = thread_security(vmms[0])?;
     say(&format!(
-        "the pod's VMM threads (name, Seccomp, NoNewPrivs): {threads:?}"
+        "the pod's VMM threads (name, Seccomp, NoNewPrivs, CapEff, CapBnd): {threads:?}"
     ));
+    let none = "0000000000000000";
     ensure!(
         threads.len() >= 3
-            && threads
-                .iter()
-                .all(|(_, seccomp, nnp)| seccomp == "2" && nnp == "1"),
+            && threads.iter().all(|[_, seccomp, nnp, eff, bnd]| {
+                seccomp == "2" && nnp == "1" && eff == none && bnd == none
+            }),
         "the pod's VMM is not confined: {threads:?}"
     );
     let out = exec(&mut rt, &cid, &["cat", "/data/hello"]).await?;

@@ -107,6 +107,11 @@ fn run(config: VmConfig, start: Instant) -> anyhow::Result<ExitReason> {
     let api_sock = config.api_sock.clone();
     let level = config.seccomp;
     let mut vm = podvisor_vmm::builder::build(config, start)?;
+    // Everything that needed root's capabilities (the TAP, KVM, the files) is open: drop
+    // them all before any other thread starts, so that no thread has one.
+    podvisor_common::caps::drop_all()
+        .map_err(std::io::Error::from_raw_os_error)
+        .context("drop the VMM's capabilities")?;
     if let Some(path) = api_sock {
         podvisor_vmm::api::server::start(&path, vm.handle(), level)?;
         vm.remove_on_exit(path);

@@ -137,16 +137,7 @@ fn errno() -> i32 {
 
 /// Drops every capability up to `last_cap` that is not in `bounding` from the bounding set.
 pub fn apply_bounding(bounding: u64, last_cap: u32) -> Result<(), i32> {
-    for cap in 0..=last_cap.min(63) {
-        if bounding & (1 << cap) == 0 {
-            // SAFETY: prctl with integer arguments only.
-            let r = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) };
-            if r < 0 && errno() != libc::EINVAL {
-                return Err(errno());
-            }
-        }
-    }
-    Ok(())
+    podvisor_common::caps::drop_bounding(bounding, last_cap)
 }
 
 /// Keeps the permitted set across the coming setresuid.
@@ -158,51 +149,9 @@ pub fn keep_caps(on: bool) -> Result<(), i32> {
     Ok(())
 }
 
-#[repr(C)]
-struct CapHeader {
-    version: u32,
-    pid: i32,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct CapData {
-    effective: u32,
-    permitted: u32,
-    inheritable: u32,
-}
-
-const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
-
 /// Sets effective, permitted and inheritable, then raises the ambient capabilities.
 pub fn apply_sets(c: &CapSets) -> Result<(), i32> {
-    let mut header = CapHeader {
-        version: LINUX_CAPABILITY_VERSION_3,
-        pid: 0,
-    };
-    let data = [
-        CapData {
-            effective: c.effective as u32,
-            permitted: c.permitted as u32,
-            inheritable: c.inheritable as u32,
-        },
-        CapData {
-            effective: (c.effective >> 32) as u32,
-            permitted: (c.permitted >> 32) as u32,
-            inheritable: (c.inheritable >> 32) as u32,
-        },
-    ];
-    // SAFETY: capset reads the header and two data structs laid out as the kernel's v3 ABI.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_capset,
-            &mut header as *mut CapHeader,
-            data.as_ptr(),
-        )
-    };
-    if r < 0 {
-        return Err(errno());
-    }
+    podvisor_common::caps::set(c.effective, c.permitted, c.inheritable)?;
     for cap in 0..64u64 {
         if c.ambient & (1 << cap) != 0 {
             // SAFETY: prctl with integer arguments only.
