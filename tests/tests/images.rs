@@ -93,6 +93,11 @@ async fn pull_by_tag_digest_and_mirror_then_list_status_remove() -> anyhow::Resu
     );
 
     let dir = tempfile::tempdir()?;
+    // As an operator's /var/lib/podvisor may be: open to all; the store closes it.
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )?;
     let mirror = format!("http://{}", registry.host());
     let config = config_for(&registry, &[("registry.example.test", mirror)]);
     let store = ImageStore::open(dir.path(), config.clone())?;
@@ -119,6 +124,24 @@ async fn pull_by_tag_digest_and_mirror_then_list_status_remove() -> anyhow::Resu
         "{record:?}"
     );
     check_rootfs(&store, &record)?;
+    // No other host user reaches the store: the image file does not open as nobody.
+    let as_nobody = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--",
+            "head",
+            "-c1",
+        ])
+        .arg(store.rootfs(&record))
+        .output()
+        .context("run setpriv (util-linux)")?;
+    ensure!(
+        !as_nobody.status.success()
+            && String::from_utf8_lossy(&as_nobody.stderr).contains("Permission denied"),
+        "the image file opens for nobody: {as_nobody:?}"
+    );
 
     // The second tag, by digest, and through the mirror: the same image, more names.
     let stable = store.pull(&second.reference, None).await?;

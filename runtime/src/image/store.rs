@@ -2,7 +2,7 @@
 //! counts that keep images in use from being removed, and the space the store takes.
 
 use std::collections::{HashMap, HashSet};
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -127,8 +127,13 @@ impl ImageStore {
         let endpoints = Endpoints::new(&registries)?;
         let images_dir = root.join("images");
         let tmp_dir = root.join("tmp");
-        for d in [root, &images_dir, &tmp_dir] {
+        let blobs_dir = root.join("blobs");
+        // 0700: unpacked trees (device nodes, setuid files, xattrs of hostile images) and
+        // the image files are podvisord's alone; no other host user reaches into them.
+        for d in [root, &images_dir, &tmp_dir, &blobs_dir] {
             std::fs::create_dir_all(d).map_err(io_err("create", d))?;
+            std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700))
+                .map_err(io_err("chmod 0700", d))?;
         }
         empty_dir(&tmp_dir)?;
         let blobs = BlobStore::new(root, &tmp_dir)?;
@@ -507,6 +512,11 @@ mod tests {
         let store = ImageStore::open(root, RegistryConfig::default()).expect("open");
         assert_eq!(store.list().len(), 2);
         assert_eq!(std::fs::read_dir(root.join("tmp")).expect("tmp").count(), 0);
+        // Existing directories too: no other host user reaches the trees and images.
+        for d in ["", "images", "tmp", "blobs"] {
+            let mode = std::fs::metadata(root.join(d)).expect("stat").mode() & 0o7777;
+            assert_eq!(mode, 0o700, "{d:?}");
+        }
         assert!(!root.join("blobs/sha256").join(hex('9')).exists());
 
         let a = store.status("busybox").expect("by short name");
