@@ -507,6 +507,34 @@ const DENY_CHMOD_MKDIR: &str = r#"{
   ]
 }"#;
 
+/// Starts container `name` under seccomp `kind` and runs the probe in it: its init's seccomp
+/// mode (written when it started), the exec's own, whether it may make a user namespace, and
+/// vsock attacks. Returns the probe's stdout.
+async fn seccomp_probe(
+    rt: &mut Runtime,
+    create: &dyn Fn(cri::ContainerConfig) -> cri::CreateContainerRequest,
+    image: &str,
+    name: &str,
+    kind: cri::security_profile::ProfileType,
+) -> anyhow::Result<String> {
+    let probe = "until [ -s /tmp/init-seccomp ]; do sleep 0.1; done; \
+                 cat /tmp/init-seccomp; grep Seccomp: /proc/self/status; \
+                 unshare -U true; echo unshare=$?; guest-probe vsock-attack 1024";
+    let id = start(
+        rt,
+        create,
+        with_seccomp(name, image, profile(kind, ""), None),
+    )
+    .await?;
+    let out = exec(rt, &id, &["sh", "-c", probe]).await?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    say(&format!(
+        "{kind:?}: {text:?} {:?}",
+        String::from_utf8_lossy(&out.stderr)
+    ));
+    Ok(text)
+}
+
 /// Seccomp as CRI asks for it, in the container and its execs: RuntimeDefault (containerd's
 /// profile: no user namespaces without SYS_ADMIN, no AF_VSOCK sockets), Unconfined, and a
 /// Localhost profile; bad references and AppArmor profiles are refused.
@@ -517,57 +545,28 @@ async fn seccomp_as_asked(
     dir: &Path,
 ) -> anyhow::Result<()> {
     use cri::security_profile::ProfileType;
-    // The init's mode (written when it started), then the exec's own.
-    let probe = "until [ -s /tmp/init-seccomp ]; do sleep 0.1; done; \
-                 cat /tmp/init-seccomp; grep Seccomp: /proc/self/status; \
-                 unshare -U true; echo unshare=$?; guest-probe vsock-attack 1024";
-    let default = start(
-        rt,
-        create,
-        with_seccomp(
-            "sc-default",
-            image,
-            profile(ProfileType::RuntimeDefault, ""),
-            None,
-        ),
-    )
-    .await?;
-    let out = exec(rt, &default, &["sh", "-c", probe]).await?;
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    say(&format!("RuntimeDefault: {text:?}"));
-    let lines: Vec<&str> = text.lines().collect();
+    let default =
+        seccomp_probe(rt, create, image, "sc-default", ProfileType::RuntimeDefault).await?;
+    let lines: Vec<&str> = default.lines().collect();
     ensure!(
         lines.get(..3) == Some(&["Seccomp:\t2", "Seccomp:\t2", "unshare=1"][..])
             && lines.contains(
                 &"VSOCK-ATTACK socket-high-bits refused: Operation not permitted (os error 1)"
             ),
-        "RuntimeDefault: {out:?}"
+        "RuntimeDefault: {default:?}"
     );
-    ensure_vsock_refused(&text, false)?;
+    ensure_vsock_refused(&default, false)?;
     ensure!(
-        text.contains("VSOCK-ATTACK cid-1 refused: socket(AF_VSOCK): Operation not permitted"),
-        "RuntimeDefault lets AF_VSOCK sockets be made: {text:?}"
+        default.contains("VSOCK-ATTACK cid-1 refused: socket(AF_VSOCK): Operation not permitted"),
+        "RuntimeDefault lets AF_VSOCK sockets be made: {default:?}"
     );
-
-    let unconfined = start(
-        rt,
-        create,
-        with_seccomp(
-            "sc-unconfined",
-            image,
-            profile(ProfileType::Unconfined, ""),
-            None,
-        ),
-    )
-    .await?;
-    let out = exec(rt, &unconfined, &["sh", "-c", probe]).await?;
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    say(&format!("Unconfined: {text:?}"));
+    let unconfined =
+        seccomp_probe(rt, create, image, "sc-unconfined", ProfileType::Unconfined).await?;
     ensure!(
-        text.starts_with("Seccomp:\t0\nSeccomp:\t0\nunshare=0\n"),
-        "Unconfined: {out:?}"
+        unconfined.starts_with("Seccomp:\t0\nSeccomp:\t0\nunshare=0\n"),
+        "Unconfined: {unconfined:?}"
     );
-    ensure_vsock_refused(&text, false)?;
+    ensure_vsock_refused(&unconfined, false)?;
 
     let path = dir.join("deny-chmod-mkdir.json");
     std::fs::write(&path, DENY_CHMOD_MKDIR)?;
