@@ -3,13 +3,15 @@
 //! headroom; retried once at twice the size if the estimate was short.
 
 use std::collections::HashSet;
+use std::io::Write;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
-use std::process::Command;
+use std::process::{Command, Stdio};
 
 use tracing::{debug, warn};
 
 use super::error::{ImageError, io_err};
+use super::unpack::{DeviceKind, DeviceNode};
 
 const BLOCK: u64 = 4096;
 const INODE_SIZE: u64 = 256;
@@ -69,19 +71,101 @@ pub fn plan(tree: TreeSize) -> (u64, u64) {
 }
 
 /// Makes the ext4 image `image` (which must not exist) of the tree `staging`, labelled
-/// `label` (at most 16 bytes), root directory owned by root.
-pub fn make(staging: &Path, image: &Path, label: &str) -> Result<(), ImageError> {
+/// `label` (at most 16 bytes), root directory owned by root, with `devices` made inside the
+/// image in place of their placeholders.
+pub fn make(
+    staging: &Path,
+    image: &Path,
+    label: &str,
+    devices: &[DeviceNode],
+) -> Result<(), ImageError> {
     let tree = measure(staging)?;
     let (bytes, inodes) = plan(tree);
     debug!(image = %image.display(), ?tree, bytes, inodes, "making ext4 image");
     match mkfs(staging, image, label, bytes, inodes) {
-        Ok(()) => Ok(()),
+        Ok(()) => {}
         Err(first) => {
             warn!(image = %image.display(), error = %first, "mkfs.ext4 failed, retrying at twice the size");
             let _ = std::fs::remove_file(image);
-            mkfs(staging, image, label, bytes * 2, inodes * 2)
+            mkfs(staging, image, label, bytes * 2, inodes * 2)?;
         }
     }
+    add_devices(image, label, devices)
+}
+
+/// Replaces each device's placeholder in `image` by the node, with debugfs: the node exists
+/// only inside the image file, never on the host.
+fn add_devices(image: &Path, label: &str, devices: &[DeviceNode]) -> Result<(), ImageError> {
+    if devices.is_empty() {
+        return Ok(());
+    }
+    let fail = |message: String| ImageError::Mkfs {
+        id: label.to_string(),
+        message,
+    };
+    let mut script = String::new();
+    for d in devices {
+        // debugfs splits its commands on white space: a path it cannot take is refused.
+        let path = d
+            .path
+            .to_str()
+            .filter(|p| {
+                !p.is_empty()
+                    && p.bytes()
+                        .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
+            })
+            .ok_or_else(|| {
+                fail(format!(
+                    "device node {:?}: only printable ASCII paths without quotes",
+                    d.path
+                ))
+            })?;
+        let (node, type_bits) = match d.kind {
+            DeviceKind::Char => (format!("c {} {}", d.major, d.minor), 0o020_000),
+            DeviceKind::Block => (format!("b {} {}", d.major, d.minor), 0o060_000),
+            DeviceKind::Fifo => ("p".to_string(), 0o010_000),
+        };
+        // mknod takes a name in the current directory.
+        let (parent, name) = path.rsplit_once('/').unwrap_or(("", path));
+        script.push_str(&format!(
+            "cd /{parent}\nrm {name}\nmknod {name} {node}\nsif {name} mode {}\nsif {name} uid {}\nsif {name} gid {}\n",
+            type_bits | d.mode,
+            d.uid,
+            d.gid
+        ));
+    }
+    let mut child = Command::new("debugfs")
+        .args(["-w", "-f", "-"])
+        .arg(image)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| fail(format!("run debugfs (install e2fsprogs): {e}")))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(script.as_bytes())
+            .map_err(|e| fail(format!("write debugfs commands: {e}")))?;
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|e| fail(format!("wait for debugfs: {e}")))?;
+    // debugfs exits 0 whatever its commands did: any line but its banner is an error.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let errors: Vec<&str> = stderr
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !l.starts_with("debugfs "))
+        .collect();
+    if !out.status.success() || !errors.is_empty() {
+        return Err(fail(format!(
+            "debugfs making {} device nodes: {}: {}",
+            devices.len(),
+            out.status,
+            errors.join("; ")
+        )));
+    }
+    let file = std::fs::File::open(image).map_err(io_err("open", image))?;
+    file.sync_all().map_err(io_err("fsync", image))
 }
 
 fn mkfs(
@@ -168,7 +252,7 @@ mod tests {
         std::fs::create_dir_all(staging.join("etc")).expect("mkdir");
         std::fs::write(staging.join("etc/hostname"), "box\n").expect("write");
         let image = dir.path().join("rootfs.ext4");
-        make(&staging, &image, "0123456789ab").expect("mkfs");
+        make(&staging, &image, "0123456789ab", &[]).expect("mkfs");
         assert_eq!(debugfs(&image, "cat /etc/hostname"), "box\n");
         let stats = debugfs(&image, "stats");
         assert!(

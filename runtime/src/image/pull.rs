@@ -295,9 +295,9 @@ impl ImageStore {
                 )?;
                 info!(image = name, entries, "layer {}/{count}: unpacked", i + 1);
             }
-            unpacker.finish()?;
+            let devices = unpacker.finish()?;
             let rootfs = out.join(ROOTFS_FILE);
-            ext4::make(&staging, &rootfs, &hex[..12])?;
+            ext4::make(&staging, &rootfs, &hex[..12], &devices)?;
             std::fs::remove_dir_all(&staging).map_err(io_err("remove", &staging))?;
 
             let mut size = ext4::allocated_bytes(&rootfs)?;

@@ -20,10 +20,10 @@ use std::ffi::{CString, OsStr};
 use std::fs;
 use std::io::{self, BufReader, Read};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
-use nix::sys::stat::{Mode, SFlag, UtimensatFlags, makedev, mknod, utimensat};
+use nix::sys::stat::{UtimensatFlags, utimensat};
 use nix::sys::time::TimeSpec;
 use sha2::{Digest, Sha256};
 use tar::EntryType;
@@ -73,6 +73,51 @@ pub struct Unpacker {
     root: PathBuf,
     /// Directory modification times, set last: adding entries changes them.
     dir_times: HashMap<PathBuf, TimeSpec>,
+    /// Device nodes and FIFOs by path: never made on the host (see [`DeviceNode`]).
+    devices: HashMap<PathBuf, Placeholder>,
+}
+
+/// What kind of node a [`DeviceNode`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceKind {
+    /// Character device.
+    Char,
+    /// Block device.
+    Block,
+    /// Named pipe.
+    Fifo,
+}
+
+/// A device node or FIFO of the image. The host never gets one (an image's device node in
+/// a host directory is a way into the host's devices): the staging tree holds an empty
+/// placeholder file at its path, mode 0 until the entry's own mode, owner and times are
+/// applied to it as to any entry, and the ext4 step replaces the placeholder by the node
+/// inside the image file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceNode {
+    /// Relative to the root.
+    pub path: PathBuf,
+    /// Its kind.
+    pub kind: DeviceKind,
+    /// Major number.
+    pub major: u32,
+    /// Minor number.
+    pub minor: u32,
+    /// Permission bits (with setuid, setgid, sticky).
+    pub mode: u32,
+    /// Owner.
+    pub uid: u32,
+    /// Group.
+    pub gid: u32,
+}
+
+/// The placeholder of a device node: its inode tells a later layer's replacement apart.
+#[derive(Debug, Clone, Copy)]
+struct Placeholder {
+    kind: DeviceKind,
+    major: u32,
+    minor: u32,
+    ino: u64,
 }
 
 /// What one entry's header says about its metadata.
@@ -90,6 +135,7 @@ impl Unpacker {
         Unpacker {
             root: root.to_path_buf(),
             dir_times: HashMap::new(),
+            devices: HashMap::new(),
         }
     }
 
@@ -123,6 +169,7 @@ impl Unpacker {
             digest,
             written: HashSet::new(),
             dir_times: &mut self.dir_times,
+            devices: &mut self.devices,
         };
         let mut count = 0;
         {
@@ -156,8 +203,30 @@ impl Unpacker {
         Ok(count)
     }
 
-    /// Sets the directories' modification times, once every layer is in.
-    pub fn finish(self) -> Result<(), ImageError> {
+    /// Sets the directories' modification times, once every layer is in, and returns the
+    /// image's device nodes: those whose placeholder no later layer replaced or removed.
+    pub fn finish(self) -> Result<Vec<DeviceNode>, ImageError> {
+        let mut nodes = Vec::new();
+        for (rel, p) in &self.devices {
+            let Ok(Some(_)) = walk_parents(&self.root, rel, false) else {
+                continue;
+            };
+            match fs::symlink_metadata(self.root.join(rel)) {
+                Ok(m) if m.is_file() && m.ino() == p.ino && m.len() == 0 => {
+                    nodes.push(DeviceNode {
+                        path: rel.clone(),
+                        kind: p.kind,
+                        major: p.major,
+                        minor: p.minor,
+                        mode: m.mode() & 0o7777,
+                        uid: m.uid(),
+                        gid: m.gid(),
+                    });
+                }
+                _ => continue,
+            }
+        }
+        nodes.sort_by(|a, b| a.path.cmp(&b.path));
         for (rel, mtime) in &self.dir_times {
             // A later layer may have replaced a parent by a symlink: check again.
             let Ok(Some(_)) = walk_parents(&self.root, rel, false) else {
@@ -169,7 +238,7 @@ impl Unpacker {
                 _ => continue,
             }
         }
-        Ok(())
+        Ok(nodes)
     }
 }
 
@@ -180,6 +249,7 @@ struct Layer<'a> {
     /// Paths this layer wrote: whiteouts do not apply to them.
     written: HashSet<PathBuf>,
     dir_times: &'a mut HashMap<PathBuf, TimeSpec>,
+    devices: &'a mut HashMap<PathBuf, Placeholder>,
 }
 
 impl Layer<'_> {
@@ -264,14 +334,29 @@ impl Layer<'_> {
                 let header = entry.header();
                 let major = header.device_major().ok().flatten().unwrap_or(0);
                 let minor = header.device_minor().ok().flatten().unwrap_or(0);
-                let sflag = match kind {
-                    EntryType::Char => SFlag::S_IFCHR,
-                    EntryType::Block => SFlag::S_IFBLK,
-                    _ => SFlag::S_IFIFO,
+                let kind = match kind {
+                    EntryType::Char => DeviceKind::Char,
+                    EntryType::Block => DeviceKind::Block,
+                    _ => DeviceKind::Fifo,
                 };
-                let perm = Mode::from_bits_truncate(meta.mode);
-                mknod(&full, sflag, perm, makedev(major.into(), minor.into()))
-                    .map_err(|e| ImageError::io("mknod", &full, e.into()))?;
+                // Not mknod: a placeholder the ext4 step turns into the node.
+                let file = fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o000)
+                    .custom_flags(libc::O_NOFOLLOW)
+                    .open(&full)
+                    .map_err(io_err("create", &full))?;
+                let ino = file.metadata().map_err(io_err("stat", &full))?.ino();
+                self.devices.insert(
+                    rel.clone(),
+                    Placeholder {
+                        kind,
+                        major,
+                        minor,
+                        ino,
+                    },
+                );
             }
             other => {
                 debug!(layer = self.digest, path = ?rel, kind = ?other, "skipping tar entry");
@@ -355,6 +440,12 @@ impl Layer<'_> {
         }
         // linkat(2) without AT_SYMLINK_FOLLOW: a symlink target is linked itself.
         fs::hard_link(&target_full, &full).map_err(io_err("hard link", &full))?;
+        // A link to a device node's placeholder is that device node too.
+        if let Some(p) = self.devices.get(&target).copied()
+            && p.ino == target_meta.ino()
+        {
+            self.devices.insert(rel.to_path_buf(), p);
+        }
         self.written.insert(rel.to_path_buf());
         Ok(())
     }
@@ -664,6 +755,28 @@ mod tests {
         }
         fn hardlink(self, name: &str, target: &str) -> Self {
             self.entry(EntryType::Link, name, target, b"", 0o644)
+        }
+        fn device(
+            mut self,
+            name: &str,
+            kind: EntryType,
+            major: u32,
+            minor: u32,
+            mode: u32,
+        ) -> Self {
+            let mut header = tar::Header::new_ustar();
+            header.set_entry_type(kind);
+            header.set_path(name).expect("path");
+            header.set_mode(mode);
+            header.set_uid(0);
+            header.set_gid(5);
+            header.set_mtime(1_700_000_000);
+            header.set_size(0);
+            header.set_device_major(major).expect("major");
+            header.set_device_minor(minor).expect("minor");
+            header.set_cksum();
+            self.builder.append(&header, &b""[..]).expect("append");
+            self
         }
         fn bytes(self) -> Vec<u8> {
             self.builder.into_inner().expect("finish tar")
@@ -1021,5 +1134,68 @@ mod tests {
                 "{media_type}"
             );
         }
+    }
+    /// An image's device nodes are never made on the host: placeholders in the tree, nodes
+    /// in the ext4 image only; one a later layer replaced is a file.
+    #[test]
+    fn device_nodes_exist_only_inside_the_image() {
+        let mut s = Scratch::new();
+        s.apply(
+            LayerTar::default()
+                .dir("dev")
+                .device("dev/mynull", EntryType::Char, 1, 3, 0o666)
+                .device("dev/disk", EntryType::Block, 8, 0, 0o660)
+                .device("dev/gone", EntryType::Char, 1, 5, 0o600)
+                .device("fifo", EntryType::Fifo, 0, 0, 0o644)
+                .hardlink("dev/null-link", "dev/mynull"),
+        )
+        .expect("layer 1");
+        s.apply(LayerTar::default().file("dev/gone", "a file now"))
+            .expect("layer 2");
+        for p in ["dev/mynull", "dev/disk", "fifo", "dev/null-link"] {
+            let m = fs::symlink_metadata(s.root.join(p)).expect(p);
+            assert!(m.is_file() && m.len() == 0, "{p} on the host: {m:?}");
+        }
+        let root = s.root.clone();
+        let devices = s.unpacker.finish().expect("finish");
+        let paths: Vec<&str> = devices.iter().filter_map(|d| d.path.to_str()).collect();
+        assert_eq!(paths, ["dev/disk", "dev/mynull", "dev/null-link", "fifo"]);
+        assert_eq!(
+            (
+                devices[1].kind,
+                devices[1].major,
+                devices[1].minor,
+                devices[1].mode,
+                devices[1].gid
+            ),
+            (DeviceKind::Char, 1, 3, 0o666, 5)
+        );
+
+        let image = s._dir.path().join("image.ext4");
+        crate::image::ext4::make(&root, &image, "devices", &devices).expect("mkfs");
+        let stat = |p: &str| {
+            let out = std::process::Command::new("debugfs")
+                .args(["-R", &format!("stat /{p}")])
+                .arg(&image)
+                .output()
+                .expect("debugfs");
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        let null = stat("dev/mynull");
+        assert!(null.contains("Type: character special"), "{null}");
+        assert!(null.contains("Mode:  0666"), "{null}");
+        assert!(null.contains("Group:     5"), "{null}");
+        assert!(null.contains("major/minor number: 01:03"), "{null}");
+        assert!(stat("dev/disk").contains("Type: block special"));
+        assert!(stat("dev/null-link").contains("Type: character special"));
+        assert!(stat("fifo").contains("Type: FIFO"));
+        assert!(stat("dev/gone").contains("Type: regular"));
+        // The file system is consistent after debugfs's edits.
+        let fsck = std::process::Command::new("e2fsck")
+            .arg("-fn")
+            .arg(&image)
+            .output()
+            .expect("e2fsck");
+        assert!(fsck.status.success(), "{fsck:?}");
     }
 }
