@@ -481,7 +481,8 @@ impl Drop for PodNet {
 /// What a CRI test needs around podvisord: the registry, the CNI network, the image
 /// reference. Kept until the test ends.
 pub struct CriSetup {
-    _registry: crate::registry::Registry,
+    /// The registry (for more images).
+    pub registry: crate::registry::Registry,
     _net: PodNet,
     /// The pushed busybox image.
     pub image_name: String,
@@ -507,7 +508,7 @@ pub async fn start_cri_daemon(
     let conf_dir = write_bridge_conflist(net.dir.path(), bridge, bridge, subnet)?;
     let daemon = Daemon::start(&daemon_config(registry.host(), &conf_dir)?)?;
     let setup = CriSetup {
-        _registry: registry,
+        registry,
         _net: net,
         image_name,
     };

@@ -430,6 +430,105 @@ pub async fn push_oci_layout(
     Ok(reference_text)
 }
 
+/// Device node, setuid file and file capability the special-files layer holds.
+pub const SPECIAL_DEVICE: &str = "opt/testnull";
+/// A setuid-root copy of busybox in the special-files layer.
+pub const SPECIAL_SETUID: &str = "opt/suid-busybox";
+/// A file with a `security.capability` xattr (CAP_NET_RAW, effective) in that layer.
+pub const SPECIAL_CAPFILE: &str = "opt/cap-file";
+
+/// A layer of what a hostile image may hold: a character device (1:3, as /dev/null), a
+/// setuid-root busybox and a file with a `security.capability` xattr (PAX header).
+pub fn special_files_layer() -> anyhow::Result<Vec<u8>> {
+    let busybox = std::fs::read(HOST_BUSYBOX).with_context(|| format!("read {HOST_BUSYBOX}"))?;
+    let mut tar = tar::Builder::new(Vec::new());
+    append(
+        &mut tar,
+        tar::EntryType::Directory,
+        "opt/",
+        0o755,
+        b"",
+        None,
+    )?;
+    let mut dev = tar::Header::new_ustar();
+    dev.set_entry_type(tar::EntryType::Char);
+    dev.set_path(SPECIAL_DEVICE)?;
+    dev.set_mode(0o666);
+    dev.set_uid(0);
+    dev.set_gid(0);
+    dev.set_device_major(1)?;
+    dev.set_device_minor(3)?;
+    dev.set_mtime(LAYER_MTIME);
+    dev.set_size(0);
+    dev.set_cksum();
+    tar.append(&dev, &b""[..]).context("append the device")?;
+    append(
+        &mut tar,
+        tar::EntryType::Regular,
+        SPECIAL_SETUID,
+        0o4755,
+        &busybox,
+        None,
+    )?;
+    // VFS_CAP_REVISION_2, effective, CAP_NET_RAW (13) permitted.
+    let mut cap = vec![0x01, 0x00, 0x00, 0x02];
+    cap.extend_from_slice(&(1u32 << 13).to_le_bytes());
+    cap.extend_from_slice(&[0; 12]);
+    tar.append_pax_extensions([("SCHILY.xattr.security.capability", &cap[..])])
+        .context("append the xattr")?;
+    append(
+        &mut tar,
+        tar::EntryType::Regular,
+        SPECIAL_CAPFILE,
+        0o755,
+        b"#!/bin/sh\n",
+        None,
+    )?;
+    tar.into_inner().context("finish the layer tar")
+}
+
+/// Pushes busybox with [`special_files_layer`] on top as `repo:tag` (linux/amd64); returns
+/// the reference.
+pub async fn push_busybox_with_special_files(
+    registry: &Registry,
+    repo: &str,
+    tag: &str,
+) -> anyhow::Result<String> {
+    let (base, base_diff) = busybox_layer()?;
+    let extra = special_files_layer()?;
+    let extra_diff = format!("sha256:{}", hex_digest(&extra));
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(&extra).context("gzip the layer")?;
+    let extra = gz.finish().context("gzip the layer")?;
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&busybox_config("amd64", base_diff))?;
+    config["rootfs"]["diff_ids"] = serde_json::json!([base_diff, extra_diff]);
+    let reference_text = registry.reference(repo, tag);
+    let reference: Reference = reference_text
+        .parse()
+        .with_context(|| format!("parse {reference_text}"))?;
+    let layers = [
+        ImageLayer::oci_v1_gzip(base.clone(), None),
+        ImageLayer::oci_v1_gzip(extra, None),
+    ];
+    client()
+        .push(
+            &reference,
+            &layers,
+            Config::oci_v1(serde_json::to_vec(&config)?, None),
+            &RegistryAuth::Anonymous,
+            None,
+        )
+        .await
+        .map_err(|e| {
+            anyhow!(
+                "push {reference_text}: {e}; registry log: {}",
+                registry.log()
+            )
+        })?;
+    Ok(reference_text)
+}
+
 /// Pushes the busybox image for linux/amd64 as `repo:tag` to the registry at `host`
 /// (`127.0.0.1:<port>`, plain HTTP), one that this process did not start.
 pub async fn push_busybox_to(host: &str, repo: &str, tag: &str) -> anyhow::Result<PushedImage> {

@@ -23,6 +23,8 @@
 //!   references and AppArmor profiles refused.
 //! - The pod's VMM runs every thread under its seccomp filter, with no_new_privs and no
 //!   capability.
+//! - A hostile image's device node and setuid file are in its container as in the image
+//!   (the host never had the node).
 //! - No container reaches the guest agent over vsock, not even a privileged one: CID 1, the
 //!   VM's own CID and the host's are all refused, and the agent serves on.
 //!
@@ -43,6 +45,7 @@ use podvisor_tests::cri::{
     Daemon, connect, exec_sync as exec, pull_image, shell_container, start_cri_daemon,
     vmm_processes_under,
 };
+use podvisor_tests::registry::{SPECIAL_DEVICE, SPECIAL_SETUID, push_busybox_with_special_files};
 use tonic::transport::Channel;
 
 type Runtime = RuntimeServiceClient<Channel>;
@@ -507,6 +510,39 @@ const DENY_CHMOD_MKDIR: &str = r#"{
   ]
 }"#;
 
+/// A hostile image's special files (pushed beside busybox): the container has them as the
+/// image does, a character device and a setuid-root file; reading the device (1:3, null)
+/// works, as the device program allows it.
+async fn special_files_in_the_container(
+    rt: &mut Runtime,
+    images: &mut ImageServiceClient<Channel>,
+    create: &dyn Fn(cri::ContainerConfig) -> cri::CreateContainerRequest,
+    pod: &cri::PodSandboxConfig,
+    reference: &str,
+) -> anyhow::Result<()> {
+    let image = pull_image(images, reference, pod).await?;
+    let id = start(
+        rt,
+        create,
+        shell_container("special", &image, "exec sleep 1000"),
+    )
+    .await?;
+    let script = format!(
+        "stat -c '%F %t:%T %a' /{SPECIAL_DEVICE}; stat -c %a /{SPECIAL_SETUID}; \
+         head -c 1 /{SPECIAL_DEVICE} | wc -c"
+    );
+    let out = exec(rt, &id, &["sh", "-c", &script]).await?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    say(&format!(
+        "a hostile image's special files in its container: {text:?}"
+    ));
+    ensure!(
+        text == "character special file 1:3 666\n4755\n0\n",
+        "special files: {out:?}"
+    );
+    Ok(())
+}
+
 /// Starts container `name` under seccomp `kind` and runs the probe in it: its init's seccomp
 /// mode (written when it started), the exec's own, whether it may make a user namespace, and
 /// vsock attacks. Returns the probe's stdout.
@@ -635,7 +671,7 @@ async fn seccomp_as_asked(
     Ok(())
 }
 
-async fn conformance(daemon: &Daemon, image_name: &str) -> anyhow::Result<()> {
+async fn conformance(daemon: &Daemon, image_name: &str, special: &str) -> anyhow::Result<()> {
     let channel = connect(&daemon.socket).await?;
     let mut rt = RuntimeServiceClient::new(channel.clone());
     let mut images = ImageServiceClient::new(channel.clone());
@@ -755,6 +791,7 @@ async fn conformance(daemon: &Daemon, image_name: &str) -> anyhow::Result<()> {
     );
     capabilities_as_asked(&mut rt, &create, &image).await?;
     seccomp_as_asked(&mut rt, &create, &image, daemon.dir()).await?;
+    special_files_in_the_container(&mut rt, &mut images, &create, &pod, special).await?;
     let mut privileged = shell_container("priv", &image, "exec sleep 1000");
     privileged.linux = Some(privileged_linux());
     let msg = expect_code(
@@ -792,7 +829,9 @@ async fn conformance(daemon: &Daemon, image_name: &str) -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cri_details_as_kubelet_and_crictl_expect() -> anyhow::Result<()> {
     let (setup, mut daemon) = start_cri_daemon("conformance", "pvconf1", "10.88.203.0/24").await?;
-    let result = conformance(&daemon, &setup.image_name).await;
+    let special =
+        push_busybox_with_special_files(&setup.registry, "podvisor/special", "conformance").await?;
+    let result = conformance(&daemon, &setup.image_name, &special).await;
     if result.is_err() {
         println!("[conformance] podvisord's log:\n{}", daemon.log());
         println!("[conformance] the pods' logs:\n{}", daemon.pod_logs());

@@ -18,7 +18,8 @@ use anyhow::{Context, ensure};
 use podvisor_runtime::image::{ImageError, ImageRecord, ImageStore, RegistryConfig};
 use podvisor_tests::image::{CONTAINER_PASSWD, HOST_BUSYBOX};
 use podvisor_tests::registry::{
-    IMAGE_PATH, Registry, push_busybox, push_busybox_index, push_oci_layout,
+    IMAGE_PATH, Registry, SPECIAL_CAPFILE, SPECIAL_DEVICE, SPECIAL_SETUID, push_busybox,
+    push_busybox_index, push_busybox_with_special_files, push_oci_layout,
 };
 
 /// Runs `debugfs -R request` on an ext4 image (read-only, no mount).
@@ -455,6 +456,42 @@ async fn umoci_layers_without_tar_trailer() -> anyhow::Result<()> {
         store.list().len() == 1,
         "the cut image was kept: {:?}",
         store.list()
+    );
+    Ok(())
+}
+
+/// A hostile image's special files pull fine and are in the image file as the image has
+/// them (a character device, a setuid-root file, a `security.capability` xattr); the host
+/// never gets the device node (the unpack tests check the staging tree).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn special_files_land_in_the_image_only() -> anyhow::Result<()> {
+    let registry = Registry::start()?;
+    let reference = push_busybox_with_special_files(&registry, "test/special", "1").await?;
+    let dir = tempfile::tempdir()?;
+    let store = ImageStore::open(dir.path(), config_for(&registry, &[]))?;
+    let record = store.pull(&reference, None).await?;
+    let rootfs = store.rootfs(&record);
+    let dev = debugfs(&rootfs, &format!("stat /{SPECIAL_DEVICE}"))?;
+    ensure!(
+        dev.contains("Type: character special") && dev.contains("major/minor number: 01:03"),
+        "{dev}"
+    );
+    ensure!(dev.contains("Mode:  0666"), "{dev}");
+    let suid = debugfs(&rootfs, &format!("stat /{SPECIAL_SETUID}"))?;
+    ensure!(
+        suid.contains("Mode:  04755") && suid.contains("User:     0"),
+        "{suid}"
+    );
+    let cap = debugfs(&rootfs, &format!("ea_list /{SPECIAL_CAPFILE}"))?;
+    ensure!(cap.contains("security.capability"), "{cap}");
+    // Nothing like a device node anywhere under the store on the host.
+    let found = Command::new("find")
+        .arg(dir.path())
+        .args(["-type", "c", "-o", "-type", "b"])
+        .output()?;
+    ensure!(
+        found.status.success() && found.stdout.is_empty(),
+        "{found:?}"
     );
     Ok(())
 }
