@@ -408,18 +408,30 @@ pub async fn push_oci_layout(
             )
         })
         .collect();
+    push_layers(
+        registry,
+        repo,
+        tag,
+        &layers,
+        Config::new(config, config_media.to_string(), None),
+    )
+    .await
+}
+
+/// Pushes `layers` and `config` as `repo:tag`; returns the reference.
+async fn push_layers(
+    registry: &Registry,
+    repo: &str,
+    tag: &str,
+    layers: &[ImageLayer],
+    config: Config,
+) -> anyhow::Result<String> {
     let reference_text = registry.reference(repo, tag);
     let reference: Reference = reference_text
         .parse()
         .with_context(|| format!("parse {reference_text}"))?;
     client()
-        .push(
-            &reference,
-            &layers,
-            Config::new(config, config_media.to_string(), None),
-            &RegistryAuth::Anonymous,
-            None,
-        )
+        .push(&reference, layers, config, &RegistryAuth::Anonymous, None)
         .await
         .map_err(|e| {
             anyhow!(
@@ -503,30 +515,12 @@ pub async fn push_busybox_with_special_files(
     let mut config: serde_json::Value =
         serde_json::from_slice(&busybox_config("amd64", base_diff))?;
     config["rootfs"]["diff_ids"] = serde_json::json!([base_diff, extra_diff]);
-    let reference_text = registry.reference(repo, tag);
-    let reference: Reference = reference_text
-        .parse()
-        .with_context(|| format!("parse {reference_text}"))?;
     let layers = [
         ImageLayer::oci_v1_gzip(base.clone(), None),
         ImageLayer::oci_v1_gzip(extra, None),
     ];
-    client()
-        .push(
-            &reference,
-            &layers,
-            Config::oci_v1(serde_json::to_vec(&config)?, None),
-            &RegistryAuth::Anonymous,
-            None,
-        )
-        .await
-        .map_err(|e| {
-            anyhow!(
-                "push {reference_text}: {e}; registry log: {}",
-                registry.log()
-            )
-        })?;
-    Ok(reference_text)
+    let config = Config::oci_v1(serde_json::to_vec(&config)?, None);
+    push_layers(registry, repo, tag, &layers, config).await
 }
 
 /// Pushes the busybox image for linux/amd64 as `repo:tag` to the registry at `host`

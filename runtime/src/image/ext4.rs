@@ -262,4 +262,66 @@ mod tests {
         assert!(!stats.contains("has_journal"), "{stats}");
         assert!(allocated_bytes(&image).expect("blocks") > 0);
     }
+    /// Placeholders become the nodes inside the image, with their mode and owner; the file
+    /// system stays consistent; a path debugfs cannot take is refused.
+    #[test]
+    fn device_placeholders_become_nodes_in_the_image() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let staging = dir.path().join("root");
+        std::fs::create_dir_all(staging.join("dev")).expect("mkdir");
+        let node = |path: &str, kind, major, minor| DeviceNode {
+            path: path.into(),
+            kind,
+            major,
+            minor,
+            mode: 0o640,
+            uid: 0,
+            gid: 5,
+        };
+        let devices = [
+            node("dev/mynull", DeviceKind::Char, 1, 3),
+            node("dev/disk", DeviceKind::Block, 8, 0),
+            node("fifo", DeviceKind::Fifo, 0, 0),
+        ];
+        for d in &devices {
+            std::fs::write(staging.join(&d.path), b"").expect("placeholder");
+        }
+        let image = dir.path().join("image.ext4");
+        make(&staging, &image, "devices", &devices).expect("mkfs");
+        let stat = |p: &str| {
+            let out = Command::new("debugfs")
+                .args(["-R", &format!("stat /{p}")])
+                .arg(&image)
+                .output()
+                .expect("debugfs");
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        let null = stat("dev/mynull");
+        assert!(null.contains("Type: character special"), "{null}");
+        assert!(null.contains("Mode:  0640"), "{null}");
+        assert!(null.contains("Group:     5"), "{null}");
+        assert!(null.contains("major/minor number: 01:03"), "{null}");
+        assert!(stat("dev/disk").contains("Type: block special"));
+        assert!(stat("fifo").contains("Type: FIFO"));
+        let fsck = Command::new("e2fsck")
+            .arg("-fn")
+            .arg(&image)
+            .output()
+            .expect("e2fsck");
+        assert!(fsck.status.success(), "{fsck:?}");
+
+        std::fs::write(staging.join("a b"), b"").expect("placeholder");
+        let bad = dir.path().join("bad.ext4");
+        let err = make(
+            &staging,
+            &bad,
+            "devices",
+            &[node("a b", DeviceKind::Char, 1, 3)],
+        )
+        .expect_err("a path with a space");
+        assert!(
+            err.to_string().contains("a b") || format!("{err:?}").contains("a b"),
+            "{err:?}"
+        );
+    }
 }
