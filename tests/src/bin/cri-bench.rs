@@ -13,7 +13,8 @@
 //! RSS counts shared library pages in every process, so the containerd sum is an upper bound.
 //!
 //! The container asks for the namespaces kubelet asks for by default (a PID namespace of its
-//! own, the pod's network and IPC), from both runtimes.
+//! own, the pod's network and IPC), from both runtimes; with `--seccomp-default` also the
+//! RuntimeDefault seccomp profile (kubelet's `--seccomp-default`), to measure what it costs.
 //!
 //! Everything runs in temporary directories: a local registry with busybox, podvisord with
 //! its own configuration, containerd with its own root, state, socket and CNI network. Both
@@ -205,6 +206,14 @@ async fn wait_for_ready(log: &Path) -> anyhow::Result<()> {
 /// shareProcessNamespace: the pod's network and IPC, a PID namespace of its own.
 fn kubelet_security_context() -> cri::LinuxContainerSecurityContext {
     cri::LinuxContainerSecurityContext {
+        seccomp: SECCOMP_DEFAULT
+            .get()
+            .copied()
+            .unwrap_or(false)
+            .then(|| cri::SecurityProfile {
+                profile_type: cri::security_profile::ProfileType::RuntimeDefault as i32,
+                localhost_ref: String::new(),
+            }),
         namespace_options: Some(cri::NamespaceOption {
             network: cri::NamespaceMode::Pod as i32,
             pid: cri::NamespaceMode::Container as i32,
@@ -816,6 +825,9 @@ impl Drop for PodvisorNet {
 }
 
 /// The command line: `[RUNS] [--only podvisor|containerd]`.
+/// `--seccomp-default`: containers ask for the RuntimeDefault seccomp profile.
+static SECCOMP_DEFAULT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+
 struct Args {
     runs: usize,
     podvisor: bool,
@@ -831,6 +843,9 @@ fn args() -> anyhow::Result<Args> {
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
+            "--seccomp-default" => {
+                let _ = SECCOMP_DEFAULT.set(true);
+            }
             "--only" => match args.next().as_deref() {
                 Some("podvisor") => out.containerd = false,
                 Some("containerd") => out.podvisor = false,
@@ -839,7 +854,7 @@ fn args() -> anyhow::Result<Args> {
             n => {
                 out.runs = n.parse().with_context(|| {
                     format!(
-                        "usage: cri-bench [RUNS] [--only podvisor|containerd]; {n:?} is no number"
+                        "usage: cri-bench [RUNS] [--only podvisor|containerd] [--seccomp-default]; {n:?} is no number"
                     )
                 })?;
             }
