@@ -528,9 +528,6 @@ impl VcpuRunner {
     }
 }
 
-/// Saves a parked vCPU. An exit to user space (MMIO, port I/O) is only complete once KVM_RUN
-/// is entered again: one run with immediate_exit set finishes the instruction and returns at
-/// once, so the saved registers are past it.
 /// The MSRs that round-trip on this host. Probing takes a throwaway VM (~15 ms): only once,
 /// and only for a VM that is actually snapshotted, on the thread that asks for the snapshot
 /// ([`VcpuControl::save_vcpus`], the control API's), so that vCPUs saving their state under
@@ -546,6 +543,9 @@ fn probe_msrs() -> Result<&'static [u32], Arc<MsrProbeError>> {
     .map_err(Arc::clone)
 }
 
+/// Saves a parked vCPU. An exit to user space (MMIO, port I/O) is only complete once KVM_RUN
+/// is entered again: one run with immediate_exit set finishes the instruction and returns at
+/// once, so the saved registers are past it.
 fn save_state(vcpu: &mut VcpuFd) -> Result<VcpuState, VcpuSaveError> {
     let msrs = probe_msrs().map_err(VcpuSaveError::Msrs)?;
     vcpu.set_kvm_immediate_exit(1);

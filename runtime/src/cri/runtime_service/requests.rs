@@ -333,8 +333,6 @@ fn namespace_mode(v: i32, what: &str) -> Result<NamespaceMode, Status> {
     }
 }
 
-/// The user the container runs as. A group alone is refused, as kubelet and containerd
-/// do: it would pair with whatever user the image names.
 /// The container's seccomp: the `seccomp` profile, else the deprecated
 /// `seccomp_profile_path` (`runtime/default`, `docker/default`, `unconfined`,
 /// `localhost/<path>`), else unconfined (as containerd and kubelet without
@@ -409,6 +407,8 @@ fn check_lsm(sc: &cri::LinuxContainerSecurityContext) -> Result<(), Status> {
     Ok(())
 }
 
+/// The user the container runs as. A group alone is refused, as kubelet and containerd
+/// do: it would pair with whatever user the image names.
 fn user_spec(sc: &cri::LinuxContainerSecurityContext) -> Result<UserSpec, Status> {
     if sc.run_as_group.is_some() && sc.run_as_user.is_none() && sc.run_as_username.is_empty() {
         return Err(invalid(
