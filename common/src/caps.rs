@@ -1,12 +1,8 @@
-//! The raw capability calls: the bounding set and capset(2). No allocation and no locks,
-//! so the guest agent's child may call them between clone and exec; the VMM drops every
-//! capability with them once its VM is built.
+//! The raw privilege calls: the bounding set, capset(2) and no_new_privs. No allocation and
+//! no locks, so the guest agent's child may call them between clone and exec; the VMM drops
+//! every capability with them once its VM is built.
 
-fn errno() -> i32 {
-    std::io::Error::last_os_error()
-        .raw_os_error()
-        .unwrap_or(libc::EIO)
-}
+use crate::last_errno as errno;
 
 /// Drops every capability up to `last_cap` that is not in `keep` from the calling thread's
 /// bounding set (a capability the kernel does not know is skipped).
@@ -89,4 +85,13 @@ pub fn drop_all() -> Result<(), i32> {
         return Err(errno());
     }
     set(0, 0, 0)
+}
+
+/// Sets no_new_privs for the calling thread (threads it starts afterwards inherit it).
+pub fn set_no_new_privs() -> Result<(), i32> {
+    // SAFETY: prctl with integer arguments only.
+    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } < 0 {
+        return Err(errno());
+    }
+    Ok(())
 }

@@ -11,6 +11,14 @@ pub use ifname::{IfnameError, validate_ifname};
 
 use std::sync::{Mutex, MutexGuard};
 
+/// The calling thread's errno after a failed raw system call (EIO if there is none). It
+/// allocates nothing, so a child between clone and exec may call it.
+pub fn last_errno() -> i32 {
+    std::io::Error::last_os_error()
+        .raw_os_error()
+        .unwrap_or(libc::EIO)
+}
+
 /// Locks `m`, recovering from a poisoned mutex: a panic in one holder must not take every
 /// later user (a VM's other devices, the daemon's other pods) down with it. Callers keep
 /// their data consistent across panics (single inserts and removes).

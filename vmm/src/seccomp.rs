@@ -73,6 +73,12 @@ const COMMON: &[i64] = &[
     libc::SYS_epoll_ctl,
     libc::SYS_eventfd2,
     libc::SYS_ioctl,
+    // Files: drives, snapshot files, the console file.
+    libc::SYS_pread64,
+    libc::SYS_pwrite64,
+    libc::SYS_lseek,
+    libc::SYS_fsync,
+    libc::SYS_fdatasync,
 ];
 
 /// The event loop: virtio-blk files, the TAP, the vsock device's Unix sockets, cleanup at
@@ -80,14 +86,9 @@ const COMMON: &[i64] = &[
 const EVENT_LOOP: &[i64] = &[
     libc::SYS_epoll_wait,
     libc::SYS_epoll_pwait,
-    libc::SYS_pread64,
-    libc::SYS_pwrite64,
     libc::SYS_preadv,
     libc::SYS_pwritev,
-    libc::SYS_fsync,
-    libc::SYS_fdatasync,
     libc::SYS_fallocate,
-    libc::SYS_lseek,
     libc::SYS_accept4,
     libc::SYS_connect,
     libc::SYS_recvfrom,
@@ -106,11 +107,6 @@ const EVENT_LOOP: &[i64] = &[
 const VCPU: &[i64] = &[
     // The console file starts over at its cap (devices/console_file.rs).
     libc::SYS_ftruncate,
-    libc::SYS_pread64,
-    libc::SYS_pwrite64,
-    libc::SYS_fsync,
-    libc::SYS_fdatasync,
-    libc::SYS_lseek,
 ];
 
 /// The control API: its socket, snapshot files, drive swaps, stop.
@@ -125,13 +121,8 @@ const API: &[i64] = &[
     libc::SYS_fstat,
     libc::SYS_newfstatat,
     libc::SYS_statx,
-    libc::SYS_lseek,
-    libc::SYS_pread64,
-    libc::SYS_pwrite64,
     libc::SYS_ftruncate,
     libc::SYS_fallocate,
-    libc::SYS_fsync,
-    libc::SYS_fdatasync,
     libc::SYS_rename,
     libc::SYS_renameat,
     libc::SYS_renameat2,
@@ -187,11 +178,8 @@ pub fn filter(kind: ThreadKind, level: SeccompLevel) -> Result<Option<BpfProgram
 
 /// Sets no_new_privs for the process (its threads started later inherit it).
 pub fn no_new_privs() -> Result<(), SeccompError> {
-    // SAFETY: prctl with integer arguments only.
-    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
-        return Err(SeccompError::NoNewPrivs(std::io::Error::last_os_error()));
-    }
-    Ok(())
+    podvisor_common::caps::set_no_new_privs()
+        .map_err(|e| SeccompError::NoNewPrivs(std::io::Error::from_raw_os_error(e)))
 }
 
 /// Installs the filter for `kind` on the calling thread.

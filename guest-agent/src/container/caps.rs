@@ -2,6 +2,7 @@
 //! functions run in the forked child before exec and therefore only make raw system calls
 //! (no allocation, no locks).
 
+use podvisor_common::last_errno as errno;
 use podvisor_proto::caps::{DEFAULT as DEFAULT_CAPS, NAMES as CAP_NAMES};
 use podvisor_proto::v1::{Capabilities, Rlimit};
 
@@ -129,17 +130,6 @@ pub fn last_cap() -> u32 {
 
 // ---- child side: raw system calls only -------------------------------------------------------
 
-fn errno() -> i32 {
-    std::io::Error::last_os_error()
-        .raw_os_error()
-        .unwrap_or(libc::EIO)
-}
-
-/// Drops every capability up to `last_cap` that is not in `bounding` from the bounding set.
-pub fn apply_bounding(bounding: u64, last_cap: u32) -> Result<(), i32> {
-    podvisor_common::caps::drop_bounding(bounding, last_cap)
-}
-
 /// Keeps the permitted set across the coming setresuid.
 pub fn keep_caps(on: bool) -> Result<(), i32> {
     // SAFETY: prctl with integer arguments only.
@@ -168,14 +158,6 @@ pub fn apply_sets(c: &CapSets) -> Result<(), i32> {
                 return Err(errno());
             }
         }
-    }
-    Ok(())
-}
-
-pub fn apply_no_new_privs() -> Result<(), i32> {
-    // SAFETY: prctl with integer arguments only.
-    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } < 0 {
-        return Err(errno());
     }
     Ok(())
 }

@@ -44,9 +44,7 @@ pub fn install(program: &[libc::sock_filter]) -> Result<(), i32> {
         )
     };
     if r < 0 {
-        return Err(std::io::Error::last_os_error()
-            .raw_os_error()
-            .unwrap_or(libc::EIO));
+        return Err(podvisor_common::last_errno());
     }
     Ok(())
 }

@@ -19,6 +19,7 @@ use std::io::Read;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
 use nix::unistd::Pid;
+use podvisor_common::last_errno as errno;
 
 use super::caps::{self, CapSets, RlimitSpec};
 use super::seccomp;
@@ -506,12 +507,6 @@ pub fn close_all_but(keep: &[RawFd; 3]) {
     unsafe { libc::syscall(libc::SYS_close_range, from, libc::c_uint::MAX, 0) };
 }
 
-fn errno() -> i32 {
-    std::io::Error::last_os_error()
-        .raw_os_error()
-        .unwrap_or(libc::EIO)
-}
-
 /// Reports a failure and exits; never returns.
 fn fail(sync_fd: RawFd, stage: Stage, item: u32, err: i32) -> ! {
     let mut buf = [0u8; 12];
@@ -839,7 +834,7 @@ fn child_main(
         if let Err(e) = caps::apply_rlimits(&plan.rlimits) {
             fail(sync_fd, Stage::Rlimits, NO_ITEM, e);
         }
-        if let Err(e) = caps::apply_bounding(plan.caps.bounding, plan.last_cap) {
+        if let Err(e) = podvisor_common::caps::drop_bounding(plan.caps.bounding, plan.last_cap) {
             fail(sync_fd, Stage::Capabilities, 0, e);
         }
         if let Err(e) = caps::keep_caps(true) {
@@ -885,7 +880,7 @@ fn child_main(
             fail(sync_fd, Stage::Capabilities, 3, e);
         }
         if plan.no_new_privs
-            && let Err(e) = caps::apply_no_new_privs()
+            && let Err(e) = podvisor_common::caps::set_no_new_privs()
         {
             fail(sync_fd, Stage::NoNewPrivs, NO_ITEM, e);
         }
