@@ -99,10 +99,7 @@ fn add_devices(image: &Path, label: &str, devices: &[DeviceNode]) -> Result<(), 
     if devices.is_empty() {
         return Ok(());
     }
-    let fail = |message: String| ImageError::Mkfs {
-        id: label.to_string(),
-        message,
-    };
+    let fail = mkfs_error(label);
     let mut script = String::new();
     for d in devices {
         // debugfs splits its commands on white space: a path it cannot take is refused.
@@ -168,6 +165,14 @@ fn add_devices(image: &Path, label: &str, devices: &[DeviceNode]) -> Result<(), 
     file.sync_all().map_err(io_err("fsync", image))
 }
 
+/// An [`ImageError::Mkfs`] of the image labelled `label`.
+fn mkfs_error(label: &str) -> impl Fn(String) -> ImageError + '_ {
+    move |message| ImageError::Mkfs {
+        id: label.to_string(),
+        message,
+    }
+}
+
 fn mkfs(
     staging: &Path,
     image: &Path,
@@ -175,10 +180,7 @@ fn mkfs(
     bytes: u64,
     inodes: u64,
 ) -> Result<(), ImageError> {
-    let fail = |message: String| ImageError::Mkfs {
-        id: label.to_string(),
-        message,
-    };
+    let fail = mkfs_error(label);
     let out = Command::new("mkfs.ext4")
         .args(["-q", "-F", "-t", "ext4", "-b"])
         .arg(BLOCK.to_string())

@@ -298,14 +298,7 @@ impl Layer<'_> {
                 if existing.is_some() {
                     remove_any(&full)?;
                 }
-                // O_NOFOLLOW and O_EXCL: never write through anything already there.
-                let mut file = fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .custom_flags(libc::O_NOFOLLOW)
-                    .open(&full)
-                    .map_err(io_err("create", &full))?;
+                let mut file = create_new(&full, 0o600)?;
                 io::copy(entry, &mut file).map_err(|e| self.bad(&rel, format!("write: {e}")))?;
             }
             EntryType::Symlink => {
@@ -340,13 +333,7 @@ impl Layer<'_> {
                     _ => DeviceKind::Fifo,
                 };
                 // Not mknod: a placeholder the ext4 step turns into the node.
-                let file = fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o000)
-                    .custom_flags(libc::O_NOFOLLOW)
-                    .open(&full)
-                    .map_err(io_err("create", &full))?;
+                let file = create_new(&full, 0o000)?;
                 let ino = file.metadata().map_err(io_err("stat", &full))?.ino();
                 self.devices.insert(
                     rel.clone(),
@@ -584,6 +571,18 @@ fn walk_parents(root: &Path, rel: &Path, create: bool) -> Result<Option<()>, Str
 
 /// Removes whatever is at `path` without following it: a directory tree, a file, a
 /// symlink (not its target), a device.
+/// Creates the file `path` with `mode`, O_EXCL and O_NOFOLLOW: never writes through
+/// anything already there.
+fn create_new(path: &Path, mode: u32) -> Result<fs::File, ImageError> {
+    fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(io_err("create", path))
+}
+
 fn remove_any(path: &Path) -> Result<(), ImageError> {
     let meta = fs::symlink_metadata(path).map_err(io_err("stat", path))?;
     if meta.is_dir() {

@@ -205,15 +205,18 @@ pub(super) fn container_process(
         process::compose_capabilities(&spec.cap_add, &spec.cap_drop)?
     };
     defaults.no_new_privs = spec.no_new_privs;
-    if !spec.privileged {
+    let seccomp_filter = if spec.privileged {
+        None
+    } else {
         let bounding = defaults.capabilities.clone().unwrap_or_else(|| {
             process::DEFAULT_CAPS
                 .iter()
                 .map(|c| c.to_string())
                 .collect()
         });
-        defaults.seccomp_filter = seccomp::program(&spec.seccomp, &bounding)?.map(hex::encode);
-    }
+        seccomp::program(&spec.seccomp, &bounding)?
+    };
+    defaults.seccomp_filter = seccomp_filter.as_deref().map(hex::encode);
     let process = agent::Process {
         args: argv,
         env: defaults.env.clone(),
@@ -229,7 +232,7 @@ pub(super) fn container_process(
         console_width: 0,
         console_height: 0,
         stdin: false,
-        seccomp_filter: defaults.seccomp_filter_bytes()?,
+        seccomp_filter: seccomp_filter.unwrap_or_default(),
     };
     Ok((process, defaults))
 }
