@@ -5,10 +5,13 @@
 use crate::last_errno as errno;
 
 /// Drops every capability up to `last_cap` that is not in `keep` from the calling thread's
-/// bounding set (a capability the kernel does not know is skipped).
+/// bounding set (a capability the kernel does not know, or one already dropped, is skipped:
+/// dropping needs CAP_SETPCAP, which a process that changed its user has no more).
 pub fn drop_bounding(keep: u64, last_cap: u32) -> Result<(), i32> {
     for cap in 0..=last_cap.min(63) {
-        if keep & (1 << cap) == 0 {
+        // SAFETY: prctl with integer arguments only.
+        let held = unsafe { libc::prctl(libc::PR_CAPBSET_READ, cap as libc::c_ulong, 0, 0, 0) };
+        if keep & (1 << cap) == 0 && held == 1 {
             // SAFETY: prctl with integer arguments only.
             let r = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) };
             if r < 0 && errno() != libc::EINVAL {

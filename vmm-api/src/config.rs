@@ -1,7 +1,7 @@
 //! What a VM is made of: parsed from the command line or a JSON file, checked against the
 //! VMM's limits before anything touches KVM.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
@@ -131,6 +131,67 @@ pub struct VmConfig {
     /// The VMM's own seccomp filters.
     #[serde(default)]
     pub seccomp: SeccompLevel,
+    /// Enter this jail before anything else: every other path here is then a path inside
+    /// it. None: run where started (a VMM run by hand).
+    #[serde(default)]
+    pub jail: Option<JailConfig>,
+}
+
+/// The VMM's jail, as Firecracker's jailer builds one: a mount namespace of its own whose
+/// root is an empty, read-only tmpfs holding only `binds` and the two device nodes
+/// (`/dev/kvm`, `/dev/net/tun`); once the VM is built, the VMM runs as `uid`:`gid` with no
+/// supplementary group, before any guest code runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JailConfig {
+    /// A host directory the jail's root is mounted on (in the VMM's own mount namespace;
+    /// the host sees nothing of it). The pod directory: it is also bound at [`JAIL_POD_DIR`].
+    pub root: PathBuf,
+    /// The unprivileged user the VMM runs as once the VM is built.
+    pub uid: u32,
+    /// Its group.
+    pub gid: u32,
+    /// What the jail holds besides its devices.
+    #[serde(default)]
+    pub binds: Vec<JailBind>,
+}
+
+impl JailConfig {
+    /// The jail path the host path `p` maps to: under the longest bind (the pod directory
+    /// included) that holds it; None for a path outside all of them.
+    pub fn jail_path(&self, p: &Path) -> Option<PathBuf> {
+        let pod = JailBind {
+            host: self.root.clone(),
+            jail: PathBuf::from(JAIL_POD_DIR),
+            writable: true,
+        };
+        std::iter::once(&pod)
+            .chain(&self.binds)
+            .filter_map(|b| Some((b, p.strip_prefix(&b.host).ok()?)))
+            .max_by_key(|(b, _)| b.host.as_os_str().len())
+            .map(|(b, rest)| {
+                if rest.as_os_str().is_empty() {
+                    b.jail.clone()
+                } else {
+                    b.jail.join(rest)
+                }
+            })
+    }
+}
+
+/// Where the jail root's host directory is bound inside the jail (read-write: sockets, the
+/// console file, snapshots).
+pub const JAIL_POD_DIR: &str = "/pod";
+
+/// One host file or directory bound into the jail.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JailBind {
+    /// The host path (opened before anything is mounted; a symlink is not followed).
+    pub host: PathBuf,
+    /// Where it appears in the jail: absolute, no `..`.
+    pub jail: PathBuf,
+    /// Bound read-write (else read-only).
+    #[serde(default)]
+    pub writable: bool,
 }
 
 fn default_vcpus() -> u8 {
@@ -403,6 +464,7 @@ mod tests {
             serial: SerialOutput::Null,
             restore: None,
             seccomp: SeccompLevel::Kill,
+            jail: None,
         }
     }
 
@@ -471,5 +533,36 @@ mod tests {
         let min: VmConfig = serde_json::from_str(r#"{"kernel":"/k"}"#).unwrap();
         assert_eq!(min.vcpus, 1);
         assert_eq!(min.mem_mib, 128);
+    }
+
+    #[test]
+    fn host_paths_map_to_the_longest_bind() {
+        let jail = JailConfig {
+            root: "/run/p/pods/a".into(),
+            uid: 1,
+            gid: 1,
+            binds: vec![
+                JailBind {
+                    host: "/var/k/vmlinux".into(),
+                    jail: "/boot/kernel".into(),
+                    writable: false,
+                },
+                JailBind {
+                    host: "/run/p/pods/a/sub".into(),
+                    jail: "/other".into(),
+                    writable: false,
+                },
+            ],
+        };
+        let map = |p: &str| jail.jail_path(Path::new(p));
+        assert_eq!(map("/var/k/vmlinux"), Some("/boot/kernel".into()));
+        assert_eq!(map("/run/p/pods/a/api.sock"), Some("/pod/api.sock".into()));
+        assert_eq!(map("/run/p/pods/a/sub/x"), Some("/other/x".into()));
+        assert_eq!(
+            map("/run/p/pods/ab"),
+            None,
+            "a prefix of a name is not a parent"
+        );
+        assert_eq!(map("/etc/passwd"), None);
     }
 }

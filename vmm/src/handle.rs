@@ -159,12 +159,17 @@ impl VmHandle {
     }
 
     /// Gives the drive `id` a new backing file.
-    pub fn swap_drive(&self, id: &str, swap: &DriveSwap) -> Result<(), SwapError> {
+    pub fn swap_drive(
+        &self,
+        id: &str,
+        swap: &DriveSwap,
+        file: Option<std::fs::File>,
+    ) -> Result<(), SwapError> {
         let Some(drive) = self.drives.iter().find(|d| d.id == id) else {
             return Err(SwapError::NoDrive(id.to_owned()));
         };
         lock(&drive.block)
-            .swap_backing(&swap.path, swap.read_only)
+            .swap_backing(&swap.path, file, swap.read_only)
             .map_err(|source| SwapError::Backing {
                 id: id.to_owned(),
                 source,

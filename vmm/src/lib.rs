@@ -19,6 +19,7 @@ pub mod device_table;
 pub mod devices;
 pub mod exit;
 pub mod handle;
+pub mod jail;
 pub mod layout;
 pub mod memory;
 pub mod seccomp;

@@ -98,17 +98,26 @@ fn vm_config(cli: Cli) -> anyhow::Result<VmConfig> {
             .map(config::parse_restore)
             .transpose()?,
         seccomp: cli.seccomp,
+        jail: None,
     })
 }
 
 /// Builds the VM, serves its control API if asked to, and runs it until it ends.
 fn run(config: VmConfig, start: Instant) -> anyhow::Result<ExitReason> {
     podvisor_vmm::seccomp::no_new_privs()?;
+    let jail = config.jail.clone();
+    if let Some(jail) = &jail {
+        podvisor_vmm::jail::enter(jail)?;
+    }
     let api_sock = config.api_sock.clone();
     let level = config.seccomp;
     let mut vm = podvisor_vmm::builder::build(config, start)?;
-    // Everything that needed root's capabilities (the TAP, KVM, the files) is open: drop
-    // them all before any other thread starts, so that no thread has one.
+    // Everything that needed root's capabilities (the TAP, KVM, the files) is open: the
+    // jail's user from now on, and no capability, before any other thread starts, so that
+    // no thread has one.
+    if let Some(jail) = &jail {
+        podvisor_vmm::jail::drop_user(jail)?;
+    }
     podvisor_common::caps::drop_all()
         .map_err(std::io::Error::from_raw_os_error)
         .context("drop the VMM's capabilities")?;

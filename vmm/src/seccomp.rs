@@ -113,6 +113,8 @@ const VCPU: &[i64] = &[
 const API: &[i64] = &[
     libc::SYS_accept4,
     libc::SYS_recvfrom,
+    // A request's first bytes, with the descriptor a drive swap may carry.
+    libc::SYS_recvmsg,
     libc::SYS_sendto,
     libc::SYS_getsockopt,
     libc::SYS_setsockopt,

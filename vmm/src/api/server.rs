@@ -2,6 +2,8 @@
 //! [`podvisor_vmm_api::http`], routes it to a typed operation of [`VmHandle`] and answers
 //! with its JSON body or `{"error": ...}`.
 
+use std::fs::File;
+use std::io::Read;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::Arc;
@@ -16,6 +18,7 @@ use crate::exit::ExitReason;
 use crate::handle::{SwapError, VmHandle};
 use crate::seccomp::{self, ThreadKind};
 use crate::snapshot::SnapshotError;
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 /// Why the API could not be started.
 #[derive(Debug, thiserror::Error)]
@@ -59,10 +62,10 @@ fn handle_connection(mut stream: UnixStream, vm: &VmHandle) {
     // A client that stalls must not hold the API forever.
     let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
     let _ = stream.set_write_timeout(Some(Duration::from_secs(5)));
-    let (status, body, stop) = match http::read_request(&mut stream) {
-        Ok(req) if is_stop(&req) => (204, String::new(), true),
-        Ok(req) => {
-            let (status, body) = route(&req, vm);
+    let (status, body, stop) = match read_request(&mut stream) {
+        Ok((req, _)) if is_stop(&req) => (204, String::new(), true),
+        Ok((req, fd)) => {
+            let (status, body) = route(&req, fd, vm);
             (status, body, false)
         }
         Err(HttpError::TooLarge) => (413, error_body("request too large"), false),
@@ -79,6 +82,19 @@ fn handle_connection(mut stream: UnixStream, vm: &VmHandle) {
     }
 }
 
+/// Reads one request and the descriptor its first bytes carried, if any (one at most: the
+/// kernel closes any more, and any sent with later bytes, which are read without room for
+/// them).
+fn read_request(stream: &mut UnixStream) -> Result<(Request, Option<File>), HttpError> {
+    let mut first = vec![0u8; 4096];
+    let (n, fd) = stream
+        .recv_with_fd(&mut first)
+        .map_err(|e| HttpError::Io(std::io::Error::from_raw_os_error(e.errno())))?;
+    first.truncate(n);
+    let req = http::read_request(&mut std::io::Cursor::new(first).chain(stream))?;
+    Ok((req, fd))
+}
+
 fn is_stop(req: &Request) -> bool {
     req.method == "PUT" && req.path.split('?').next() == Some("/vm/stop")
 }
@@ -90,7 +106,7 @@ fn error_body(msg: &str) -> String {
     .unwrap_or_default()
 }
 
-fn route(req: &Request, vm: &VmHandle) -> (u16, String) {
+fn route(req: &Request, fd: Option<File>, vm: &VmHandle) -> (u16, String) {
     let path = req.path.split('?').next().unwrap_or_default();
     match (req.method.as_str(), path) {
         ("GET", "/vm") => json(&vm.info()),
@@ -104,7 +120,7 @@ fn route(req: &Request, vm: &VmHandle) -> (u16, String) {
         }
         ("PUT", "/vm/snapshot") => create_snapshot(&req.body, vm),
         ("PUT", p) if p.starts_with("/drives/") => {
-            swap_drive(&p["/drives/".len()..], &req.body, vm)
+            swap_drive(&p["/drives/".len()..], &req.body, fd, vm)
         }
         (_, "/vm" | "/vm/pause" | "/vm/resume" | "/vm/stop" | "/vm/snapshot") => {
             (405, error_body("method not allowed"))
@@ -139,12 +155,14 @@ fn create_snapshot(body: &[u8], vm: &VmHandle) -> (u16, String) {
     }
 }
 
-fn swap_drive(id: &str, body: &[u8], vm: &VmHandle) -> (u16, String) {
+/// A drive swap opens `path` itself, or takes the descriptor sent with the request (a jailed
+/// VMM sees no image store).
+fn swap_drive(id: &str, body: &[u8], fd: Option<File>, vm: &VmHandle) -> (u16, String) {
     let swap: DriveSwap = match serde_json::from_slice(body) {
         Ok(s) => s,
         Err(e) => return (400, error_body(&format!("drive swap body: {e}"))),
     };
-    match vm.swap_drive(id, &swap) {
+    match vm.swap_drive(id, &swap, fd) {
         Ok(()) => (204, String::new()),
         Err(e @ SwapError::NoDrive(_)) => (404, error_body(&e.to_string())),
         Err(e @ SwapError::Backing { .. }) => (400, error_body(&error_chain(&e))),

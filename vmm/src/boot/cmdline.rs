@@ -10,9 +10,11 @@ use crate::layout::{CMDLINE_MAX_SIZE, VIRTIO_MMIO_SIZE};
 /// avoids seconds of emulated page-table work at boot.
 pub const PVM_FLAGS: &str = "clearcpuid=cx16,popcnt,smap,smep,fsgsbase,rdpid,pcid,invpcid,umip,avx,avx2,avx512f,erms,fsrm,movbe,bmi1,bmi2,rdrand,rdseed noxsave rodata=off";
 
-/// Whether `/dev/kvm` is the software kvm_pvm module.
+/// Whether `/dev/kvm` is the software kvm_pvm module. Read once: a jailed VMM has no
+/// /sys, so the jail asks before it is entered.
 pub fn host_is_pvm() -> bool {
-    std::path::Path::new("/sys/module/kvm_pvm").exists()
+    static PVM: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *PVM.get_or_init(|| std::path::Path::new("/sys/module/kvm_pvm").exists())
 }
 
 /// A virtio-mmio device as the command line declares it.

@@ -86,7 +86,7 @@ pub(super) struct Backing {
 
 impl Backing {
     fn open(path: &Path, read_only: bool) -> Result<Self, BlockError> {
-        let mut file = OpenOptions::new()
+        let file = OpenOptions::new()
             .read(true)
             .write(!read_only)
             .open(path)
@@ -94,10 +94,27 @@ impl Backing {
                 path: path.to_owned(),
                 source,
             })?;
+        Self::from_file(file, path, read_only)
+    }
+
+    /// A backing on `file`, opened by the caller (`path` names it in logs and errors); it
+    /// must be open for writing unless `read_only`.
+    fn from_file(mut file: File, path: &Path, read_only: bool) -> Result<Self, BlockError> {
         let size_err = |source| BlockError::Size {
             path: path.to_owned(),
             source,
         };
+        if !read_only {
+            // SAFETY: F_GETFL on a descriptor this function owns; no memory is passed.
+            let flags =
+                unsafe { libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(&file), libc::F_GETFL) };
+            if flags < 0 || flags & libc::O_ACCMODE != libc::O_RDWR {
+                return Err(BlockError::Open {
+                    path: path.to_owned(),
+                    source: std::io::Error::from_raw_os_error(libc::EBADF),
+                });
+            }
+        }
         if file.metadata().map_err(size_err)?.is_dir() {
             return Err(BlockError::Directory {
                 path: path.to_owned(),
@@ -189,8 +206,16 @@ impl Block {
     /// The read-only feature bit cannot change once negotiated: a drive swapped
     /// to read-only after the guest negotiated read-write fails every write
     /// with `VIRTIO_BLK_S_IOERR`.
-    pub fn swap_backing(&mut self, path: &Path, read_only: bool) -> Result<(), BlockError> {
-        let backing = Backing::open(path, read_only)?;
+    pub fn swap_backing(
+        &mut self,
+        path: &Path,
+        file: Option<File>,
+        read_only: bool,
+    ) -> Result<(), BlockError> {
+        let backing = match file {
+            Some(f) => Backing::from_file(f, path, read_only)?,
+            None => Backing::open(path, read_only)?,
+        };
         tracing::info!(
             id = %self.id,
             old = %self.disk.backing.path.display(),

@@ -766,7 +766,7 @@ fn swap_backing_changes_capacity_and_data() {
     h.interrupt.ack(u32::MAX);
 
     h.block
-        .swap_backing(new_file.path(), true)
+        .swap_backing(new_file.path(), None, true)
         .expect("swap backing");
     assert_eq!(h.block.capacity_sectors(), 16);
     assert_eq!(h.block.path(), new_file.path());
@@ -797,7 +797,7 @@ fn swap_backing_before_activation_raises_no_interrupt() {
         id: "stub".into(),
     })
     .expect("block");
-    block.swap_backing(new.path(), false).expect("swap");
+    block.swap_backing(new.path(), None, false).expect("swap");
     assert_eq!(block.capacity_sectors(), 3);
     assert!(!block.read_only());
     assert_eq!(block.device_features() & VIRTIO_BLK_F_RO, 0);
@@ -813,7 +813,7 @@ fn failed_swap_keeps_old_backing() {
     let missing = Path::new("/nonexistent/podvisor-block-test.img");
     let err = h
         .block
-        .swap_backing(missing, false)
+        .swap_backing(missing, None, false)
         .expect_err("swap to a missing file");
     assert!(matches!(err, BlockError::Open { .. }));
     assert!(err.to_string().contains(&missing.display().to_string()));
@@ -821,10 +821,18 @@ fn failed_swap_keeps_old_backing() {
     let empty = temp_file(&[]);
     let err = h
         .block
-        .swap_backing(empty.path(), false)
+        .swap_backing(empty.path(), None, false)
         .expect_err("swap to an empty file");
     assert!(matches!(err, BlockError::Empty { len: 0, .. }));
 
+    // A descriptor passed in: read-only while the swap asks for writes is refused.
+    let other = temp_file(&pattern(8, 1));
+    let ro = std::fs::File::open(other.path()).unwrap();
+    let err = h
+        .block
+        .swap_backing(other.path(), Some(ro), false)
+        .expect_err("a read-only descriptor for a writable drive");
+    assert!(matches!(err, BlockError::Open { .. }), "{err}");
     assert_eq!(h.block.path(), old_path);
     assert_eq!(h.block.capacity_sectors(), 4);
     assert!(!h.block.read_only());
@@ -1041,7 +1049,9 @@ fn reset_unregisters_and_drops_queue() {
     h.block.reset();
     h.interrupt.ack(u32::MAX);
     let other = temp_file(&pattern(2, 0));
-    h.block.swap_backing(other.path(), false).expect("swap");
+    h.block
+        .swap_backing(other.path(), None, false)
+        .expect("swap");
     assert_eq!(h.interrupt.status(), 0);
 }
 
@@ -1348,4 +1358,19 @@ fn queue_snapshots_follow_activation() {
     assert_eq!((after[0].next_avail, after[0].next_used), (1, 1));
     h.block.reset();
     assert!(h.block.queue_snapshots().is_empty());
+}
+
+#[test]
+fn swap_backing_takes_a_passed_descriptor() {
+    let mut h = Harness::new(&pattern(4, 0), false);
+    let new_file = temp_file(&pattern(16, 0x33));
+    let fd = std::fs::File::open(new_file.path()).unwrap();
+    // The name is only for logs: the descriptor is what is read.
+    let name = Path::new("/jail/has/no/such/file");
+    h.block
+        .swap_backing(name, Some(fd), true)
+        .expect("swap to a passed descriptor");
+    assert_eq!(h.block.capacity_sectors(), 16);
+    assert_eq!(h.block.path(), name);
+    assert!(h.block.read_only());
 }
