@@ -46,4 +46,10 @@ if ! rustup target list --installed 2>/dev/null | grep -q x86_64-unknown-linux-g
 fi
 [ -e /dev/kvm ] || { echo "[setup] /dev/kvm is missing: podvisor needs KVM" >&2; exit 1; }
 [ -e /dev/net/tun ] || { mkdir -p /dev/net && mknod /dev/net/tun c 10 200; }
+# The unprivileged user every VMM runs as once its VM is built (podvisord's vmm_user).
+if ! getent passwd podvisor >/dev/null; then
+    echo "[setup] creating the system user podvisor (the VMMs' user)"
+    useradd --system --user-group --no-create-home --home-dir /nonexistent \
+        --shell /usr/sbin/nologin podvisor
+fi
 echo "[setup] done"

@@ -6,6 +6,7 @@
 //! root_dir = "/var/lib/podvisor"
 //! state_dir = "/run/podvisor"
 //! vmm_binary = "/usr/bin/podvisor-vmm"
+//! vmm_user = "podvisor"         # or "UID:GID"; VMMs run jailed as it ("": unjailed, as root)
 //!
 //! [registry]
 //! insecure = ["127.0.0.1:5000"]
@@ -56,6 +57,8 @@ const DEFAULT_VCPUS: u8 = 1;
 const DEFAULT_MEMORY_MIB: u64 = 256;
 const DEFAULT_KERNEL: &str = "/usr/share/podvisor/vmlinux";
 const DEFAULT_IMAGE: &str = "/usr/share/podvisor/rootfs.ext4";
+/// The VMMs' user (`make setup` creates it).
+const DEFAULT_VMM_USER: &str = "podvisor";
 
 /// A configuration podvisord refuses to start with.
 #[derive(Debug, thiserror::Error)]
@@ -142,6 +145,10 @@ pub struct Config {
     /// The `podvisor-vmm` executable. Without the key: next to the current executable, else
     /// the first on `PATH`, else the bare name (spawning it then fails naming it).
     pub vmm_binary: PathBuf,
+    /// The user each VMM runs as, in its jail, once its VM is built: a name or `UID:GID`,
+    /// never root. Empty: no jail (the VMM runs as root in the host's mount namespace; for
+    /// debugging only).
+    pub vmm_user: String,
     /// Registry access.
     pub registry: RegistrySettings,
     /// CNI.
@@ -160,6 +167,7 @@ struct RawConfig {
     root_dir: Option<PathBuf>,
     state_dir: Option<PathBuf>,
     vmm_binary: Option<PathBuf>,
+    vmm_user: Option<String>,
     #[serde(default)]
     registry: RawRegistry,
     #[serde(default)]
@@ -406,6 +414,7 @@ impl Config {
                 raw.state_dir.unwrap_or_else(|| DEFAULT_STATE_DIR.into()),
             )?,
             vmm_binary,
+            vmm_user: raw.vmm_user.unwrap_or_else(|| DEFAULT_VMM_USER.into()),
             registry: RegistrySettings {
                 insecure: raw.registry.insecure,
                 mirrors: raw.registry.mirrors,
@@ -502,6 +511,7 @@ mod tests {
         assert_eq!(c.root_dir, Path::new("/srv/podvisor"));
         assert_eq!(c.state_dir, Path::new("/run/pv"));
         assert_eq!(c.vmm_binary, Path::new("/opt/podvisor/bin/podvisor-vmm"));
+        assert_eq!(c.vmm_user, "podvisor");
         assert_eq!(c.registry.insecure, ["127.0.0.1:5000", "registry.local"]);
         assert_eq!(
             c.registry.mirrors["registry.k8s.io"],

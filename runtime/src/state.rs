@@ -464,6 +464,7 @@ mod tests {
             vsock_uds: "/run/podvisor/pods/sb1/vsock.sock".into(),
             console_log: "/run/podvisor/pods/sb1/console.log".into(),
             vmm_log: "/run/podvisor/pods/sb1/vmm.log".into(),
+            cgroup: None,
         }
     }
 

@@ -148,6 +148,42 @@ pub fn vmm_processes_under(dir: &Path) -> Vec<u32> {
         .collect()
 }
 
+/// Cgroup hierarchies mounted on the host (`/proc/self/mountinfo`), as podvisord finds them.
+pub fn cgroup_hierarchies() -> Vec<PathBuf> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    text.lines()
+        .filter_map(|line| {
+            let (left, right) = line.split_once(" - ")?;
+            let fstype = right.split(' ').next()?;
+            let fields: Vec<&str> = left.split(' ').collect();
+            let mount_point = fields.get(4).map(PathBuf::from)?;
+            (matches!(fstype, "cgroup" | "cgroup2") && fields.get(3) == Some(&"/"))
+                .then_some(mount_point)
+        })
+        .collect()
+}
+
+/// Every `podvisor/<name>` cgroup left for `name` in any hierarchy.
+pub fn cgroups_of(name: &str) -> Vec<PathBuf> {
+    cgroup_hierarchies()
+        .into_iter()
+        .map(|h| h.join("podvisor").join(name))
+        .filter(|p| p.exists())
+        .collect()
+}
+
+/// Every pod's `podvisor/<sandbox id>` cgroup on the host (template VMs' left out).
+pub fn pod_cgroups() -> Vec<PathBuf> {
+    cgroup_hierarchies()
+        .into_iter()
+        .flat_map(|h| std::fs::read_dir(h.join("podvisor")).into_iter().flatten())
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .filter(|e| !e.file_name().to_string_lossy().starts_with("template-"))
+        .map(|e| e.path())
+        .collect()
+}
+
 /// A running podvisord with its own socket, root and state directories.
 #[derive(Debug)]
 pub struct Daemon {
@@ -483,9 +519,25 @@ impl Drop for PodNet {
 pub struct CriSetup {
     /// The registry (for more images).
     pub registry: crate::registry::Registry,
-    _net: PodNet,
+    net: PodNet,
     /// The pushed busybox image.
     pub image_name: String,
+}
+
+impl CriSetup {
+    /// The addresses host-local IPAM holds leased on the test's network now.
+    pub fn ip_leases(&self) -> Vec<String> {
+        let dir = self.net.dir.path().join("ipam").join(self.net.bridge);
+        let mut leases: Vec<String> = std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.parse::<std::net::IpAddr>().is_ok())
+            .collect();
+        leases.sort();
+        leases
+    }
 }
 
 /// A registry with busybox pushed, a bridge CNI network named `bridge` on `subnet`, and
@@ -509,7 +561,7 @@ pub async fn start_cri_daemon(
     let daemon = Daemon::start(&daemon_config(registry.host(), &conf_dir)?)?;
     let setup = CriSetup {
         registry,
-        _net: net,
+        net,
         image_name,
     };
     Ok((setup, daemon))

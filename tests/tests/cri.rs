@@ -29,7 +29,7 @@ use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use podvisor_runtime::logs::{Stream, parse_line};
 use podvisor_tests::cri::{
-    Daemon, connect, exec_sync as exec, pull_image, shell_container, start_cri_daemon,
+    Daemon, cgroups_of, connect, exec_sync as exec, pull_image, shell_container, start_cri_daemon,
     vmm_processes_under,
 };
 use tonic::transport::Channel;
@@ -921,6 +921,8 @@ fn nothing_left(
         .filter(|p| p.to_string_lossy().contains(sandbox_id))
         .collect();
     ensure!(netns.is_empty(), "network namespaces left: {netns:?}");
+    let cgroups = cgroups_of(sandbox_id);
+    ensure!(cgroups.is_empty(), "cgroups left: {cgroups:?}");
     Ok(())
 }
 

@@ -90,6 +90,9 @@ pub enum PodError {
         #[source]
         source: VmmError,
     },
+    /// The configured VMM user cannot be used (at start).
+    #[error("configuration")]
+    VmmUser(#[source] VmmError),
     /// A record could not be stored.
     #[error("persist state")]
     State(#[from] StateError),
@@ -137,6 +140,7 @@ impl PodError {
             PodError::Network(e) if e.is_not_ready() => Code::FailedPrecondition,
             PodError::Network(_) => Code::Internal,
             PodError::Vmm { .. }
+            | PodError::VmmUser(_)
             | PodError::State(_)
             | PodError::Log(_)
             | PodError::Io(_)

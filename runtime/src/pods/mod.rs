@@ -176,6 +176,8 @@ struct Inner {
     state: StateStore,
     images: ImageStore,
     placeholder: PathBuf,
+    /// The user VMMs run as, jailed (None: unjailed, `vmm_user = ""`).
+    jail: Option<crate::vmm::JailUser>,
     templates: template::Templates,
     sandboxes: Mutex<HashMap<String, Arc<Sandbox>>>,
     containers: Mutex<HashMap<String, Arc<Container>>>,
@@ -202,6 +204,10 @@ impl PodManager {
     /// [`PodManager::recover`] before serving.
     pub fn new(config: Config, state: StateStore, images: ImageStore) -> Result<Self, PodError> {
         let placeholder = image_slots::ensure_placeholder(&config.root_dir)?;
+        let jail = crate::vmm::JailUser::resolve(&config.vmm_user).map_err(PodError::VmmUser)?;
+        if jail.is_none() {
+            tracing::warn!("vmm_user is empty: VMMs run unjailed, as root");
+        }
         let templates = template::Templates::new(&config.root_dir);
         Ok(Self {
             inner: Arc::new(Inner {
@@ -210,6 +216,7 @@ impl PodManager {
                 state,
                 images,
                 placeholder,
+                jail,
                 sandboxes: Mutex::new(HashMap::new()),
                 containers: Mutex::new(HashMap::new()),
                 pending_names: names::PendingNames::default(),

@@ -215,6 +215,8 @@ impl PodManager {
             mac: Some(net.link().mac.clone()),
             netns: Some(net.netns_path().to_owned()),
             restore: template.map(Template::restore_config),
+            jail: self.inner.jail,
+            cgroup: Some(id.to_string()),
         }
     }
 
@@ -273,6 +275,7 @@ impl PodManager {
             handler: handler.clone(),
             vmm_binary: self.inner.config.vmm_binary.clone(),
             drives: slot_drives(&self.inner.placeholder),
+            jail: self.inner.jail,
         }
     }
 

@@ -26,16 +26,16 @@ use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime};
 
 use podvisor_vmm_api::client::{self, ClientError};
-use podvisor_vmm_api::config::RestoreConfig;
+use podvisor_vmm_api::config::{JAIL_POD_DIR, RestoreConfig};
 use sha2::{Digest, Sha256};
 
-use podvisor_common::{IoError, lock};
+use podvisor_common::{IoError, error_chain, lock};
 
 use super::agent::{AGENT_BOOT_TIMEOUT, connect_agent};
 use super::vm::VMM_STOP_TIMEOUT;
 use crate::config::Handler;
 use crate::network::netns::{self, NetNs, NetnsError};
-use crate::vmm::{self, DriveSpec, VmmError, VmmHandle, VmmSpec};
+use crate::vmm::{self, DriveSpec, JailUser, VmmError, VmmHandle, VmmSpec};
 
 /// The directory of templates under the root directory.
 pub const TEMPLATES_DIR: &str = "templates";
@@ -167,6 +167,8 @@ pub struct TemplateInputs {
     pub vmm_binary: PathBuf,
     /// The drives after the root drive, as pods get them.
     pub drives: Vec<DriveSpec>,
+    /// The template VM's jail (not part of the key: the snapshot is the same).
+    pub jail: Option<JailUser>,
 }
 
 impl Templates {
@@ -197,6 +199,9 @@ impl Templates {
             tracing::info!(template = %template.key, "stopping the template VM being built");
             let killed = tokio::task::spawn_blocking(move || match handle.kill() {
                 Ok(()) => {
+                    if let Err(e) = handle.remove_cgroup() {
+                        tracing::warn!(template = %template.key, "{}", error_chain(&e));
+                    }
                     template.discard();
                     delete_build_netns(&template.key);
                 }
@@ -371,6 +376,7 @@ fn stop_leftover_build(template: &Template) -> Result<(), TemplateError> {
                 tracing::warn!(template = %template.key, pid = handle.pid, "killing a template VM an earlier podvisord left");
             }
             handle.kill()?;
+            handle.remove_cgroup()?;
         }
         // Cut short while being written: the VMM was launched a moment before, so a
         // previous podvisord died right then; its VM is not findable.
@@ -419,13 +425,22 @@ async fn build(
         if stopped {
             return Err(TemplateError::Stopping);
         }
-        snapshot_vm(template, &handle).await
+        snapshot_vm(template, &handle, inputs.jail.is_some()).await
     };
     let result = snapshot.await;
-    let h2 = handle.clone();
-    let cleanup = tokio::task::spawn_blocking(move || -> Result<(), VmmError> {
+    let (h2, into) = (handle.clone(), dir.clone());
+    let snapshot_taken = result.is_ok();
+    let cleanup = tokio::task::spawn_blocking(move || -> Result<(), TemplateError> {
         h2.stop(VMM_STOP_TIMEOUT)?;
-        h2.remove_dir()
+        // Written in the VM's own directory (all a jailed VMM can write); taken over once
+        // the VMM has ended.
+        let adopted = if snapshot_taken {
+            adopt_snapshot(&h2.dir, &into)
+        } else {
+            Ok(())
+        };
+        h2.remove_dir()?;
+        adopted
     })
     .await
     .map_err(|e| TemplateError::Task(e.to_string()));
@@ -465,6 +480,8 @@ async fn launch(
         mac: Some(TEMPLATE_MAC.into()),
         netns: Some(ns.path().to_path_buf()),
         restore: None,
+        jail: inputs.jail,
+        cgroup: Some(format!("template-{}", template.key)),
     };
     let binary = inputs.vmm_binary.clone();
     let handle = tokio::task::spawn_blocking(move || vmm::launch(&binary, &spec))
@@ -473,9 +490,38 @@ async fn launch(
     Ok(handle)
 }
 
+/// Moves the snapshot files the template VM wrote in `vm_dir` into the template's `dir`,
+/// root's and owner-only from then on: pods' VMMs open them before they drop to their
+/// user. A file that is not a regular file (the VM's user owned the directory) is refused.
+fn adopt_snapshot(vm_dir: &Path, dir: &Path) -> Result<(), TemplateError> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    for name in [STATE_FILE, MEM_FILE] {
+        let (from, to) = (vm_dir.join(name), dir.join(name));
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&from)
+            .map_err(IoError::at("open snapshot file", &from))?;
+        let meta = f.metadata().map_err(IoError::at("inspect", &from))?;
+        if !meta.is_file() {
+            let e = io::Error::new(io::ErrorKind::InvalidData, "not a regular file");
+            return Err(IoError::new("adopt snapshot file", &from, e).into());
+        }
+        std::os::unix::fs::fchown(&f, Some(0), Some(0))
+            .and_then(|()| f.set_permissions(std::fs::Permissions::from_mode(0o600)))
+            .map_err(IoError::at("take over", &from))?;
+        std::fs::rename(&from, &to).map_err(IoError::at("move snapshot file", &from))?;
+    }
+    Ok(())
+}
+
 /// Waits for the template VM's agent, then pauses the VM and snapshots it into the
 /// template's directory. Returns the VMM's answer.
-async fn snapshot_vm(template: &Template, handle: &VmmHandle) -> Result<String, TemplateError> {
+async fn snapshot_vm(
+    template: &Template,
+    handle: &VmmHandle,
+    jailed: bool,
+) -> Result<String, TemplateError> {
     let client = connect_agent(
         &format!("template-{}", template.key),
         handle,
@@ -486,9 +532,14 @@ async fn snapshot_vm(template: &Template, handle: &VmmHandle) -> Result<String, 
     // The agent's end of this connection is reset in every restored copy.
     drop(client);
     let api = handle.api_sock.clone();
+    // The VM's own directory, as the VMM sees it.
+    let vm_dir = match jailed {
+        true => PathBuf::from(JAIL_POD_DIR),
+        false => handle.dir.clone(),
+    };
     let body = serde_json::json!({
-        "state_path": template.dir.join(STATE_FILE),
-        "mem_path": template.dir.join(MEM_FILE),
+        "state_path": vm_dir.join(STATE_FILE),
+        "mem_path": vm_dir.join(MEM_FILE),
     })
     .to_string();
     tokio::task::spawn_blocking(move || {
@@ -538,6 +589,7 @@ mod tests {
             vsock_uds: build.join("vsock.sock"),
             console_log: build.join("console.log"),
             vmm_log: build.join("vmm.log"),
+            cgroup: None,
             dir: build,
         };
         std::fs::write(

@@ -93,6 +93,20 @@ pub enum VmmError {
     /// SIGKILL did not end the VMM within `KILL_WAIT`.
     #[error("VMM process {0} did not end after SIGKILL")]
     NotGone(u32),
+    /// The VMM's user cannot be used.
+    #[error("VMM user {user:?}: {why}")]
+    JailUser {
+        /// As configured.
+        user: String,
+        /// What is wrong.
+        why: String,
+    },
+    /// A path the jailed VMM needs that is neither in the pod directory nor bound.
+    #[error("{0} is outside the VMM's jail")]
+    OutsideJail(PathBuf),
+    /// A cgroup name that is not `[A-Za-z0-9_-]{1,128}`.
+    #[error("cgroup name {0:?} must be 1 to 128 of [A-Za-z0-9_-]")]
+    CgroupName(String),
 }
 
 /// A closure for `map_err`: a failed file operation of the pod directory.

@@ -3,6 +3,8 @@
 //! removing its directory.
 
 use std::io;
+use std::os::fd::AsFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -11,6 +13,7 @@ use podvisor_vmm_api::client;
 use podvisor_vmm_api::{DriveSwap, VmInfo};
 use serde::{Deserialize, Serialize};
 
+use super::cgroup::remove_cgroup;
 use super::error::VmmError;
 use super::pod_dir::remove_pod_dir;
 use super::process::{PidFd, ProcStat, read_proc_stat};
@@ -41,6 +44,9 @@ pub struct VmmHandle {
     pub console_log: PathBuf,
     /// The VMM's own output.
     pub vmm_log: PathBuf,
+    /// Its cgroup's name (`podvisor/<name>` in each hierarchy), removed with the directory.
+    #[serde(default)]
+    pub cgroup: Option<String>,
 }
 
 /// How [`VmmHandle::stop`] ended the VMM.
@@ -143,12 +149,26 @@ impl VmmHandle {
         if !valid {
             return Err(VmmError::DriveId(id.to_string()));
         }
+        // The VMM gets the file open: a jailed one has no path to the image store, and
+        // no symlink put in place of the image later is followed.
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(path)
+            .map_err(|e| VmmError::File(IoError::new("open drive image", path, e)))?;
         let body = serde_json::to_string(&DriveSwap {
             path: path.to_path_buf(),
             read_only,
         })
         .map_err(|e| VmmError::File(IoError::new("serialize drive swap for", path, e.into())))?;
-        client::call(&self.api_sock, "PUT", &format!("/drives/{id}"), Some(&body))?;
+        client::call_with_fd(
+            &self.api_sock,
+            "PUT",
+            &format!("/drives/{id}"),
+            Some(&body),
+            Some(file.as_fd()),
+        )?;
         Ok(())
     }
 
@@ -223,12 +243,26 @@ impl VmmHandle {
         }
     }
 
-    /// Removes the pod directory and everything in it, once the VMM has ended.
+    /// Removes the pod directory and everything in it, and the VMM's cgroup, once the VMM
+    /// has ended.
     pub fn remove_dir(&self) -> Result<(), VmmError> {
         if self.is_alive() {
             return Err(VmmError::StillRunning(self.pid));
         }
+        self.remove_cgroup()?;
         remove_pod_dir(&self.dir)
+    }
+
+    /// Removes the VMM's cgroup, once the VMM has ended (for a VM whose directory goes
+    /// with something else's, a template's).
+    pub fn remove_cgroup(&self) -> Result<(), VmmError> {
+        if self.is_alive() {
+            return Err(VmmError::StillRunning(self.pid));
+        }
+        match &self.cgroup {
+            Some(name) => remove_cgroup(name),
+            None => Ok(()),
+        }
     }
 }
 
@@ -340,6 +374,9 @@ mod tests {
 
         let server = serve_once(&handle.api_sock, 204, "", || {});
         let image = fake.dir.path().join("image.ext4");
+        let e = handle.swap_drive("img0", &image, true).unwrap_err();
+        assert!(e.to_string().contains("open drive image"), "{e}");
+        std::fs::write(&image, [0u8; 4096]).unwrap();
         handle.swap_drive("img0", &image, true).unwrap();
         let req = server.join().unwrap();
         assert_eq!(
@@ -441,6 +478,7 @@ mod tests {
             vsock_uds: "/run/podvisor/pods/abc/vsock.sock".into(),
             console_log: "/run/podvisor/pods/abc/console.log".into(),
             vmm_log: "/run/podvisor/pods/abc/vmm.log".into(),
+            cgroup: None,
         };
         let json = serde_json::to_string(&h).unwrap();
         assert!(json.contains("\"start_time\":123456789"), "{json}");

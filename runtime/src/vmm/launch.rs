@@ -11,11 +11,22 @@ use std::process::{Child, Command, Stdio};
 use podvisor_common::IoError;
 use podvisor_vmm_api::config::VmConfig;
 
+use super::cgroup::PodCgroup;
 use super::error::{VmmError, file_err};
 use super::handle::VmmHandle;
+use super::jail::hand_over_dir;
 use super::pod_dir::{clear_stale_socket, create_pod_dir, open_for_write};
 use super::process::process_start_time;
 use super::spec::{API_SOCK, CONFIG_FILE, CONSOLE_LOG, VMM_LOG, VSOCK_UDS, VmmSpec, vm_config};
+
+/// The VMM's rlimits: open files (its devices, vCPUs, eventfds, and the vsock connections,
+/// which the muxer caps far below this) and no core dump (it would hold guest memory).
+/// Processes: its seccomp filters refuse every clone once its threads run. RLIMIT_NPROC
+/// cannot say that: it counts all processes of the VMMs' shared user, and KVM starts a
+/// worker task of the VMM's user at the first KVM_RUN (the NX huge page recovery), which a
+/// limit of none fails, and KVM_RUN with it, over and over.
+const RLIMITS: [(libc::__rlimit_resource_t, libc::rlim_t); 2] =
+    [(libc::RLIMIT_NOFILE, 4096), (libc::RLIMIT_CORE, 0)];
 
 /// `sun_path` holds 108 bytes with the terminating NUL.
 const MAX_SOCKET_PATH: usize = 107;
@@ -32,8 +43,13 @@ pub fn launch(binary: &Path, spec: &VmmSpec) -> Result<VmmHandle, VmmError> {
     clear_stale_socket(&handle.api_sock)?;
     clear_stale_socket(&handle.vsock_uds)?;
     let config_path = write_config(&spec.dir, &config)?;
+    if let Some(user) = spec.jail {
+        hand_over_dir(&spec.dir, user)?;
+    }
+    let cgroup = spec.cgroup.as_deref().map(PodCgroup::create).transpose()?;
+    handle.cgroup = spec.cgroup.clone();
 
-    let mut child = spawn_detached(binary, spec, &handle, &config_path)?;
+    let mut child = spawn_detached(binary, spec, &handle, &config_path, cgroup.as_ref())?;
     handle.pid = child.id();
     handle.start_time = start_time_or_kill(&mut child)?;
     spawn_reaper(child, &spec.sandbox_id);
@@ -57,6 +73,7 @@ fn new_handle(dir: &Path) -> Result<VmmHandle, VmmError> {
         vsock_uds: dir.join(VSOCK_UDS),
         console_log: dir.join(CONSOLE_LOG),
         vmm_log: dir.join(VMM_LOG),
+        cgroup: None,
     };
     if handle.api_sock.as_os_str().len() > MAX_SOCKET_PATH {
         return Err(VmmError::SocketPathTooLong(handle.api_sock));
@@ -84,6 +101,7 @@ fn spawn_detached(
     spec: &VmmSpec,
     handle: &VmmHandle,
     config_path: &Path,
+    cgroup: Option<&PodCgroup>,
 ) -> Result<Child, VmmError> {
     let log = open_for_write(&handle.vmm_log, true, 0o640)?;
     let log_for_stdout = log
@@ -101,6 +119,11 @@ fn spawn_detached(
         .transpose()?;
 
     let mut cmd = Command::new(binary);
+    // A clean environment: nothing of podvisord's but the log filter.
+    cmd.env_clear();
+    if let Some(filter) = std::env::var_os("RUST_LOG") {
+        cmd.env("RUST_LOG", filter);
+    }
     cmd.arg("--config")
         .arg(config_path)
         .current_dir("/")
@@ -109,20 +132,37 @@ fn spawn_detached(
         .stdout(log_for_stdout)
         .stderr(log);
     let netns_fd = netns.as_ref().map(|f| f.as_raw_fd());
+    let cgroup_fds = cgroup.map(PodCgroup::procs_fds).unwrap_or_default();
     // SAFETY: the closure runs in the forked child before exec and only makes the
-    // async-signal-safe system calls setsid(2) and setns(2), on a descriptor that stays open
-    // in the parent (`netns` lives until after spawn) and so is valid in the child; it
-    // allocates nothing and takes no lock.
+    // async-signal-safe system calls setsid(2), write(2), setns(2) and setrlimit(2), on
+    // descriptors that stay open in the parent (`netns` lives until after spawn, `cgroup`
+    // is borrowed for the call) and so are valid in the child; it allocates nothing (the
+    // descriptor list was built before the fork) and takes no lock.
     unsafe {
         cmd.pre_exec(move || {
             // A session of its own: no controlling terminal, not in podvisord's process group.
             if libc::setsid() < 0 {
                 return Err(io::Error::last_os_error());
             }
+            // The pod's cgroup, before the VMM runs a single instruction of its own.
+            for fd in &cgroup_fds {
+                if libc::write(*fd, b"0".as_ptr().cast(), 1) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
             if let Some(fd) = netns_fd
                 && libc::setns(fd, libc::CLONE_NEWNET) < 0
             {
                 return Err(io::Error::last_os_error());
+            }
+            for (resource, limit) in RLIMITS {
+                let l = libc::rlimit {
+                    rlim_cur: limit,
+                    rlim_max: limit,
+                };
+                if libc::setrlimit(resource, &l) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
             }
             Ok(())
         });
@@ -195,9 +235,14 @@ mod tests {
     fn launch_detaches_writes_the_config_and_kill_reaps() {
         // The script notes how it was started, then becomes the long-running process.
         let fake = FakeVmm::new(
-            "{ printf '%s\\n' \"$@\"; pwd; echo \"NO_COLOR=$NO_COLOR\"; } > \"$0.args\"\nexec sleep 30",
+            "{ printf '%s\\n' \"$@\"; pwd; echo \"HOME=${HOME-unset}\"; ulimit -n; ulimit -c; \
+             echo \"NO_COLOR=$NO_COLOR\"; } > \"$0.args\"\nexec sleep 30",
         );
-        let spec = fake.spec();
+        let cgroup = format!("unit-launch-{}", std::process::id());
+        let spec = VmmSpec {
+            cgroup: Some(cgroup.clone()),
+            ..fake.spec()
+        };
         let handle = fake.launch(&spec).unwrap();
         assert!(handle.is_alive());
         assert_eq!(handle.dir, spec.dir);
@@ -219,8 +264,11 @@ mod tests {
         let config_arg = spec.dir.join("vmm.json").display().to_string();
         assert_eq!(
             std::fs::read_to_string(&args_file).unwrap(),
-            format!("--config\n{config_arg}\n/\nNO_COLOR=1\n")
+            format!("--config\n{config_arg}\n/\nHOME=unset\n4096\n0\nNO_COLOR=1\n"),
+            "a clean environment, the file and core limits"
         );
+        assert_eq!(handle.cgroup.as_deref(), Some(cgroup.as_str()));
+        assert_eq!(crate::vmm::cgroup_pids(&cgroup).unwrap(), [handle.pid]);
 
         let config: VmConfig =
             serde_json::from_slice(&std::fs::read(spec.dir.join("vmm.json")).unwrap()).unwrap();
@@ -251,6 +299,12 @@ mod tests {
         handle.kill().unwrap();
         assert!(!handle.is_alive());
         assert!(reaped(handle.pid), "the reaper thread waited for it");
+        handle.remove_dir().unwrap();
+        assert!(!spec.dir.exists());
+        assert!(
+            crate::vmm::cgroup_pids(&cgroup).unwrap().is_empty(),
+            "the cgroup is gone"
+        );
         handle.kill().unwrap();
         assert_eq!(
             handle.stop(Duration::from_secs(1)).unwrap(),

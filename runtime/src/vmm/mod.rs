@@ -29,10 +29,18 @@
 //! Modules: `spec` ([`VmmSpec`], the file names, `vmm.json`), `launch` ([`launch`]: the
 //! detached process and its reaper), `handle` ([`VmmHandle`]: a launched VMM, its control
 //! API, stop and kill), `process` (`/proc/<pid>/stat` and pidfds), `pod_dir` (the directory
-//! on disk) and `error` ([`VmmError`]).
+//! on disk), `jail` ([`JailUser`], the configuration rewritten for the VMM's jail), `cgroup`
+//! (the VMM's cgroup) and `error` ([`VmmError`]).
+//!
+//! The VMM is jailed unless the spec says otherwise ([`VmmSpec::jail`]): its own mount
+//! namespace with only the pod directory, its files and two device nodes, its own cgroup,
+//! a clean environment, rlimits, and from the VM's build on an unprivileged user with no
+//! capability under seccomp. The pod directory then belongs to that user.
 
+mod cgroup;
 mod error;
 mod handle;
+mod jail;
 mod launch;
 mod pod_dir;
 mod process;
@@ -40,8 +48,10 @@ mod spec;
 #[cfg(test)]
 mod test_support;
 
+pub use cgroup::{CGROUP_PARENT, cgroup_pids, remove_cgroup};
 pub use error::VmmError;
 pub use handle::{StopOutcome, VmmHandle};
+pub use jail::JailUser;
 pub use launch::launch;
 pub use pod_dir::remove_pod_dir;
 // Only the template tests need it outside this module (to stand a process in for a VM).

@@ -69,6 +69,10 @@ pub struct VmmSpec {
     /// Continue this snapshot (a VM template) instead of booting `kernel`: the devices above
     /// must be the template's kinds in its order.
     pub restore: Option<podvisor_vmm_api::config::RestoreConfig>,
+    /// Run the VMM jailed as this user (None: unjailed, as root; for debugging).
+    pub jail: Option<super::JailUser>,
+    /// The VMM's cgroup, `podvisor/<cgroup>` in each hierarchy (None: podvisord's).
+    pub cgroup: Option<String>,
 }
 
 /// The VM configuration `spec` asks for.
@@ -103,7 +107,7 @@ pub(super) fn vm_config(spec: &VmmSpec, handle: &VmmHandle) -> Result<VmConfig, 
         "" => BASE_CMDLINE.to_string(),
         extra => format!("{BASE_CMDLINE} {extra}"),
     };
-    let config = VmConfig {
+    let mut config = VmConfig {
         kernel: spec.kernel.clone(),
         initrd: None,
         cmdline,
@@ -119,8 +123,12 @@ pub(super) fn vm_config(spec: &VmmSpec, handle: &VmmHandle) -> Result<VmConfig, 
         serial: SerialOutput::File(handle.console_log.clone()),
         restore: spec.restore.clone(),
         seccomp: SeccompLevel::default(),
+        jail: None,
     };
     config.validate().map_err(config_err)?;
+    if let Some(user) = spec.jail {
+        super::jail::confine(&mut config, &spec.dir, user)?;
+    }
     Ok(config)
 }
 
@@ -141,6 +149,7 @@ mod tests {
             vsock_uds: dir.path().join("vsock.sock"),
             console_log: dir.path().join("console.log"),
             vmm_log: dir.path().join("vmm.log"),
+            cgroup: None,
         };
         let spec = VmmSpec {
             sandbox_id: "sb".into(),
@@ -155,6 +164,8 @@ mod tests {
             mac: Some("0a:3d:f2:9b:98:6c".into()),
             netns: None,
             restore: None,
+            jail: None,
+            cgroup: None,
         };
         let net = vm_config(&spec, &h).unwrap().net.unwrap();
         assert_eq!(

@@ -48,6 +48,8 @@ impl FakeVmm {
             mac: None,
             netns: None,
             restore: None,
+            jail: None,
+            cgroup: None,
         }
     }
 

@@ -1,0 +1,277 @@
+//! The host's half of the VMM's jail: the user it runs as ([`JailUser`]), and the
+//! configuration's paths rewritten into the jail with the binds they need ([`confine`]).
+//! The VMM's half (mount namespace, pivot, the drop) is `podvisor_vmm::jail`.
+//!
+//! Inside, the VMM sees:
+//!
+//! | jail path          | host                                        | bound      |
+//! |--------------------|---------------------------------------------|------------|
+//! | `/pod`             | the pod directory (sockets, console, vmm.json) | read-write |
+//! | `/boot/kernel`     | the guest kernel                            | read-only  |
+//! | `/drives/<id>`     | each drive's file at launch                 | as the drive |
+//! | `/restore/state`, `/restore/mem` | the template's snapshot       | read-only  |
+//! | `/dev/kvm`, `/dev/net/tun` | device nodes of its own             |            |
+//!
+//! Images swapped in later reach it as descriptors, not paths (`VmmHandle::swap_drive`).
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use podvisor_vmm_api::config::{JailBind, JailConfig, SerialOutput, VmConfig};
+
+use super::error::{VmmError, file_err};
+
+/// The user and group a jailed VMM runs as once its VM is built. Never root.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JailUser {
+    /// uid.
+    pub uid: u32,
+    /// gid.
+    pub gid: u32,
+}
+
+impl JailUser {
+    /// Resolves `spec`: a user name (its primary group), or `UID:GID`. An empty `spec` is
+    /// no jail (None).
+    pub fn resolve(spec: &str) -> Result<Option<Self>, VmmError> {
+        let bad = |why: String| VmmError::JailUser {
+            user: spec.to_string(),
+            why,
+        };
+        if spec.is_empty() {
+            return Ok(None);
+        }
+        let user = if let Some((u, g)) = spec.split_once(':') {
+            let num = |s: &str| {
+                s.parse::<u32>()
+                    .map_err(|_| bad(format!("{s:?} is not a number")))
+            };
+            Self {
+                uid: num(u)?,
+                gid: num(g)?,
+            }
+        } else {
+            let found = nix::unistd::User::from_name(spec)
+                .map_err(|e| bad(format!("look it up: {e}")))?
+                .ok_or_else(|| {
+                    bad(
+                        "no such user; create it (useradd --system --no-create-home \
+                         --shell /usr/sbin/nologin podvisor) or set vmm_user"
+                            .into(),
+                    )
+                })?;
+            Self {
+                uid: found.uid.as_raw(),
+                gid: found.gid.as_raw(),
+            }
+        };
+        if user.uid == 0 || user.gid == 0 {
+            return Err(bad("the VMM's user and group must not be root's".into()));
+        }
+        Ok(Some(user))
+    }
+}
+
+/// Rewrites `config` (host paths, already validated) to run jailed as `user` with its root
+/// on the pod directory `dir`: every path becomes a jail path and each file outside the pod
+/// directory gets its bind.
+pub(super) fn confine(config: &mut VmConfig, dir: &Path, user: JailUser) -> Result<(), VmmError> {
+    let mut jail = JailConfig {
+        root: dir.to_path_buf(),
+        uid: user.uid,
+        gid: user.gid,
+        binds: Vec::new(),
+    };
+    let mut add = |host: &Path, at: &str, writable: bool| {
+        jail.binds.push(JailBind {
+            host: host.to_path_buf(),
+            jail: PathBuf::from(at),
+            writable,
+        });
+        PathBuf::from(at)
+    };
+    match &mut config.restore {
+        Some(r) => {
+            r.state = add(&r.state, "/restore/state", false);
+            r.mem = add(&r.mem, "/restore/mem", false);
+            config.kernel = PathBuf::new();
+        }
+        None => config.kernel = add(&config.kernel, "/boot/kernel", false),
+    }
+    if let Some(initrd) = &config.initrd {
+        config.initrd = Some(add(initrd, "/boot/initrd", false));
+    }
+    for d in &mut config.drives {
+        // Drive ids are [A-Za-z0-9_.-]{1,20} (checked with the rest of the configuration);
+        // "." and ".." are no file names.
+        if d.id == "." || d.id == ".." || d.id.contains('/') {
+            return Err(VmmError::DriveId(d.id.clone()));
+        }
+        d.path = add(&d.path, &format!("/drives/{}", d.id), !d.read_only);
+    }
+    let in_pod = |p: &Path| {
+        jail.jail_path(p)
+            .filter(|j| j.starts_with(podvisor_vmm_api::config::JAIL_POD_DIR))
+            .ok_or_else(|| VmmError::OutsideJail(p.to_path_buf()))
+    };
+    if let Some(v) = &mut config.vsock {
+        v.uds = in_pod(&v.uds)?;
+    }
+    if let Some(a) = &config.api_sock {
+        config.api_sock = Some(in_pod(a)?);
+    }
+    if let SerialOutput::File(f) = &config.serial {
+        config.serial = SerialOutput::File(in_pod(f)?);
+    }
+    config.jail = Some(jail);
+    Ok(())
+}
+
+/// Hands the pod directory to the jail's user: the VMM binds its sockets there after the
+/// drop and removes them when it ends. podvisord opens nothing in it that follows a
+/// symlink.
+pub(super) fn hand_over_dir(dir: &Path, user: JailUser) -> Result<(), VmmError> {
+    let meta = dir
+        .symlink_metadata()
+        .map_err(file_err("inspect pod directory", dir))?;
+    if !meta.is_dir() {
+        return Err(VmmError::NotADirectory(dir.to_path_buf()));
+    }
+    if (meta.uid(), meta.gid()) != (user.uid, user.gid) {
+        std::os::unix::fs::lchown(dir, Some(user.uid), Some(user.gid))
+            .map_err(file_err("hand over pod directory", dir))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use podvisor_vmm_api::config::{DriveConfig, RestoreConfig, VsockDeviceConfig};
+
+    fn config(dir: &Path) -> VmConfig {
+        VmConfig {
+            kernel: "/k/vmlinux".into(),
+            initrd: None,
+            cmdline: String::new(),
+            vcpus: 1,
+            mem_mib: 128,
+            drives: vec![
+                DriveConfig {
+                    path: "/k/rootfs.ext4".into(),
+                    read_only: true,
+                    id: "root".into(),
+                },
+                DriveConfig {
+                    path: "/var/lib/p/placeholder.img".into(),
+                    read_only: true,
+                    id: "img0".into(),
+                },
+            ],
+            net: None,
+            vsock: Some(VsockDeviceConfig {
+                cid: 3,
+                uds: dir.join("vsock.sock"),
+            }),
+            api_sock: Some(dir.join("api.sock")),
+            serial: SerialOutput::File(dir.join("console.log")),
+            restore: None,
+            seccomp: Default::default(),
+            jail: None,
+        }
+    }
+
+    #[test]
+    fn paths_move_into_the_jail() {
+        let dir = Path::new("/run/p/pods/abc");
+        let user = JailUser { uid: 7, gid: 8 };
+        let mut c = config(dir);
+        confine(&mut c, dir, user).unwrap();
+        assert_eq!(c.kernel, Path::new("/boot/kernel"));
+        let drives: Vec<_> = c.drives.iter().map(|d| d.path.clone()).collect();
+        assert_eq!(
+            drives,
+            [PathBuf::from("/drives/root"), PathBuf::from("/drives/img0")]
+        );
+        assert_eq!(c.api_sock.as_deref(), Some(Path::new("/pod/api.sock")));
+        assert_eq!(c.vsock.unwrap().uds, Path::new("/pod/vsock.sock"));
+        assert_eq!(
+            c.serial,
+            SerialOutput::File(PathBuf::from("/pod/console.log"))
+        );
+        let jail = c.jail.unwrap();
+        assert_eq!((jail.root.as_path(), jail.uid, jail.gid), (dir, 7, 8));
+        let binds: Vec<_> = jail
+            .binds
+            .iter()
+            .map(|b| {
+                (
+                    b.host.to_str().unwrap(),
+                    b.jail.to_str().unwrap(),
+                    b.writable,
+                )
+            })
+            .collect();
+        assert_eq!(
+            binds,
+            [
+                ("/k/vmlinux", "/boot/kernel", false),
+                ("/k/rootfs.ext4", "/drives/root", false),
+                ("/var/lib/p/placeholder.img", "/drives/img0", false)
+            ]
+        );
+
+        let mut c = config(dir);
+        c.restore = Some(RestoreConfig {
+            state: "/t/state".into(),
+            mem: "/t/mem".into(),
+        });
+        c.drives[1].read_only = false;
+        confine(&mut c, dir, user).unwrap();
+        let r = c.restore.unwrap();
+        assert_eq!(
+            (r.state.to_str(), r.mem.to_str()),
+            (Some("/restore/state"), Some("/restore/mem"))
+        );
+        assert_eq!(c.kernel, PathBuf::new(), "a restore boots no kernel");
+        assert!(
+            c.jail
+                .unwrap()
+                .binds
+                .iter()
+                .any(|b| b.jail == Path::new("/drives/img0") && b.writable)
+        );
+
+        // A socket outside the pod directory cannot be reached from the jail.
+        let mut c = config(dir);
+        c.api_sock = Some("/elsewhere/api.sock".into());
+        assert!(matches!(
+            confine(&mut c, dir, user),
+            Err(VmmError::OutsideJail(_))
+        ));
+        let mut c = config(dir);
+        c.drives[1].id = "..".into();
+        assert!(matches!(
+            confine(&mut c, dir, user),
+            Err(VmmError::DriveId(_))
+        ));
+    }
+
+    #[test]
+    fn users_resolve_by_name_or_number_never_root() {
+        assert_eq!(JailUser::resolve("").unwrap(), None);
+        assert_eq!(
+            JailUser::resolve("1234:5678").unwrap(),
+            Some(JailUser {
+                uid: 1234,
+                gid: 5678
+            })
+        );
+        let nobody = JailUser::resolve("nobody").unwrap().unwrap();
+        assert_eq!(nobody.uid, 65534);
+        for bad in ["root", "0:0", "5:0", "x:1", "no-such-user-podvisor"] {
+            let e = JailUser::resolve(bad).unwrap_err();
+            assert!(matches!(e, VmmError::JailUser { .. }), "{bad}: {e}");
+        }
+    }
+}
