@@ -34,6 +34,7 @@
 // the product code.
 #![allow(clippy::too_many_lines)]
 
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -42,8 +43,8 @@ use k8s_cri::v1 as cri;
 use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use podvisor_tests::cri::{
-    Daemon, connect, exec_sync as exec, pull_image, shell_container, start_cri_daemon,
-    vmm_processes_under,
+    CriSetup, Daemon, connect, exec_sync as exec, pod_cgroups, pull_image, shell_container,
+    start_cri_daemon, vmm_processes_under,
 };
 use podvisor_tests::registry::{SPECIAL_DEVICE, SPECIAL_SETUID, push_busybox_with_special_files};
 use tonic::transport::Channel;
@@ -98,9 +99,10 @@ fn ensure_nothing_left(daemon: &Daemon, after: &str) -> anyhow::Result<()> {
         })
         .unwrap_or_default();
     let vmms = vmm_processes_under(&pods);
+    let cgroups = pod_cgroups();
     ensure!(
-        dirs.is_empty() && vmms.is_empty(),
-        "{after} left pod dirs {dirs:?}, VMMs {vmms:?}"
+        dirs.is_empty() && vmms.is_empty() && cgroups.is_empty(),
+        "{after} left pod dirs {dirs:?}, VMMs {vmms:?}, cgroups {cgroups:?}"
     );
     Ok(())
 }
@@ -121,6 +123,92 @@ fn thread_security(pid: u32) -> anyhow::Result<Vec<[String; 5]>> {
         threads.push(["Name:", "Seccomp:", "NoNewPrivs:", "CapEff:", "CapBnd:"].map(field));
     }
     Ok(threads)
+}
+
+/// uid:gid of the host user `name`.
+fn host_user(name: &str) -> anyhow::Result<(u32, u32)> {
+    let passwd = std::fs::read_to_string("/etc/passwd")?;
+    let fields: Vec<&str> = passwd
+        .lines()
+        .map(|l| l.split(':').collect::<Vec<_>>())
+        .find(|f| f.first() == Some(&name))
+        .with_context(|| format!("no user {name} (make setup creates it)"))?;
+    Ok((fields[2].parse()?, fields[3].parse()?))
+}
+
+/// The pod's VMM `pid` runs jailed (issue 13's step 4): as the podvisor user with no other
+/// group, in a root of its own that holds only its pod directory, files and two devices
+/// (read-only, no host mount left), in the pod's cgroup.
+fn vmm_is_jailed(pid: u32, sandbox_id: &str) -> anyhow::Result<()> {
+    let (uid, gid) = host_user("podvisor")?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .unwrap_or_default()
+            .split_whitespace()
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    let (uids, gids, groups) = (field("Uid:"), field("Gid:"), field("Groups:"));
+    say(&format!(
+        "the pod's VMM: Uid {uids:?}, Gid {gids:?}, Groups {groups:?} (podvisor is {uid}:{gid})"
+    ));
+    ensure!(
+        uids == vec![uid.to_string(); 4] && gids == vec![gid.to_string(); 4] && groups.is_empty(),
+        "the VMM's ids: uid {uids:?} gid {gids:?} groups {groups:?}"
+    );
+    let ino = |p: &str| std::fs::metadata(p).map(|m| (m.dev(), m.ino()));
+    ensure!(
+        ino(&format!("/proc/{pid}/root/"))? != ino("/")?,
+        "the VMM's root is the host's"
+    );
+    let mut top: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/root/"))?
+        .map(|e| Ok(e?.file_name().to_string_lossy().into_owned()))
+        .collect::<anyhow::Result<_>>()?;
+    top.sort();
+    let mountinfo = std::fs::read_to_string(format!("/proc/{pid}/mountinfo"))?;
+    let mounts: Vec<(&str, &str)> = mountinfo
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            Some((*f.get(4)?, *f.get(5)?))
+        })
+        .collect();
+    say(&format!(
+        "the VMM's root holds {top:?}; its mounts: {mounts:?}"
+    ));
+    let allowed_top = ["boot", "dev", "drives", "pod", "restore"];
+    ensure!(
+        top.iter().all(|t| allowed_top.contains(&t.as_str()))
+            && ["dev", "drives", "pod"]
+                .iter()
+                .all(|t| top.iter().any(|x| x == t)),
+        "the VMM's root holds {top:?}"
+    );
+    let jail_mount = |m: &str| {
+        m == "/"
+            || m == "/pod"
+            || m == "/boot/kernel"
+            || m.starts_with("/drives/")
+            || m.starts_with("/restore/")
+    };
+    ensure!(
+        mounts.iter().all(|(m, _)| jail_mount(m))
+            && mounts
+                .iter()
+                .any(|(m, o)| *m == "/" && o.split(',').any(|x| x == "ro")),
+        "the VMM sees host mounts or a writable root: {mounts:?}"
+    );
+    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))?;
+    let own = format!("/podvisor/{sandbox_id}");
+    ensure!(
+        cgroups.lines().all(|l| l.ends_with(&own)),
+        "the VMM is not in the pod's cgroup: {cgroups}"
+    );
+    say(&format!("the VMM's cgroups all end in {own}"));
+    Ok(())
 }
 
 /// StopPodSandbox then RemovePodSandbox of `id`, as kubelet removes a pod.
@@ -196,6 +284,90 @@ async fn agent_refusal_is_not_retried(
     );
     ensure_nothing_left(daemon, "a refused pod")?;
     Ok(())
+}
+
+/// A RunPodSandbox its client gives up on mid-boot (the call dropped, as kubelet drops a
+/// call whose deadline passed): podvisord finishes or undoes it on its own, and once it is
+/// done nothing of the pod is left (no VMM, pod directory, cgroup, namespace, record or IP
+/// lease); the same pod can then be created for real.
+async fn cancelled_run_leaves_nothing(
+    channel: &Channel,
+    daemon: &Daemon,
+    setup: &CriSetup,
+    logs: &Path,
+) -> anyhow::Result<()> {
+    let leases_before = setup.ip_leases();
+    let netns_before = podvisor_netns();
+    let pod = pod_config("cancelled", logs);
+    let mut rt = RuntimeServiceClient::new(channel.clone());
+    let cut = Duration::from_millis(300);
+    let call = tokio::time::timeout(cut, run_pod(&mut rt, &pod)).await;
+    ensure!(
+        call.is_err(),
+        "RunPodSandbox answered within {cut:?}: {call:?}"
+    );
+    drop(rt);
+    say("RunPodSandbox dropped by its client after 300 ms");
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(300);
+    let mut rt = RuntimeServiceClient::new(channel.clone());
+    loop {
+        let leftover = (
+            ensure_nothing_left(daemon, "a cancelled RunPodSandbox").err(),
+            setup.ip_leases(),
+            podvisor_netns(),
+            list_pods(&mut rt).await?,
+        );
+        let done = daemon
+            .log()
+            .contains("RunPodSandbox was cancelled by its caller");
+        if done
+            && leftover.0.is_none()
+            && leftover.1 == leases_before
+            && leftover.2 == netns_before
+            && leftover.3.is_empty()
+        {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "a cancelled RunPodSandbox left (undo logged: {done}): {leftover:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    say(&format!(
+        "nothing of the cancelled pod left {:.1} s after the cancel (leases {leases_before:?})",
+        started.elapsed().as_secs_f64()
+    ));
+    let id = run_pod(&mut rt, &pod)
+        .await
+        .context("RunPodSandbox after the cancel")?;
+    remove_pod(&mut rt, &id).await?;
+    ensure_nothing_left(daemon, "the pod made after the cancel")?;
+    Ok(())
+}
+
+/// The host's pod network namespaces (template ones left out).
+fn podvisor_netns() -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir("/run/netns")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("podvisor-") && !n.starts_with("podvisor-tpl-"))
+        .collect();
+    names.sort();
+    names
+}
+
+/// The ids of the pods podvisord lists.
+async fn list_pods(rt: &mut Runtime) -> anyhow::Result<Vec<String>> {
+    let pods = rt
+        .list_pod_sandbox(cri::ListPodSandboxRequest { filter: None })
+        .await?
+        .into_inner()
+        .items;
+    Ok(pods.into_iter().map(|p| p.id).collect())
 }
 
 /// Two RunPodSandbox with the same metadata at once: one pod, one AlreadyExists. Returns
@@ -671,7 +843,8 @@ async fn seccomp_as_asked(
     Ok(())
 }
 
-async fn conformance(daemon: &Daemon, image_name: &str, special: &str) -> anyhow::Result<()> {
+async fn conformance(daemon: &Daemon, setup: &CriSetup, special: &str) -> anyhow::Result<()> {
+    let image_name = setup.image_name.as_str();
     let channel = connect(&daemon.socket).await?;
     let mut rt = RuntimeServiceClient::new(channel.clone());
     let mut images = ImageServiceClient::new(channel.clone());
@@ -679,6 +852,7 @@ async fn conformance(daemon: &Daemon, image_name: &str, special: &str) -> anyhow
 
     refused_before_work(&mut rt, daemon, &logs).await?;
     agent_refusal_is_not_retried(&mut rt, daemon, &logs).await?;
+    cancelled_run_leaves_nothing(&channel, daemon, setup, &logs).await?;
 
     // No hostname, crictl's long pod name, a log directory that does not exist yet.
     let pod_logs = logs.join("default_suite_uid").join("deeper");
@@ -784,6 +958,7 @@ async fn conformance(daemon: &Daemon, image_name: &str, special: &str) -> anyhow
             }),
         "the pod's VMM is not confined: {threads:?}"
     );
+    vmm_is_jailed(vmms[0], &id)?;
     let out = exec(&mut rt, &cid, &["cat", "/data/hello"]).await?;
     ensure!(
         out.exit_code == 0 && out.stdout == b"hello through a link\n",
@@ -831,7 +1006,7 @@ async fn cri_details_as_kubelet_and_crictl_expect() -> anyhow::Result<()> {
     let (setup, mut daemon) = start_cri_daemon("conformance", "pvconf1", "10.88.203.0/24").await?;
     let special =
         push_busybox_with_special_files(&setup.registry, "podvisor/special", "conformance").await?;
-    let result = conformance(&daemon, &setup.image_name, &special).await;
+    let result = conformance(&daemon, &setup, &special).await;
     if result.is_err() {
         println!("[conformance] podvisord's log:\n{}", daemon.log());
         println!("[conformance] the pods' logs:\n{}", daemon.pod_logs());

@@ -29,6 +29,8 @@
 //!   VM templates' preparation.
 //! - [`container`]: CreateContainer, Start, Stop, Remove, UpdateContainerResources and
 //!   ReopenContainerLog.
+//! - [`detached`]: RunPodSandbox and CreateContainer finished even when their request is
+//!   cancelled, and then undone.
 //! - [`image_slots`]: the image drives, the placeholder and the drive swaps.
 //! - [`supervise`]: a container's background tasks: its output to its log, its exit, its
 //!   copied host paths kept current.
@@ -40,6 +42,7 @@
 
 mod agent;
 mod container;
+mod detached;
 mod error;
 mod exec;
 mod image_slots;

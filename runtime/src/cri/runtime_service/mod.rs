@@ -76,7 +76,11 @@ impl RuntimeService for CriRuntimeService {
             .config()
             .handler(&spec.runtime_handler)
             .map_err(|e| invalid(e.to_string()))?;
-        let id = self.pods.run_sandbox(spec).await.map_err(|e| status(&e))?;
+        let id = self
+            .pods
+            .run_sandbox_detached(spec)
+            .await
+            .map_err(|e| status(&e))?;
         ok(cri::RunPodSandboxResponse { pod_sandbox_id: id })
     }
 
@@ -169,7 +173,7 @@ impl RuntimeService for CriRuntimeService {
         let spec = container_spec(config)?;
         let id = self
             .pods
-            .create_container(&req.pod_sandbox_id, spec)
+            .create_container_detached(&req.pod_sandbox_id, spec)
             .await
             .map_err(|e| status(&e))?;
         ok(cri::CreateContainerResponse { container_id: id })
