@@ -461,3 +461,122 @@ fn set_mode(path: &Path, mode: u32) -> Result<(), ImageError> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
         .map_err(io_err("chmod", path))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+
+    fn digest(c: char) -> String {
+        format!("sha256:{}", std::iter::repeat_n(c, 64).collect::<String>())
+    }
+
+    /// A manifest with a config of `config_size` bytes and layers of `layer_sizes`.
+    fn manifest(config_size: i64, layer_sizes: &[i64]) -> OciImageManifest {
+        let layers: Vec<_> = layer_sizes
+            .iter()
+            .map(|size| serde_json::json!({"mediaType": GZIP, "digest": digest('b'), "size": size}))
+            .collect();
+        serde_json::from_value(serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {
+                "mediaType": "application/vnd.oci.image.config.v1+json",
+                "digest": digest('a'),
+                "size": config_size,
+            },
+            "layers": layers,
+        }))
+        .expect("manifest")
+    }
+
+    fn over(result: Result<(u64, Vec<LayerPlan>), ImageError>, limit: Limit) -> String {
+        match result {
+            Err(e @ ImageError::LimitExceeded { limit: l, .. }) if l == limit => {
+                assert_eq!(e.code(), tonic::Code::ResourceExhausted);
+                e.to_string()
+            }
+            other => panic!("expected {limit}, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn manifests_are_checked_against_the_caps_before_any_fetch() {
+        let limits = ImageLimits::default();
+        let (config, layers) =
+            check_manifest("r", &manifest(1500, &[10, 20]), &limits).expect("fine");
+        assert_eq!(config, 1500);
+        assert_eq!(
+            layers,
+            [10, 20].map(|size| LayerPlan {
+                digest: digest('b'),
+                size,
+                compression: Compression::Gzip,
+            })
+        );
+
+        // Layers: 128 pass, 129 do not.
+        check_manifest("r", &manifest(2, &[1; 128]), &limits).expect("128 layers");
+        let msg = over(
+            check_manifest("r", &manifest(2, &[1; 129]), &limits),
+            Limit::Layers,
+        );
+        assert!(
+            msg.contains("129 layers") && msg.contains("max_layers = 128"),
+            "{msg}"
+        );
+
+        // A config declaring 5 MiB, or 10 GB.
+        for size in [5 << 20, 10_000_000_000] {
+            let msg = over(
+                check_manifest("r", &manifest(size, &[1]), &limits),
+                Limit::ConfigBytes,
+            );
+            assert!(msg.contains(&format!("declares {size} bytes")), "{msg}");
+        }
+
+        // The declared sizes add up past the download cap.
+        let small = ImageLimits {
+            max_download_bytes: 100,
+            ..limits
+        };
+        check_manifest("r", &manifest(40, &[30, 30]), &small).expect("exactly 100");
+        let msg = over(
+            check_manifest("r", &manifest(40, &[30, 31]), &small),
+            Limit::DownloadBytes,
+        );
+        assert!(msg.contains("layer 2/2"), "{msg}");
+    }
+
+    #[test]
+    fn sizes_of_zero_or_less_are_refused() {
+        let limits = ImageLimits::default();
+        for (config, layers) in [(0, vec![1]), (-1, vec![1]), (2, vec![1, 0]), (2, vec![-5])] {
+            match check_manifest("r", &manifest(config, &layers), &limits) {
+                Err(e @ ImageError::BadManifest { .. }) => {
+                    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+                    assert!(e.to_string().contains("must be above 0"), "{e}");
+                }
+                other => panic!("{config} {layers:?}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn what_is_not_a_container_image_is_refused() {
+        let limits = ImageLimits::default();
+        let mut m = manifest(2, &[1]);
+        m.layers[0].media_type = "application/vnd.wasm.content.layer.v1+wasm".into();
+        let err = check_manifest("r", &m, &limits).expect_err("wasm");
+        assert!(matches!(err, ImageError::Unsupported { .. }), "{err}");
+        let mut m = manifest(2, &[1]);
+        m.layers[0].digest = "sha512:00".into();
+        let err = check_manifest("r", &m, &limits).expect_err("sha512");
+        assert!(matches!(err, ImageError::Unsupported { .. }), "{err}");
+        let mut m = manifest(2, &[1]);
+        m.config.media_type = "application/vnd.wasm.config.v1+json".into();
+        let err = check_manifest("r", &m, &limits).expect_err("wasm config");
+        assert!(matches!(err, ImageError::Unsupported { .. }), "{err}");
+    }
+}

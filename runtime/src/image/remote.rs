@@ -512,3 +512,189 @@ fn classify(error: &OciDistributionError) -> RegistryFailure {
         _ => RegistryFailure::Other,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    use tokio::net::TcpListener;
+
+    /// What the hostile registry answers to a GET other than `/v2/`.
+    #[derive(Clone, Copy)]
+    struct Answer {
+        status: u16,
+        /// A `Content-Length` header, true or not.
+        content_length: Option<u64>,
+        /// The body: this many bytes of `{`, or `None` for an endless one.
+        body: Option<usize>,
+    }
+
+    /// Bytes a hostile answer sends at most, so that a failing test ends.
+    const SERVER_MAX: u64 = 256 << 20;
+
+    /// A registry on 127.0.0.1 that answers `/v2/` with 200 and every other GET with
+    /// `answer`, one request per connection. Returns its host and the body bytes it sent.
+    async fn hostile(answer: Answer) -> (String, Arc<AtomicU64>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let host = listener.local_addr().expect("addr").to_string();
+        let sent = Arc::new(AtomicU64::new(0));
+        let counter = Arc::clone(&sent);
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                tokio::spawn(serve(stream, answer, Arc::clone(&counter)));
+            }
+        });
+        (host, sent)
+    }
+
+    async fn serve(stream: tokio::net::TcpStream, answer: Answer, sent: Arc<AtomicU64>) {
+        let mut stream = BufReader::new(stream);
+        let mut request = String::new();
+        if stream.read_line(&mut request).await.is_err() {
+            return;
+        }
+        let mut line = String::new();
+        while stream.read_line(&mut line).await.is_ok_and(|n| n > 2) {
+            line.clear();
+        }
+        let stream = stream.get_mut();
+        if request.starts_with("GET /v2/ ") {
+            let _ = stream
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}")
+                .await;
+            return;
+        }
+        let mut head = format!("HTTP/1.1 {} X\r\nConnection: close\r\n", answer.status);
+        if let Some(len) = answer.content_length {
+            head.push_str(&format!("Content-Length: {len}\r\n"));
+        }
+        head.push_str("Content-Type: application/vnd.oci.image.manifest.v1+json\r\n\r\n");
+        if stream.write_all(head.as_bytes()).await.is_err() {
+            return;
+        }
+        let chunk = vec![b'{'; 64 << 10];
+        let mut left = answer.body.map_or(SERVER_MAX, |n| n as u64);
+        while left > 0 {
+            let n = left.min(chunk.len() as u64) as usize;
+            if stream.write_all(&chunk[..n]).await.is_err() {
+                return;
+            }
+            sent.fetch_add(n as u64, Ordering::Relaxed);
+            left -= n as u64;
+        }
+    }
+
+    async fn session(host: &str) -> Session {
+        let name = ImageName::parse(&format!("{host}/test/hostile:1")).expect("name");
+        let endpoint = Endpoint {
+            host: host.to_string(),
+            plain_http: true,
+            mirror: false,
+        };
+        let remote = Remote::new(std::slice::from_ref(&endpoint)).expect("remote");
+        remote
+            .session(
+                &name,
+                &endpoint,
+                name.at_host(host),
+                RegistryAuth::Anonymous,
+            )
+            .await
+            .expect("session")
+    }
+
+    /// Waits until the server stops sending, and returns what it sent.
+    async fn settled(sent: &AtomicU64) -> u64 {
+        let mut last = u64::MAX;
+        loop {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let now = sent.load(Ordering::Relaxed);
+            if now == last {
+                return now;
+            }
+            last = now;
+        }
+    }
+
+    #[tokio::test]
+    async fn an_endless_manifest_is_read_up_to_the_cap() {
+        let (host, sent) = hostile(Answer {
+            status: 200,
+            content_length: None,
+            body: None,
+        })
+        .await;
+        let err = session(&host)
+            .await
+            .manifest(64 << 10)
+            .await
+            .err()
+            .expect("refused");
+        assert!(
+            matches!(err, ImageError::LimitExceeded { limit: Limit::ManifestBytes, max, .. } if max == 64 << 10),
+            "{err}"
+        );
+        assert!(err.to_string().contains("more than 65536 bytes"), "{err}");
+        // The connection is dropped at the cap: what the server got out is the cap plus
+        // what the sockets buffer, nowhere near its 256 MiB.
+        let sent = settled(&sent).await;
+        assert!(sent < 32 << 20, "the server sent {sent} bytes");
+    }
+
+    #[tokio::test]
+    async fn a_declared_length_over_the_cap_is_refused_unread() {
+        let (host, _) = hostile(Answer {
+            status: 200,
+            content_length: Some(10_000_000_000),
+            body: Some(10),
+        })
+        .await;
+        let err = session(&host)
+            .await
+            .manifest(4 << 20)
+            .await
+            .err()
+            .expect("refused");
+        assert!(
+            matches!(
+                err,
+                ImageError::LimitExceeded {
+                    limit: Limit::ManifestBytes,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_endless_error_answer_is_read_for_its_first_64_kib() {
+        let (host, sent) = hostile(Answer {
+            status: 500,
+            content_length: None,
+            body: None,
+        })
+        .await;
+        let err = session(&host)
+            .await
+            .manifest(4 << 20)
+            .await
+            .err()
+            .expect("refused");
+        assert_eq!(err.code(), tonic::Code::Unavailable, "{err}");
+        let chain = error_chain(&err);
+        assert!(chain.contains("code: 500"), "{}", &chain[..200]);
+        assert!(chain.len() < ERROR_BODY_MAX + 1024, "{} bytes", chain.len());
+        let sent = settled(&sent).await;
+        assert!(sent < 32 << 20, "the server sent {sent} bytes");
+
+        // A blob's error answer alike.
+        let err = session(&host)
+            .await
+            .blob("sha256:00")
+            .await
+            .expect_err("refused");
+        assert_eq!(err.code(), tonic::Code::Unavailable, "{err}");
+    }
+}
