@@ -17,8 +17,8 @@
 //! max_config_bytes = 4_194_304            # 4 MiB: the image config
 //! max_layers = 128
 //! max_download_bytes = 17_179_869_184     # 16 GiB: config and layers, as declared
-//! max_unpacked_bytes = 17_179_869_184     # 16 GiB: the layers decompressed (sparse
-//!                                         #   files by apparent size)
+//! max_unpacked_bytes = 17_179_869_184     # 16 GiB: layers decompressed, sparse files
+//!                                         # counted by apparent size
 //! max_inodes = 1_000_000                  # tar entries over all layers
 //!
 //! [cni]

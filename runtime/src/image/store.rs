@@ -623,4 +623,18 @@ mod tests {
         assert!(usage.inodes_used >= 8, "{usage:?}");
         assert!(usage.used_bytes > 0);
     }
+
+    #[test]
+    fn a_cap_of_zero_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let limits = ImageLimits {
+            max_inodes: 0,
+            ..ImageLimits::default()
+        };
+        let err = ImageStore::open_with_limits(dir.path(), RegistryConfig::default(), limits)
+            .expect_err("zero cap");
+        assert!(err.to_string().contains("images.max_inodes"), "{err}");
+        let store = ImageStore::open(dir.path(), RegistryConfig::default()).expect("open");
+        assert_eq!(store.limits(), &ImageLimits::default());
+    }
 }
