@@ -13,6 +13,15 @@
 //! [registry.mirrors]
 //! "registry.k8s.io" = ["http://127.0.0.1:5000"]
 //!
+//! [images]                   # caps on one image (the defaults; 0 or less is refused)
+//! max_manifest_bytes = 4_194_304          # 4 MiB: each manifest or index, as read
+//! max_config_bytes = 4_194_304            # 4 MiB: the image config
+//! max_layers = 128
+//! max_download_bytes = 17_179_869_184     # 16 GiB: config and layers, as declared
+//! max_unpacked_bytes = 17_179_869_184     # 16 GiB: layers decompressed, sparse files
+//!                                         # counted by apparent size
+//! max_inodes = 1_000_000                  # tar entries over all layers
+//!
 //! [cni]
 //! conf_dir = "/etc/cni/net.d"
 //! bin_dirs = ["/usr/lib/cni", "/opt/cni/bin"]
@@ -34,6 +43,8 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
+
+use crate::image::{ImageLimits, Limit};
 
 /// Where podvisord looks without `--config`; only this file may be absent.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/podvisor/config.toml";
@@ -151,6 +162,8 @@ pub struct Config {
     pub vmm_user: String,
     /// Registry access.
     pub registry: RegistrySettings,
+    /// Caps on what one image may take from the host (see [`crate::image::limits`]).
+    pub images: ImageLimits,
     /// CNI.
     pub cni: CniSettings,
     default_handler: Handler,
@@ -171,6 +184,8 @@ struct RawConfig {
     #[serde(default)]
     registry: RawRegistry,
     #[serde(default)]
+    images: RawImages,
+    #[serde(default)]
     cni: RawCni,
     #[serde(default)]
     handlers: HashMap<String, RawHandler>,
@@ -183,6 +198,42 @@ struct RawRegistry {
     insecure: Vec<String>,
     #[serde(default)]
     mirrors: HashMap<String, Vec<String>>,
+}
+
+/// Signed, so that a negative cap is refused naming its key rather than as a type error.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawImages {
+    max_manifest_bytes: Option<i64>,
+    max_config_bytes: Option<i64>,
+    max_layers: Option<i64>,
+    max_download_bytes: Option<i64>,
+    max_unpacked_bytes: Option<i64>,
+    max_inodes: Option<i64>,
+}
+
+impl RawImages {
+    /// The caps, the missing ones at their defaults; each must be at least 1.
+    fn resolve(self) -> Result<ImageLimits, ConfigError> {
+        let defaults = ImageLimits::default();
+        let cap = |limit: Limit, value: Option<i64>| match value {
+            None => Ok(defaults.get(limit)),
+            Some(v) => u64::try_from(v).ok().filter(|v| *v > 0).ok_or_else(|| {
+                invalid(
+                    format!("images.{}", limit.key()),
+                    format!("{v} is not a cap: it must be at least 1"),
+                )
+            }),
+        };
+        Ok(ImageLimits {
+            max_manifest_bytes: cap(Limit::ManifestBytes, self.max_manifest_bytes)?,
+            max_config_bytes: cap(Limit::ConfigBytes, self.max_config_bytes)?,
+            max_layers: cap(Limit::Layers, self.max_layers)?,
+            max_download_bytes: cap(Limit::DownloadBytes, self.max_download_bytes)?,
+            max_unpacked_bytes: cap(Limit::UnpackedBytes, self.max_unpacked_bytes)?,
+            max_inodes: cap(Limit::Inodes, self.max_inodes)?,
+        })
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -368,6 +419,7 @@ impl Config {
             }
         }
 
+        let images = raw.images.resolve()?;
         let cni = CniSettings {
             conf_dir: absolute(
                 "cni.conf_dir",
@@ -419,6 +471,7 @@ impl Config {
                 insecure: raw.registry.insecure,
                 mirrors: raw.registry.mirrors,
             },
+            images,
             cni,
             default_handler,
             handlers,
@@ -462,6 +515,7 @@ mod tests {
         assert_eq!(c.root_dir, Path::new("/var/lib/podvisor"));
         assert_eq!(c.state_dir, Path::new("/run/podvisor"));
         assert_eq!(c.registry, RegistrySettings::default());
+        assert_eq!(c.images, ImageLimits::default());
         assert_eq!(c.cni.conf_dir, Path::new("/etc/cni/net.d"));
         assert_eq!(
             c.cni.bin_dirs,
@@ -491,6 +545,14 @@ mod tests {
             [registry.mirrors]
             "registry.k8s.io" = ["http://127.0.0.1:5000", "https://mirror.example"]
 
+            [images]
+            max_manifest_bytes = 1_048_576
+            max_config_bytes = 2_097_152
+            max_layers = 64
+            max_download_bytes = 8_589_934_592
+            max_unpacked_bytes = 34_359_738_368
+            max_inodes = 2_000_000
+
             [cni]
             conf_dir = "/etc/pv/net.d"
             bin_dirs = ["/opt/pv/cni"]
@@ -516,6 +578,17 @@ mod tests {
         assert_eq!(
             c.registry.mirrors["registry.k8s.io"],
             ["http://127.0.0.1:5000", "https://mirror.example"]
+        );
+        assert_eq!(
+            c.images,
+            ImageLimits {
+                max_manifest_bytes: 1 << 20,
+                max_config_bytes: 2 << 20,
+                max_layers: 64,
+                max_download_bytes: 8 << 30,
+                max_unpacked_bytes: 32 << 30,
+                max_inodes: 2_000_000,
+            }
         );
         assert_eq!(c.cni.conf_dir, Path::new("/etc/pv/net.d"));
         assert_eq!(c.cni.bin_dirs, [Path::new("/opt/pv/cni")]);
@@ -551,6 +624,7 @@ mod tests {
             ("sockett = \"/x\"", "sockett"),
             ("[registry]\ninsecur = []", "insecur"),
             ("[cni]\nconf = \"/x\"", "conf"),
+            ("[images]\nmax_layer = 3", "max_layer"),
             ("[handlers.big]\ncpus = 2", "cpus"),
             ("[nope]\n", "nope"),
         ] {
@@ -616,6 +690,24 @@ mod tests {
             "registry.mirrors.\"docker.io\""
         );
         assert_eq!(invalid_key("[handlers.\"\"]\nvcpus = 2"), "handlers.\"\"");
+        for key in [
+            "max_manifest_bytes",
+            "max_config_bytes",
+            "max_layers",
+            "max_download_bytes",
+            "max_unpacked_bytes",
+            "max_inodes",
+        ] {
+            for value in ["0", "-1"] {
+                let text = format!("[images]\n{key} = {value}");
+                assert_eq!(invalid_key(&text), format!("images.{key}"), "{text}");
+            }
+        }
+        let e = Config::parse("[images]\nmax_layers = -3").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "config key images.max_layers: -3 is not a cap: it must be at least 1"
+        );
 
         let e = Config::parse("[handlers.big]\nmemory_mib = 32").unwrap_err();
         let msg = e.to_string();

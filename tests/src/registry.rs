@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
 use oci_client::client::{ClientConfig, ClientProtocol, Config, ImageLayer};
-use oci_client::manifest::OciImageIndex;
+use oci_client::manifest::{OciImageIndex, OciImageManifest};
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
 use sha2::{Digest, Sha256};
@@ -317,8 +317,9 @@ pub fn hex_digest(data: &[u8]) -> String {
         .collect()
 }
 
-/// The image config of the busybox image for `architecture`.
-fn busybox_config(architecture: &str, diff_id: &str) -> Vec<u8> {
+/// The image config of the busybox image for `architecture`, whose one layer has
+/// `diff_id`.
+pub fn busybox_config(architecture: &str, diff_id: &str) -> Vec<u8> {
     serde_json::json!({
         "architecture": architecture,
         "os": "linux",
@@ -419,19 +420,41 @@ pub async fn push_oci_layout(
 }
 
 /// Pushes `layers` and `config` as `repo:tag`; returns the reference.
-async fn push_layers(
+pub async fn push_layers(
     registry: &Registry,
     repo: &str,
     tag: &str,
     layers: &[ImageLayer],
     config: Config,
 ) -> anyhow::Result<String> {
+    push_layers_with_manifest(registry, repo, tag, layers, config, |_| {}).await
+}
+
+/// Pushes `layers` and `config` as `repo:tag` under the manifest oci-client makes for them
+/// as `edit` changes it (a hostile image's descriptors: sizes that lie, or are 0); returns
+/// the reference.
+pub async fn push_layers_with_manifest(
+    registry: &Registry,
+    repo: &str,
+    tag: &str,
+    layers: &[ImageLayer],
+    config: Config,
+    edit: impl FnOnce(&mut OciImageManifest),
+) -> anyhow::Result<String> {
     let reference_text = registry.reference(repo, tag);
     let reference: Reference = reference_text
         .parse()
         .with_context(|| format!("parse {reference_text}"))?;
+    let mut manifest = OciImageManifest::build(layers, &config, None);
+    edit(&mut manifest);
     client()
-        .push(&reference, layers, config, &RegistryAuth::Anonymous, None)
+        .push(
+            &reference,
+            layers,
+            config,
+            &RegistryAuth::Anonymous,
+            Some(manifest),
+        )
         .await
         .map_err(|e| {
             anyhow!(
@@ -440,6 +463,36 @@ async fn push_layers(
             )
         })?;
     Ok(reference_text)
+}
+
+/// A gzip layer of `files` files (`zeros/00000`...) of `size` zero bytes each: a
+/// decompression bomb. Made of gzip members (a layer may hold several, as pigz writes
+/// them): the zeros are compressed once and repeated, so a gigabyte of them takes about
+/// a megabyte and a moment to make, and is never held uncompressed.
+pub fn gzip_zero_bomb(files: usize, size: usize) -> anyhow::Result<Vec<u8>> {
+    let gzip = |data: &[u8]| -> anyhow::Result<Vec<u8>> {
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        gz.write_all(data).context("gzip")?;
+        gz.finish().context("gzip")
+    };
+    let padded = size.next_multiple_of(512);
+    let zeros = gzip(&vec![0; padded])?;
+    let mut layer = Vec::new();
+    for i in 0..files {
+        let mut header = tar::Header::new_ustar();
+        header.set_entry_type(tar::EntryType::Regular);
+        header.set_path(format!("zeros/{i:05}"))?;
+        header.set_mode(0o644);
+        header.set_uid(0);
+        header.set_gid(0);
+        header.set_mtime(LAYER_MTIME);
+        header.set_size(size as u64);
+        header.set_cksum();
+        layer.extend(gzip(header.as_bytes())?);
+        layer.extend_from_slice(&zeros);
+    }
+    layer.extend(gzip(&[0; 1024])?);
+    Ok(layer)
 }
 
 /// Device node, setuid file and file capability the special-files layer holds.

@@ -2,7 +2,9 @@
 //! 127.0.0.1): pulls by tag, digest, mirror and index; the ext4 image's content (read with
 //! debugfs, nothing mounted); single flight; list, status, leases, removal, reopening;
 //! and the errors a CRI server maps to gRPC codes; an image built by umoci, whose layers have
-//! no tar end-of-archive blocks. No VM is involved.
+//! no tar end-of-archive blocks; hostile images against the store's caps (a decompression
+//! bomb, an oversized config, descriptors whose sizes lie or are 0), which leave nothing
+//! behind. No VM is involved.
 
 // An end-to-end scenario reads top to bottom, step after step; the length limit is for
 // the product code.
@@ -10,16 +12,24 @@
 
 use std::collections::HashMap;
 use std::net::TcpListener;
-use std::path::Path;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, ensure};
-use podvisor_runtime::image::{ImageError, ImageRecord, ImageStore, RegistryConfig};
+use anyhow::{Context, bail, ensure};
+use oci_client::client::{Config, ImageLayer};
+use oci_client::manifest::OciImageManifest;
+use podvisor_runtime::image::{
+    ImageError, ImageLimits, ImageRecord, ImageStore, Limit, RegistryConfig,
+};
 use podvisor_tests::image::{CONTAINER_PASSWD, HOST_BUSYBOX};
 use podvisor_tests::registry::{
-    IMAGE_PATH, Registry, SPECIAL_CAPFILE, SPECIAL_DEVICE, SPECIAL_SETUID, push_busybox,
-    push_busybox_index, push_busybox_with_special_files, push_oci_layout,
+    IMAGE_PATH, Registry, SPECIAL_CAPFILE, SPECIAL_DEVICE, SPECIAL_SETUID, busybox_config,
+    busybox_layer, gzip_zero_bomb, push_busybox, push_busybox_index,
+    push_busybox_with_special_files, push_layers, push_layers_with_manifest, push_oci_layout,
 };
 
 /// Runs `debugfs -R request` on an ext4 image (read-only, no mount).
@@ -493,5 +503,282 @@ async fn special_files_land_in_the_image_only() -> anyhow::Result<()> {
         found.status.success() && found.stdout.is_empty(),
         "{found:?}"
     );
+    Ok(())
+}
+
+const MIB: u64 = 1 << 20;
+
+/// Bytes allocated (`st_blocks`) under `dir`; what vanishes while it is walked is skipped.
+fn allocated(dir: &Path) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let Ok(m) = std::fs::symlink_metadata(entry.path()) else {
+                continue;
+            };
+            total += m.blocks() * 512;
+            if m.is_dir() {
+                stack.push(entry.path());
+            }
+        }
+    }
+    total
+}
+
+/// Samples [`allocated`] of `dir` every few milliseconds until dropped; `peak` says the
+/// most it saw.
+struct DiskSampler {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<u64>>,
+}
+
+impl DiskSampler {
+    fn start(dir: PathBuf) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let thread = std::thread::spawn(move || {
+            let mut peak = 0;
+            while !flag.load(Ordering::Relaxed) {
+                peak = peak.max(allocated(&dir));
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            peak
+        });
+        DiskSampler {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn peak(mut self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread
+            .take()
+            .and_then(|t| t.join().ok())
+            .unwrap_or(u64::MAX)
+    }
+}
+
+/// A failed pull left nothing: no image, no record, nothing in `tmp/` (downloads,
+/// staging trees) or `images/`, and no blob (the stores of these tests start empty).
+fn nothing_left(store: &ImageStore, root: &Path) -> anyhow::Result<()> {
+    ensure!(store.list().is_empty(), "images: {:?}", store.list());
+    for d in ["tmp", "images", "blobs/sha256"] {
+        let left: Vec<_> = std::fs::read_dir(root.join(d))?
+            .map(|e| e.map(|e| e.file_name()))
+            .collect::<Result<_, _>>()?;
+        ensure!(left.is_empty(), "{d}/ holds {left:?}");
+    }
+    Ok(())
+}
+
+/// `result` is the cap `limit` reached, with gRPC code ResourceExhausted and a message
+/// naming the cap and `needle`.
+fn over_cap(
+    result: Result<ImageRecord, ImageError>,
+    limit: Limit,
+    needle: &str,
+) -> anyhow::Result<String> {
+    match result {
+        Err(e @ ImageError::LimitExceeded { limit: l, .. }) if l == limit => {
+            let msg = e.to_string();
+            println!("[images] {limit}: {msg}");
+            ensure!(e.code() == tonic::Code::ResourceExhausted, "{e}");
+            ensure!(msg.contains(&limit.to_string()), "no cap named: {msg}");
+            ensure!(msg.contains(needle), "{msg:?} lacks {needle:?}");
+            Ok(msg)
+        }
+        other => bail!("expected {limit} to be reached, got {other:?}"),
+    }
+}
+
+/// The config of a one-layer image without diff_ids (the bomb's would take hashing a
+/// gigabyte to make; the config may leave them out).
+fn config_without_diff_ids() -> Config {
+    let config = serde_json::json!({
+        "architecture": "amd64",
+        "os": "linux",
+        "config": {"Cmd": ["sh"]},
+        "rootfs": {"type": "layers", "diff_ids": []},
+    });
+    Config::oci_v1(config.to_string().into_bytes(), None)
+}
+
+/// A 1 MiB gzip layer that inflates to 1 GiB of zeros (64 files of 16 MiB), against a
+/// store whose unpacked cap is 64 MiB: the pull fails naming the cap, having put at most
+/// about the cap on disk (sampled while it runs), and leaves nothing behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gzip_bomb_stops_at_the_unpacked_cap() -> anyhow::Result<()> {
+    let registry = Registry::start()?;
+    let bomb = gzip_zero_bomb(64, 16 << 20)?;
+    println!(
+        "[images] bomb: {} bytes of gzip for 1 GiB of zeros",
+        bomb.len()
+    );
+    ensure!(bomb.len() < 4 << 20, "{} bytes", bomb.len());
+    let layers = [ImageLayer::oci_v1_gzip(bomb, None)];
+    let reference = push_layers(
+        &registry,
+        "test/bomb",
+        "1",
+        &layers,
+        config_without_diff_ids(),
+    )
+    .await?;
+
+    let dir = tempfile::tempdir()?;
+    let cap = 64 * MIB;
+    let limits = ImageLimits {
+        max_unpacked_bytes: cap,
+        ..ImageLimits::default()
+    };
+    let store = ImageStore::open_with_limits(dir.path(), config_for(&registry, &[]), limits)?;
+    let sampler = DiskSampler::start(dir.path().join("tmp"));
+    let started = Instant::now();
+    let result = store.pull(&reference, None).await;
+    let peak = sampler.peak();
+    println!(
+        "[images] bomb refused in {:?}; tmp/ peaked at {} KiB",
+        started.elapsed(),
+        peak / 1024
+    );
+    over_cap(
+        result,
+        Limit::UnpackedBytes,
+        &format!("images.max_unpacked_bytes = {cap}"),
+    )?;
+    // The cap, plus the bomb's blob while it downloads and directory blocks.
+    ensure!(peak <= cap + 4 * MIB, "tmp/ held {peak} bytes at a time");
+    ensure!(peak > 0, "the sampler saw nothing at all");
+    nothing_left(&store, dir.path())
+}
+
+/// A real 5 MiB config blob: refused from its descriptor, never downloaded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_config_over_the_cap_is_refused_before_download() -> anyhow::Result<()> {
+    let registry = Registry::start()?;
+    let (layer, diff_id) = busybox_layer()?;
+    let mut config: serde_json::Value = serde_json::from_slice(&busybox_config("amd64", diff_id))?;
+    config["config"]["Labels"] = serde_json::json!({"padding": "x".repeat(5 << 20)});
+    let config = Config::oci_v1(serde_json::to_vec(&config)?, None);
+    let config_digest = config.sha256_digest();
+    let layers = [ImageLayer::oci_v1_gzip(layer.clone(), None)];
+    let reference = push_layers(&registry, "test/bigconfig", "1", &layers, config).await?;
+
+    let dir = tempfile::tempdir()?;
+    let store = ImageStore::open(dir.path(), config_for(&registry, &[]))?;
+    over_cap(
+        store.pull(&reference, None).await,
+        Limit::ConfigBytes,
+        &config_digest,
+    )?;
+    let fetched = registry.requests("GET", &format!("/v2/test/bigconfig/blobs/{config_digest}"));
+    ensure!(fetched == 0, "the config was fetched {fetched} times");
+    nothing_left(&store, dir.path())
+}
+
+/// A change to a pushed manifest, given the layer's real size.
+type Edit = fn(&mut OciImageManifest, i64);
+
+/// Descriptors that lie about sizes: a config declared 10 GB (the registry has the real,
+/// small one) is refused before download; layers declared smaller or bigger than what
+/// the registry sends end as size mismatches (DataLoss) with no partial blob; sizes of 0
+/// or less are refused (InvalidArgument). Each leaves nothing behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn descriptor_sizes_that_lie_are_refused() -> anyhow::Result<()> {
+    let registry = Registry::start()?;
+    let (layer, diff_id) = busybox_layer()?;
+    let layers = [ImageLayer::oci_v1_gzip(layer.clone(), None)];
+    let config = || Config::oci_v1(busybox_config("amd64", diff_id), None);
+    let config_digest = config().sha256_digest();
+    let real = i64::try_from(layer.len())?;
+    let dir = tempfile::tempdir()?;
+    let store = ImageStore::open(dir.path(), config_for(&registry, &[]))?;
+    let push = |tag: &'static str, edit: Edit| {
+        push_layers_with_manifest(&registry, "test/lies", tag, &layers, config(), move |m| {
+            edit(m, real)
+        })
+    };
+
+    let huge = push("huge-config", |m, _| m.config.size = 10_000_000_000).await?;
+    over_cap(
+        store.pull(&huge, None).await,
+        Limit::ConfigBytes,
+        "declares 10000000000 bytes",
+    )?;
+    let fetched = registry.requests("GET", &format!("/v2/test/lies/blobs/{config_digest}"));
+    ensure!(fetched == 0, "the config was fetched {fetched} times");
+    nothing_left(&store, dir.path())?;
+
+    // The registry sends more than the descriptor declares, then fewer.
+    for (tag, edit) in [
+        ("short", (|m, real| m.layers[0].size = real - 100) as Edit),
+        ("long", |m, real| m.layers[0].size = real + 100),
+    ] {
+        let reference = push(tag, edit).await?;
+        match store.pull(&reference, None).await {
+            Err(e @ ImageError::SizeMismatch { .. }) => {
+                println!("[images] layer size {tag}: {e}");
+                ensure!(e.code() == tonic::Code::DataLoss, "{e}");
+            }
+            other => bail!("{tag}: {other:?}"),
+        }
+        nothing_left(&store, dir.path())?;
+    }
+
+    for (tag, edit) in [
+        ("zero", (|m, _| m.layers[0].size = 0) as Edit),
+        ("negative", |m, _| m.layers[0].size = -1),
+        ("zero-config", |m, _| m.config.size = 0),
+    ] {
+        let reference = push(tag, edit).await?;
+        match store.pull(&reference, None).await {
+            Err(e @ ImageError::BadManifest { .. }) => {
+                println!("[images] size {tag}: {e}");
+                ensure!(e.code() == tonic::Code::InvalidArgument, "{e}");
+                ensure!(e.to_string().contains("must be above 0"), "{e}");
+            }
+            other => bail!("{tag}: {other:?}"),
+        }
+        nothing_left(&store, dir.path())?;
+    }
+    Ok(())
+}
+
+/// The manifest and layer-count caps, set low on a store: an ordinary image is refused
+/// naming them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn manifest_and_layer_caps_are_the_store_s() -> anyhow::Result<()> {
+    let registry = Registry::start()?;
+    let pushed = push_busybox(&registry, "test/busybox", "1.0").await?;
+    let special = push_busybox_with_special_files(&registry, "test/special", "1").await?;
+    let dir = tempfile::tempdir()?;
+    let tight = ImageLimits {
+        max_manifest_bytes: 100,
+        ..ImageLimits::default()
+    };
+    let store = ImageStore::open_with_limits(dir.path(), config_for(&registry, &[]), tight)?;
+    over_cap(
+        store.pull(&pushed.reference, None).await,
+        Limit::ManifestBytes,
+        "more than 100 bytes",
+    )?;
+    nothing_left(&store, dir.path())?;
+
+    drop(store);
+    let one_layer = ImageLimits {
+        max_layers: 1,
+        ..ImageLimits::default()
+    };
+    let store = ImageStore::open_with_limits(dir.path(), config_for(&registry, &[]), one_layer)?;
+    over_cap(store.pull(&special, None).await, Limit::Layers, "2 layers")?;
+    nothing_left(&store, dir.path())?;
+    // One layer is within the cap.
+    let record = store.pull(&pushed.reference, None).await?;
+    ensure!(record.id == pushed.config_digest, "{record:?}");
     Ok(())
 }

@@ -61,10 +61,13 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         mirrors: config.registry.mirrors.clone(),
     };
     let root_dir = config.root_dir.clone();
-    let images = tokio::task::spawn_blocking(move || ImageStore::open(&root_dir, registries))
-        .await
-        .context("image store task")?
-        .with_context(|| format!("open the image store in {}", config.root_dir.display()))?;
+    let limits = config.images;
+    let images = tokio::task::spawn_blocking(move || {
+        ImageStore::open_with_limits(&root_dir, registries, limits)
+    })
+    .await
+    .context("image store task")?
+    .with_context(|| format!("open the image store in {}", config.root_dir.display()))?;
     let socket = config.socket.clone();
     let pods = PodManager::new(config, state, images).context("set up the pod manager")?;
     pods.recover().await.context("recover pods")?;

@@ -69,13 +69,13 @@ impl BlobStore {
         self.commit(&tmp, &dest)
     }
 
-    /// Stores the bytes of `stream` as blob `digest`. `expected_size` (from the
-    /// descriptor) stops a stream that sends more; `progress` sees the running total.
-    /// Returns the blob's size.
+    /// Stores the bytes of `stream` as blob `digest`, which must be `size` bytes (the
+    /// descriptor's size): a stream that sends more is cut there, one that sends fewer
+    /// refused. `progress` sees the running total. Returns the blob's size.
     pub async fn write_stream<S, B>(
         &self,
         digest: &str,
-        expected_size: Option<u64>,
+        size: u64,
         stream: S,
         mut progress: impl FnMut(u64),
     ) -> Result<u64, ImageError>
@@ -97,18 +97,23 @@ impl BlobStore {
                 let chunk = chunk.map_err(io_err("download", &dest))?;
                 let chunk = chunk.as_ref();
                 total += chunk.len() as u64;
-                if let Some(max) = expected_size
-                    && total > max
-                {
-                    return Err(ImageError::DigestMismatch {
+                if total > size {
+                    return Err(ImageError::SizeMismatch {
                         what: format!("blob {digest}"),
-                        expected: format!("{max} bytes"),
-                        actual: format!("more than {max} bytes"),
+                        declared: size,
+                        actual: format!("more than {size}"),
                     });
                 }
                 hasher.update(chunk);
                 out.write_all(chunk).await.map_err(io_err("write", &tmp))?;
                 progress(total);
+            }
+            if total != size {
+                return Err(ImageError::SizeMismatch {
+                    what: format!("blob {digest}"),
+                    declared: size,
+                    actual: total.to_string(),
+                });
             }
             let actual = format!("sha256:{}", hex::encode(hasher.finalize()));
             if actual != digest {
@@ -220,7 +225,7 @@ mod tests {
         );
         let mut seen = 0;
         let size = blobs
-            .write_stream(&digest, Some(data.len() as u64), chunks, |n| seen = n)
+            .write_stream(&digest, data.len() as u64, chunks, |n| seen = n)
             .await
             .expect("write");
         assert_eq!(size, data.len() as u64);
@@ -236,7 +241,7 @@ mod tests {
         let err = blobs
             .write_stream(
                 &other,
-                None,
+                4,
                 futures::stream::iter([Ok::<_, std::io::Error>(b"evil".to_vec())]),
                 |_| {},
             )
@@ -251,17 +256,40 @@ mod tests {
             0
         );
 
-        // More bytes than the descriptor says: refused.
+        // More bytes than the descriptor says: cut at the declared size, refused, and
+        // the rest of the stream is never asked for (an endless stream ends the write).
+        let mut sent = 0u64;
+        let endless = futures::stream::repeat_with(|| {
+            sent += 1;
+            Ok::<_, std::io::Error>(vec![0u8; 1000])
+        });
+        let err = blobs
+            .write_stream(&other, 2500, endless, |_| {})
+            .await
+            .expect_err("too long");
+        assert!(
+            matches!(&err, ImageError::SizeMismatch { declared: 2500, actual, .. } if actual == "more than 2500"),
+            "{err}"
+        );
+        assert_eq!(sent, 3, "read up to the declared size, no further");
+        // Fewer: refused too, before the digest is looked at.
         let err = blobs
             .write_stream(
                 &digest,
-                Some(2),
+                data.len() as u64 + 1,
                 futures::stream::iter([Ok::<_, std::io::Error>(data.clone())]),
                 |_| {},
             )
             .await
-            .expect_err("too long");
-        assert!(matches!(err, ImageError::DigestMismatch { .. }), "{err}");
+            .expect_err("too short");
+        assert!(matches!(err, ImageError::SizeMismatch { .. }), "{err}");
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("tmp"))
+                .expect("tmp")
+                .count(),
+            0,
+            "no partial blob"
+        );
     }
 
     #[test]

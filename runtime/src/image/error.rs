@@ -6,6 +6,8 @@ use std::sync::Arc;
 use oci_client::errors::OciDistributionError;
 use podvisor_common::IoError;
 
+use super::limits::Limit;
+
 /// Everything that can go wrong with images. `Clone` because one pull's result is handed
 /// to every caller waiting for the same reference.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -68,6 +70,32 @@ pub enum ImageError {
         actual: String,
     },
 
+    /// One of the store's caps was reached: the image (or what a registry sends for it)
+    /// takes more than this host allows. Nothing of it is kept.
+    #[error("{what}: over the cap {limit} = {max}")]
+    LimitExceeded {
+        /// What was being fetched or unpacked, and how much of it there was.
+        what: String,
+        /// The cap.
+        limit: Limit,
+        /// Its value.
+        max: u64,
+    },
+
+    /// A manifest is unusable: a descriptor's size of zero or less, a layer without a
+    /// digest this store takes...
+    #[error("image {reference}: {message}")]
+    BadManifest { reference: String, message: String },
+
+    /// A registry sent another number of bytes than the descriptor declares.
+    #[error("{what}: the registry sent {actual} bytes, its descriptor declares {declared}")]
+    SizeMismatch {
+        what: String,
+        declared: u64,
+        /// What was received (`"more than N"` when the download was cut).
+        actual: String,
+    },
+
     /// A layer's content is unsafe or malformed (path escapes, links through symlinks...).
     #[error("layer {digest}: {message}")]
     BadLayer { digest: String, message: String },
@@ -125,12 +153,14 @@ impl ImageError {
             ImageError::InvalidReference { .. }
             | ImageError::Unsupported { .. }
             | ImageError::BadLayer { .. }
-            | ImageError::BadConfig { .. } => Code::InvalidArgument,
+            | ImageError::BadConfig { .. }
+            | ImageError::BadManifest { .. } => Code::InvalidArgument,
+            ImageError::LimitExceeded { .. } => Code::ResourceExhausted,
             ImageError::NotFound(_) | ImageError::NotInRegistry { .. } => Code::NotFound,
             ImageError::Unavailable { .. } => Code::Unavailable,
             ImageError::Unauthorized { .. } => Code::PermissionDenied,
             ImageError::InUse { .. } => Code::FailedPrecondition,
-            ImageError::DigestMismatch { .. } => Code::DataLoss,
+            ImageError::DigestMismatch { .. } | ImageError::SizeMismatch { .. } => Code::DataLoss,
             ImageError::Registry { .. } => Code::Unknown,
             ImageError::InvalidConfig(_)
             | ImageError::Mkfs { .. }
@@ -190,5 +220,26 @@ mod tests {
             ))),
         };
         assert_eq!(down.code(), tonic::Code::Unavailable);
+        let big = ImageError::LimitExceeded {
+            what: "layer sha256:00: unpacked more than 64 bytes".into(),
+            limit: Limit::UnpackedBytes,
+            max: 64,
+        };
+        assert_eq!(big.code(), tonic::Code::ResourceExhausted);
+        assert_eq!(
+            big.to_string(),
+            "layer sha256:00: unpacked more than 64 bytes: over the cap images.max_unpacked_bytes = 64"
+        );
+        let zero = ImageError::BadManifest {
+            reference: "r".into(),
+            message: "layer 1/1 declares size 0".into(),
+        };
+        assert_eq!(zero.code(), tonic::Code::InvalidArgument);
+        let long = ImageError::SizeMismatch {
+            what: "blob sha256:00".into(),
+            declared: 2,
+            actual: "more than 2".into(),
+        };
+        assert_eq!(long.code(), tonic::Code::DataLoss);
     }
 }

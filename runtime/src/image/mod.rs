@@ -19,12 +19,15 @@
 //! - [`endpoints`]: which hosts to fetch a reference from (mirrors, plain HTTP).
 //! - [`error`]: the error type, with its gRPC code.
 //! - [`blobs`]: the content-addressed blob store.
+//! - [`limits`]: the caps on what one image may take from the host.
 //! - [`record`]: the image record and what it takes from the OCI image config.
 //! - `flight`: running concurrent identical requests once.
+//! - `tarstream`: the metered, hashed layer stream under the tar reader; sparse holes.
 //! - [`unpack`]: applying layer tarballs to a staging tree (whiteouts, path safety).
 //! - [`ext4`]: sizing and making the ext4 image.
+//! - `remote`: fetching manifests and blobs from a registry, every read capped.
 //! - [`store`]: the image store: records, usage counts, listing and removal.
-//! - [`pull`]: pulling an image into the store.
+//! - [`pull`]: pulling an image into the store, checked against [`ImageLimits`].
 
 use std::collections::HashMap;
 
@@ -35,13 +38,17 @@ pub mod endpoints;
 pub mod error;
 pub mod ext4;
 mod flight;
+pub mod limits;
 pub mod pull;
 pub mod record;
 pub mod reference;
+mod remote;
 pub mod store;
+mod tarstream;
 pub mod unpack;
 
 pub use error::ImageError;
+pub use limits::{ImageLimits, Limit};
 pub use record::{ImageConfig, ImageRecord};
 pub use reference::ImageName;
 pub use store::{FsUsage, ImageLease, ImageStore};

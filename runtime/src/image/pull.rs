@@ -5,34 +5,27 @@
 //! Concurrent pulls of one reference run once; so do builds of one image id reached by
 //! different references.
 
-use std::io::BufReader;
+use std::io::{BufReader, Read};
 use std::path::Path;
-use std::sync::Arc;
-use std::time::Duration;
 
 use futures::{StreamExt, TryStreamExt};
-use oci_client::client::{ClientConfig, ClientProtocol, linux_amd64_resolver};
-use oci_client::errors::{OciDistributionError, OciErrorCode};
 use oci_client::manifest::{OciDescriptor, OciImageManifest};
 use oci_client::secrets::RegistryAuth;
-use oci_client::{Client, Reference};
 use podvisor_common::error_chain;
 use tracing::{info, warn};
 
 use super::blobs::fsync_dir;
-use super::endpoints::{Endpoint, plain_http_hosts};
 use super::error::{ImageError, io_err, task_err};
 use super::ext4;
+use super::limits::{ImageLimits, Limit};
 use super::record::{ImageRecord, ROOTFS_FILE, parse_config, uid_and_username};
 use super::reference::{ImageName, sha256_hex};
+use super::remote::{Remote, Session};
 use super::store::ImageStore;
-use super::unpack::{Compression, Unpacker};
+use super::unpack::{Compression, DeviceNode, Unpacker};
 
 /// Layers downloaded at once.
 const PARALLEL_DOWNLOADS: usize = 3;
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
-/// Longest wait for any single read from a registry.
-const READ_TIMEOUT: Duration = Duration::from_secs(120);
 const CONFIG_MEDIA_TYPES: &[&str] = &[
     "application/vnd.oci.image.config.v1+json",
     "application/vnd.docker.container.image.v1+json",
@@ -41,16 +34,109 @@ const CONFIG_MEDIA_TYPES: &[&str] = &[
 /// Where an image was found and how to fetch its blobs.
 struct Source {
     name: ImageName,
-    client: Client,
-    /// The reference on the endpoint that answered.
-    reference: Reference,
-    host: String,
+    session: Session,
     manifest: OciImageManifest,
     /// The digest of `manifest`.
     manifest_digest: String,
     /// What the reference resolved to: the index's digest for a multi-platform image
     /// (registries and kubelet name it so), else `manifest_digest`.
     resolved_digest: String,
+}
+
+/// One layer to fetch and unpack, as the manifest describes it (checked).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayerPlan {
+    /// `sha256:<hex>`.
+    pub digest: String,
+    /// Compressed size, above 0.
+    pub size: u64,
+    /// From its media type.
+    pub compression: Compression,
+}
+
+/// Checks `manifest` against `limits` before anything is fetched: a container image
+/// config, sha256 digests, sizes above 0, at most `max_layers` layers, a config of at most
+/// `max_config_bytes` and declared sizes adding up to at most `max_download_bytes`.
+/// Returns the config's size and the layers.
+pub fn check_manifest(
+    reference: &str,
+    manifest: &OciImageManifest,
+    limits: &ImageLimits,
+) -> Result<(u64, Vec<LayerPlan>), ImageError> {
+    let unsupported = |what: String| ImageError::Unsupported {
+        reference: reference.to_string(),
+        what,
+    };
+    let config = &manifest.config;
+    if !CONFIG_MEDIA_TYPES.contains(&config.media_type.as_str()) {
+        return Err(unsupported(format!(
+            "config media type {} (not a container image)",
+            config.media_type
+        )));
+    }
+    if sha256_hex(&config.digest).is_none() {
+        return Err(unsupported(format!("config digest {}", config.digest)));
+    }
+    let count = manifest.layers.len();
+    if count as u64 > limits.max_layers {
+        return Err(ImageError::LimitExceeded {
+            what: format!("image {reference}: {count} layers"),
+            limit: Limit::Layers,
+            max: limits.max_layers,
+        });
+    }
+    let config_size = declared_size(reference, config, "config")?;
+    if config_size > limits.max_config_bytes {
+        return Err(ImageError::LimitExceeded {
+            what: format!(
+                "image {reference}: config {} declares {config_size} bytes",
+                config.digest
+            ),
+            limit: Limit::ConfigBytes,
+            max: limits.max_config_bytes,
+        });
+    }
+    let mut total = config_size;
+    let mut layers = Vec::with_capacity(count);
+    for (i, layer) in manifest.layers.iter().enumerate() {
+        let what = format!("layer {}/{count}", i + 1);
+        let compression = Compression::for_media_type(&layer.media_type)
+            .ok_or_else(|| unsupported(format!("layer media type {}", layer.media_type)))?;
+        if sha256_hex(&layer.digest).is_none() {
+            return Err(unsupported(format!("layer digest {}", layer.digest)));
+        }
+        let size = declared_size(reference, layer, &what)?;
+        total = total.saturating_add(size);
+        if total > limits.max_download_bytes {
+            return Err(ImageError::LimitExceeded {
+                what: format!(
+                    "image {reference}: config and layers up to {what} declare {total} bytes"
+                ),
+                limit: Limit::DownloadBytes,
+                max: limits.max_download_bytes,
+            });
+        }
+        layers.push(LayerPlan {
+            digest: layer.digest.clone(),
+            size,
+            compression,
+        });
+    }
+    Ok((config_size, layers))
+}
+
+/// The size `desc` declares, which must be above 0: it is also the most that is read.
+fn declared_size(reference: &str, desc: &OciDescriptor, what: &str) -> Result<u64, ImageError> {
+    u64::try_from(desc.size)
+        .ok()
+        .filter(|s| *s > 0)
+        .ok_or_else(|| ImageError::BadManifest {
+            reference: reference.to_string(),
+            message: format!(
+                "{what} {} declares size {} (must be above 0)",
+                desc.digest, desc.size
+            ),
+        })
 }
 
 impl ImageStore {
@@ -111,7 +197,7 @@ impl ImageStore {
         auth: Option<(String, String)>,
     ) -> Result<Source, ImageError> {
         let endpoints = self.inner.endpoints.for_registry(name.registry());
-        let client = registry_client(&endpoints)?;
+        let remote = Remote::new(&endpoints)?;
         let credentials = match auth {
             Some((user, pass)) => RegistryAuth::Basic(user, pass),
             None => RegistryAuth::Anonymous,
@@ -120,28 +206,31 @@ impl ImageStore {
         for endpoint in &endpoints {
             let reference = name.at_host(&endpoint.host);
             let auth = if endpoint.mirror {
-                &RegistryAuth::Anonymous
+                RegistryAuth::Anonymous
             } else {
-                &credentials
+                credentials.clone()
             };
             info!(image = %name, endpoint = %endpoint.host, "resolving image");
-            match client
-                .pull_image_manifest_and_list_digest(&reference, auth)
-                .await
-            {
-                Ok((manifest, digest, list_digest)) => {
+            let resolved = async {
+                let session = remote.session(&name, endpoint, reference, auth).await?;
+                let resolved = session
+                    .manifest(self.inner.limits.max_manifest_bytes)
+                    .await?;
+                Ok::<_, ImageError>((session, resolved))
+            };
+            match resolved.await {
+                Ok((session, resolved)) => {
                     return Ok(Source {
-                        resolved_digest: list_digest.unwrap_or_else(|| digest.clone()),
-                        manifest_digest: digest,
+                        resolved_digest: resolved
+                            .list_digest
+                            .unwrap_or_else(|| resolved.digest.clone()),
+                        manifest_digest: resolved.digest,
                         name,
-                        client,
-                        reference,
-                        host: endpoint.host.clone(),
-                        manifest,
+                        session,
+                        manifest: resolved.manifest,
                     });
                 }
-                Err(e) => {
-                    let error = registry_error(&name, &endpoint.host, e);
+                Err(error) => {
                     warn!(image = %name, endpoint = %endpoint.host, error = %error_chain(&error), "cannot resolve image");
                     last_error = Some(error);
                 }
@@ -150,37 +239,30 @@ impl ImageStore {
         Err(last_error.unwrap_or_else(|| ImageError::Internal(format!("{name}: no endpoint"))))
     }
 
-    /// Downloads what is missing and makes the image.
+    /// Downloads what is missing and makes the image. On failure, the blobs it fetched
+    /// that no image uses and no other pull waits for are removed with the rest.
     async fn build(&self, source: Source) -> Result<ImageRecord, ImageError> {
-        let manifest = &source.manifest;
-        let id = manifest.config.digest.clone();
-        let unsupported = |what: String| ImageError::Unsupported {
-            reference: source.name.to_string(),
-            what,
-        };
-        if !CONFIG_MEDIA_TYPES.contains(&manifest.config.media_type.as_str()) {
-            return Err(unsupported(format!(
-                "config media type {} (not a container image)",
-                manifest.config.media_type
-            )));
+        let id = source.manifest.config.digest.clone();
+        let name = source.name.to_string();
+        let (config_size, layers) = check_manifest(&name, &source.manifest, &self.inner.limits)?;
+        let pins =
+            self.pin(std::iter::once(id.as_str()).chain(layers.iter().map(|l| l.digest.as_str())));
+        let result = self.download_and_make(&source, config_size, layers).await;
+        if result.is_err() {
+            pins.release_unused();
         }
-        let mut layers = Vec::new();
-        for layer in &manifest.layers {
-            let compression = Compression::for_media_type(&layer.media_type)
-                .ok_or_else(|| unsupported(format!("layer media type {}", layer.media_type)))?;
-            if sha256_hex(&layer.digest).is_none() {
-                return Err(unsupported(format!("layer digest {}", layer.digest)));
-            }
-            layers.push((layer.digest.clone(), compression));
-        }
-        let _pins =
-            self.pin(std::iter::once(id.as_str()).chain(layers.iter().map(|(d, _)| d.as_str())));
+        result
+    }
 
-        self.fetch(&source, &manifest.config, "config").await?;
-        let config_path = self.inner.blobs.path(&id)?;
-        let config_data = tokio::fs::read(&config_path)
-            .await
-            .map_err(io_err("read", &config_path))?;
+    async fn download_and_make(
+        &self,
+        source: &Source,
+        config_size: u64,
+        layers: Vec<LayerPlan>,
+    ) -> Result<ImageRecord, ImageError> {
+        let id = source.manifest.config.digest.clone();
+        self.fetch(source, &id, config_size, "config").await?;
+        let config_data = self.read_config(&id)?;
         let (config, diff_ids) = parse_config(&id, &config_data)?;
         if !diff_ids.is_empty() && diff_ids.len() != layers.len() {
             return Err(ImageError::BadConfig {
@@ -189,14 +271,20 @@ impl ImageStore {
             });
         }
 
-        let count = manifest.layers.len();
+        let count = layers.len();
         // The futures are made first: a closure inside the stream would make this
         // future not `Send` (rust-lang/rust#104382).
-        let downloads: Vec<_> = manifest
-            .layers
+        let downloads: Vec<_> = layers
             .iter()
             .enumerate()
-            .map(|(i, layer)| self.fetch(&source, layer, format!("layer {}/{count}", i + 1)))
+            .map(|(i, l)| {
+                self.fetch(
+                    source,
+                    &l.digest,
+                    l.size,
+                    format!("layer {}/{count}", i + 1),
+                )
+            })
             .collect();
         futures::stream::iter(downloads)
             .buffer_unordered(PARALLEL_DOWNLOADS)
@@ -213,7 +301,7 @@ impl ImageStore {
             uid,
             username,
             manifest_digest: source.manifest_digest.clone(),
-            layers: layers.iter().map(|(d, _)| d.clone()).collect(),
+            layers: layers.iter().map(|l| l.digest.clone()).collect(),
         };
         let store = self.clone();
         let name = source.name.to_string();
@@ -226,36 +314,60 @@ impl ImageStore {
         Ok(record)
     }
 
-    /// Downloads the blob `desc` into the blob store unless it is there.
+    /// The stored config blob `id`, read up to the config cap (it may have been stored
+    /// under a larger one).
+    fn read_config(&self, id: &str) -> Result<Vec<u8>, ImageError> {
+        let path = self.inner.blobs.path(id)?;
+        let max = self.inner.limits.max_config_bytes;
+        let file = std::fs::File::open(&path).map_err(io_err("open", &path))?;
+        let mut data = Vec::new();
+        file.take(max + 1)
+            .read_to_end(&mut data)
+            .map_err(io_err("read", &path))?;
+        if data.len() as u64 > max {
+            return Err(ImageError::LimitExceeded {
+                what: format!("config {id}: more than {max} bytes"),
+                limit: Limit::ConfigBytes,
+                max,
+            });
+        }
+        Ok(data)
+    }
+
+    /// Downloads the blob `digest` of the declared `size` into the blob store unless it
+    /// is there. Never reads more than `size` bytes of it.
     async fn fetch(
         &self,
         source: &Source,
-        desc: &OciDescriptor,
+        digest: &str,
+        size: u64,
         what: impl std::fmt::Display,
     ) -> Result<(), ImageError> {
-        if self.inner.blobs.contains(&desc.digest) {
-            info!(image = %source.name, "{what}: {} already stored", desc.digest);
+        if self.inner.blobs.contains(digest) {
+            info!(image = %source.name, "{what}: {digest} already stored");
             return Ok(());
         }
-        let size = u64::try_from(desc.size).ok();
-        info!(image = %source.name, bytes = desc.size, "{what}: downloading {}", desc.digest);
-        let stream = source
-            .client
-            .pull_blob_stream(&source.reference, desc)
-            .await
-            .map_err(|e| registry_error(&source.name, &source.host, e))?;
+        info!(image = %source.name, bytes = size, "{what}: downloading {digest}");
+        let response = source.session.blob(digest).await?;
+        if let Some(len) = response.content_length()
+            && len != size
+        {
+            return Err(ImageError::SizeMismatch {
+                what: format!("{what} {digest}"),
+                declared: size,
+                actual: len.to_string(),
+            });
+        }
+        let stream = response.bytes_stream().map_err(std::io::Error::other);
         // Progress in tenths of the blob.
         let mut next_tenth = 1;
         let written = self
             .inner
             .blobs
-            .write_stream(&desc.digest, size, stream, |done| {
-                if let Some(total) = size.filter(|t| *t > 0)
-                    && done * 10 >= total * next_tenth
-                    && next_tenth < 10
-                {
-                    info!(image = %source.name, done, total, "{what}: {}%", next_tenth * 10);
-                    next_tenth = done * 10 / total + 1;
+            .write_stream(digest, size, stream, |done| {
+                if done * 10 >= size * next_tenth && next_tenth < 10 {
+                    info!(image = %source.name, done, total = size, "{what}: {}%", next_tenth * 10);
+                    next_tenth = done * 10 / size + 1;
                 }
             })
             .await?;
@@ -264,12 +376,13 @@ impl ImageStore {
     }
 
     /// Unpacks the layers into a staging tree and makes `images/<hex>/` from it
-    /// (blocking). Returns `record` with its size filled in.
+    /// (blocking). Returns `record` with its size filled in. Whatever fails, the build
+    /// directory (staging tree, partial image) is removed.
     fn assemble(
         &self,
         name: &str,
         mut record: ImageRecord,
-        layers: &[(String, Compression)],
+        layers: &[LayerPlan],
         diff_ids: &[String],
     ) -> Result<ImageRecord, ImageError> {
         let hex = record.id_hex().to_string();
@@ -282,20 +395,7 @@ impl ImageStore {
             }
             // The image's `/`: mkfs.ext4 -d copies the staging root's mode.
             set_mode(&staging, 0o755)?;
-            let mut unpacker = Unpacker::new(&staging);
-            let count = layers.len();
-            for (i, (digest, compression)) in layers.iter().enumerate() {
-                let path = self.inner.blobs.path(digest)?;
-                let blob = std::fs::File::open(&path).map_err(io_err("open", &path))?;
-                let entries = unpacker.apply(
-                    BufReader::with_capacity(1 << 20, blob),
-                    *compression,
-                    digest,
-                    diff_ids.get(i).map(String::as_str),
-                )?;
-                info!(image = name, entries, "layer {}/{count}: unpacked", i + 1);
-            }
-            let devices = unpacker.finish()?;
+            let devices = self.unpack_layers(name, &staging, layers, diff_ids)?;
             let rootfs = out.join(ROOTFS_FILE);
             ext4::make(&staging, &rootfs, &hex[..12], &devices)?;
             std::fs::remove_dir_all(&staging).map_err(io_err("remove", &staging))?;
@@ -327,6 +427,33 @@ impl ImageStore {
         }
         result
     }
+
+    /// Applies the layers to `staging` within the unpacking caps; returns the image's
+    /// device nodes.
+    fn unpack_layers(
+        &self,
+        name: &str,
+        staging: &Path,
+        layers: &[LayerPlan],
+        diff_ids: &[String],
+    ) -> Result<Vec<DeviceNode>, ImageError> {
+        let mut unpacker = Unpacker::with_limits(staging, &self.inner.limits);
+        let count = layers.len();
+        for (i, layer) in layers.iter().enumerate() {
+            let path = self.inner.blobs.path(&layer.digest)?;
+            let blob = std::fs::File::open(&path).map_err(io_err("open", &path))?;
+            let entries = unpacker.apply(
+                BufReader::with_capacity(1 << 20, blob),
+                layer.compression,
+                &layer.digest,
+                diff_ids.get(i).map(String::as_str),
+            )?;
+            info!(image = name, entries, "layer {}/{count}: unpacked", i + 1);
+        }
+        let (bytes, inodes) = unpacker.used();
+        info!(image = name, bytes, inodes, "layers unpacked");
+        unpacker.finish()
+    }
 }
 
 fn set_mode(path: &Path, mode: u32) -> Result<(), ImageError> {
@@ -335,107 +462,121 @@ fn set_mode(path: &Path, mode: u32) -> Result<(), ImageError> {
         .map_err(io_err("chmod", path))
 }
 
-/// A registry client for `endpoints`: plain HTTP where configured, linux/amd64 out of
-/// multi-platform indexes.
-fn registry_client(endpoints: &[Endpoint]) -> Result<Client, ImageError> {
-    let config = ClientConfig {
-        protocol: ClientProtocol::HttpsExcept(plain_http_hosts(endpoints)),
-        platform_resolver: Some(Box::new(linux_amd64_resolver)),
-        connect_timeout: Some(CONNECT_TIMEOUT),
-        read_timeout: Some(READ_TIMEOUT),
-        ..ClientConfig::default()
-    };
-    Client::try_from(config).map_err(|e| ImageError::Client(Arc::new(e)))
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-/// What a CRI client can do about a registry client error.
-enum RegistryFailure {
-    Unauthorized,
-    NotFound,
-    Unavailable,
-    Digest,
-    Unsupported,
-    Other,
-}
+    const GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
 
-/// Sorts a registry client error into what a CRI client can act on.
-fn registry_error(name: &ImageName, host: &str, error: OciDistributionError) -> ImageError {
-    let registry = host.to_string();
-    let reference = name.to_string();
-    let failure = classify(&error);
-    let source = Arc::new(error);
-    match failure {
-        RegistryFailure::Unauthorized => ImageError::Unauthorized {
-            reference,
-            registry,
-            source,
-        },
-        RegistryFailure::NotFound => ImageError::NotInRegistry {
-            reference,
-            registry,
-            source,
-        },
-        RegistryFailure::Unavailable => ImageError::Unavailable { registry, source },
-        RegistryFailure::Digest => ImageError::DigestMismatch {
-            what: format!("{reference} from {registry}"),
-            expected: "the digest in the reference or header".into(),
-            actual: error_chain(&*source),
-        },
-        RegistryFailure::Unsupported => ImageError::Unsupported {
-            reference,
-            what: format!("manifest ({})", error_chain(&*source)),
-        },
-        RegistryFailure::Other => ImageError::Registry { registry, source },
+    fn digest(c: char) -> String {
+        format!("sha256:{}", std::iter::repeat_n(c, 64).collect::<String>())
     }
-}
 
-/// The [`RegistryFailure`] of a registry client error: by its kind, its HTTP status, or
-/// the OCI error codes of its answer.
-fn classify(error: &OciDistributionError) -> RegistryFailure {
-    match error {
-        OciDistributionError::RequestError(_) | OciDistributionError::IoError(_) => {
-            RegistryFailure::Unavailable
+    /// A manifest with a config of `config_size` bytes and layers of `layer_sizes`.
+    fn manifest(config_size: i64, layer_sizes: &[i64]) -> OciImageManifest {
+        let layers: Vec<_> = layer_sizes
+            .iter()
+            .map(|size| serde_json::json!({"mediaType": GZIP, "digest": digest('b'), "size": size}))
+            .collect();
+        serde_json::from_value(serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {
+                "mediaType": "application/vnd.oci.image.config.v1+json",
+                "digest": digest('a'),
+                "size": config_size,
+            },
+            "layers": layers,
+        }))
+        .expect("manifest")
+    }
+
+    fn over(result: Result<(u64, Vec<LayerPlan>), ImageError>, limit: Limit) -> String {
+        match result {
+            Err(e @ ImageError::LimitExceeded { limit: l, .. }) if l == limit => {
+                assert_eq!(e.code(), tonic::Code::ResourceExhausted);
+                e.to_string()
+            }
+            other => panic!("expected {limit}, got {other:?}"),
         }
-        OciDistributionError::UnauthorizedError { .. }
-        | OciDistributionError::AuthenticationFailure(_) => RegistryFailure::Unauthorized,
-        OciDistributionError::ImageManifestNotFoundError(_) => RegistryFailure::NotFound,
-        OciDistributionError::ServerError { code, .. } => match code {
-            401 | 403 => RegistryFailure::Unauthorized,
-            404 => RegistryFailure::NotFound,
-            429 | 500.. => RegistryFailure::Unavailable,
-            _ => RegistryFailure::Other,
-        },
-        OciDistributionError::RegistryError { envelope, .. } => {
-            let codes: Vec<&OciErrorCode> = envelope.errors.iter().map(|e| &e.code).collect();
-            if codes
-                .iter()
-                .any(|c| matches!(c, OciErrorCode::Unauthorized | OciErrorCode::Denied))
-            {
-                RegistryFailure::Unauthorized
-            } else if codes.iter().any(|c| {
-                matches!(
-                    c,
-                    OciErrorCode::ManifestUnknown
-                        | OciErrorCode::NameUnknown
-                        | OciErrorCode::NotFound
-                        | OciErrorCode::BlobUnknown
-                )
-            }) {
-                RegistryFailure::NotFound
-            } else if codes
-                .iter()
-                .any(|c| matches!(c, OciErrorCode::Toomanyrequests))
-            {
-                RegistryFailure::Unavailable
-            } else {
-                RegistryFailure::Other
+    }
+
+    #[test]
+    fn manifests_are_checked_against_the_caps_before_any_fetch() {
+        let limits = ImageLimits::default();
+        let (config, layers) =
+            check_manifest("r", &manifest(1500, &[10, 20]), &limits).expect("fine");
+        assert_eq!(config, 1500);
+        assert_eq!(
+            layers,
+            [10, 20].map(|size| LayerPlan {
+                digest: digest('b'),
+                size,
+                compression: Compression::Gzip,
+            })
+        );
+
+        // Layers: 128 pass, 129 do not.
+        check_manifest("r", &manifest(2, &[1; 128]), &limits).expect("128 layers");
+        let msg = over(
+            check_manifest("r", &manifest(2, &[1; 129]), &limits),
+            Limit::Layers,
+        );
+        assert!(
+            msg.contains("129 layers") && msg.contains("max_layers = 128"),
+            "{msg}"
+        );
+
+        // A config declaring 5 MiB, or 10 GB.
+        for size in [5 << 20, 10_000_000_000] {
+            let msg = over(
+                check_manifest("r", &manifest(size, &[1]), &limits),
+                Limit::ConfigBytes,
+            );
+            assert!(msg.contains(&format!("declares {size} bytes")), "{msg}");
+        }
+
+        // The declared sizes add up past the download cap.
+        let small = ImageLimits {
+            max_download_bytes: 100,
+            ..limits
+        };
+        check_manifest("r", &manifest(40, &[30, 30]), &small).expect("exactly 100");
+        let msg = over(
+            check_manifest("r", &manifest(40, &[30, 31]), &small),
+            Limit::DownloadBytes,
+        );
+        assert!(msg.contains("layer 2/2"), "{msg}");
+    }
+
+    #[test]
+    fn sizes_of_zero_or_less_are_refused() {
+        let limits = ImageLimits::default();
+        for (config, layers) in [(0, vec![1]), (-1, vec![1]), (2, vec![1, 0]), (2, vec![-5])] {
+            match check_manifest("r", &manifest(config, &layers), &limits) {
+                Err(e @ ImageError::BadManifest { .. }) => {
+                    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+                    assert!(e.to_string().contains("must be above 0"), "{e}");
+                }
+                other => panic!("{config} {layers:?}: {other:?}"),
             }
         }
-        OciDistributionError::DigestError(_) => RegistryFailure::Digest,
-        OciDistributionError::UnsupportedMediaTypeError(_)
-        | OciDistributionError::UnsupportedSchemaVersionError(_)
-        | OciDistributionError::ManifestParsingError(_)
-        | OciDistributionError::VersionedParsingError(_) => RegistryFailure::Unsupported,
-        _ => RegistryFailure::Other,
+    }
+
+    #[test]
+    fn what_is_not_a_container_image_is_refused() {
+        let limits = ImageLimits::default();
+        let mut m = manifest(2, &[1]);
+        m.layers[0].media_type = "application/vnd.wasm.content.layer.v1+wasm".into();
+        let err = check_manifest("r", &m, &limits).expect_err("wasm");
+        assert!(matches!(err, ImageError::Unsupported { .. }), "{err}");
+        let mut m = manifest(2, &[1]);
+        m.layers[0].digest = "sha512:00".into();
+        let err = check_manifest("r", &m, &limits).expect_err("sha512");
+        assert!(matches!(err, ImageError::Unsupported { .. }), "{err}");
+        let mut m = manifest(2, &[1]);
+        m.config.media_type = "application/vnd.wasm.config.v1+json".into();
+        let err = check_manifest("r", &m, &limits).expect_err("wasm config");
+        assert!(matches!(err, ImageError::Unsupported { .. }), "{err}");
     }
 }

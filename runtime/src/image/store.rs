@@ -15,6 +15,7 @@ use super::blobs::{BlobStore, fsync_dir};
 use super::endpoints::Endpoints;
 use super::error::{ImageError, io_err};
 use super::flight::SingleFlight;
+use super::limits::ImageLimits;
 use super::record::{ImageRecord, ROOTFS_FILE};
 use super::reference::{ImageName, image_id, is_sha256_hex};
 
@@ -41,6 +42,7 @@ pub(super) struct Inner {
     pub(super) tmp_dir: PathBuf,
     pub(super) blobs: BlobStore,
     pub(super) endpoints: Endpoints,
+    pub(super) limits: ImageLimits,
     state: Mutex<State>,
     /// Pulls in flight, by normalised reference.
     pub(super) pulls: SingleFlight<ImageRecord>,
@@ -106,24 +108,65 @@ pub(super) struct BlobPins {
     digests: Vec<String>,
 }
 
-impl Drop for BlobPins {
-    fn drop(&mut self) {
+impl BlobPins {
+    /// Ends the pins and removes the pinned blobs that no image uses and no other pull
+    /// has pinned: what a failed pull fetched does not stay on disk.
+    pub(super) fn release_unused(mut self) {
+        // Taken: the drop that follows has nothing left to unpin.
+        let digests = std::mem::take(&mut self.digests);
         let mut state = self.store.lock();
-        for d in &self.digests {
-            if let Some(n) = state.pinned.get_mut(d) {
-                *n = n.saturating_sub(1);
-                if *n == 0 {
-                    state.pinned.remove(d);
-                }
+        unpin(&mut state, &digests);
+        for digest in &digests {
+            let used = state
+                .images
+                .values()
+                .any(|r| r.blobs().any(|b| b == digest));
+            if used || state.pinned.contains_key(digest) {
+                continue;
+            }
+            match self.store.inner.blobs.remove(digest) {
+                Ok(()) => info!(blob = %digest, "removed blob of a failed pull"),
+                Err(e) => warn!(blob = %digest, error = %error_chain(&e), "cannot remove blob"),
             }
         }
     }
 }
 
+fn unpin(state: &mut State, digests: &[String]) {
+    for d in digests {
+        if let Some(n) = state.pinned.get_mut(d) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                state.pinned.remove(d);
+            }
+        }
+    }
+}
+
+impl Drop for BlobPins {
+    fn drop(&mut self) {
+        unpin(&mut self.store.lock(), &self.digests);
+    }
+}
+
 impl ImageStore {
-    /// Opens (creating if needed) the store under `root` and loads its images. Leftovers
-    /// of interrupted work (`tmp/`) and blobs no image uses are removed.
+    /// Opens (creating if needed) the store under `root` and loads its images, with the
+    /// default [`ImageLimits`]. Leftovers of interrupted work (`tmp/`) and blobs no image
+    /// uses are removed.
     pub fn open(root: &Path, registries: RegistryConfig) -> Result<Self, ImageError> {
+        Self::open_with_limits(root, registries, ImageLimits::default())
+    }
+
+    /// [`ImageStore::open`] with the caps `limits` on every image pulled; a cap of 0 is
+    /// refused.
+    pub fn open_with_limits(
+        root: &Path,
+        registries: RegistryConfig,
+        limits: ImageLimits,
+    ) -> Result<Self, ImageError> {
+        if let Some(zero) = limits.first_zero() {
+            return Err(ImageError::InvalidConfig(format!("{zero} is 0")));
+        }
         let endpoints = Endpoints::new(&registries)?;
         let images_dir = root.join("images");
         let tmp_dir = root.join("tmp");
@@ -154,6 +197,7 @@ impl ImageStore {
                 tmp_dir,
                 blobs,
                 endpoints,
+                limits,
                 state: Mutex::new(State {
                     images,
                     ..State::default()
@@ -167,6 +211,11 @@ impl ImageStore {
     /// The store's root directory.
     pub fn root(&self) -> &Path {
         &self.inner.root
+    }
+
+    /// The caps on every image pulled.
+    pub fn limits(&self) -> &ImageLimits {
+        &self.inner.limits
     }
 
     /// Every image, sorted by id.
@@ -573,5 +622,19 @@ mod tests {
         assert_eq!(usage.mountpoint, root);
         assert!(usage.inodes_used >= 8, "{usage:?}");
         assert!(usage.used_bytes > 0);
+    }
+
+    #[test]
+    fn a_cap_of_zero_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let limits = ImageLimits {
+            max_inodes: 0,
+            ..ImageLimits::default()
+        };
+        let err = ImageStore::open_with_limits(dir.path(), RegistryConfig::default(), limits)
+            .expect_err("zero cap");
+        assert!(err.to_string().contains("images.max_inodes"), "{err}");
+        let store = ImageStore::open(dir.path(), RegistryConfig::default()).expect("open");
+        assert_eq!(store.limits(), &ImageLimits::default());
     }
 }

@@ -30,6 +30,8 @@ use tar::EntryType;
 use tracing::{debug, warn};
 
 use super::error::{ImageError, io_err};
+use super::limits::{ImageLimits, Limit};
+use super::tarstream::{CompleteTail, HashingReader, Meter, Metered, copy_with_holes};
 
 /// Whiteout prefix: `.wh.name` deletes `name`.
 const WHITEOUT_PREFIX: &str = ".wh.";
@@ -37,6 +39,8 @@ const WHITEOUT_PREFIX: &str = ".wh.";
 const OPAQUE_MARKER: &str = ".wh..wh..opq";
 /// xattrs in PAX headers.
 const PAX_XATTR_PREFIX: &str = "SCHILY.xattr.";
+/// The buffer file contents are copied through.
+const COPY_BUFFER: usize = 256 << 10;
 
 /// How a layer blob is compressed, from its media type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,8 +73,11 @@ impl Compression {
 }
 
 /// Applies layers to a staging tree, bottom first; [`Unpacker::finish`] once all are in.
+/// What the layers unpack to, over all of them, is held to the unpacking caps of
+/// [`ImageLimits`].
 pub struct Unpacker {
     root: PathBuf,
+    meter: Meter,
     /// Directory modification times, set last: adding entries changes them.
     dir_times: HashMap<PathBuf, TimeSpec>,
     /// Device nodes and FIFOs by path: never made on the host (see [`DeviceNode`]).
@@ -130,18 +137,31 @@ struct EntryMeta {
 }
 
 impl Unpacker {
-    /// Unpacks into `root`, an existing directory.
+    /// Unpacks into `root`, an existing directory, within the default caps.
     pub fn new(root: &Path) -> Self {
+        Self::with_limits(root, &ImageLimits::default())
+    }
+
+    /// Unpacks into `root`, an existing directory, within `limits`' unpacking caps
+    /// (`max_unpacked_bytes`, `max_inodes`).
+    pub fn with_limits(root: &Path, limits: &ImageLimits) -> Self {
         Unpacker {
             root: root.to_path_buf(),
+            meter: Meter::new(limits),
             dir_times: HashMap::new(),
             devices: HashMap::new(),
         }
     }
 
+    /// Bytes and inodes unpacked so far, as counted against the caps.
+    pub fn used(&self) -> (u64, u64) {
+        self.meter.used()
+    }
+
     /// Applies the layer `digest`, read (compressed) from `blob`. `diff_id` is the digest
     /// of the uncompressed tarball from the image config, when it has one. Returns the
-    /// number of entries.
+    /// number of entries. A cap reached ends it with [`ImageError::LimitExceeded`], having
+    /// decompressed no further.
     pub fn apply(
         &mut self,
         blob: impl Read,
@@ -160,8 +180,13 @@ impl Unpacker {
                 zstd::stream::read::Decoder::new(blob).map_err(|e| bad(format!("zstd: {e}")))?,
             ),
         };
+        let meter = &self.meter;
+        meter.start_layer();
         let mut hashed = HashingReader {
-            inner: tarball,
+            inner: Metered {
+                inner: tarball,
+                meter,
+            },
             hasher: Sha256::new(),
         };
         let mut layer = Layer {
@@ -170,9 +195,10 @@ impl Unpacker {
             written: HashSet::new(),
             dir_times: &mut self.dir_times,
             devices: &mut self.devices,
+            meter,
+            buf: vec![0; COPY_BUFFER],
         };
-        let mut count = 0;
-        {
+        let count = {
             let data_end = Cell::new(0);
             let mut archive = tar::Archive::new(CompleteTail {
                 inner: &mut hashed,
@@ -180,16 +206,13 @@ impl Unpacker {
                 data_end: &data_end,
                 zeros_left: None,
             });
-            let entries = archive.entries().map_err(|e| bad(format!("read: {e}")))?;
-            for entry in entries {
-                let mut entry = entry.map_err(|e| bad(format!("read: {e}")))?;
-                data_end.set(entry.raw_file_position().saturating_add(entry.size()));
-                layer.apply_entry(&mut entry)?;
-                count += 1;
-            }
-        }
+            let mut entries = archive
+                .entries()
+                .map_err(|e| layer.read_error(Path::new("?"), e))?;
+            layer.apply_entries(&mut entries, &data_end)?
+        };
         // The digest covers the whole stream, including the padding after the last entry.
-        io::copy(&mut hashed, &mut io::sink()).map_err(|e| bad(format!("read: {e}")))?;
+        io::copy(&mut hashed, &mut io::sink()).map_err(|e| layer.read_error(Path::new("?"), e))?;
         let actual = format!("sha256:{}", hex::encode(hashed.hasher.finalize()));
         if let Some(expected) = diff_id
             && expected != actual
@@ -250,6 +273,9 @@ struct Layer<'a> {
     written: HashSet<PathBuf>,
     dir_times: &'a mut HashMap<PathBuf, TimeSpec>,
     devices: &'a mut HashMap<PathBuf, Placeholder>,
+    meter: &'a Meter,
+    /// For copying file contents.
+    buf: Vec<u8>,
 }
 
 impl Layer<'_> {
@@ -257,6 +283,66 @@ impl Layer<'_> {
         ImageError::BadLayer {
             digest: self.digest.to_string(),
             message: format!("entry {:?}: {message}", path),
+        }
+    }
+
+    /// The error of a failed read of the layer at `path`: the cap the read stopped at,
+    /// or a bad layer.
+    fn read_error(&self, path: &Path, e: io::Error) -> ImageError {
+        self.failure(path, "read", e)
+    }
+
+    /// The error of a failed `op` at `path`: the cap a read stopped at, or a bad layer.
+    fn failure(&self, path: &Path, op: &str, e: io::Error) -> ImageError {
+        match self.meter.take_tripped() {
+            Some(limit) => self.over(limit),
+            None => self.bad(path, format!("{op}: {e}")),
+        }
+    }
+
+    /// The cap `limit` reached while applying this layer.
+    fn over(&self, limit: Limit) -> ImageError {
+        let max = self.meter.max(limit);
+        let what = match limit {
+            Limit::Inodes => format!("layer {}: more than {max} entries", self.digest),
+            Limit::EntryMetadataBytes => format!(
+                "layer {}: the tar headers of one entry take more than {max} bytes",
+                self.digest
+            ),
+            _ => format!(
+                "layer {}: the image unpacks to more than {max} bytes",
+                self.digest
+            ),
+        };
+        ImageError::LimitExceeded { what, limit, max }
+    }
+
+    /// Applies every entry of the layer; returns their number. While the tar reader looks
+    /// for the next entry it may read no more than the headers of one; each entry's data
+    /// is read whole before the next (what is not written is read and dropped), so those
+    /// reads hold nothing but headers.
+    fn apply_entries<R: Read>(
+        &mut self,
+        entries: &mut tar::Entries<'_, R>,
+        data_end: &Cell<u64>,
+    ) -> Result<u64, ImageError> {
+        let mut count = 0;
+        loop {
+            self.meter.headers_only(true);
+            let next = entries.next();
+            self.meter.headers_only(false);
+            let Some(entry) = next else {
+                return Ok(count);
+            };
+            let mut entry = entry.map_err(|e| self.read_error(Path::new("?"), e))?;
+            data_end.set(self.meter.pos().saturating_add(archived_size(&mut entry)));
+            self.meter.count_inode().map_err(|limit| self.over(limit))?;
+            self.apply_entry(&mut entry)?;
+            io::copy(&mut entry, &mut io::sink()).map_err(|e| {
+                let path = entry.path().map(|p| p.into_owned()).unwrap_or_default();
+                self.read_error(&path, e)
+            })?;
+            count += 1;
         }
     }
 
@@ -295,11 +381,7 @@ impl Layer<'_> {
                 }
             }
             EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse => {
-                if existing.is_some() {
-                    remove_any(&full)?;
-                }
-                let mut file = create_new(&full, 0o600)?;
-                io::copy(entry, &mut file).map_err(|e| self.bad(&rel, format!("write: {e}")))?;
+                self.write_file(entry, &rel, &full, existing.is_some())?;
             }
             EntryType::Symlink => {
                 let target = entry
@@ -352,6 +434,37 @@ impl Layer<'_> {
         }
         self.written.insert(rel.clone());
         self.set_metadata(&rel, &full, kind, &meta)
+    }
+
+    /// Writes a regular (or sparse) file's content at `full`, replacing what is there.
+    /// Refused before anything is written if its size alone is over what the image may
+    /// still unpack to.
+    fn write_file<R: Read>(
+        &mut self,
+        entry: &mut tar::Entry<'_, R>,
+        rel: &Path,
+        full: &Path,
+        existing: bool,
+    ) -> Result<(), ImageError> {
+        let size = entry.size();
+        if size > self.meter.bytes_left() {
+            let (used, _) = self.meter.used();
+            return Err(ImageError::LimitExceeded {
+                what: format!(
+                    "layer {}: entry {rel:?} of {size} bytes, after {used} bytes unpacked",
+                    self.digest
+                ),
+                limit: Limit::UnpackedBytes,
+                max: self.meter.max(Limit::UnpackedBytes),
+            });
+        }
+        if existing {
+            remove_any(full)?;
+        }
+        let mut file = create_new(full, 0o600)?;
+        copy_with_holes(entry, &mut file, self.meter, &mut self.buf)
+            .map_err(|e| self.failure(rel, "write", e))?;
+        Ok(())
     }
 
     /// `.wh.<target>` in `parent`, or the opaque marker.
@@ -517,6 +630,22 @@ impl Layer<'_> {
     }
 }
 
+/// How many bytes of the stream the entry's data takes: its size, except for a GNU sparse
+/// entry, whose size is the file's apparent size and whose data is the header's size
+/// (or the PAX `size` record's).
+fn archived_size<R: Read>(entry: &mut tar::Entry<'_, R>) -> u64 {
+    if !entry.header().entry_type().is_gnu_sparse() {
+        return entry.size();
+    }
+    let pax_size = entry.pax_extensions().ok().flatten().and_then(|records| {
+        records
+            .filter_map(Result::ok)
+            .find(|r| r.key() == Ok("size"))
+            .and_then(|r| r.value().ok()?.parse().ok())
+    });
+    pax_size.unwrap_or_else(|| entry.header().entry_size().unwrap_or(0))
+}
+
 /// The entry name relative to the root: `/` and `.` dropped, `..` refused.
 fn clean(raw: &Path) -> Result<PathBuf, &'static str> {
     let mut out = PathBuf::new();
@@ -642,531 +771,5 @@ fn set_xattr(path: &Path, name: &[u8], value: &[u8]) {
     }
 }
 
-/// Hashes what passes through.
-struct HashingReader<R> {
-    inner: R,
-    hasher: Sha256,
-}
-
-impl<R: Read> Read for HashingReader<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.hasher.update(&buf[..n]);
-        Ok(n)
-    }
-}
-
-/// The size of a tar block.
-const TAR_BLOCK: u64 = 512;
-/// The end-of-archive marker: two zero blocks.
-const TAR_END_BYTES: u64 = 2 * TAR_BLOCK;
-
-/// A layer stream as Go's `archive/tar` (and so containerd) reads it: a layer may end right
-/// after its last entry's data, without the padding to a block or the end-of-archive blocks
-/// (umoci writes such layers), which the tar crate insists on. Once the stream ends and
-/// everything it has held includes all of the last entry's data, this reader supplies the
-/// missing padding and end blocks as zeros; a stream that ends inside an entry's data ends
-/// there, and the entry or the next header is refused as truncated. Written by hand: the
-/// tar crate has no lenient mode.
-struct CompleteTail<'a, R> {
-    inner: R,
-    /// Bytes the stream has given.
-    read: u64,
-    /// Where the current entry's data ends in the stream.
-    data_end: &'a Cell<u64>,
-    /// Zeros still to give once the stream has ended after complete data.
-    zeros_left: Option<u64>,
-}
-
-impl<R: Read> Read for CompleteTail<'_, R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if buf.is_empty() {
-            return Ok(0);
-        }
-        if self.zeros_left.is_none() {
-            let n = self.inner.read(buf)?;
-            if n > 0 || self.read < self.data_end.get() {
-                self.read += n as u64;
-                return Ok(n);
-            }
-            let pad = (TAR_BLOCK - self.read % TAR_BLOCK) % TAR_BLOCK;
-            self.zeros_left = Some(pad + TAR_END_BYTES);
-        }
-        let left = self.zeros_left.unwrap_or(0);
-        let n = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
-        buf[..n].fill(0);
-        self.zeros_left = Some(left - n as u64);
-        Ok(n)
-    }
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use std::io::Write;
-    use std::os::unix::fs::MetadataExt;
-
-    /// A layer tarball written header by header: names are stored raw, so layers can hold
-    /// what `tar::Builder` refuses to write (`..`, absolute names).
-    struct LayerTar {
-        builder: tar::Builder<Vec<u8>>,
-    }
-
-    impl Default for LayerTar {
-        fn default() -> Self {
-            LayerTar {
-                builder: tar::Builder::new(Vec::new()),
-            }
-        }
-    }
-
-    impl LayerTar {
-        fn entry(
-            mut self,
-            kind: EntryType,
-            name: &str,
-            link: &str,
-            data: &[u8],
-            mode: u32,
-        ) -> Self {
-            let mut header = tar::Header::new_gnu();
-            header.set_entry_type(kind);
-            header.set_mode(mode);
-            header.set_uid(0);
-            header.set_gid(0);
-            header.set_mtime(1_700_000_000);
-            header.set_size(data.len() as u64);
-            let gnu = header.as_gnu_mut().expect("gnu header");
-            gnu.name[..name.len()].copy_from_slice(name.as_bytes());
-            gnu.linkname[..link.len()].copy_from_slice(link.as_bytes());
-            header.set_cksum();
-            self.builder.append(&header, data).expect("append");
-            self
-        }
-        fn dir(self, name: &str) -> Self {
-            self.entry(EntryType::Directory, name, "", b"", 0o755)
-        }
-        fn file(self, name: &str, data: &str) -> Self {
-            self.entry(EntryType::Regular, name, "", data.as_bytes(), 0o644)
-        }
-        fn symlink(self, name: &str, target: &str) -> Self {
-            self.entry(EntryType::Symlink, name, target, b"", 0o777)
-        }
-        fn hardlink(self, name: &str, target: &str) -> Self {
-            self.entry(EntryType::Link, name, target, b"", 0o644)
-        }
-        fn device(
-            mut self,
-            name: &str,
-            kind: EntryType,
-            major: u32,
-            minor: u32,
-            mode: u32,
-        ) -> Self {
-            let mut header = tar::Header::new_ustar();
-            header.set_entry_type(kind);
-            header.set_path(name).expect("path");
-            header.set_mode(mode);
-            header.set_uid(0);
-            header.set_gid(5);
-            header.set_mtime(1_700_000_000);
-            header.set_size(0);
-            header.set_device_major(major).expect("major");
-            header.set_device_minor(minor).expect("minor");
-            header.set_cksum();
-            self.builder.append(&header, &b""[..]).expect("append");
-            self
-        }
-        fn bytes(self) -> Vec<u8> {
-            self.builder.into_inner().expect("finish tar")
-        }
-    }
-
-    /// A staging root inside a scratch directory that also holds an `outside/` tree,
-    /// which no layer may touch.
-    struct Scratch {
-        _dir: tempfile::TempDir,
-        root: PathBuf,
-        outside: PathBuf,
-        unpacker: Unpacker,
-    }
-
-    impl Scratch {
-        fn new() -> Self {
-            let dir = tempfile::tempdir().expect("tempdir");
-            let root = dir.path().join("root");
-            let outside = dir.path().join("outside");
-            fs::create_dir_all(&root).expect("mkdir root");
-            fs::create_dir_all(&outside).expect("mkdir outside");
-            fs::write(outside.join("victim"), "host file").expect("write victim");
-            let unpacker = Unpacker::new(&root);
-            Scratch {
-                _dir: dir,
-                root,
-                outside,
-                unpacker,
-            }
-        }
-
-        fn apply(&mut self, layer: LayerTar) -> Result<u64, ImageError> {
-            self.unpacker
-                .apply(&layer.bytes()[..], Compression::None, "sha256:test", None)
-        }
-
-        fn exists(&self, rel: &str) -> bool {
-            fs::symlink_metadata(self.root.join(rel)).is_ok()
-        }
-
-        fn read(&self, rel: &str) -> String {
-            fs::read_to_string(self.root.join(rel)).expect(rel)
-        }
-
-        fn outside_untouched(&self) {
-            assert_eq!(
-                fs::read_to_string(self.outside.join("victim")).expect("victim"),
-                "host file"
-            );
-            let names: Vec<_> = fs::read_dir(&self.outside)
-                .expect("outside")
-                .map(|e| e.expect("entry").file_name())
-                .collect();
-            assert_eq!(names, ["victim"], "nothing new outside the root");
-        }
-    }
-
-    fn assert_bad_layer(result: Result<u64, ImageError>, needle: &str) {
-        match result {
-            Err(ImageError::BadLayer { message, .. }) => {
-                assert!(message.contains(needle), "{message:?} lacks {needle:?}")
-            }
-            other => panic!("expected a bad layer ({needle}), got {other:?}"),
-        }
-    }
-
-    #[test]
-    fn whiteouts_and_opaque_directories() {
-        let mut s = Scratch::new();
-        s.apply(
-            LayerTar::default()
-                .dir("a/")
-                .file("a/x", "x")
-                .file("a/y", "y")
-                .dir("b/")
-                .file("b/old", "old")
-                .dir("b/sub/")
-                .file("b/sub/deep", "deep")
-                .dir("c/")
-                .file("c/inside", "c")
-                .dir("d/")
-                .file("d/old", "old"),
-        )
-        .expect("layer 1");
-        s.apply(
-            LayerTar::default()
-                .file("a/.wh.x", "")
-                .file("a/z", "z")
-                // Whiteouts apply to lower layers only: z stays.
-                .file("a/.wh.z", "")
-                .file(".wh.c", "")
-                // Opaque marker after this layer's own entries: they stay.
-                .dir("b/")
-                .dir("b/sub/")
-                .file("b/new", "new")
-                .file("b/.wh..wh..opq", "")
-                // Opaque marker first.
-                .file("d/.wh..wh..opq", "")
-                .file("d/fresh", "fresh")
-                // Whiteout of something that never existed, in a missing directory.
-                .file("nowhere/.wh.ghost", ""),
-        )
-        .expect("layer 2");
-        assert!(!s.exists("a/x"));
-        assert_eq!(s.read("a/y"), "y");
-        assert_eq!(s.read("a/z"), "z");
-        assert!(!s.exists("c"));
-        assert_eq!(s.read("b/new"), "new");
-        assert!(!s.exists("b/old"));
-        assert!(s.exists("b/sub"), "rewritten by this layer");
-        assert!(!s.exists("b/sub/deep"), "below an opaque directory");
-        assert!(!s.exists("d/old"));
-        assert_eq!(s.read("d/fresh"), "fresh");
-        assert!(!s.exists("nowhere"), "a whiteout creates nothing");
-        assert!(!s.exists("a/.wh.z") && !s.exists("b/.wh..wh..opq"));
-    }
-
-    #[test]
-    fn path_escapes_are_refused() {
-        let mut s = Scratch::new();
-        assert_bad_layer(
-            s.apply(LayerTar::default().file("../outside/victim", "pwned")),
-            "`..`",
-        );
-        assert_bad_layer(
-            s.apply(LayerTar::default().file("a/../../escape", "pwned")),
-            "`..`",
-        );
-        assert_bad_layer(s.apply(LayerTar::default().file("a/.wh...", "")), "invalid");
-        // An absolute name is inside the root all the same.
-        s.apply(LayerTar::default().file("/abs/file", "in root"))
-            .expect("absolute name");
-        assert_eq!(s.read("abs/file"), "in root");
-        s.outside_untouched();
-    }
-
-    #[test]
-    fn hard_links_stay_inside_the_tree() {
-        let mut s = Scratch::new();
-        s.apply(LayerTar::default().file("etc/data", "data"))
-            .expect("layer 1");
-        let victim = s.outside.join("victim");
-        let up = format!("../../{}", victim.display());
-        assert_bad_layer(s.apply(LayerTar::default().hardlink("l1", &up)), "`..`");
-        // An absolute target is looked up in the root, where this one does not exist.
-        assert_bad_layer(
-            s.apply(LayerTar::default().hardlink("l2", &victim.display().to_string())),
-            "not in the tree",
-        );
-        assert_bad_layer(
-            s.apply(LayerTar::default().hardlink("l3", "etc")),
-            "directory",
-        );
-        s.apply(LayerTar::default().hardlink("etc/same", "/etc/data"))
-            .expect("link inside");
-        let a = fs::metadata(s.root.join("etc/data")).expect("data");
-        let b = fs::metadata(s.root.join("etc/same")).expect("same");
-        assert_eq!(a.ino(), b.ino());
-        assert_eq!(a.nlink(), 2);
-        assert!(!s.exists("l1") && !s.exists("l2") && !s.exists("l3"));
-        s.outside_untouched();
-    }
-
-    #[test]
-    fn symlinks_from_layers_are_never_followed() {
-        let mut s = Scratch::new();
-        let outside = s.outside.display().to_string();
-        let victim = s.outside.join("victim").display().to_string();
-        s.apply(
-            LayerTar::default()
-                .symlink("evil", &outside)
-                .symlink("relative", "../outside")
-                .symlink("file-link", &victim),
-        )
-        .expect("layer 1");
-
-        // Through a symlinked directory: refused, whatever the target.
-        assert_bad_layer(
-            s.apply(LayerTar::default().file("evil/pwned", "x")),
-            "symbolic link",
-        );
-        assert_bad_layer(
-            s.apply(LayerTar::default().file("relative/pwned", "x")),
-            "symbolic link",
-        );
-        assert_bad_layer(
-            s.apply(LayerTar::default().file("evil/.wh.victim", "")),
-            "symbolic link",
-        );
-        assert_bad_layer(
-            s.apply(LayerTar::default().hardlink("h", "evil/victim")),
-            "symbolic link",
-        );
-        assert_bad_layer(
-            s.apply(LayerTar::default().dir("evil/sub/")),
-            "symbolic link",
-        );
-        // A file over a symlink replaces the link, not what it points to.
-        s.apply(LayerTar::default().file("file-link", "replaced"))
-            .expect("file over symlink");
-        assert!(
-            fs::symlink_metadata(s.root.join("file-link"))
-                .expect("stat")
-                .is_file()
-        );
-        assert_eq!(s.read("file-link"), "replaced");
-        // A whiteout of a symlink removes the link only.
-        s.apply(LayerTar::default().file(".wh.evil", ""))
-            .expect("whiteout");
-        assert!(!s.exists("evil"));
-        // A directory over a symlink replaces it too.
-        s.apply(LayerTar::default().dir("relative/").file("relative/f", "f"))
-            .expect("dir over symlink");
-        assert!(
-            fs::symlink_metadata(s.root.join("relative"))
-                .expect("stat")
-                .is_dir()
-        );
-        s.outside_untouched();
-    }
-
-    #[test]
-    fn metadata_is_kept() {
-        let mut s = Scratch::new();
-        let mut header = tar::Header::new_gnu();
-        header.set_entry_type(EntryType::Regular);
-        header.set_path("bin/su").expect("path");
-        header.set_mode(0o4755);
-        header.set_uid(1000);
-        header.set_gid(2000);
-        header.set_mtime(1_600_000_000);
-        header.set_size(2);
-        header.set_cksum();
-        let mut builder = tar::Builder::new(Vec::new());
-        builder.append(&header, &b"#!"[..]).expect("append");
-        let mut dir = tar::Header::new_gnu();
-        dir.set_entry_type(EntryType::Directory);
-        dir.set_path("bin/").expect("path");
-        dir.set_mode(0o700);
-        dir.set_uid(0);
-        dir.set_gid(0);
-        dir.set_mtime(1_500_000_000);
-        dir.set_size(0);
-        dir.set_cksum();
-        builder.append(&dir, &b""[..]).expect("append");
-        let data = builder.into_inner().expect("tar");
-        s.unpacker
-            .apply(&data[..], Compression::None, "sha256:test", None)
-            .expect("apply");
-        let Scratch { root, unpacker, .. } = &mut s;
-        std::mem::replace(unpacker, Unpacker::new(root))
-            .finish()
-            .expect("finish");
-        let m = fs::metadata(s.root.join("bin/su")).expect("stat");
-        assert_eq!(m.mode() & 0o7777, 0o4755, "setuid survives chown");
-        assert_eq!((m.uid(), m.gid()), (1000, 2000));
-        assert_eq!(m.mtime(), 1_600_000_000);
-        let d = fs::metadata(s.root.join("bin")).expect("stat");
-        assert_eq!(d.mode() & 0o7777, 0o700);
-        assert_eq!(
-            d.mtime(),
-            1_500_000_000,
-            "set after the directory's entries"
-        );
-    }
-
-    #[test]
-    fn layers_without_the_tar_trailer_are_read_as_go_reads_them() {
-        let data = "x".repeat(700);
-        let full = LayerTar::default()
-            .dir("etc")
-            .file("etc/motd", &data)
-            .bytes();
-        // Header blocks: etc, etc/motd; then 700 bytes of data from offset 1024.
-        let data_end = 2 * 512 + 700;
-        for (cut, what) in [
-            (data_end, "no padding"),
-            (data_end + 100, "part of the padding"),
-        ] {
-            let layer = &full[..cut];
-            let diff_id = format!("sha256:{}", hex::encode(Sha256::digest(layer)));
-            let mut s = Scratch::new();
-            let count = s
-                .unpacker
-                .apply(layer, Compression::None, "sha256:l", Some(&diff_id))
-                .unwrap_or_else(|e| panic!("{what}: {e}"));
-            assert_eq!(count, 2, "{what}");
-            assert_eq!(s.read("etc/motd"), data, "{what}");
-        }
-        // Truncated entry data is still refused, also inside the last block.
-        for cut in [data_end - 1, 2 * 512 + 600, 2 * 512 + 10, 512 + 100] {
-            let mut s = Scratch::new();
-            let e = s
-                .unpacker
-                .apply(&full[..cut], Compression::None, "sha256:l", None);
-            assert!(
-                matches!(e, Err(ImageError::BadLayer { .. })),
-                "cut at {cut}: {e:?}"
-            );
-        }
-    }
-
-    #[test]
-    fn compressed_layers_and_diff_ids() {
-        let tar = LayerTar::default().file("etc/hostname", "box\n").bytes();
-        let diff_id = format!("sha256:{}", hex::encode(Sha256::digest(&tar)));
-
-        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-        gz.write_all(&tar).expect("gzip");
-        let gz = gz.finish().expect("gzip");
-        let zst = zstd::encode_all(&tar[..], 3).expect("zstd");
-
-        for (data, compression) in [
-            (&tar, Compression::None),
-            (&gz, Compression::Gzip),
-            (&zst, Compression::Zstd),
-        ] {
-            let mut s = Scratch::new();
-            s.unpacker
-                .apply(&data[..], compression, "sha256:l", Some(&diff_id))
-                .expect("apply");
-            assert_eq!(s.read("etc/hostname"), "box\n", "{compression:?}");
-            let err = s
-                .unpacker
-                .apply(&data[..], compression, "sha256:l", Some("sha256:00"))
-                .expect_err("wrong diff id");
-            assert!(matches!(err, ImageError::DigestMismatch { .. }), "{err}");
-        }
-        let mut s = Scratch::new();
-        let err = s
-            .unpacker
-            .apply(&tar[..], Compression::Gzip, "sha256:l", None)
-            .expect_err("not gzip");
-        assert!(matches!(err, ImageError::BadLayer { .. }), "{err}");
-    }
-
-    #[test]
-    fn layer_media_types() {
-        use Compression::*;
-        for (media_type, expected) in [
-            ("application/vnd.oci.image.layer.v1.tar", Some(None)),
-            ("application/vnd.oci.image.layer.v1.tar+gzip", Some(Gzip)),
-            ("application/vnd.oci.image.layer.v1.tar+zstd", Some(Zstd)),
-            (
-                "application/vnd.docker.image.rootfs.diff.tar.gzip",
-                Some(Gzip),
-            ),
-            ("application/vnd.docker.image.rootfs.diff.tar", Some(None)),
-            ("application/vnd.wasm.content.layer.v1+wasm", Option::None),
-        ] {
-            assert_eq!(
-                Compression::for_media_type(media_type),
-                expected,
-                "{media_type}"
-            );
-        }
-    }
-    /// An image's device nodes are never made on the host: placeholders in the tree (the
-    /// ext4 step makes the nodes, see its tests); one a later layer replaced is a file.
-    #[test]
-    fn device_nodes_exist_only_inside_the_image() {
-        let mut s = Scratch::new();
-        s.apply(
-            LayerTar::default()
-                .dir("dev")
-                .device("dev/mynull", EntryType::Char, 1, 3, 0o666)
-                .device("dev/disk", EntryType::Block, 8, 0, 0o660)
-                .device("dev/gone", EntryType::Char, 1, 5, 0o600)
-                .device("fifo", EntryType::Fifo, 0, 0, 0o644)
-                .hardlink("dev/null-link", "dev/mynull"),
-        )
-        .expect("layer 1");
-        s.apply(LayerTar::default().file("dev/gone", "a file now"))
-            .expect("layer 2");
-        for p in ["dev/mynull", "dev/disk", "fifo", "dev/null-link"] {
-            let m = fs::symlink_metadata(s.root.join(p)).expect(p);
-            assert!(m.is_file() && m.len() == 0, "{p} on the host: {m:?}");
-        }
-        let devices = s.unpacker.finish().expect("finish");
-        let paths: Vec<&str> = devices.iter().filter_map(|d| d.path.to_str()).collect();
-        assert_eq!(paths, ["dev/disk", "dev/mynull", "dev/null-link", "fifo"]);
-        assert_eq!(
-            (
-                devices[1].kind,
-                devices[1].major,
-                devices[1].minor,
-                devices[1].mode,
-                devices[1].gid
-            ),
-            (DeviceKind::Char, 1, 3, 0o666, 5)
-        );
-    }
-}
+mod tests;
