@@ -21,6 +21,7 @@ pub mod exit;
 pub mod handle;
 pub mod jail;
 pub mod layout;
+pub mod logger;
 pub mod memory;
 pub mod seccomp;
 pub mod snapshot;

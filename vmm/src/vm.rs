@@ -238,7 +238,7 @@ fn event_loop(
             }
             match devices.get(slot as usize) {
                 Some(d) => lock(d).handle_event(token, ev.events()),
-                None => tracing::warn!("event for unknown device slot {slot}"),
+                None => crate::warn_limited!("event for unknown device slot {slot}"),
             }
         }
     }

@@ -39,7 +39,7 @@ impl Interrupt {
     fn raise(&self, bit: u32) {
         self.status.fetch_or(bit, Ordering::SeqCst);
         if let Err(e) = self.irq.write(1) {
-            tracing::warn!("raise virtio interrupt: {e}");
+            crate::warn_limited!("raise virtio interrupt: {e}");
         }
     }
 

@@ -501,7 +501,7 @@ impl MmioTransport {
                 // The kicks of the old process are lost; whatever the guest
                 // queued before the snapshot is found again this way.
                 if let Err(e) = evt.write(1) {
-                    tracing::warn!("kick queue {index} after restore: {e}");
+                    crate::warn_limited!("kick queue {index} after restore: {e}");
                 }
             }
         }
@@ -689,7 +689,7 @@ impl MmioTransport {
         use status::*;
         let all_valid = self.queues.iter().all(|q| q.is_valid(&self.mem));
         if !all_valid {
-            tracing::warn!(
+            crate::warn_limited!(
                 "{}: driver set DRIVER_OK with an invalid or unready queue",
                 lock(&self.device).name()
             );
@@ -707,7 +707,7 @@ impl MmioTransport {
                     queues.push(q);
                 }
                 Err(e) => {
-                    tracing::warn!("{}: queue state: {e:?}", lock(&self.device).name());
+                    crate::warn_limited!("{}: queue state: {e:?}", lock(&self.device).name());
                     self.needs_reset();
                     return;
                 }
@@ -719,7 +719,7 @@ impl MmioTransport {
                 self.state = TransportState::Active;
             }
             Err(e) => {
-                tracing::warn!(
+                crate::warn_limited!(
                     "{}: activation failed: {}",
                     lock(&self.device).name(),
                     error_chain(&e)

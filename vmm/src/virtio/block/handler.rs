@@ -111,7 +111,7 @@ impl Block {
             if budget == 0 {
                 // Let the other devices run; the kick brings us back.
                 if let Err(e) = active.queue_evt.write(1) {
-                    tracing::warn!("block: re-kick queue eventfd: {e}");
+                    crate::warn_limited!("block: re-kick queue eventfd: {e}");
                 }
                 break;
             }
@@ -313,7 +313,7 @@ impl Disk {
         let mut file = FileAt::new(&self.backing.file, offset);
         for desc in self.data(request) {
             if let Err(e) = file.read_to_guest(mem, desc.addr(), desc.len() as usize) {
-                tracing::warn!(
+                crate::warn_limited!(
                     "block: read {} at offset {offset}: {e}",
                     self.backing.path.display()
                 );
@@ -344,7 +344,7 @@ impl Disk {
         let mut file = FileAt::new(&self.backing.file, offset);
         for desc in self.data(request) {
             if let Err(e) = file.write_from_guest(mem, desc.addr(), desc.len() as usize) {
-                tracing::warn!(
+                crate::warn_limited!(
                     "block: write {} at offset {offset}: {e}",
                     self.backing.path.display()
                 );
@@ -363,7 +363,7 @@ impl Disk {
         match self.backing.file.sync_data() {
             Ok(()) => (VIRTIO_BLK_S_OK, 0),
             Err(e) => {
-                tracing::warn!("block: flush {}: {e}", self.backing.path.display());
+                crate::warn_limited!("block: flush {}: {e}", self.backing.path.display());
                 (VIRTIO_BLK_S_IOERR, 0)
             }
         }

@@ -241,7 +241,7 @@ impl VirtioDevice for Net {
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
         if self.active.is_some() {
-            tracing::warn!("{}: activated twice without reset", self.name());
+            crate::warn_limited!("{}: activated twice without reset", self.name());
             self.reset();
         }
         let ActivateContext {

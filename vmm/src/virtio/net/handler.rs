@@ -91,14 +91,14 @@ impl Net {
                 } else if events & (libc::EPOLLERR | libc::EPOLLHUP) as u32 != 0 {
                     // A detached TAP (interface deleted) reports EPOLLERR for
                     // ever, level-triggered: stop watching it.
-                    tracing::warn!("{}: TAP reported an error, RX stops", self.tap.name());
+                    crate::warn_limited!("{}: TAP reported an error, RX stops", self.tap.name());
                     self.counters.io_errors += 1;
                     if let Some(active) = self.active.as_mut() {
                         stop_tap_polling(active, &self.tap);
                     }
                 }
             }
-            _ => tracing::warn!("{}: unknown event token {token}", self.tap.name()),
+            _ => crate::warn_limited!("{}: unknown event token {token}", self.tap.name()),
         }
     }
 
@@ -164,7 +164,7 @@ impl Net {
                     // Let the other devices run; the self-kick brings us
                     // back to the rest.
                     if let Err(e) = tx_event.write(1) {
-                        tracing::warn!("{}: re-arm TX eventfd: {e}", tap.name());
+                        crate::warn_limited!("{}: re-arm TX eventfd: {e}", tap.name());
                     }
                     break 'batch;
                 }
@@ -225,7 +225,7 @@ impl Net {
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(e) => {
                         counters.io_errors += 1;
-                        tracing::warn!("{}: TAP read failed, RX stops: {e}", tap.name());
+                        crate::warn_limited!("{}: TAP read failed, RX stops: {e}", tap.name());
                         stop_tap_polling(active, tap);
                         break;
                     }
@@ -594,7 +594,7 @@ fn set_tap_polling(active: &mut Active, tap: &Tap, input: bool) {
     }
     match active.events.modify(tap.as_raw_fd(), TAP_TOKEN, events) {
         Ok(()) => active.tap_polling = target,
-        Err(e) => tracing::warn!("{}: change TAP polling: {e}", tap.name()),
+        Err(e) => crate::warn_limited!("{}: change TAP polling: {e}", tap.name()),
     }
 }
 

@@ -116,7 +116,7 @@ impl Active {
             && let Err(e) = evt.read()
             && e.kind() != std::io::ErrorKind::WouldBlock
         {
-            tracing::warn!("vsock: read queue {queue} eventfd: {e}");
+            crate::warn_limited!("vsock: read queue {queue} eventfd: {e}");
         }
     }
 
@@ -153,7 +153,7 @@ impl Active {
                 }
             }
             if let Err(e) = queue.add_used(&*mem, head, 0) {
-                tracing::warn!("vsock: TX add_used {head}: {e}");
+                crate::warn_limited!("vsock: TX add_used {head}: {e}");
             }
             used[TX_QUEUE] = true;
         }
@@ -207,7 +207,7 @@ impl Active {
                 }
             };
             if let Err(e) = queue.add_used(&*mem, head, len) {
-                tracing::warn!("vsock: RX add_used {head}: {e}");
+                crate::warn_limited!("vsock: RX add_used {head}: {e}");
             }
             used[RX_QUEUE] = true;
         }
@@ -247,7 +247,7 @@ impl Active {
             };
             let len = if written { 4 } else { 0 };
             if let Err(e) = queue.add_used(&*mem, head, len) {
-                tracing::warn!("vsock: event add_used {head}: {e}");
+                crate::warn_limited!("vsock: event add_used {head}: {e}");
             }
             used[EVENT_QUEUE] = true;
             if written {

@@ -232,7 +232,7 @@ impl Muxer {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    tracing::warn!("vsock: accept on {}: {e}", self.uds_path.display());
+                    crate::warn_limited!("vsock: accept on {}: {e}", self.uds_path.display());
                     counters.io_errors += 1;
                     return;
                 }
@@ -244,7 +244,7 @@ impl Muxer {
                 continue;
             }
             if let Err(e) = stream.set_nonblocking(true) {
-                tracing::warn!("vsock: set host client non-blocking: {e}");
+                crate::warn_limited!("vsock: set host client non-blocking: {e}");
                 counters.io_errors += 1;
                 continue;
             }
@@ -252,7 +252,7 @@ impl Muxer {
                 continue;
             };
             if let Err(e) = self.events.add(stream.as_raw_fd(), token, EventSet::IN) {
-                tracing::warn!("vsock: register host client: {e}");
+                crate::warn_limited!("vsock: register host client: {e}");
                 counters.io_errors += 1;
                 continue;
             }
@@ -356,7 +356,7 @@ impl Muxer {
             return;
         };
         if let Err(e) = self.events.modify(stream.as_raw_fd(), token, conn_events()) {
-            tracing::warn!("vsock: re-register host client: {e}");
+            crate::warn_limited!("vsock: re-register host client: {e}");
             counters.io_errors += 1;
             self.events.remove(stream.as_raw_fd());
             return;
@@ -565,7 +565,7 @@ impl Muxer {
             return;
         };
         if let Err(e) = self.events.add(stream.as_raw_fd(), token, conn_events()) {
-            tracing::warn!("vsock: register host stream: {e}");
+            crate::warn_limited!("vsock: register host stream: {e}");
             counters.io_errors += 1;
             self.queue_rst(key);
             return;
