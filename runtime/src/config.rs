@@ -33,6 +33,7 @@
 //! image = "/usr/share/podvisor/rootfs.ext4"
 //! kernel_cmdline_extra = ""
 //! template = true              # pods restore a snapshot of a booted VM (false: cold boot)
+//! console_max_bytes = 8388608  # console.log keeps at most this much, the newest
 //!
 //! [handlers.big]               # keys left out are the default handler's
 //! vcpus = 4
@@ -68,6 +69,10 @@ const DEFAULT_VCPUS: u8 = 1;
 const DEFAULT_MEMORY_MIB: u64 = 256;
 const DEFAULT_KERNEL: &str = "/usr/share/podvisor/vmlinux";
 const DEFAULT_IMAGE: &str = "/usr/share/podvisor/rootfs.ext4";
+/// A pod's `console.log` at most, by default.
+const DEFAULT_CONSOLE_BYTES: u64 = 8 << 20;
+/// The smallest console cap: room for a kernel panic's report.
+const MIN_CONSOLE_BYTES: u64 = 64 << 10;
 /// The VMMs' user (`make setup` creates it).
 const DEFAULT_VMM_USER: &str = "podvisor";
 
@@ -142,6 +147,8 @@ pub struct Handler {
     /// when podvisord starts and again whenever an input changes) instead of booting a
     /// kernel.
     pub template: bool,
+    /// The most bytes of the guest console a pod's `console.log` holds (the newest kept).
+    pub console_max_bytes: u64,
 }
 
 /// podvisord's whole configuration, validated.
@@ -252,6 +259,7 @@ struct RawHandler {
     image: Option<PathBuf>,
     kernel_cmdline_extra: Option<String>,
     template: Option<bool>,
+    console_max_bytes: Option<u64>,
 }
 
 fn invalid(key: impl Into<String>, why: impl Into<String>) -> ConfigError {
@@ -295,6 +303,13 @@ impl RawHandler {
                 format!("{memory_mib} is below the minimum of {MIN_MEMORY_MIB} MiB"),
             ));
         }
+        let console_max_bytes = self.console_max_bytes.unwrap_or(base.console_max_bytes);
+        if console_max_bytes < MIN_CONSOLE_BYTES {
+            return Err(invalid(
+                key("console_max_bytes"),
+                format!("{console_max_bytes} is below the minimum of {MIN_CONSOLE_BYTES}"),
+            ));
+        }
         let path = |k: &str, p: Option<PathBuf>, base: &Path| {
             absolute(&key(k), p.unwrap_or_else(|| base.to_path_buf()))
         };
@@ -308,6 +323,7 @@ impl RawHandler {
                 .kernel_cmdline_extra
                 .unwrap_or_else(|| base.kernel_cmdline_extra.clone()),
             template: self.template.unwrap_or(base.template),
+            console_max_bytes,
         })
     }
 }
@@ -321,6 +337,7 @@ fn builtin_handler() -> Handler {
         image: PathBuf::from(DEFAULT_IMAGE),
         kernel_cmdline_extra: String::new(),
         template: true,
+        console_max_bytes: DEFAULT_CONSOLE_BYTES,
     }
 }
 
@@ -599,6 +616,7 @@ mod tests {
         assert_eq!(d.kernel, Path::new("/k/vmlinux"));
         assert_eq!(d.image, Path::new("/usr/share/podvisor/rootfs.ext4"));
         assert_eq!(d.kernel_cmdline_extra, "debug");
+        assert_eq!(d.console_max_bytes, 8 << 20, "the default console cap");
 
         // A handler takes what it leaves out from the default handler.
         let big = c.handler("big").unwrap();
@@ -671,6 +689,10 @@ mod tests {
         assert_eq!(
             invalid_key("[handlers.big]\nimage = \"./root.ext4\""),
             "handlers.big.image"
+        );
+        assert_eq!(
+            invalid_key("[handlers.big]\nconsole_max_bytes = 4096"),
+            "handlers.big.console_max_bytes"
         );
         assert_eq!(invalid_key("socket = \"p.sock\""), "socket");
         assert_eq!(invalid_key("root_dir = \"var\""), "root_dir");

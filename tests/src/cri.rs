@@ -486,6 +486,9 @@ pub async fn exec_sync(
         .into_inner())
 }
 
+/// The console cap of the tests' pods: small, so a flooding guest reaches it.
+pub const TEST_CONSOLE_MAX_BYTES: u64 = 256 << 10;
+
 /// podvisord's configuration for a test: the registry at `registry_host` (plain HTTP), the
 /// CNI networks in `conf_dir` with Debian's plugins, and the `podvisor` handler with the
 /// test kernel and agent image (one vCPU, 256 MiB).
@@ -495,7 +498,7 @@ pub fn daemon_config(registry_host: &str, conf_dir: &Path) -> anyhow::Result<Str
     Ok(format!(
         "[registry]\ninsecure = [{registry_host:?}]\n\n[cni]\nconf_dir = {conf_dir:?}\n\
          bin_dirs = [{CNI_BIN_DIR:?}]\n\n[handlers.podvisor]\nvcpus = 1\nmemory_mib = 256\n\
-         kernel = {kernel:?}\nimage = {rootfs:?}\n",
+         kernel = {kernel:?}\nimage = {rootfs:?}\nconsole_max_bytes = {TEST_CONSOLE_MAX_BYTES}\n",
         conf_dir = conf_dir.display().to_string(),
         kernel = kernel.display().to_string(),
         rootfs = rootfs.display().to_string(),

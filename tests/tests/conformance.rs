@@ -43,8 +43,8 @@ use k8s_cri::v1 as cri;
 use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use podvisor_tests::cri::{
-    CriSetup, Daemon, connect, exec_sync as exec, pod_cgroups, pull_image, shell_container,
-    start_cri_daemon, vmm_processes_under,
+    CriSetup, Daemon, TEST_CONSOLE_MAX_BYTES, connect, exec_sync as exec, pod_cgroups, pull_image,
+    shell_container, start_cri_daemon, vmm_processes_under,
 };
 use podvisor_tests::registry::{SPECIAL_DEVICE, SPECIAL_SETUID, push_busybox_with_special_files};
 use tonic::transport::Channel;
@@ -538,6 +538,7 @@ async fn privileged_inside_the_vm(
     rt: &mut Runtime,
     image: &str,
     logs: &Path,
+    pods_dir: &Path,
 ) -> anyhow::Result<()> {
     let mut pod = pod_config("privileged", logs);
     pod.linux = Some(cri::LinuxPodSandboxConfig {
@@ -620,7 +621,67 @@ async fn privileged_inside_the_vm(
     ensure_vsock_refused(&text, true)?;
     let out = exec(rt, &priv_id, &["true"]).await?;
     ensure!(out.exit_code == 0, "the agent no longer serves: {out:?}");
+    console_flood_is_capped(rt, &priv_id, &pods_dir.join(&id[..16])).await?;
     remove_pod(rt, &id).await
+}
+
+/// The privileged container writes to the guest's serial console for a minute: the pod's
+/// `console.log` on the host never holds more than the handler's cap, reaches it, starts
+/// over keeping the newest output, and the agent still serves.
+async fn console_flood_is_capped(
+    rt: &mut Runtime,
+    cid: &str,
+    pod_dir: &Path,
+) -> anyhow::Result<()> {
+    let console = pod_dir.join("console.log");
+    ensure!(console.is_file(), "no {}", console.display());
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let (stop, console) = (stop.clone(), console.clone());
+        std::thread::spawn(move || {
+            let mut largest = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                largest = largest.max(std::fs::metadata(&console).map_or(0, |m| m.len()));
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            largest
+        })
+    };
+    let flood = "[ -c /dev/ttyS0 ] || mknod /dev/ttyS0 c 4 64; \
+                 timeout 60 yes podvisor-console-flood-0123456789abcdefghijklmnopqrstuvwxyz \
+                 > /dev/ttyS0; echo flooded";
+    let started = Instant::now();
+    let out = exec(rt, cid, &["sh", "-c", flood]).await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let largest = sampler
+        .join()
+        .map_err(|_| anyhow::anyhow!("sampler panicked"))?;
+    let out = out?;
+    let text = std::fs::read_to_string(&console)?;
+    say(&format!(
+        "console flood for {:.0} s: console.log at most {largest} bytes (cap {TEST_CONSOLE_MAX_BYTES}), now {} bytes",
+        started.elapsed().as_secs_f64(),
+        text.len()
+    ));
+    ensure!(
+        String::from_utf8_lossy(&out.stdout).contains("flooded"),
+        "the flood did not run: {out:?}"
+    );
+    ensure!(
+        largest <= TEST_CONSOLE_MAX_BYTES && text.len() as u64 <= TEST_CONSOLE_MAX_BYTES,
+        "console.log grew to {largest} bytes, past the cap {TEST_CONSOLE_MAX_BYTES}"
+    );
+    ensure!(
+        text.contains("console output reached its cap") && text.contains("podvisor-console-flood"),
+        "the flood never reached the cap ({} bytes now)",
+        text.len()
+    );
+    let out = exec(rt, cid, &["true"]).await?;
+    ensure!(
+        out.exit_code == 0,
+        "the agent no longer serves after the flood: {out:?}"
+    );
+    Ok(())
 }
 
 /// `guest-probe vsock-attack` output: no connection made; `own_cid`: the VM's own CID was
@@ -975,7 +1036,7 @@ async fn conformance(daemon: &Daemon, setup: &CriSetup, special: &str) -> anyhow
         tonic::Code::InvalidArgument,
     )?;
     ensure!(msg.contains("privileged pod"), "{msg}");
-    privileged_inside_the_vm(&mut rt, &image, &logs).await?;
+    privileged_inside_the_vm(&mut rt, &image, &logs, &daemon.state_dir.join("pods")).await?;
     let log = pod_logs.join("app/0.log");
     let deadline = Instant::now() + Duration::from_secs(120);
     while !std::fs::read_to_string(&log)

@@ -124,6 +124,10 @@ pub struct VmConfig {
     /// Serial console output.
     #[serde(default)]
     pub serial: SerialOutput,
+    /// The most bytes a serial console file holds (the newest kept); None: the VMM's
+    /// default (8 MiB).
+    #[serde(default)]
+    pub serial_max_bytes: Option<u64>,
     /// Restore this snapshot instead of booting: vCPUs and memory come from it, the devices
     /// from this configuration (same kinds, same order; new files, TAP and sockets).
     #[serde(default)]
@@ -465,6 +469,7 @@ mod tests {
             restore: None,
             seccomp: SeccompLevel::Kill,
             jail: None,
+            serial_max_bytes: None,
         }
     }
 

@@ -80,7 +80,8 @@ pub fn build(mut config: VmConfig, start: Instant) -> Result<Vm, VmError> {
         snap.check_devices(path, &device_states)?;
     }
     let (mmio, decls) = mmio_bus(&shared, &devices)?;
-    let pio = port_io(&shared, &config.serial, &start_kind)?;
+    let serial_max = config.serial_max_bytes.unwrap_or(CONSOLE_CAP);
+    let pio = port_io(&shared, (&config.serial, serial_max), &start_kind)?;
     let entry = match &start_kind {
         Start::Boot { kernel, initrd } => {
             let line = cmdline::build(&config.cmdline, &decls, cmdline::host_is_pvm())
@@ -299,12 +300,13 @@ fn mmio_bus(
     Ok((Arc::new(mmio), decls))
 }
 
-fn serial_out(s: &SerialOutput) -> Result<ConsoleOut, VmError> {
+/// Where the serial console writes; a file holds at most `max_bytes`.
+fn serial_out(s: &SerialOutput, max_bytes: u64) -> Result<ConsoleOut, VmError> {
     Ok(match s {
         SerialOutput::Stdout => Box::new(std::io::stdout()),
         SerialOutput::Null => Box::new(std::io::sink()),
         SerialOutput::File(p) => {
-            let f = CappedFile::open(p, CONSOLE_CAP).map_err(|source| VmError::Serial {
+            let f = CappedFile::open(p, max_bytes).map_err(|source| VmError::Serial {
                 path: p.display().to_string(),
                 source,
             })?;
@@ -316,7 +318,7 @@ fn serial_out(s: &SerialOutput) -> Result<ConsoleOut, VmError> {
 /// The UART (fresh, or in its saved state) and the legacy ports.
 fn port_io(
     shared: &Shared,
-    output: &SerialOutput,
+    output: (&SerialOutput, u64),
     start_kind: &Start,
 ) -> Result<Arc<PortIoBus>, VmError> {
     let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(host_err("create serial eventfd"))?;
@@ -324,7 +326,7 @@ fn port_io(
         .vm
         .register_irqfd(&serial_irq, SERIAL_IRQ)
         .map_err(kvm_err("register serial irqfd"))?;
-    let serial_out = serial_out(output)?;
+    let serial_out = serial_out(output.0, output.1)?;
     let serial = match start_kind {
         Start::Restore { snap, path } => {
             SerialConsole::from_snapshot(serial_irq, serial_out, &snap.serial).map_err(

@@ -99,6 +99,7 @@ fn vm_config(cli: Cli) -> anyhow::Result<VmConfig> {
             .transpose()?,
         seccomp: cli.seccomp,
         jail: None,
+        serial_max_bytes: None,
     })
 }
 

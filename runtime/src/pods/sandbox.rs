@@ -217,6 +217,7 @@ impl PodManager {
             restore: template.map(Template::restore_config),
             jail: self.inner.jail,
             cgroup: Some(id.to_string()),
+            console_max_bytes: handler.console_max_bytes,
         }
     }
 

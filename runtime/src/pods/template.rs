@@ -482,6 +482,7 @@ async fn launch(
         restore: None,
         jail: inputs.jail,
         cgroup: Some(format!("template-{}", template.key)),
+        console_max_bytes: h.console_max_bytes,
     };
     let binary = inputs.vmm_binary.clone();
     let handle = tokio::task::spawn_blocking(move || vmm::launch(&binary, &spec))

@@ -178,6 +178,7 @@ mod tests {
             restore: None,
             seccomp: Default::default(),
             jail: None,
+            serial_max_bytes: None,
         }
     }
 

@@ -73,6 +73,8 @@ pub struct VmmSpec {
     pub jail: Option<super::JailUser>,
     /// The VMM's cgroup, `podvisor/<cgroup>` in each hierarchy (None: podvisord's).
     pub cgroup: Option<String>,
+    /// The most bytes `console.log` holds.
+    pub console_max_bytes: u64,
 }
 
 /// The VM configuration `spec` asks for.
@@ -124,6 +126,7 @@ pub(super) fn vm_config(spec: &VmmSpec, handle: &VmmHandle) -> Result<VmConfig, 
         restore: spec.restore.clone(),
         seccomp: SeccompLevel::default(),
         jail: None,
+        serial_max_bytes: Some(spec.console_max_bytes),
     };
     config.validate().map_err(config_err)?;
     if let Some(user) = spec.jail {
@@ -166,6 +169,7 @@ mod tests {
             restore: None,
             jail: None,
             cgroup: None,
+            console_max_bytes: 1 << 20,
         };
         let net = vm_config(&spec, &h).unwrap().net.unwrap();
         assert_eq!(

@@ -50,6 +50,7 @@ impl FakeVmm {
             restore: None,
             jail: None,
             cgroup: None,
+            console_max_bytes: 1 << 20,
         }
     }
 
