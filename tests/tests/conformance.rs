@@ -622,7 +622,71 @@ async fn privileged_inside_the_vm(
     let out = exec(rt, &priv_id, &["true"]).await?;
     ensure!(out.exit_code == 0, "the agent no longer serves: {out:?}");
     console_flood_is_capped(rt, &priv_id, &pods_dir.join(&id[..16])).await?;
+    silent_guest_does_not_hold_stats(rt, &priv_id, &pods_dir.join(&id[..16])).await?;
     remove_pod(rt, &id).await
+}
+
+/// The VM in `pod_dir` stops answering (its VMM SIGSTOPped): ListContainerStats for the
+/// node still answers, well within the old per-call deadline (180 s), with the other pods'
+/// statistics and none for the silent pod's container `cid`; once it runs again, so do its
+/// statistics.
+async fn silent_guest_does_not_hold_stats(
+    rt: &mut Runtime,
+    cid: &str,
+    pod_dir: &Path,
+) -> anyhow::Result<()> {
+    let vmms = vmm_processes_under(pod_dir);
+    ensure!(vmms.len() == 1, "the pod's VMM: {vmms:?}");
+    let signal = |sig: &str| {
+        std::process::Command::new("kill")
+            .args([sig, &vmms[0].to_string()])
+            .status()
+    };
+    ensure!(signal("-STOP")?.success(), "SIGSTOP the VMM");
+    let started = Instant::now();
+    let answer = tokio::time::timeout(
+        Duration::from_secs(90),
+        rt.list_container_stats(cri::ListContainerStatsRequest { filter: None }),
+    )
+    .await;
+    let took = started.elapsed();
+    ensure!(signal("-CONT")?.success(), "SIGCONT the VMM");
+    let stats = answer
+        .context("ListContainerStats with a silent guest did not answer within 90 s")??
+        .into_inner()
+        .stats;
+    let has_cpu = |s: &cri::ContainerStats| s.cpu.is_some();
+    let silent: Vec<_> = stats
+        .iter()
+        .filter(|s| s.attributes.as_ref().is_some_and(|a| a.id == cid))
+        .collect();
+    let others = stats
+        .iter()
+        .filter(|s| s.attributes.as_ref().is_some_and(|a| a.id != cid) && has_cpu(s))
+        .count();
+    say(&format!(
+        "ListContainerStats with one VM stopped: {:.1} s, {} containers, {others} others with \
+         statistics, the silent one's: {:?}",
+        took.as_secs_f64(),
+        stats.len(),
+        silent.iter().map(|s| has_cpu(s)).collect::<Vec<_>>()
+    ));
+    ensure!(
+        silent.len() == 1 && !has_cpu(silent[0]) && others > 0,
+        "stats with a silent guest: {stats:?}"
+    );
+    let again = rt
+        .list_container_stats(cri::ListContainerStatsRequest { filter: None })
+        .await?
+        .into_inner()
+        .stats;
+    ensure!(
+        again
+            .iter()
+            .any(|s| s.attributes.as_ref().is_some_and(|a| a.id == cid) && has_cpu(s)),
+        "the resumed VM's container has no statistics: {again:?}"
+    );
+    Ok(())
 }
 
 /// The privileged container writes to the guest's serial console for a minute: the pod's
