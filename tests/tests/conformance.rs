@@ -308,42 +308,114 @@ async fn cancelled_run_leaves_nothing(
     );
     drop(rt);
     say("RunPodSandbox dropped by its client after 300 ms");
-    let started = Instant::now();
-    let deadline = started + Duration::from_secs(300);
     let mut rt = RuntimeServiceClient::new(channel.clone());
-    loop {
-        let leftover = (
-            ensure_nothing_left(daemon, "a cancelled RunPodSandbox").err(),
-            setup.ip_leases(),
-            podvisor_netns(),
-            list_pods(&mut rt).await?,
-        );
-        let done = daemon
-            .log()
-            .contains("RunPodSandbox was cancelled by its caller");
-        if done
-            && leftover.0.is_none()
-            && leftover.1 == leases_before
-            && leftover.2 == netns_before
-            && leftover.3.is_empty()
-        {
-            break;
-        }
-        ensure!(
-            Instant::now() < deadline,
-            "a cancelled RunPodSandbox left (undo logged: {done}): {leftover:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let took = wait_until_nothing_left(
+        &mut rt,
+        daemon,
+        setup,
+        (&leases_before, &netns_before),
+        "RunPodSandbox was cancelled by its caller",
+    )
+    .await?;
     say(&format!(
-        "nothing of the cancelled pod left {:.1} s after the cancel (leases {leases_before:?})",
-        started.elapsed().as_secs_f64()
+        "nothing of the cancelled pod left {took:.1} s after the cancel (leases {leases_before:?})"
     ));
     let id = run_pod(&mut rt, &pod)
         .await
         .context("RunPodSandbox after the cancel")?;
     remove_pod(&mut rt, &id).await?;
     ensure_nothing_left(daemon, "the pod made after the cancel")?;
+    Ok(())
+}
+
+/// Waits (up to 300 s) until podvisord's log has `logged` and nothing of a pod is left: no
+/// pod directory, VMM, cgroup or pod, and the IP leases and namespaces are `before`'s.
+/// Returns the seconds it took.
+async fn wait_until_nothing_left(
+    rt: &mut Runtime,
+    daemon: &Daemon,
+    setup: &CriSetup,
+    before: (&[String], &[String]),
+    logged: &str,
+) -> anyhow::Result<f64> {
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(300);
+    loop {
+        let leftover = (
+            ensure_nothing_left(daemon, "the pod").err(),
+            setup.ip_leases(),
+            podvisor_netns(),
+            list_pods(rt).await?,
+        );
+        let done = daemon.log().contains(logged);
+        if done
+            && leftover.0.is_none()
+            && leftover.1 == before.0
+            && leftover.2 == before.1
+            && leftover.3.is_empty()
+        {
+            return Ok(started.elapsed().as_secs_f64());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "left ({logged:?} logged: {done}): {leftover:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// podvisord SIGKILLed during a RunPodSandbox (after its network is set up): the next
+/// podvisord finds the pod directory no record names, kills its VMM, releases its network
+/// (CNI DEL: the IP lease) and removes its namespace, cgroup and directory.
+async fn crash_during_run_is_swept(
+    daemon: &mut Daemon,
+    setup: &CriSetup,
+    logs: &Path,
+) -> anyhow::Result<()> {
+    let leases_before = setup.ip_leases();
+    let netns_before = podvisor_netns();
+    let pod = pod_config("crashed", logs);
+    let channel = connect(&daemon.socket).await?;
+    let mut rt = RuntimeServiceClient::new(channel);
+    {
+        let call = run_pod(&mut rt, &pod);
+        tokio::pin!(call);
+        // Until the network is set up (its lease taken), then podvisord dies.
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            tokio::select! {
+                r = &mut call => bail!("RunPodSandbox ended before the crash: {r:?}"),
+                () = tokio::time::sleep(Duration::from_millis(20)) => {}
+            }
+            if setup.ip_leases().len() > leases_before.len() {
+                break;
+            }
+            ensure!(Instant::now() < deadline, "no IP lease taken within 120 s");
+        }
+        daemon.kill()?;
+    }
+    let during = (setup.ip_leases(), podvisor_netns());
+    say(&format!(
+        "podvisord SIGKILLed mid-RunPodSandbox; leases and namespaces then: {during:?}"
+    ));
+    ensure!(
+        during.0.len() > leases_before.len(),
+        "the crash left no lease to sweep"
+    );
+    daemon.start_again()?;
+    let channel = connect(&daemon.socket).await?;
+    let mut rt = RuntimeServiceClient::new(channel);
+    let took = wait_until_nothing_left(
+        &mut rt,
+        daemon,
+        setup,
+        (&leases_before, &netns_before),
+        "a pod directory no sandbox record names",
+    )
+    .await?;
+    say(&format!(
+        "the restarted podvisord swept it: nothing left after {took:.1} s"
+    ));
     Ok(())
 }
 
@@ -1131,7 +1203,11 @@ async fn cri_details_as_kubelet_and_crictl_expect() -> anyhow::Result<()> {
     let (setup, mut daemon) = start_cri_daemon("conformance", "pvconf1", "10.88.203.0/24").await?;
     let special =
         push_busybox_with_special_files(&setup.registry, "podvisor/special", "conformance").await?;
-    let result = conformance(&daemon, &setup, &special).await;
+    let logs = daemon.dir().join("logs");
+    let mut result = crash_during_run_is_swept(&mut daemon, &setup, &logs).await;
+    if result.is_ok() {
+        result = conformance(&daemon, &setup, &special).await;
+    }
     if result.is_err() {
         println!("[conformance] podvisord's log:\n{}", daemon.log());
         println!("[conformance] the pods' logs:\n{}", daemon.pod_logs());

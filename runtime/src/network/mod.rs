@@ -20,5 +20,5 @@ pub mod tap;
 
 pub use pod::{
     CNI_IFNAME, NETNS_PREFIX, NETWORK_FILE, NetworkError, PodNetwork, delete_netns, load,
-    netns_name, release_recorded,
+    netns_name, recorded_sandbox_id, release_recorded,
 };

@@ -516,6 +516,18 @@ pub async fn release_recorded(
     Ok(())
 }
 
+/// The sandbox id `network.json` in `pod_dir` was written for (its namespace's name says
+/// it); None without the file. It is written before CNI ADD, so a podvisord that died
+/// during RunPodSandbox leaves it for the next one to release.
+pub fn recorded_sandbox_id(pod_dir: &Path) -> Result<Option<String>, NetworkError> {
+    let file = pod_dir.join(NETWORK_FILE);
+    Ok(Persisted::read(&file)?.and_then(|p| {
+        let name = p.netns.file_name()?.to_str()?;
+        let id = name.strip_prefix(NETNS_PREFIX)?;
+        (!id.is_empty() && id.bytes().all(|b| b.is_ascii_hexdigit())).then(|| id.to_string())
+    }))
+}
+
 /// RemovePodSandbox's half: deletes the sandbox's namespace (idempotent).
 pub async fn delete_netns(sandbox_id: &str) -> Result<(), NetworkError> {
     let name = netns_name(sandbox_id);

@@ -2,11 +2,12 @@
 //! sandbox whose VMM still runs and whose agent answers stays ready, its running containers'
 //! output and exits watched again; the others become NotReady with their containers exited.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 
-use podvisor_common::lock;
+use podvisor_common::{IoError, error_chain, lock};
 use podvisor_proto::AgentClient;
 use tokio::sync::watch;
 use tonic::transport::Channel;
@@ -15,10 +16,11 @@ use super::agent::{AGENT_RECONNECT_TIMEOUT, connect_agent};
 use super::error::PodError;
 use super::supervise::refresh_volumes;
 use super::volumes::VolumeWatch;
-use super::{Container, LOST_EXIT_CODE, PodManager, Sandbox, VM_EXITED};
+use super::{Container, LOST_EXIT_CODE, PODS_DIR, PodManager, Sandbox, VM_EXITED};
 use crate::logs::CriLogWriter;
+use crate::network;
 use crate::state::{ContainerRecord, ContainerState, SandboxRecord, SandboxState};
-use crate::vmm::VmmHandle;
+use crate::vmm::{self, VmmHandle};
 
 impl PodManager {
     /// Loads every record after a (re)start: sandboxes whose VMM still runs and whose agent
@@ -28,11 +30,58 @@ impl PodManager {
     pub async fn recover(&self) -> Result<(), PodError> {
         let sandboxes = self.inner.state.sandboxes.load_all()?;
         let mut by_sandbox = self.containers_by_sandbox(&sandboxes)?;
+        let recorded: HashSet<PathBuf> = sandboxes.iter().map(|(_, r)| r.vmm.dir.clone()).collect();
+        self.sweep_orphans(&recorded).await;
         for (id, record) in sandboxes {
             let containers = by_sandbox.remove(&id).unwrap_or_default();
             self.recover_sandbox(id, record, containers).await?;
         }
         Ok(())
+    }
+
+    /// Pod directories no sandbox record names: what a podvisord that died during
+    /// RunPodSandbox left (the record is written once the VMM runs; `network.json` before
+    /// CNI ADD). Each one's VMM is killed, its network released (TAP, CNI DEL: the IP
+    /// lease), its namespace, cgroup and directory removed. Failures are logged: the next
+    /// start tries again.
+    async fn sweep_orphans(&self, recorded: &HashSet<PathBuf>) {
+        let pods = self.inner.config.state_dir.join(PODS_DIR);
+        let Ok(entries) = std::fs::read_dir(&pods) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let dir = entry.path();
+            if recorded.contains(&dir) || !entry.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            tracing::warn!(dir = %dir.display(), "a pod directory no sandbox record names (podvisord died making it): removing what it holds");
+            if let Err(e) = self.sweep_pod_dir(&dir).await {
+                tracing::warn!(dir = %dir.display(), "sweep: {}", error_chain(&e));
+            }
+        }
+    }
+
+    async fn sweep_pod_dir(&self, dir: &Path) -> Result<(), PodError> {
+        let config = dir.join(vmm::CONFIG_FILE);
+        let killed = tokio::task::spawn_blocking(move || vmm::kill_vmms_with_config(&config))
+            .await
+            .map_err(|e| PodError::Internal(format!("sweep task: {e}")))?
+            .map_err(|e| PodError::Io(IoError::new("kill the VMM of", dir, e)))?;
+        if !killed.is_empty() {
+            tracing::warn!(dir = %dir.display(), ?killed, "killed the VMM of an unrecorded pod");
+        }
+        if let Some(id) = network::recorded_sandbox_id(dir)? {
+            network::release_recorded(&self.inner.config.cni, &id, dir).await?;
+            network::delete_netns(&id).await?;
+            vmm::remove_cgroup(&id).map_err(|source| PodError::Vmm {
+                sandbox: id.clone(),
+                source,
+            })?;
+        }
+        vmm::remove_pod_dir(dir).map_err(|source| PodError::Vmm {
+            sandbox: dir.display().to_string(),
+            source,
+        })
     }
 
     /// The container records grouped by sandbox; the records of containers without a

@@ -54,6 +54,7 @@ pub use handle::{StopOutcome, VmmHandle};
 pub use jail::JailUser;
 pub use launch::launch;
 pub use pod_dir::remove_pod_dir;
+pub use process::kill_vmms_with_config;
 // Only the template tests need it outside this module (to stand a process in for a VM).
 #[cfg(test)]
 pub(crate) use process::process_start_time;

@@ -118,6 +118,46 @@ impl PidFd {
     }
 }
 
+/// Kills every `podvisor-vmm` started with `--config <config>` (found through
+/// `/proc/<pid>/cmdline`) and waits for each to end: the VMM of a pod directory no record
+/// names. Returns their pids.
+pub fn kill_vmms_with_config(config: &std::path::Path) -> io::Result<Vec<u32>> {
+    let mut want = b"--config\0".to_vec();
+    want.extend_from_slice(std::os::unix::ffi::OsStrExt::as_bytes(config.as_os_str()));
+    want.push(0);
+    let mut killed = Vec::new();
+    for entry in std::fs::read_dir("/proc")?.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let is_vmm = cmdline
+            .split(|b| *b == 0)
+            .next()
+            .is_some_and(|exe| exe.ends_with(b"podvisor-vmm"));
+        if !is_vmm || !cmdline.windows(want.len()).any(|w| w == want.as_slice()) {
+            continue;
+        }
+        if let Some(pidfd) = PidFd::open(pid)? {
+            pidfd.kill()?;
+            if !pidfd.wait_exit(Duration::from_secs(10))? {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("VMM {pid} did not end after SIGKILL"),
+                ));
+            }
+            killed.push(pid);
+        }
+    }
+    Ok(killed)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
