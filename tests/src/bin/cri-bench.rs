@@ -16,6 +16,9 @@
 //! own, the pod's network and IPC), from both runtimes; with `--seccomp-default` also the
 //! RuntimeDefault seccomp profile (kubelet's `--seccomp-default`), to measure what it costs.
 //!
+//! `--compare-jail`: podvisor only, template starts only, twice in one run: VMMs jailed (the
+//! default) and unjailed (`vmm_user = ""`); prints both and the ratio, the jail's cost.
+//!
 //! Everything runs in temporary directories: a local registry with busybox, podvisord with
 //! its own configuration, containerd with its own root, state, socket and CNI network. Both
 //! runtimes give their pods a network (a bridge CNI network, Debian's plugins).
@@ -832,6 +835,7 @@ struct Args {
     runs: usize,
     podvisor: bool,
     containerd: bool,
+    compare_jail: bool,
 }
 
 fn args() -> anyhow::Result<Args> {
@@ -839,6 +843,7 @@ fn args() -> anyhow::Result<Args> {
         runs: 3,
         podvisor: true,
         containerd: true,
+        compare_jail: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -846,6 +851,7 @@ fn args() -> anyhow::Result<Args> {
             "--seccomp-default" => {
                 let _ = SECCOMP_DEFAULT.set(true);
             }
+            "--compare-jail" => out.compare_jail = true,
             "--only" => match args.next().as_deref() {
                 Some("podvisor") => out.containerd = false,
                 Some("containerd") => out.podvisor = false,
@@ -854,7 +860,8 @@ fn args() -> anyhow::Result<Args> {
             n => {
                 out.runs = n.parse().with_context(|| {
                     format!(
-                        "usage: cri-bench [RUNS] [--only podvisor|containerd] [--seccomp-default]; {n:?} is no number"
+                        "usage: cri-bench [RUNS] [--only podvisor|containerd] [--seccomp-default] \
+                         [--compare-jail]; {n:?} is no number"
                     )
                 })?;
             }
@@ -870,6 +877,9 @@ async fn run() -> anyhow::Result<()> {
     let registry = Registry::start()?;
     let pushed = push_busybox(&registry, "bench/busybox", "1").await?;
     println!("[bench] pushed {} ({})", pushed.reference, pushed.digest);
+    if args.compare_jail {
+        return compare_jail(&registry, &pushed.reference, runs).await;
+    }
 
     let (template_samples, cold_samples, template_build_s) = if args.podvisor {
         let (t, build) = bench_podvisor(&registry, &pushed.reference, runs, true).await?;
@@ -912,6 +922,32 @@ async fn run() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The jail's cost: template starts with jailed VMMs, then unjailed ones, in one run.
+async fn compare_jail(registry: &Registry, image: &str, runs: usize) -> anyhow::Result<()> {
+    let (jailed, _) = bench_podvisor_as(registry, image, runs, true, "podvisor").await?;
+    let (free, _) = bench_podvisor_as(registry, image, runs, true, "").await?;
+    let (Some(j), Some(f)) = (medians(&jailed), medians(&free)) else {
+        bail!("no samples");
+    };
+    println!("\n[bench] the VMM jail, template starts, medians of {runs} runs:");
+    println!(
+        "  {:<28} {:>10} {:>10} {:>7}",
+        "", "jailed", "unjailed", "ratio"
+    );
+    for (what, a, b) in [
+        (
+            "RunPodSandbox (restore+agent)",
+            j.run_sandbox_s,
+            f.run_sandbox_s,
+        ),
+        ("pod start", j.start_s, f.start_s),
+        ("stop + remove", j.stop_remove_s, f.stop_remove_s),
+    ] {
+        println!("  {what:<28} {a:>9.2}s {b:>9.2}s {:>7.3}", a / b);
+    }
+    Ok(())
+}
+
 /// podvisord with its own configuration and CNI network, benchmarked, stopped. With
 /// `template`, the handler's VM template is built first (by one pod, not counted) and its
 /// build time returned.
@@ -920,6 +956,17 @@ async fn bench_podvisor(
     image: &str,
     runs: usize,
     template: bool,
+) -> anyhow::Result<(Vec<Sample>, Option<f64>)> {
+    bench_podvisor_as(registry, image, runs, template, "podvisor").await
+}
+
+/// [`bench_podvisor`] with VMMs running as `vmm_user` (`""`: unjailed).
+async fn bench_podvisor_as(
+    registry: &Registry,
+    image: &str,
+    runs: usize,
+    template: bool,
+    vmm_user: &str,
 ) -> anyhow::Result<(Vec<Sample>, Option<f64>)> {
     paths::require_kvm()?;
     let kernel = paths::guest_kernel()?;
@@ -935,7 +982,7 @@ async fn bench_podvisor(
         "10.88.212.0/24",
     )?;
     let mut daemon = Daemon::start(&format!(
-        "[registry]\ninsecure = [{host:?}]\n\n[cni]\nconf_dir = {conf_dir:?}\n\
+        "vmm_user = {vmm_user:?}\n[registry]\ninsecure = [{host:?}]\n\n[cni]\nconf_dir = {conf_dir:?}\n\
          bin_dirs = [{CNI_BIN_DIR:?}]\n\n[handlers.podvisor]\nvcpus = 1\n\
          memory_mib = {POD_MEM_MIB}\nkernel = {kernel:?}\nimage = {rootfs:?}\ntemplate = {template}\n",
         host = registry.host(),
