@@ -36,7 +36,8 @@
 //!   copied host paths kept current.
 //! - [`exec`]: ExecSync and the exec defaults recorded per container.
 //! - [`stats`]: container statistics.
-//! - [`recovery`]: finding sandboxes and containers again after a restart.
+//! - [`recovery`]: finding sandboxes and containers again after a restart, and sweeping
+//!   what a crash during RunPodSandbox left.
 //! - [`process`], [`volumes`], [`template`]: composing a container's process, copying host
 //!   paths, VM templates.
 

@@ -1,6 +1,8 @@
 //! After a (re)start of podvisord: every sandbox and container record loaded again. A
 //! sandbox whose VMM still runs and whose agent answers stays ready, its running containers'
 //! output and exits watched again; the others become NotReady with their containers exited.
+//! Pod directories no record names (a podvisord that died during RunPodSandbox) are swept
+//! first: their VMM, network, namespace, cgroup and directory go.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
