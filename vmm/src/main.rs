@@ -5,13 +5,16 @@
 //! Exit code: 0 when the guest powers off or reboots (or the API stops it),
 //! 2 when the guest kernel panics, 1 on a VMM error.
 
+use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Context;
 use clap::Parser;
+use podvisor_vmm::devices::console_file::{CappedFile, LOG_RESTARTED};
 use podvisor_vmm::exit::ExitReason;
 use podvisor_vmm_api::config::{self, SerialOutput, VmConfig};
+use tracing_subscriber::fmt::writer::BoxMakeWriter;
 
 /// A KVM microVM monitor: one process per pod.
 #[derive(Debug, Parser)]
@@ -129,10 +132,30 @@ fn run(config: VmConfig, start: Instant) -> anyhow::Result<ExitReason> {
     Ok(vm.run()?)
 }
 
+/// The VMM's own log at most: what a guest can make it log is rate-limited per call site,
+/// but a VM may run for months.
+const LOG_CAP: u64 = 4 << 20;
+
+/// Where the VMM logs: its stderr, capped at [`LOG_CAP`] when that is a file (podvisord
+/// points it at the pod's `vmm.log`; a restart keeps the newest lines).
+fn log_writer() -> BoxMakeWriter {
+    let capped = std::io::stderr()
+        .as_fd()
+        .try_clone_to_owned()
+        .map(std::fs::File::from)
+        .ok()
+        .filter(|f| f.metadata().is_ok_and(|m| m.is_file()))
+        .and_then(|f| CappedFile::from_file(f, LOG_CAP, LOG_RESTARTED).ok());
+    match capped {
+        Some(f) => BoxMakeWriter::new(std::sync::Mutex::new(f)),
+        None => BoxMakeWriter::new(std::io::stderr),
+    }
+}
+
 fn main() {
     let start = Instant::now();
     tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
+        .with_writer(log_writer())
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),

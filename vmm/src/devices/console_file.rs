@@ -10,9 +10,12 @@ use std::path::Path;
 /// Most bytes the console file holds.
 pub const CONSOLE_CAP: u64 = 8 << 20;
 
-/// The line a restarted file begins with.
+/// The line a restarted console file begins with.
 const RESTARTED: &[u8] =
     b"[podvisor-vmm: console output reached its cap; earlier output dropped]\n";
+/// The line a restarted log file begins with.
+pub const LOG_RESTARTED: &[u8] =
+    b"[podvisor-vmm: the log reached its cap; earlier lines dropped]\n";
 
 /// An append-only file of at most `cap` bytes.
 #[derive(Debug)]
@@ -20,25 +23,37 @@ pub struct CappedFile {
     file: File,
     len: u64,
     cap: u64,
+    note: &'static [u8],
 }
 
 impl CappedFile {
     /// Opens (creates) `path` for appending; what it holds already counts.
     pub fn open(path: &Path, cap: u64) -> io::Result<Self> {
         let file = OpenOptions::new().create(true).append(true).open(path)?;
+        Self::from_file(file, cap, RESTARTED)
+    }
+
+    /// A file opened for appending elsewhere (the VMM's stderr); a restart begins with
+    /// `note`.
+    pub fn from_file(file: File, cap: u64, note: &'static [u8]) -> io::Result<Self> {
         let len = file.metadata()?.len();
-        Ok(Self { file, len, cap })
+        Ok(Self {
+            file,
+            len,
+            cap,
+            note,
+        })
     }
 }
 
 impl Write for CappedFile {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let room = self.cap.saturating_sub(RESTARTED.len() as u64).max(1);
+        let room = self.cap.saturating_sub(self.note.len() as u64).max(1);
         let buf = &buf[..buf.len().min(usize::try_from(room).unwrap_or(usize::MAX))];
         if self.len.saturating_add(buf.len() as u64) > self.cap {
             self.file.set_len(0)?;
-            self.file.write_all(RESTARTED)?;
-            self.len = RESTARTED.len() as u64;
+            self.file.write_all(self.note)?;
+            self.len = self.note.len() as u64;
         }
         let n = self.file.write(buf)?;
         self.len += n as u64;
@@ -78,5 +93,27 @@ mod tests {
         let n = f.write(&vec![b'x'; 10_000]).unwrap();
         assert!(n < 10_000);
         assert!(std::fs::metadata(&path).unwrap().len() <= cap);
+    }
+
+    #[test]
+    fn a_file_opened_elsewhere_gets_its_own_note() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vmm.log");
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .unwrap();
+        let mut f = CappedFile::from_file(file, 1024, LOG_RESTARTED).unwrap();
+        for i in 0..200 {
+            writeln!(f, "log line {i}").unwrap();
+            assert!(std::fs::metadata(&path).unwrap().len() <= 1024);
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(
+            text.starts_with("[podvisor-vmm: the log reached its cap"),
+            "{text}"
+        );
+        assert!(text.ends_with("log line 199\n"), "{text}");
     }
 }
