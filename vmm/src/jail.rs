@@ -194,16 +194,22 @@ fn inside(root: &Path, p: &Path) -> PathBuf {
     root.join(p.strip_prefix("/").unwrap_or(p))
 }
 
-/// Creates the mount point of `source` in the jail's tmpfs and binds it there.
-fn bind(root: &Path, source: &Source) -> Result<(), JailError> {
-    let target = inside(root, &source.jail);
-    if let Some(parent) = target.parent() {
-        std::fs::DirBuilder::new()
+/// Creates the directories above `target` in the jail's tmpfs.
+fn create_parent(target: &Path) -> Result<(), JailError> {
+    match target.parent() {
+        Some(parent) => std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o755)
             .create(parent)
-            .map_err(step("create", parent))?;
+            .map_err(step("create", parent)),
+        None => Ok(()),
     }
+}
+
+/// Creates the mount point of `source` in the jail's tmpfs and binds it there.
+fn bind(root: &Path, source: &Source) -> Result<(), JailError> {
+    let target = inside(root, &source.jail);
+    create_parent(&target)?;
     if source.is_dir {
         std::fs::DirBuilder::new()
             .mode(0o755)
@@ -248,13 +254,7 @@ fn make_device(
         ));
     }
     let target = inside(root, host);
-    if let Some(parent) = target.parent() {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o755)
-            .create(parent)
-            .map_err(step("create", parent))?;
-    }
+    create_parent(&target)?;
     let rdev = meta.rdev();
     let (major, minor) = (libc::major(rdev), libc::minor(rdev));
     mknod(

@@ -617,20 +617,30 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn an_endless_manifest_is_read_up_to_the_cap() {
-        let (host, sent) = hostile(Answer {
-            status: 200,
-            content_length: None,
-            body: None,
-        })
-        .await;
+    /// A manifest fetch with cap `max` from a server giving `answer`, which must fail; and
+    /// what tells how much the server sent.
+    async fn refused_manifest(answer: Answer, max: u64) -> (ImageError, Arc<AtomicU64>) {
+        let (host, sent) = hostile(answer).await;
         let err = session(&host)
             .await
-            .manifest(64 << 10)
+            .manifest(max)
             .await
             .err()
             .expect("refused");
+        (err, sent)
+    }
+
+    #[tokio::test]
+    async fn an_endless_manifest_is_read_up_to_the_cap() {
+        let (err, sent) = refused_manifest(
+            Answer {
+                status: 200,
+                content_length: None,
+                body: None,
+            },
+            64 << 10,
+        )
+        .await;
         assert!(
             matches!(err, ImageError::LimitExceeded { limit: Limit::ManifestBytes, max, .. } if max == 64 << 10),
             "{err}"
@@ -644,18 +654,15 @@ mod tests {
 
     #[tokio::test]
     async fn a_declared_length_over_the_cap_is_refused_unread() {
-        let (host, _) = hostile(Answer {
-            status: 200,
-            content_length: Some(10_000_000_000),
-            body: Some(10),
-        })
+        let (err, _) = refused_manifest(
+            Answer {
+                status: 200,
+                content_length: Some(10_000_000_000),
+                body: Some(10),
+            },
+            4 << 20,
+        )
         .await;
-        let err = session(&host)
-            .await
-            .manifest(4 << 20)
-            .await
-            .err()
-            .expect("refused");
         assert!(
             matches!(
                 err,
