@@ -13,6 +13,7 @@ use vm_memory::Bytes;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::muxer::Muxer;
+use super::timer::DeadlineTimer;
 use super::{EVENT_QUEUE, EVENT_TRANSPORT_RESET, MAX_PKT_DATA, NUM_QUEUES, RX_QUEUE, TX_QUEUE};
 use crate::virtio::{DeviceCounters, EventRegistrar, EventToken, GuestMemory, Interrupt};
 
@@ -22,6 +23,8 @@ pub(super) const fn queue_token(queue: usize) -> EventToken {
 }
 /// Event token of the device's Unix listener.
 pub(super) const LISTENER_TOKEN: EventToken = NUM_QUEUES as EventToken;
+/// Event token of the deadline timer.
+pub(super) const TIMER_TOKEN: EventToken = LISTENER_TOKEN + 1;
 
 /// Everything that exists only between activate and reset.
 #[derive(Debug)]
@@ -71,13 +74,15 @@ impl Active {
         }
     }
 
-    /// One event loop callback. Whatever it was, replies and host data
-    /// then go to the guest and the interrupt fires at most once.
+    /// One event loop callback. Whatever it was, expired deadlines are given up,
+    /// replies and host data then go to the guest, the interrupt fires at most once, and
+    /// the timer is set for the next deadline.
     pub fn handle_event(
         &mut self,
         token: EventToken,
         events: u32,
         listener: &UnixListener,
+        timer: &mut DeadlineTimer,
         counters: &mut DeviceCounters,
     ) {
         match token {
@@ -94,6 +99,7 @@ impl Active {
                 self.deliver_reset_event(counters);
             }
             LISTENER_TOKEN => self.muxer.accept(listener, counters),
+            TIMER_TOKEN => timer.consume(),
             t => self.muxer.handle_stream_event(t, events, counters),
         }
         self.check_reset_acked();
@@ -104,6 +110,7 @@ impl Active {
             self.process_rx(counters);
         }
         self.notify();
+        timer.set(self.muxer.next_deadline());
     }
 
     /// Consumes a queue kick. Read only when epoll reported it readable, so
