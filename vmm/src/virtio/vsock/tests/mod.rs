@@ -23,6 +23,7 @@ use crate::virtio::{
 };
 use podvisor_common::lock;
 
+mod budget;
 mod deadlines;
 
 const GUEST_CID: u64 = 3;
