@@ -7,8 +7,9 @@ use std::path::PathBuf;
 
 use vmm_sys_util::epoll::EventSet;
 
-use super::handler::{Active, LISTENER_TOKEN, queue_token};
+use super::handler::{Active, LISTENER_TOKEN, TIMER_TOKEN, queue_token};
 use super::muxer::Muxer;
+use super::timer::DeadlineTimer;
 use super::{NUM_QUEUES, QUEUE_SIZE};
 use crate::virtio::{
     ActivateContext, ActivateError, DeviceCounters, EventToken, QueueSnapshot, TYPE_VSOCK,
@@ -54,6 +55,15 @@ pub enum VsockError {
         #[source]
         source: std::io::Error,
     },
+    /// The deadline timer (a timerfd) could not be created.
+    #[error("create the deadline timer of vsock socket {path}")]
+    Timer {
+        /// The socket path.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// A virtio-vsock device whose host side is a Unix socket. Dropping it
@@ -63,6 +73,10 @@ pub struct Vsock {
     guest_cid: u64,
     uds_path: PathBuf,
     listener: UnixListener,
+    /// Fires at the earliest connection deadline. Made here, before the VMM's seccomp
+    /// filters go on (activation comes later, on a filtered thread), and kept across
+    /// resets.
+    pub(super) timer: DeadlineTimer,
     counters: DeviceCounters,
     pub(super) active: Option<Active>,
 }
@@ -83,6 +97,10 @@ impl Vsock {
         if uds_path.symlink_metadata().is_ok() {
             return Err(VsockError::PathExists(uds_path));
         }
+        let timer = DeadlineTimer::new().map_err(|source| VsockError::Timer {
+            path: uds_path.clone(),
+            source,
+        })?;
         let listener = UnixListener::bind(&uds_path).map_err(|source| VsockError::Bind {
             path: uds_path.clone(),
             source,
@@ -92,6 +110,7 @@ impl Vsock {
             guest_cid,
             uds_path,
             listener,
+            timer,
             counters: DeviceCounters::default(),
             active: None,
         };
@@ -134,11 +153,14 @@ impl Vsock {
     }
 
     /// Unregisters everything from the event loop and drops the
-    /// connections and queues.
+    /// connections and queues. The timer is only unwatched: disarming it takes
+    /// `timerfd_settime`, which only the event loop's filter allows, and this may run on a
+    /// vCPU thread. An expiry left over reaches the next activation as one spurious event.
     fn deactivate(&mut self) {
         if let Some(mut active) = self.active.take() {
             active.muxer.clear();
             active.events.remove(self.listener.as_raw_fd());
+            active.events.remove(self.timer.raw_fd());
             for evt in &active.queue_events {
                 active.events.remove(evt.as_raw_fd());
             }
@@ -221,6 +243,7 @@ impl VirtioDevice for Vsock {
             .map(|(i, evt)| (evt.as_raw_fd(), queue_token(i)))
             .collect();
         fds.push((self.listener.as_raw_fd(), LISTENER_TOKEN));
+        fds.push((self.timer.raw_fd(), TIMER_TOKEN));
         for (n, &(fd, token)) in fds.iter().enumerate() {
             if let Err(source) = events.add(fd, token, EventSet::IN) {
                 for &(done, _) in fds.iter().take(n) {
@@ -244,7 +267,13 @@ impl VirtioDevice for Vsock {
 
     fn handle_event(&mut self, token: u32, events: u32) {
         match self.active.as_mut() {
-            Some(active) => active.handle_event(token, events, &self.listener, &mut self.counters),
+            Some(active) => active.handle_event(
+                token,
+                events,
+                &self.listener,
+                &mut self.timer,
+                &mut self.counters,
+            ),
             None => tracing::debug!("vsock: event {token} before activation"),
         }
     }
@@ -275,7 +304,9 @@ impl VirtioDevice for Vsock {
     /// driver must drop its sockets and re-read the guest CID, which may
     /// differ in this process.
     /// Activation built a new, empty connection table; the reset drops
-    /// anything that got in since all the same.
+    /// anything that got in since all the same. With no connection there is no deadline:
+    /// the timer (new with the device, registered by activation) is armed by the first
+    /// event that brings one, on the event loop.
     fn restored(&mut self) {
         tracing::info!("{}: restored, sending transport reset", self.name());
         self.send_transport_reset();

@@ -1,6 +1,11 @@
 //! Queue processing: TX packets into the muxer, muxer output into guest RX
 //! buffers, transport events into the event queue, and the dispatch of
 //! event loop callbacks.
+//!
+//! Every queue loop is bounded by [`CHAINS_PER_EVENT`]: a guest refilling a
+//! ring from another vCPU while the device works on it cannot keep the event
+//! loop here. When a chain is left over, the device kicks the queue's own
+//! eventfd, so epoll reports it again after the other ready descriptors.
 
 use std::os::unix::net::UnixListener;
 use std::sync::Arc;
@@ -13,7 +18,10 @@ use vm_memory::Bytes;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::muxer::Muxer;
-use super::{EVENT_QUEUE, EVENT_TRANSPORT_RESET, MAX_PKT_DATA, NUM_QUEUES, RX_QUEUE, TX_QUEUE};
+use super::timer::DeadlineTimer;
+use super::{
+    EVENT_QUEUE, EVENT_TRANSPORT_RESET, MAX_PKT_DATA, NUM_QUEUES, QUEUE_SIZE, RX_QUEUE, TX_QUEUE,
+};
 use crate::virtio::{DeviceCounters, EventRegistrar, EventToken, GuestMemory, Interrupt};
 
 /// Event token of a queue's notify eventfd: the queue index.
@@ -22,6 +30,21 @@ pub(super) const fn queue_token(queue: usize) -> EventToken {
 }
 /// Event token of the device's Unix listener.
 pub(super) const LISTENER_TOKEN: EventToken = NUM_QUEUES as EventToken;
+/// Event token of the deadline timer.
+pub(super) const TIMER_TOKEN: EventToken = LISTENER_TOKEN + 1;
+/// Chains taken from one queue in one pass: half the largest ring, so a guest
+/// that keeps its ring full is served in turns with the rest of the event loop.
+pub(super) const CHAINS_PER_EVENT: usize = QUEUE_SIZE as usize / 2;
+
+/// Gives back the chain just popped (it stays available) and kicks `queue`'s
+/// eventfd so the event loop comes back for it after the other ready
+/// descriptors: the budget of this pass is spent.
+fn yield_queue(queue: &mut Queue, evt: &EventFd, index: usize) {
+    queue.go_to_previous_position();
+    if let Err(e) = evt.write(1) {
+        crate::warn_limited!("vsock: re-kick queue {index} eventfd: {e}");
+    }
+}
 
 /// Everything that exists only between activate and reset.
 #[derive(Debug)]
@@ -71,13 +94,15 @@ impl Active {
         }
     }
 
-    /// One event loop callback. Whatever it was, replies and host data
-    /// then go to the guest and the interrupt fires at most once.
+    /// One event loop callback. Whatever it was, expired deadlines are given up,
+    /// replies and host data then go to the guest, the interrupt fires at most once, and
+    /// the timer is set for the next deadline.
     pub fn handle_event(
         &mut self,
         token: EventToken,
         events: u32,
         listener: &UnixListener,
+        timer: &mut DeadlineTimer,
         counters: &mut DeviceCounters,
     ) {
         match token {
@@ -94,6 +119,7 @@ impl Active {
                 self.deliver_reset_event(counters);
             }
             LISTENER_TOKEN => self.muxer.accept(listener, counters),
+            TIMER_TOKEN => timer.consume(),
             t => self.muxer.handle_stream_event(t, events, counters),
         }
         self.check_reset_acked();
@@ -104,6 +130,7 @@ impl Active {
             self.process_rx(counters);
         }
         self.notify();
+        timer.set(self.muxer.next_deadline());
     }
 
     /// Consumes a queue kick. Read only when epoll reported it readable, so
@@ -120,19 +147,21 @@ impl Active {
         }
     }
 
-    /// Takes every available TX chain, hands its packet to the muxer and
-    /// returns the chain (nothing is written to TX buffers: used length 0).
+    /// Takes the available TX chains, up to [`CHAINS_PER_EVENT`], hands their
+    /// packets to the muxer and returns the chains (nothing is written to TX
+    /// buffers: used length 0).
     pub fn process_tx(&mut self, counters: &mut DeviceCounters) {
         let Self {
             mem,
             queues,
+            queue_events,
             muxer,
             used,
             tx_stalled,
             ..
         } = self;
         let queue = &mut queues[TX_QUEUE];
-        loop {
+        for taken in 0..=CHAINS_PER_EVENT {
             if muxer.rx_backlogged() {
                 *tx_stalled = true;
                 return;
@@ -140,6 +169,10 @@ impl Active {
             let Some(mut chain) = queue.pop_descriptor_chain(&*mem) else {
                 break;
             };
+            if taken == CHAINS_PER_EVENT {
+                yield_queue(queue, &queue_events[TX_QUEUE], TX_QUEUE);
+                break;
+            }
             let head = chain.head_index();
             match VsockPacket::from_tx_virtq_chain(&*mem, &mut chain, MAX_PKT_DATA) {
                 Ok(pkt) => {
@@ -160,9 +193,9 @@ impl Active {
         *tx_stalled = false;
     }
 
-    /// Fills guest RX buffers while the muxer has packets for them. With no
-    /// buffers left the work stays queued (host bytes stay in their
-    /// sockets) until the next RX kick.
+    /// Fills guest RX buffers, up to [`CHAINS_PER_EVENT`], while the muxer has
+    /// packets for them. With no buffers left the work stays queued (host
+    /// bytes stay in their sockets) until the next RX kick.
     pub fn process_rx(&mut self, counters: &mut DeviceCounters) {
         if self.reset_unacked.is_some() {
             return;
@@ -170,15 +203,22 @@ impl Active {
         let Self {
             mem,
             queues,
+            queue_events,
             muxer,
             used,
             ..
         } = self;
         let queue = &mut queues[RX_QUEUE];
+        let mut taken = 0;
         while muxer.has_rx_work() {
             let Some(mut chain) = queue.pop_descriptor_chain(&*mem) else {
                 break;
             };
+            if taken == CHAINS_PER_EVENT {
+                yield_queue(queue, &queue_events[RX_QUEUE], RX_QUEUE);
+                break;
+            }
+            taken += 1;
             let head = chain.head_index();
             let len = match VsockPacket::from_rx_virtq_chain(&*mem, &mut chain, MAX_PKT_DATA) {
                 // Linux always posts header plus data space; a header-only
@@ -228,16 +268,27 @@ impl Active {
 
     /// Puts a pending transport reset event in the first usable event
     /// buffer (a writable descriptor of at least 4 bytes); unusable buffers
-    /// on the way are returned empty.
+    /// on the way are returned empty, up to [`CHAINS_PER_EVENT`] of them.
     fn deliver_reset_event(&mut self, counters: &mut DeviceCounters) {
         if !self.reset_pending {
             return;
         }
         let Self {
-            mem, queues, used, ..
+            mem,
+            queues,
+            queue_events,
+            used,
+            ..
         } = self;
         let queue = &mut queues[EVENT_QUEUE];
-        while let Some(mut chain) = queue.pop_descriptor_chain(&*mem) {
+        for taken in 0..=CHAINS_PER_EVENT {
+            let Some(mut chain) = queue.pop_descriptor_chain(&*mem) else {
+                return;
+            };
+            if taken == CHAINS_PER_EVENT {
+                yield_queue(queue, &queue_events[EVENT_QUEUE], EVENT_QUEUE);
+                return;
+            }
             let head = chain.head_index();
             let written = match chain.next() {
                 Some(desc) if desc.is_write_only() && desc.len() >= 4 => mem

@@ -14,7 +14,8 @@
 //! Modules: [`connect`] parses the CONNECT line, `connection` holds one
 //! forwarded stream and its credit accounting, `muxer` owns the connection
 //! table and host sockets, `handler` moves packets between the queues and
-//! the muxer, `device` is the [`VirtioDevice`](super::VirtioDevice) surface.
+//! the muxer, `timer` fires at the earliest connection deadline, `device` is
+//! the [`VirtioDevice`](super::VirtioDevice) surface.
 
 pub mod connect;
 mod connection;
@@ -24,6 +25,7 @@ mod muxer;
 pub mod persist;
 #[cfg(test)]
 mod tests;
+mod timer;
 
 use std::time::Duration;
 

@@ -131,6 +131,12 @@ impl Muxer {
         self.rst_queue.len() >= RST_QUEUE_MAX
     }
 
+    /// No deadline passes before this one (it may be earlier than any left: a
+    /// connection that got its answer keeps it until the next sweep).
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.next_deadline
+    }
+
     fn set_deadline_hint(&mut self, deadline: Instant) {
         self.next_deadline = Some(self.next_deadline.map_or(deadline, |d| d.min(deadline)));
     }
