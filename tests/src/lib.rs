@@ -7,6 +7,7 @@
 //! timings.
 //!
 //! - [`agent`]: a client of the guest agent (requests, output by stream, waits).
+//! - [`capture`]: raw frames on a host interface (AF_PACKET), searched for markers.
 //! - [`cri`]: a real `podvisord` in a temporary directory, and the VMMs it leaves.
 //! - [`host`]: commands on the host.
 //! - [`paths`]: the workspace, the guest kernel, the target directory.
@@ -21,6 +22,7 @@
 
 pub mod agent;
 pub mod artifacts;
+pub mod capture;
 pub mod cri;
 pub mod host;
 pub mod image;

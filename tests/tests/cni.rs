@@ -324,7 +324,12 @@ async fn bridge_network_tap_redirect_and_clean_teardown() -> Result<()> {
         .context("eth0")?
         .1
         .clone();
-    let link = tap::setup(&namespaces[0], "eth0", tap::DEFAULT_TAP_NAME)?;
+    let link = tap::setup(
+        &namespaces[0],
+        "eth0",
+        tap::DEFAULT_TAP_NAME,
+        &[IpAddr::V4(ips[0])],
+    )?;
     ensure!(
         link.mac == eth0.mac,
         "guest MAC {} is eth0's {}",

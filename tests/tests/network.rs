@@ -8,7 +8,11 @@
 //! container port 8080 published as a host port) and pod A boot one after the other; they
 //! get distinct IPs of the subnet, reported by PodSandboxStatus and reserved by
 //! host-local; the guest NIC has the MAC of the CNI interface; a container in pod A fetches
-//! pod B's page by IP with busybox `nc`; the host fetches it through the host port; after
+//! pod B's page by IP with busybox `nc`; pod A's guest sends raw frames as someone else (a
+//! forged source MAC, the gateway's IP, a gratuitous ARP for the gateway's IP) and one
+//! honest frame, before and after a podvisord restart, and only the honest ones reach the
+//! bridge while the TAP's drop counter counts the others; the host fetches pod B's page
+//! through the host port; after
 //! StopPodSandbox (twice) and RemovePodSandbox no veth on the bridge, no TAP, no namespace,
 //! no IP reservation and no iptables rule or chain of the pods is left.
 //!
@@ -30,6 +34,9 @@ use anyhow::{Context, Result, bail, ensure};
 use k8s_cri::v1 as cri;
 use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
+use podvisor_runtime::network::netns::NetNs;
+use podvisor_runtime::network::tap;
+use podvisor_tests::capture::Capture;
 use podvisor_tests::cri::{
     CNI_BIN_DIR, Daemon, connect, daemon_config, delete_link, pull_image, shell_container,
     vmm_processes_under,
@@ -256,7 +263,7 @@ async fn two_pods_talk_over_the_bridge_and_the_host_port() -> Result<()> {
     let mut daemon = Daemon::start(&daemon_config(registry.host(), &conf_dir)?)?;
     let mut created = Vec::new();
     let result = match templates_at_start(&mut daemon) {
-        Ok(()) => pods(&daemon, &image, &ipam_dir, &mut created).await,
+        Ok(()) => pods(&mut daemon, &image, &ipam_dir, &mut created).await,
         Err(e) => Err(e),
     };
     if result.is_err() {
@@ -278,7 +285,7 @@ async fn two_pods_talk_over_the_bridge_and_the_host_port() -> Result<()> {
 }
 
 async fn pods(
-    daemon: &Daemon,
+    daemon: &mut Daemon,
     image: &str,
     ipam_dir: &Path,
     created: &mut Vec<String>,
@@ -432,9 +439,16 @@ async fn pods(
     .context("pod A -> pod B")?;
     step("pod A fetched pod B's page", t);
 
+    let gateway = Ipv4Addr::new(SUBNET_PREFIX[0], SUBNET_PREFIX[1], SUBNET_PREFIX[2], 1);
+    let t = Instant::now();
+    forged_frames_stop_at_the_tap(daemon, &mut rt, &client, &ns_a, ip_a, gateway).await?;
+    step(
+        "forged frames of pod A stopped at its TAP, before and after a restart",
+        t,
+    );
+
     // Host -> pod B through the host port (on the bridge's address: a local address, so
     // portmap's DNAT in OUTPUT applies).
-    let gateway = Ipv4Addr::new(SUBNET_PREFIX[0], SUBNET_PREFIX[1], SUBNET_PREFIX[2], 1);
     let t = Instant::now();
     http_get_until(SocketAddr::from((gateway, host_port)))
         .await
@@ -516,6 +530,85 @@ async fn pods(
     }
     template_fallback(daemon, &mut rt).await?;
     step("whole test", started);
+    Ok(())
+}
+
+/// The marker prefix of `guest-probe spoof`'s frames.
+const SPOOF_MARK: &str = "PVSPOOF-";
+
+/// What the TAP's ingress qdisc in pod namespace `ns` dropped so far.
+async fn tap_drops(ns: &str) -> Result<u64> {
+    let ns = NetNs::open(ns)?;
+    let drops =
+        tokio::task::spawn_blocking(move || tap::guest_drops(&ns, tap::DEFAULT_TAP_NAME)).await??;
+    drops.context("no TAP with an ingress qdisc in pod A's namespace")
+}
+
+/// One `guest-probe spoof` run in `container` (round `tag`) while `capture` reads the bridge
+/// until the run's honest frame arrives; the markers seen meanwhile.
+async fn spoof_round(
+    rt: &mut Runtime,
+    container: &str,
+    ip: Ipv4Addr,
+    gateway: Ipv4Addr,
+    tag: &str,
+    capture: Capture,
+) -> Result<(Capture, Vec<String>)> {
+    let honest = vec![format!("{SPOOF_MARK}{tag}-ok")];
+    let deadline = Instant::now() + EXEC_TIMEOUT;
+    let reader = tokio::task::spawn_blocking(move || {
+        let seen = capture.markers_until(SPOOF_MARK, &honest, deadline);
+        (capture, seen)
+    });
+    let (code, out) = exec(
+        rt,
+        container,
+        &format!("guest-probe spoof eth0 {ip} {gateway} {tag}"),
+    )
+    .await?;
+    println!(
+        "[net] guest-probe spoof (round {tag}): exit {code}\n{}",
+        out.trim_end()
+    );
+    ensure!(
+        code == 0 && out.matches("SPOOF-SENT ").count() == 4,
+        "guest-probe spoof did not send its 4 frames: exit {code}: {out}"
+    );
+    let (capture, seen) = reader.await?;
+    Ok((capture, seen?))
+}
+
+/// Pod A's guest (a container with the default capabilities, CAP_NET_RAW among them: raw
+/// frames need no more) sends frames as someone else and one as itself, once before and
+/// once after a podvisord restart (the filter lives in the pod's namespace). On the bridge
+/// only the honest frames arrive. Both rounds go through one capture that reads on until
+/// the second honest frame: a forged frame of round 1 would have had the whole restart to
+/// show up. The TAP's drop counter counts (at least) the 6 forged frames.
+async fn forged_frames_stop_at_the_tap(
+    daemon: &mut Daemon,
+    rt: &mut Runtime,
+    client: &str,
+    ns_a: &str,
+    ip_a: Ipv4Addr,
+    gateway: Ipv4Addr,
+) -> Result<()> {
+    let drops_before = tap_drops(ns_a).await?;
+    let capture = Capture::open(BRIDGE)?;
+    let (capture, mut seen) = spoof_round(rt, client, ip_a, gateway, "r1", capture).await?;
+    daemon.restart()?;
+    *rt = RuntimeServiceClient::new(connect(&daemon.socket).await?);
+    let (_, more) = spoof_round(rt, client, ip_a, gateway, "r2", capture).await?;
+    seen.extend(more);
+    let dropped = tap_drops(ns_a).await? - drops_before;
+    println!("[net] on the bridge: {seen:?}; dropped at pod A's TAP: {dropped}");
+    ensure!(
+        seen == [format!("{SPOOF_MARK}r1-ok"), format!("{SPOOF_MARK}r2-ok")],
+        "frames on the bridge: {seen:?}"
+    );
+    ensure!(
+        dropped >= 6,
+        "pod A's TAP dropped {dropped} frames, not the 6 forged ones"
+    );
     Ok(())
 }
 

@@ -305,30 +305,16 @@ impl PodNetwork {
             ..persisted
         };
         let linked = match done.write(&net.file) {
-            Ok(()) => {
-                let ns = net.netns.clone();
-                blocking(move || tap::setup(&ns, CNI_IFNAME, tap::DEFAULT_TAP_NAME)).await
-            }
+            Ok(()) => net.link_tap().await,
             Err(e) => Err(e),
         };
         net.link = match linked {
-            Ok(Ok(link)) => link,
-            Ok(Err(e)) => {
-                net.discard(true).await;
-                return Err(e.into());
-            }
+            Ok(link) => link,
             Err(e) => {
                 net.discard(true).await;
                 return Err(e);
             }
         };
-        if net.ips().is_empty() {
-            net.discard(true).await;
-            return Err(NetworkError::NoAddress {
-                network: net.cni.network().name.clone(),
-                ifname: CNI_IFNAME.into(),
-            });
-        }
         tracing::info!(
             sandbox = %net.sandbox_id,
             network = %net.cni.network().name,
@@ -338,6 +324,22 @@ impl PodNetwork {
             "pod network set up"
         );
         Ok(net)
+    }
+
+    /// Sets up the TAP for the result's addresses (the only source IPs the guest may use).
+    async fn link_tap(&self) -> Result<TapLink, NetworkError> {
+        let ips: Vec<IpAddr> = addresses_of(&self.result, CNI_IFNAME)?
+            .into_iter()
+            .map(|(ip, _)| ip)
+            .collect();
+        if ips.is_empty() {
+            return Err(NetworkError::NoAddress {
+                network: self.cni.network().name.clone(),
+                ifname: CNI_IFNAME.into(),
+            });
+        }
+        let ns = self.netns.clone();
+        Ok(blocking(move || tap::setup(&ns, CNI_IFNAME, tap::DEFAULT_TAP_NAME, &ips)).await??)
     }
 
     /// Undoes a half-done setup, logging what fails.

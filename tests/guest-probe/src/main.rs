@@ -7,10 +7,16 @@
 //! guest-probe hello                         # prove a static program runs: print uid and pid
 //! guest-probe vsock-attack PORT             # as a hostile container: socket(AF_VSOCK) and
 //!                                           # connect to CID 1, the VM's own CID and the host
+//! guest-probe spoof IFACE OWN_IP GATEWAY_IP TAG
+//!                                           # as a hostile guest: raw frames with a forged
+//!                                           # source MAC, IP and ARP sender, and one honest
+//!                                           # frame (see `spoof`)
 //! ```
 //!
 //! Every line meant for the test starts with a fixed word (`VSOCK-LISTENING`,
-//! `VSOCK-REPLY`, `BOOT-MARKER`); errors go to stderr as `guest-probe: ...`.
+//! `VSOCK-REPLY`, `BOOT-MARKER`, `SPOOF-SENT`); errors go to stderr as `guest-probe: ...`.
+
+mod spoof;
 
 use std::io::{self, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -31,8 +37,11 @@ fn main() -> ExitCode {
         }
         ["hello"] => hello(),
         ["vsock-attack", port] => parse_port(port).map(vsock_attack),
+        ["spoof", iface, own_ip, gateway, tag] => {
+            spoof::spoof(iface, own_ip, gateway, tag).map(|lines| lines.iter().for_each(|l| say(l)))
+        }
         _ => Err(format!(
-            "usage: guest-probe vsock-echo-server PORT | vsock-echo-client PORT MESSAGE | hello | vsock-attack PORT (got {args:?})"
+            "usage: guest-probe vsock-echo-server PORT | vsock-echo-client PORT MESSAGE | hello | vsock-attack PORT | spoof IFACE OWN_IP GATEWAY_IP TAG (got {args:?})"
         )),
     };
     match result {
