@@ -404,6 +404,16 @@ impl Drop for Daemon {
             .map(|d| d.flatten().map(|e| e.path()).collect::<Vec<_>>())
             .unwrap_or_default();
         for record in records {
+            // Nor cgroups: the VMM's, named by the record's file name (its sandbox id).
+            if let Some(id) = record
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .filter(|id| id.bytes().all(|b| b.is_ascii_hexdigit()))
+            {
+                for cgroup in cgroups_of(id) {
+                    let _ = std::fs::remove_dir(&cgroup);
+                }
+            }
             let netns = std::fs::read(&record)
                 .ok()
                 .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
