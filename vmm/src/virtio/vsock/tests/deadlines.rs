@@ -161,17 +161,7 @@ fn answered_request_outlives_its_deadline() {
 fn restored_device_times_out_silent_host_clients() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).expect("mem");
-    let mut old = Window::new(dir.path(), "old.sock", GUEST_CID, mem.clone());
-    old.bring_up();
-    let snap = old.transport.snapshot();
-    let rings = old.rings;
-    drop(old.transport);
-    drop(old.dev);
-
-    let mut new = Window::new(dir.path(), "new.sock", GUEST_CID, reload(&mem));
-    new.rings = rings;
-    new.transport.restore(&snap).expect("restore");
-    new.pump();
+    let new = restored(dir.path(), &mem, reload(&mem));
     lock(&new.dev)
         .active
         .as_mut()

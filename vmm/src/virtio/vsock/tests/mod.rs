@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -1500,6 +1500,22 @@ impl Window {
 
 /// Guest memory as a new process maps it back from the memory file: the
 /// same bytes, a new mapping.
+/// A device brought up in `dir` (socket `old.sock`), snapshotted and gone, and restored
+/// into a new window on `new_mem` (socket `new.sock`).
+fn restored(dir: &Path, mem: &GuestMemory, new_mem: GuestMemory) -> Window {
+    let mut old = Window::new(dir, "old.sock", GUEST_CID, mem.clone());
+    old.bring_up();
+    let snap = old.transport.snapshot();
+    let rings = old.rings;
+    drop(old.transport);
+    drop(old.dev);
+    let mut new = Window::new(dir, "new.sock", GUEST_CID, new_mem);
+    new.rings = rings;
+    new.transport.restore(&snap).expect("restore");
+    new.pump();
+    new
+}
+
 fn reload(mem: &GuestMemory) -> GuestMemory {
     let mut image = vec![0u8; MEM_SIZE];
     mem.read_slice(&mut image, GuestAddress(0)).expect("read");
@@ -1601,17 +1617,7 @@ fn restore_sends_exactly_one_transport_reset() {
 fn reset_without_event_buffer_waits_for_one() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).expect("mem");
-    let mut old = Window::new(dir.path(), "old.sock", GUEST_CID, mem.clone());
-    old.bring_up();
-    let snap = old.transport.snapshot();
-    let rings = old.rings;
-    drop(old.transport);
-    drop(old.dev);
-
-    let mut new = Window::new(dir.path(), "new.sock", GUEST_CID, mem.clone());
-    new.rings = rings;
-    new.transport.restore(&snap).expect("restore");
-    new.pump();
+    let mut new = restored(dir.path(), &mem, mem.clone());
     assert!(new.take_events().is_empty());
     let _ = new.irq.irq_fd().read();
 
