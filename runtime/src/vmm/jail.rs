@@ -84,7 +84,7 @@ pub(super) fn confine(config: &mut VmConfig, dir: &Path, user: JailUser) -> Resu
     };
     let mut add = |host: &Path, at: &str, writable: bool| {
         jail.binds.push(JailBind {
-            host: host.to_path_buf(),
+            host: resolve_link(host),
             jail: PathBuf::from(at),
             writable,
         });
@@ -125,6 +125,20 @@ pub(super) fn confine(config: &mut VmConfig, dir: &Path, user: JailUser) -> Resu
     }
     config.jail = Some(jail);
     Ok(())
+}
+
+/// The file a symlink the operator configured points to (`build/guest/vmlinux` is one):
+/// the VMM binds the file itself and refuses a symlink (`O_NOFOLLOW`). Only the
+/// configuration's and podvisord's own paths come here, never an image's: images reach a
+/// running VMM as descriptors. Anything else, a missing path included, is kept as it is
+/// for the VMM to report.
+fn resolve_link(host: &Path) -> PathBuf {
+    match host.symlink_metadata() {
+        Ok(m) if m.file_type().is_symlink() => {
+            std::fs::canonicalize(host).unwrap_or_else(|_| host.to_path_buf())
+        }
+        _ => host.to_path_buf(),
+    }
 }
 
 /// Hands the pod directory to the jail's user: the VMM binds its sockets there after the
@@ -256,6 +270,23 @@ mod tests {
             confine(&mut c, dir, user),
             Err(VmmError::DriveId(_))
         ));
+    }
+
+    #[test]
+    fn a_configured_symlink_is_bound_as_its_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        let real = tmp.path().join("cache").join("vmlinux");
+        std::fs::create_dir_all(real.parent().unwrap()).unwrap();
+        std::fs::write(&real, "kernel").unwrap();
+        let link = tmp.path().join("vmlinux");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let dir = tmp.path().join("pod");
+        let mut c = config(&dir);
+        c.kernel = link;
+        confine(&mut c, &dir, JailUser { uid: 7, gid: 8 }).unwrap();
+        let jail = c.jail.unwrap();
+        assert_eq!(jail.binds[0].host, real.canonicalize().unwrap());
+        assert_eq!(jail.binds[0].jail, Path::new("/boot/kernel"));
     }
 
     #[test]
