@@ -14,7 +14,6 @@
 //!
 //! Images swapped in later reach it as descriptors, not paths (`VmmHandle::swap_drive`).
 
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use podvisor_vmm_api::config::{JailBind, JailConfig, SerialOutput, VmConfig};
@@ -141,27 +140,33 @@ fn resolve_link(host: &Path) -> PathBuf {
     }
 }
 
-/// Hands the pod directory to the jail's user: the VMM binds its sockets there after the
-/// drop and removes them when it ends. podvisord opens nothing in it that follows a
-/// symlink.
+/// The pod directory's mode once the jail's group may write it: sticky, so that the VMM
+/// can make (and remove) its own entries (the control socket, a template's snapshot) but
+/// can neither remove nor replace podvisord's (`network.json`, `vmm.json`, `vmm.log`).
+const POD_DIR_MODE: u32 = 0o1770;
+
+/// Opens the pod directory to the jail's group (see [`POD_DIR_MODE`]); it stays root's.
+/// The VMM binds its control socket there after the drop and removes it when it ends.
 pub(super) fn hand_over_dir(dir: &Path, user: JailUser) -> Result<(), VmmError> {
-    let meta = dir
-        .symlink_metadata()
-        .map_err(file_err("inspect pod directory", dir))?;
-    if !meta.is_dir() {
-        return Err(VmmError::NotADirectory(dir.to_path_buf()));
-    }
-    if (meta.uid(), meta.gid()) != (user.uid, user.gid) {
-        std::os::unix::fs::lchown(dir, Some(user.uid), Some(user.gid))
-            .map_err(file_err("hand over pod directory", dir))?;
-    }
-    Ok(())
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let d = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
+        .open(dir)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ENOTDIR | libc::ELOOP) => VmmError::NotADirectory(dir.to_path_buf()),
+            _ => file_err("open pod directory", dir)(e),
+        })?;
+    std::os::unix::fs::fchown(&d, Some(0), Some(user.gid))
+        .and_then(|()| d.set_permissions(std::fs::Permissions::from_mode(POD_DIR_MODE)))
+        .map_err(file_err("hand over pod directory", dir))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use podvisor_vmm_api::config::{DriveConfig, RestoreConfig, VsockDeviceConfig};
+    use std::os::unix::fs::MetadataExt;
 
     fn config(dir: &Path) -> VmConfig {
         VmConfig {
@@ -287,6 +292,61 @@ mod tests {
         let jail = c.jail.unwrap();
         assert_eq!(jail.binds[0].host, real.canonicalize().unwrap());
         assert_eq!(jail.binds[0].jail, Path::new("/boot/kernel"));
+    }
+
+    #[test]
+    fn the_jails_user_makes_its_entries_but_cannot_touch_podvisords() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(
+            tmp.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
+        let dir = tmp.path().join("pod");
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::write(dir.join("network.json"), "{}").unwrap();
+        let user = JailUser {
+            uid: 65534,
+            gid: 65534,
+        };
+        hand_over_dir(&dir, user).unwrap();
+        let meta = dir.symlink_metadata().unwrap();
+        assert_eq!(
+            (meta.uid(), meta.gid(), meta.mode() & 0o7777),
+            (0, 65534, 0o1770)
+        );
+        // As the jail's user: its own socket-like entry comes and goes; root's file stays.
+        let script = "touch api.sock && rm api.sock && echo own-ok; \
+                      rm -f network.json 2>/dev/null || echo root-kept; \
+                      mv network.json x 2>/dev/null || echo not-renamed";
+        let out = std::process::Command::new("setpriv")
+            .args([
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "sh",
+                "-c",
+                script,
+            ])
+            .current_dir(&dir)
+            .output()
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "own-ok\nroot-kept\nnot-renamed\n",
+            "{out:?}"
+        );
+        assert_eq!(
+            std::fs::read_to_string(dir.join("network.json")).unwrap(),
+            "{}"
+        );
+
+        let link = tmp.path().join("link");
+        std::os::unix::fs::symlink(&dir, &link).unwrap();
+        assert!(matches!(
+            hand_over_dir(&link, user),
+            Err(VmmError::NotADirectory(_))
+        ));
     }
 
     #[test]
