@@ -84,12 +84,8 @@ struct Source {
 }
 
 impl Source {
+    /// Opens `bind.host` (its jail path was checked with the others before anything else).
     fn open(bind: &JailBind) -> Result<Self, JailError> {
-        check_jail_path(&bind.jail)?;
-        Self::open_unchecked(bind)
-    }
-
-    fn open_unchecked(bind: &JailBind) -> Result<Self, JailError> {
         let file = std::fs::OpenOptions::new()
             .read(true)
             .custom_flags(libc::O_PATH | libc::O_NOFOLLOW)
@@ -155,7 +151,7 @@ pub fn enter(jail: &JailConfig) -> Result<(), JailError> {
     .map_err(nix_step("make mounts private", Path::new("/")))?;
     // Opened in the new namespace (a mount of another namespace cannot be bound), before
     // the tmpfs covers the pod directory.
-    let pod = Source::open_unchecked(&JailBind {
+    let pod = Source::open(&JailBind {
         host: jail.root.clone(),
         jail: PathBuf::from(JAIL_POD_DIR),
         writable: true,
@@ -231,8 +227,11 @@ fn bind(root: &Path, source: &Source) -> Result<(), JailError> {
         None::<&str>,
     )
     .map_err(nix_step("bind", &source.host))?;
-    let mut flags = MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
-    flags |= MsFlags::MS_NOEXEC;
+    let mut flags = MsFlags::MS_REMOUNT
+        | MsFlags::MS_BIND
+        | MsFlags::MS_NOSUID
+        | MsFlags::MS_NODEV
+        | MsFlags::MS_NOEXEC;
     if !source.writable {
         flags |= MsFlags::MS_RDONLY;
     }
