@@ -11,7 +11,7 @@ use std::process::{Child, Command, Stdio};
 use podvisor_common::IoError;
 use podvisor_vmm_api::config::VmConfig;
 
-use super::cgroup::PodCgroup;
+use super::cgroup::{PodCgroup, remove_cgroup};
 use super::error::{VmmError, file_err};
 use super::handle::VmmHandle;
 use super::jail::hand_over_dir;
@@ -49,9 +49,22 @@ pub fn launch(binary: &Path, spec: &VmmSpec) -> Result<VmmHandle, VmmError> {
     let cgroup = spec.cgroup.as_deref().map(PodCgroup::create).transpose()?;
     handle.cgroup = spec.cgroup.clone();
 
-    let mut child = spawn_detached(binary, spec, &handle, &config_path, cgroup.as_ref())?;
+    let started = spawn_detached(binary, spec, &handle, &config_path, cgroup.as_ref())
+        .and_then(|mut child| Ok((start_time_or_kill(&mut child)?, child)));
+    let (start_time, child) = match started {
+        Ok(s) => s,
+        Err(e) => {
+            // No VMM ran in it: the cgroup made for it goes too.
+            if let Some(name) = &spec.cgroup
+                && let Err(r) = remove_cgroup(name)
+            {
+                tracing::warn!(sandbox = %spec.sandbox_id, "remove the cgroup of a VMM that did not start: {r}");
+            }
+            return Err(e);
+        }
+    };
     handle.pid = child.id();
-    handle.start_time = start_time_or_kill(&mut child)?;
+    handle.start_time = start_time;
     spawn_reaper(child, &spec.sandbox_id);
     tracing::info!(
         sandbox = %spec.sandbox_id,
@@ -388,11 +401,23 @@ mod tests {
             Err(VmmError::SocketPathTooLong(_))
         ));
 
-        let e = launch(&fake.dir.path().join("no-vmm"), &fake.spec()).unwrap_err();
+        let cgroup = format!("unit-nostart-{}", std::process::id());
+        let with_cgroup = VmmSpec {
+            cgroup: Some(cgroup.clone()),
+            ..fake.spec()
+        };
+        let e = launch(&fake.dir.path().join("no-vmm"), &with_cgroup).unwrap_err();
         assert!(
             matches!(&e, VmmError::Spawn { source, .. } if source.kind() == io::ErrorKind::NotFound)
         );
         assert!(e.to_string().contains("no-vmm"), "{e}");
+        assert!(
+            !Path::new("/sys/fs/cgroup/pids/podvisor")
+                .join(&cgroup)
+                .exists()
+                && !Path::new("/sys/fs/cgroup/podvisor").join(&cgroup).exists(),
+            "the cgroup of a VMM that never started is left"
+        );
 
         // A symlink in place of the pod directory is not followed.
         let elsewhere = fake.dir.path().join("elsewhere");
