@@ -449,6 +449,16 @@ pub struct ContainerRecord {
     /// The VM drive (virtio serial) carrying its image.
     #[serde(default)]
     pub image_drive_id: String,
+    /// Created with a terminal (CRI `tty`).
+    #[serde(default)]
+    pub tty: bool,
+    /// Created with an open stdin (CRI `stdin`) that attach sessions write to.
+    #[serde(default)]
+    pub stdin: bool,
+    /// Its stdin is closed when the first attach session that had stdin ends (CRI
+    /// `stdin_once`).
+    #[serde(default)]
+    pub stdin_once: bool,
 }
 
 #[cfg(test)]
@@ -527,6 +537,9 @@ mod tests {
             agent_container_id: id.into(),
             guest_pid: 7,
             image_drive_id: "img0".into(),
+            tty: false,
+            stdin: true,
+            stdin_once: true,
         }
     }
 

@@ -481,6 +481,9 @@ fn new_record(
         agent_container_id: id.to_string(),
         guest_pid,
         image_drive_id,
+        tty: spec.tty,
+        stdin: spec.stdin,
+        stdin_once: spec.stdin_once,
     }
 }
 

@@ -136,6 +136,10 @@ pub struct ContainerSpec {
     pub log_path: String,
     /// Allocate a terminal.
     pub tty: bool,
+    /// Keep stdin open for attach sessions (otherwise the process reads /dev/null).
+    pub stdin: bool,
+    /// Close stdin when the first attach session that had stdin ends.
+    pub stdin_once: bool,
     /// User.
     pub user: UserSpec,
     /// Capabilities added.
@@ -231,7 +235,7 @@ pub(super) fn container_process(
         terminal: spec.tty,
         console_width: 0,
         console_height: 0,
-        stdin: false,
+        stdin: spec.stdin,
         seccomp_filter: seccomp_filter.unwrap_or_default(),
     };
     Ok((process, defaults))

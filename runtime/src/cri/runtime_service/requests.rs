@@ -269,6 +269,8 @@ pub(super) fn container_spec(config: cri::ContainerConfig) -> Result<ContainerSp
         mounts,
         log_path: config.log_path,
         tty: config.tty,
+        stdin: config.stdin,
+        stdin_once: config.stdin_once,
         user,
         cap_add: caps.add_capabilities,
         cap_drop: caps.drop_capabilities,
