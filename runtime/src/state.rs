@@ -709,10 +709,14 @@ mod tests {
             "image_drive_id",
             "reason",
             "log_path",
+            "tty",
+            "stdin",
+            "stdin_once",
         ] {
             obj.remove(optional);
         }
         let old: ContainerRecord = serde_json::from_value(c).unwrap();
         assert!(old.mounts.is_empty() && old.guest_pid == 0 && old.log_path.as_os_str().is_empty());
+        assert!(!old.tty && !old.stdin && !old.stdin_once);
     }
 }
