@@ -109,6 +109,7 @@ impl PodManager {
             lease: Mutex::new(Some(lease)),
             log: Arc::new(Mutex::new(writer)),
             exited: watch::Sender::new(false),
+            attach: Default::default(),
         });
         lock(&self.inner.containers).insert(id.clone(), c.clone());
         drop(slots);

@@ -96,7 +96,7 @@ pub(super) fn write_exec_defaults(path: &Path, defaults: &ExecDefaults) -> Resul
 /// The exec defaults recorded in `path` for container `id`. Without them an exec would not
 /// know its container's user and capabilities: it is refused rather than run as root with
 /// the default set.
-fn read_exec_defaults(path: &Path, id: &str) -> Result<ExecDefaults, PodError> {
+pub(super) fn read_exec_defaults(path: &Path, id: &str) -> Result<ExecDefaults, PodError> {
     let bytes = std::fs::read(path).map_err(|e| {
         PodError::FailedPrecondition(format!(
             "container {id}: its exec defaults {} cannot be read ({e}): exec refused",
@@ -155,15 +155,19 @@ async fn collect_exec(
 }
 
 /// For `map_err`: the agent's answer to call `what` as a [`PodError::Agent`].
-fn agent_error(what: &'static str) -> impl Fn(tonic::Status) -> PodError {
+pub(super) fn agent_error(what: &'static str) -> impl Fn(tonic::Status) -> PodError {
     move |status| PodError::Agent {
         what: what.into(),
         status,
     }
 }
 
-/// Kills an exec that ran past its deadline (best effort).
-async fn kill_exec(client: &mut AgentClient<Channel>, container_id: String, exec_id: String) {
+/// Kills an exec that ran past its deadline or lost its client (best effort).
+pub(super) async fn kill_exec(
+    client: &mut AgentClient<Channel>,
+    container_id: String,
+    exec_id: String,
+) {
     let req = agent::SignalProcessRequest {
         container_id,
         exec_id,

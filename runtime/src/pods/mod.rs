@@ -35,6 +35,8 @@
 //! - [`supervise`]: a container's background tasks: its output to its log, its exit, its
 //!   copied host paths kept current.
 //! - [`exec`]: ExecSync and the exec defaults recorded per container.
+//! - [`interactive`]: streaming exec and attach (CRI Exec and Attach behind the streaming
+//!   server), and the fanout of a container's output to attach sessions.
 //! - [`stats`]: container statistics.
 //! - [`recovery`]: finding sandboxes and containers again after a restart, and sweeping
 //!   what a crash during RunPodSandbox left.
@@ -47,6 +49,7 @@ mod detached;
 mod error;
 mod exec;
 mod image_slots;
+mod interactive;
 mod names;
 pub mod process;
 mod recovery;
@@ -61,6 +64,7 @@ pub mod volumes;
 pub use error::PodError;
 pub use exec::ExecOutput;
 pub use image_slots::{IMAGE_SLOTS, PLACEHOLDER_BYTES, PLACEHOLDER_FILE};
+pub use interactive::{ClientIo, TermSize};
 pub use spec::{ContainerSpec, MountSpec, NamespaceMode, Resources, SandboxSpec};
 pub use stats::ContainerStats;
 
@@ -155,6 +159,8 @@ struct Container {
     log: Arc<Mutex<Option<CriLogWriter>>>,
     /// True once the container has exited (its record says so).
     exited: watch::Sender<bool>,
+    /// Its output fanned out to attach sessions, their stdin in (fed by `supervise`).
+    attach: interactive::AttachHub,
 }
 
 impl Container {

@@ -176,6 +176,7 @@ impl PodManager {
             lease: Mutex::new(lease),
             log: Arc::new(Mutex::new(log)),
             exited: watch::Sender::new(exited),
+            attach: Default::default(),
         });
         lock(&self.inner.containers).insert(c.id.clone(), c.clone());
         match (client, exited) {

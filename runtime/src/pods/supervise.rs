@@ -1,13 +1,18 @@
-//! A container's background tasks once it exists: its output copied to its log, its exit
-//! awaited and recorded (or its VM's end noticed), and its copied host paths kept current.
+//! A container's background tasks once it exists: its output copied to its log (and fanned
+//! out to attach sessions through its `AttachHub`, whose stdin goes back in on the same
+//! ProcessIo stream), its exit awaited and recorded (or its VM's end noticed), and its
+//! copied host paths kept current.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use podvisor_common::{lock, now_ns};
 use podvisor_proto::AgentClient;
 use podvisor_proto::v1 as agent;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
 use super::agent::{AGENT_CALL_TIMEOUT, AGENT_RETRY_MAX, call};
@@ -19,11 +24,14 @@ use crate::logs::Stream;
 
 /// How long re-attaching to a container's output after a restart may be refused.
 const ATTACH_RETRY_TIMEOUT: Duration = Duration::from_secs(30);
+/// ProcessInput messages (attach sessions' stdin) queued towards the container.
+const INPUT_BUFFER: usize = 8;
 /// How often a container's copied host paths are compared with the host.
 const VOLUME_REFRESH_INTERVAL: Duration = Duration::from_secs(3);
 
 impl PodManager {
-    /// Copies the container's output to its log (when `attach`), then waits for its exit.
+    /// Copies the container's output to its log and its attach sessions (when `attach`),
+    /// then waits for its exit.
     pub(super) fn supervise(
         &self,
         c: Arc<Container>,
@@ -35,13 +43,17 @@ impl PodManager {
             let agent_id = lock(&c.record).agent_container_id.clone();
             if attach {
                 match attach_output(&mut client, &agent_id).await {
-                    Ok(stream) => pump_output(&c, stream).await,
+                    Ok((stream, input)) => {
+                        c.attach.connect(input);
+                        pump_output(&c, stream).await;
+                    }
                     Err(s) => tracing::warn!(
                         container = %c.id,
                         "attach output: {}; the container's output is not logged",
                         s.message()
                     ),
                 }
+                c.attach.end();
                 if let Some(w) = lock(&c.log).take()
                     && let Err(e) = w.close()
                 {
@@ -200,21 +212,32 @@ pub(super) fn refresh_volumes(
     });
 }
 
-/// Attaches to a container's output. After a podvisord restart the agent may not have seen
+/// Attaches to a container's output; also returns the input side of the stream (the
+/// container's stdin). After a podvisord restart the agent may not have seen
 /// the previous attachment's connection end yet and answers FailedPrecondition ("already
 /// attached") until it has: that is retried for [`ATTACH_RETRY_TIMEOUT`].
 async fn attach_output(
     client: &mut AgentClient<Channel>,
     agent_id: &str,
-) -> Result<tonic::Streaming<agent::ProcessOutput>, tonic::Status> {
+) -> Result<
+    (
+        tonic::Streaming<agent::ProcessOutput>,
+        mpsc::Sender<agent::ProcessInput>,
+    ),
+    tonic::Status,
+> {
     let until = Instant::now() + ATTACH_RETRY_TIMEOUT;
     loop {
         let first = agent::ProcessInput {
             container_id: agent_id.to_string(),
             ..Default::default()
         };
-        match client.process_io(tokio_stream::iter([first])).await {
-            Ok(stream) => return Ok(stream.into_inner()),
+        let (input, input_rx) = mpsc::channel(INPUT_BUFFER);
+        input
+            .try_send(first)
+            .map_err(|_| tonic::Status::internal("the ProcessIo input channel is full"))?;
+        match client.process_io(ReceiverStream::new(input_rx)).await {
+            Ok(stream) => return Ok((stream.into_inner(), input)),
             Err(s) if s.code() == tonic::Code::FailedPrecondition && Instant::now() < until => {
                 tracing::debug!(
                     container = agent_id,
@@ -228,7 +251,8 @@ async fn attach_output(
     }
 }
 
-/// Copies a container's output stream to its log until both streams end.
+/// Copies a container's output stream to its log, and hands each chunk to the current
+/// attach sessions without waiting for them, until both streams end.
 async fn pump_output(c: &Container, mut stream: tonic::Streaming<agent::ProcessOutput>) {
     loop {
         match stream.message().await {
@@ -246,6 +270,7 @@ async fn pump_output(c: &Container, mut stream: tonic::Streaming<agent::ProcessO
                 {
                     tracing::warn!(container = %c.id, "write log: {e}");
                 }
+                c.attach.publish(which, &Bytes::from(m.data));
             }
             Ok(None) => return,
             Err(s) => {
