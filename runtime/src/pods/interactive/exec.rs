@@ -72,9 +72,13 @@ impl PodManager {
             exec_id: exec_id.clone(),
             process: Some(process),
         };
-        call("ExecProcess", AGENT_CALL_TIMEOUT, client.exec_process(req)).await?;
-        tracing::info!(container = container_id, exec = %exec_id, tty, "exec session begins");
+        // Armed before ExecProcess: a session dropped while the agent starts it kills it too.
         let mut kill = KillOnDrop(Some((client.clone(), agent_id.clone(), exec_id.clone())));
+        if let Err(e) = call("ExecProcess", AGENT_CALL_TIMEOUT, client.exec_process(req)).await {
+            kill.disarm();
+            return Err(e);
+        }
+        tracing::info!(container = container_id, exec = %exec_id, tty, "exec session begins");
 
         let (input, input_rx) = mpsc::channel(INPUT_BUFFER);
         let first = agent::ProcessInput {

@@ -25,7 +25,8 @@ use tokio::sync::mpsc::error::TrySendError;
 
 use crate::logs::Stream;
 
-/// Output chunks buffered per attach session before it is dropped as too slow.
+/// Output chunks buffered per attach session before it is dropped as too slow (the agent's
+/// chunks are at most 32 KiB: at most 8 MiB per session).
 pub(in crate::pods) const SUBSCRIBER_BUFFER: usize = 256;
 
 /// One chunk of a container's output.
