@@ -36,6 +36,7 @@
 //!   copied host paths kept current.
 //! - [`exec`]: ExecSync and the exec defaults recorded per container.
 //! - [`stats`]: container statistics.
+//! - [`port_forward`]: PortForward, dialled by the guest agent inside the VM.
 //! - [`recovery`]: finding sandboxes and containers again after a restart, and sweeping
 //!   what a crash during RunPodSandbox left.
 //! - [`process`], [`volumes`], [`template`]: composing a container's process, copying host
@@ -48,6 +49,7 @@ mod error;
 mod exec;
 mod image_slots;
 mod names;
+mod port_forward;
 pub mod process;
 mod recovery;
 mod sandbox;
@@ -61,6 +63,7 @@ pub mod volumes;
 pub use error::PodError;
 pub use exec::ExecOutput;
 pub use image_slots::{IMAGE_SLOTS, PLACEHOLDER_BYTES, PLACEHOLDER_FILE};
+pub use port_forward::{PortForwardConn, PortForwardReceiver, PortForwardSender};
 pub use spec::{ContainerSpec, MountSpec, NamespaceMode, Resources, SandboxSpec};
 pub use stats::ContainerStats;
 
