@@ -10,6 +10,7 @@ mod identity;
 mod init;
 mod network;
 mod paths;
+mod portforward;
 mod reaper;
 mod safepath;
 mod sandbox;

@@ -22,6 +22,7 @@ pub struct AgentService {
     paths: Paths,
     sandbox_files: SandboxFiles,
     manager: Arc<crate::container::Manager>,
+    port_forwards: crate::portforward::PortForwards,
 }
 
 impl std::fmt::Debug for AgentService {
@@ -49,6 +50,7 @@ impl AgentService {
             paths,
             sandbox_files,
             manager,
+            port_forwards: crate::portforward::PortForwards::default(),
         }
     }
 }
@@ -223,6 +225,16 @@ impl v1::agent_server::Agent for AgentService {
             .manager
             .list_processes(&req.into_inner().container_id)?;
         Ok(Response::new(ListProcessesResponse { processes }))
+    }
+
+    type PortForwardStream = BoxStream<PortForwardOutput>;
+
+    async fn port_forward(
+        &self,
+        req: Request<Streaming<PortForwardInput>>,
+    ) -> Result<Response<Self::PortForwardStream>, Status> {
+        let stream = self.port_forwards.open(req.into_inner()).await?;
+        Ok(Response::new(stream))
     }
 
     async fn shutdown(

@@ -38,6 +38,7 @@
 //! - [`interactive`]: streaming exec and attach (CRI Exec and Attach behind the streaming
 //!   server), and the fanout of a container's output to attach sessions.
 //! - [`stats`]: container statistics.
+//! - [`port_forward`]: PortForward, dialled by the guest agent inside the VM.
 //! - [`recovery`]: finding sandboxes and containers again after a restart, and sweeping
 //!   what a crash during RunPodSandbox left.
 //! - [`process`], [`volumes`], [`template`]: composing a container's process, copying host
@@ -51,6 +52,7 @@ mod exec;
 mod image_slots;
 mod interactive;
 mod names;
+mod port_forward;
 pub mod process;
 mod recovery;
 mod sandbox;
@@ -65,6 +67,7 @@ pub use error::PodError;
 pub use exec::ExecOutput;
 pub use image_slots::{IMAGE_SLOTS, PLACEHOLDER_BYTES, PLACEHOLDER_FILE};
 pub use interactive::{ClientIo, TermSize};
+pub use port_forward::{PortForwardConn, PortForwardReceiver, PortForwardSender};
 pub use spec::{ContainerSpec, MountSpec, NamespaceMode, Resources, SandboxSpec};
 pub use stats::ContainerStats;
 
