@@ -10,7 +10,12 @@ use std::net::{Ipv4Addr, Shutdown, TcpListener, TcpStream};
 pub fn echo_server(port: u16) -> Result<(), String> {
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, port))
         .map_err(|e| format!("bind 127.0.0.1:{port}: {e}"))?;
-    crate::say(&format!("TCP-LISTENING {port}"));
+    // The test reads stdout as it comes: flushed at once.
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "TCP-LISTENING {port}")
+        .and_then(|()| out.flush())
+        .map_err(|e| format!("stdout: {e}"))?;
+    drop(out);
     for conn in listener.incoming() {
         match conn {
             Ok(c) => {
