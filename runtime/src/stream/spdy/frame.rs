@@ -178,7 +178,11 @@ pub fn decode(buf: &[u8]) -> Result<Option<(Frame, usize)>, FrameError> {
     let flags = buf[4];
     let len = (be32(&buf[4..8]) & 0x00ff_ffff) as usize;
     let control = first & 0x8000_0000 != 0;
-    let cap = if control { MAX_CONTROL_LEN } else { MAX_DATA_LEN };
+    let cap = if control {
+        MAX_CONTROL_LEN
+    } else {
+        MAX_DATA_LEN
+    };
     if len > cap {
         let kind = if control { "control" } else { "data" };
         return Err(FrameError::TooLarge { kind, len, cap });

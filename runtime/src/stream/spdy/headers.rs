@@ -153,7 +153,8 @@ impl HeaderEncoder {
     /// A fresh context primed with the SPDY/3 dictionary.
     pub fn new() -> Result<Self, HeaderError> {
         let mut z = Compress::new(Compression::default(), true);
-        z.set_dictionary(DICTIONARY).map_err(HeaderError::Compress)?;
+        z.set_dictionary(DICTIONARY)
+            .map_err(HeaderError::Compress)?;
         Ok(Self { z })
     }
 
@@ -233,7 +234,9 @@ impl HeaderDecoder {
                 }
                 Ok(_) => {}
                 Err(e) if e.needs_dictionary().is_some() => {
-                    self.z.set_dictionary(DICTIONARY).map_err(HeaderError::Decompress)?;
+                    self.z
+                        .set_dictionary(DICTIONARY)
+                        .map_err(HeaderError::Decompress)?;
                     continue;
                 }
                 Err(e) => return Err(HeaderError::Decompress(e)),
@@ -307,7 +310,10 @@ mod tests {
             sizes.push(block.len());
             let got = dec.decode(&block).expect("decode");
             assert_eq!(got.get("streamtype"), Some("stdout"));
-            assert_eq!(got.get_all("x-multi").collect::<Vec<_>>(), ["a", &format!("b{i}")]);
+            assert_eq!(
+                got.get_all("x-multi").collect::<Vec<_>>(),
+                ["a", &format!("b{i}")]
+            );
             assert_eq!(got.get("empty"), Some(""));
             assert_eq!(got.len(), 4);
         }
@@ -325,7 +331,8 @@ mod tests {
         z.set_dictionary(DICTIONARY).expect("dict");
         let input = vec![0u8; 4 << 20];
         let mut out = Vec::with_capacity(64 << 10);
-        z.compress_vec(&input, &mut out, FlushCompress::Sync).expect("compress");
+        z.compress_vec(&input, &mut out, FlushCompress::Sync)
+            .expect("compress");
         assert!(out.len() < MAX_BLOCK_LEN);
         let err = HeaderDecoder::new().decode(&out).expect_err("bomb");
         assert!(matches!(err, HeaderError::TooLarge { .. }), "{err}");
@@ -338,7 +345,8 @@ mod tests {
         let mut out = Vec::with_capacity(1024);
         // Claims 4 billion headers and a 4 GiB name.
         let raw = [0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff];
-        z.compress_vec(&raw, &mut out, FlushCompress::Sync).expect("compress");
+        z.compress_vec(&raw, &mut out, FlushCompress::Sync)
+            .expect("compress");
         assert!(matches!(
             HeaderDecoder::new().decode(&out),
             Err(HeaderError::TooMany { .. })
@@ -346,8 +354,12 @@ mod tests {
         let mut z = Compress::new(Compression::default(), true);
         z.set_dictionary(DICTIONARY).expect("dict");
         let mut out = Vec::with_capacity(1024);
-        z.compress_vec(&[0, 0, 0, 1, 0xff, 0xff, 0xff, 0xff], &mut out, FlushCompress::Sync)
-            .expect("compress");
+        z.compress_vec(
+            &[0, 0, 0, 1, 0xff, 0xff, 0xff, 0xff],
+            &mut out,
+            FlushCompress::Sync,
+        )
+        .expect("compress");
         assert!(matches!(
             HeaderDecoder::new().decode(&out),
             Err(HeaderError::Malformed(_))

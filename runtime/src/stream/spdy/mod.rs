@@ -16,10 +16,18 @@
 //! slowed by not reading the connection while a stream's buffer is full. A peer that
 //! announced flow control and overruns a window gets RST_STREAM FLOW_CONTROL_ERROR.
 
+mod conn;
 pub mod frame;
 pub mod headers;
+mod session;
+mod stream;
+
+#[cfg(test)]
+mod tests;
 
 pub use headers::Headers;
+pub use session::{Incoming, Session, client, server};
+pub use stream::{Stream, StreamReader, StreamWriter};
 
 /// Why a frame could not be decoded.
 #[derive(Debug, thiserror::Error)]
