@@ -21,6 +21,7 @@ pub mod frame;
 pub mod headers;
 mod session;
 mod stream;
+pub mod upgrade;
 
 #[cfg(test)]
 mod tests;
@@ -28,6 +29,7 @@ mod tests;
 pub use headers::Headers;
 pub use session::{Incoming, Session, client, server};
 pub use stream::{Stream, StreamReader, StreamWriter};
+pub use upgrade::{connect, is_spdy_upgrade, negotiate_protocol, upgrade_response_headers};
 
 /// Why a frame could not be decoded.
 #[derive(Debug, thiserror::Error)]
