@@ -522,4 +522,38 @@ mod tests {
         let r = [0x80, 3, 0, 3, 0, 0, 0, 8, 0, 0, 0, 0, 0, 0, 0, 1];
         assert!(matches!(decode(&r), Err(FrameError::ZeroStreamId(_))));
     }
+
+    #[test]
+    fn garbage_never_panics() {
+        // A cheap stand-in for the fuzz target: xorshift bytes, some made to look
+        // like SPDY/3 control frames, through the decoder and one header context.
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        for round in 0..3000 {
+            let mut buf = Vec::new();
+            for _ in 0..(round % 97) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                buf.extend_from_slice(&x.to_le_bytes());
+            }
+            if round % 2 == 0 && buf.len() >= 8 {
+                buf[0] = 0x80;
+                buf[1] = 3;
+                buf[2] = 0;
+                buf[3] = (round % 10) as u8;
+                buf[5] = 0;
+            }
+            let mut headers = super::super::headers::HeaderDecoder::new();
+            let mut at = 0;
+            while let Ok(Some((f, n))) = decode(&buf[at..]) {
+                at += n;
+                if let Frame::SynStream { header_block, .. }
+                | Frame::SynReply { header_block, .. }
+                | Frame::Headers { header_block, .. } = f
+                {
+                    let _ = headers.decode(&header_block);
+                }
+            }
+        }
+    }
 }
