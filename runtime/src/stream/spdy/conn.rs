@@ -222,7 +222,8 @@ impl Reader {
         loop {
             let mut room = pin!(self.shared.ctl_room.notified());
             room.as_mut().enable();
-            if self.shared.ctl_pending.load(Ordering::Acquire) < MAX_CTL_PENDING {
+            let stopping = *self.shared.stop.borrow();
+            if stopping || self.shared.ctl_pending.load(Ordering::Acquire) < MAX_CTL_PENDING {
                 return;
             }
             room.await;

@@ -194,6 +194,7 @@ impl Shared {
             stream.wake_all();
         }
         self.window_changed.notify_waiters();
+        self.ctl_room.notify_waiters();
         self.stop.send_replace(true);
     }
 }
@@ -322,6 +323,11 @@ impl Session {
             stream_id: stream.id,
             headers: headers.clone(),
         });
+        // Cancelled before the reply: the stream is reset rather than left open.
+        let mut guard = OpenGuard {
+            shared: &self.shared,
+            stream: Some(&stream),
+        };
         loop {
             let mut notified = std::pin::pin!(stream.writable.notified());
             notified.as_mut().enable();
@@ -342,6 +348,8 @@ impl Session {
             }
             notified.await;
         }
+        guard.stream = None;
+        drop(guard);
         Ok(Stream::new(
             self.shared.clone(),
             self.handle.clone(),
@@ -387,6 +395,20 @@ impl Session {
     pub async fn closed(&self) {
         let mut rx = self.shared.done.subscribe();
         let _ = rx.wait_for(|done| *done).await;
+    }
+}
+
+/// Resets a stream whose `open` was dropped before the peer replied.
+struct OpenGuard<'a> {
+    shared: &'a Shared,
+    stream: Option<&'a Arc<StreamShared>>,
+}
+
+impl Drop for OpenGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(stream) = self.stream {
+            self.shared.reset_stream(stream, status::CANCEL, true);
+        }
     }
 }
 

@@ -286,12 +286,15 @@ impl StreamWriter {
                 let mut state = lock(&self.shared.state);
                 let mut st = lock(&self.stream.st);
                 self.check_open(&st)?;
-                if !state.peer_flow_control {
-                    return Ok(want);
-                }
+                // Windows are counted even for a peer without flow control, in case
+                // it announces flow control later; they only hold back a peer with.
                 let window = st.send_window.min(state.send_window);
-                if window > 0 {
-                    let n = want.min(window as usize);
+                if window > 0 || !state.peer_flow_control {
+                    let n = if state.peer_flow_control {
+                        want.min(window as usize)
+                    } else {
+                        want
+                    };
                     st.send_window -= n as i64;
                     state.send_window -= n as i64;
                     return Ok(n);

@@ -456,3 +456,17 @@ async fn streams_past_the_cap_are_refused() {
         }
     );
 }
+
+#[tokio::test]
+async fn an_open_given_up_on_resets_its_stream() {
+    let (a, b) = tokio::io::duplex(4096);
+    let (session, _ci) = client(a);
+    let (_ss, mut incoming) = server(b);
+    let gave_up = tokio::time::timeout(Duration::from_millis(50), session.open(Headers::new()));
+    assert!(gave_up.await.is_err(), "nobody accepted yet");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // The abandoned stream 1 was reset: accept skips it.
+    let (opened, accepted) = tokio::join!(session.open(Headers::new()), incoming.accept());
+    assert_eq!(opened.expect("open").id(), 3);
+    assert_eq!(accepted.expect("accept").id(), 3);
+}
