@@ -8,6 +8,8 @@
 //!
 //! - [`agent`]: a client of the guest agent (requests, output by stream, waits).
 //! - [`capture`]: raw frames on a host interface (AF_PACKET), searched for markers.
+//! - [`containerd`]: Debian's containerd + runc in a temporary directory, a reference CRI
+//!   runtime (and its streaming server) for interoperability tests.
 //! - [`cri`]: a real `podvisord` in a temporary directory, and the VMMs it leaves.
 //! - [`host`]: commands on the host.
 //! - [`paths`]: the workspace, the guest kernel, the target directory.
@@ -23,6 +25,7 @@
 pub mod agent;
 pub mod artifacts;
 pub mod capture;
+pub mod containerd;
 pub mod cri;
 pub mod host;
 pub mod image;
