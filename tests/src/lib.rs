@@ -20,6 +20,7 @@
 //! - [`vm`]: a running microVM with its console, API and clean-up.
 //! - [`netns`]: a throw-away network namespace holding a TAP.
 //! - [`registry`]: Debian's docker-registry on 127.0.0.1 and a busybox image pushed to it.
+//! - [`python`]: a cached Python venv with PyPI's `kubernetes` client (its stream clients).
 //! - [`procfs`]: resident memory of a VMM, guest RAM excluded.
 
 pub mod agent;
@@ -32,6 +33,7 @@ pub mod image;
 pub mod netns;
 pub mod paths;
 pub mod procfs;
+pub mod python;
 pub mod registry;
 pub mod vm;
 
