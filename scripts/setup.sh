@@ -18,6 +18,9 @@ packages=(
     umoci
     # CRI types (k8s-cri's build script runs protoc)
     protobuf-compiler
+    # CRI streaming interoperability: containerd 1.6 (with runc) as the reference
+    # runtime, and a venv for PyPI's kubernetes client (tests/src/python.rs)
+    containerd runc python3-venv
 )
 
 missing=()
@@ -29,12 +32,19 @@ if [ ${#missing[@]} -gt 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -q
     apt-get install -y -q --no-install-recommends "${missing[@]}"
-    # The registry package starts a service on install; tests start their own.
-    if command -v systemctl >/dev/null 2>&1; then
-        systemctl disable --now docker-registry >/dev/null 2>&1 || true
-    fi
 else
     echo "[setup] all packages present"
+fi
+
+# The registry and containerd packages start services on install; tests start their own
+# (every run, not only after an install: a later reboot would start them again).
+if command -v systemctl >/dev/null 2>&1; then
+    for svc in docker-registry containerd; do
+        if systemctl is-enabled --quiet "$svc" 2>/dev/null || systemctl is-active --quiet "$svc" 2>/dev/null; then
+            echo "[setup] disabling and stopping the $svc service (tests start their own)"
+            systemctl disable --now "$svc" >/dev/null 2>&1 || true
+        fi
+    done
 fi
 
 if ! command -v cargo >/dev/null 2>&1; then

@@ -226,10 +226,12 @@ mod tests {
         }
     }
 
+    type Input = Result<PortForwardInput, Status>;
+
     /// An input stream fed by the returned sender.
     fn feed() -> (
-        mpsc::Sender<Result<PortForwardInput, Status>>,
-        tokio_stream::wrappers::ReceiverStream<Result<PortForwardInput, Status>>,
+        mpsc::Sender<Input>,
+        tokio_stream::wrappers::ReceiverStream<Input>,
     ) {
         let (tx, rx) = mpsc::channel(4);
         (tx, tokio_stream::wrappers::ReceiverStream::new(rx))

@@ -10,6 +10,7 @@
 //! - [`seccomp`]: containers' seccomp profiles, compiled for the guest agent.
 //! - [`pods`]: the sandbox and container manager (VMs, agent calls, logs, records).
 //! - [`cri`]: the gRPC services.
+//! - [`stream`]: the CRI streaming server (exec, attach, port-forward).
 
 pub mod config;
 pub mod cri;
@@ -19,4 +20,5 @@ pub mod network;
 pub mod pods;
 pub mod seccomp;
 pub mod state;
+pub mod stream;
 pub mod vmm;

@@ -8,6 +8,8 @@
 //!
 //! - [`agent`]: a client of the guest agent (requests, output by stream, waits).
 //! - [`capture`]: raw frames on a host interface (AF_PACKET), searched for markers.
+//! - [`containerd`]: Debian's containerd + runc in a temporary directory, a reference CRI
+//!   runtime (and its streaming server) for interoperability tests.
 //! - [`cri`]: a real `podvisord` in a temporary directory, and the VMMs it leaves.
 //! - [`host`]: commands on the host.
 //! - [`paths`]: the workspace, the guest kernel, the target directory.
@@ -18,17 +20,20 @@
 //! - [`vm`]: a running microVM with its console, API and clean-up.
 //! - [`netns`]: a throw-away network namespace holding a TAP.
 //! - [`registry`]: Debian's docker-registry on 127.0.0.1 and a busybox image pushed to it.
+//! - [`python`]: a cached Python venv with PyPI's `kubernetes` client (its stream clients).
 //! - [`procfs`]: resident memory of a VMM, guest RAM excluded.
 
 pub mod agent;
 pub mod artifacts;
 pub mod capture;
+pub mod containerd;
 pub mod cri;
 pub mod host;
 pub mod image;
 pub mod netns;
 pub mod paths;
 pub mod procfs;
+pub mod python;
 pub mod registry;
 pub mod vm;
 

@@ -1,4 +1,4 @@
-//! Resident memory of a VMM process, with and without guest RAM.
+//! Resident memory of a VMM process, with and without guest RAM; the process tree.
 //!
 //! How: `/proc/<pid>/smaps` lists every mapping with its `Rss:`. The total
 //! is the sum over all mappings. Guest RAM is the anonymous mapping (no
@@ -100,6 +100,51 @@ pub fn parse_smaps(text: &str, guest: GuestRam) -> Rss {
 /// Whether a process exists.
 pub fn alive(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Every process id in `/proc`.
+pub fn pids() -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A process's command line, its arguments joined by spaces (empty if it is gone).
+pub fn cmdline(pid: u32) -> String {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
+        .unwrap_or_default()
+}
+
+/// A process's parent, from `/proc/<pid>/stat`.
+pub fn parent(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // pid (comm) state ppid ...: comm may hold spaces and parentheses.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// `roots` and every process below them.
+pub fn with_descendants(roots: &[u32]) -> Vec<u32> {
+    let all: Vec<(u32, Option<u32>)> = pids().into_iter().map(|p| (p, parent(p))).collect();
+    let mut out = roots.to_vec();
+    let mut i = 0;
+    while i < out.len() {
+        let p = out[i];
+        out.extend(
+            all.iter()
+                .filter(|(_, pp)| *pp == Some(p))
+                .map(|(c, _)| *c)
+                .filter(|c| !out.contains(c))
+                .collect::<Vec<_>>(),
+        );
+        i += 1;
+    }
+    out
 }
 
 #[cfg(test)]

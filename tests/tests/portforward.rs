@@ -4,7 +4,9 @@
 //! [`PortForwardConn`] reaches it through the agent's PortForward stream.
 //!
 //! The echo server echoes until the client half-closes, then writes `ECHO-EOF <n>\n` and
-//! closes: that reply only arrives if the half-close works.
+//! closes: that reply only arrives if the client's half-close works. The greeting server
+//! (`tcp-greet-server`, same container) half-closes first and prints how much it then
+//! received: the other direction.
 //!
 //! Run: `cargo test -p podvisor-tests --test portforward -- --nocapture`
 
@@ -14,16 +16,15 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, anyhow, bail, ensure};
 use bytes::Bytes;
 use podvisor_proto::v1::{
-    ConfigureNetworkRequest, PingRequest, PortForwardInput, SetupSandboxRequest, ShutdownRequest,
+    ConfigureNetworkRequest, PingRequest, PortForwardInput, ProcessOutput, SetupSandboxRequest,
+    ShutdownRequest,
 };
 use podvisor_runtime::pods::{PortForwardConn, PortForwardReceiver};
-use podvisor_tests::agent::{
-    Client, IMAGE_SERIAL, connect, container, delete, process, read_until,
-};
+use podvisor_tests::agent::{Client, IMAGE_SERIAL, Output, connect, container, delete, sh};
 use podvisor_tests::vm::AGENT_READY;
 use podvisor_tests::{DriveSpec, Vm, VmSpec, artifacts, image};
 use sha2::{Digest, Sha256};
-use tonic::Code;
+use tonic::{Code, Streaming};
 
 /// From spawn to the agent's ready line (override: `PODVISOR_TEST_BOOT_TIMEOUT=<seconds>`).
 const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
@@ -40,6 +41,8 @@ const MEM_MIB: u64 = 256;
 const ECHO_PORT: u16 = 8080;
 /// A port nothing listens on.
 const CLOSED_PORT: u16 = 8081;
+/// The greeting server's port (127.0.0.1 in the VM).
+const GREET_PORT: u16 = 8082;
 /// The large transfer.
 const LARGE: usize = 4 << 20;
 const CONCURRENT: usize = 8;
@@ -111,6 +114,34 @@ async fn echo(c: &Client, data: Vec<u8>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The servers' output so far, and more of it.
+struct ServerOutput {
+    io: Streaming<ProcessOutput>,
+    seen: Output,
+}
+
+impl ServerOutput {
+    /// Reads until stdout contains `needle` (a line a server prints when it is ready or done).
+    async fn wait_for(&mut self, needle: &str) -> anyhow::Result<()> {
+        while !self.seen.stdout().contains(needle) {
+            match self
+                .io
+                .message()
+                .await
+                .context("read the servers' output")?
+            {
+                Some(m) => self.seen.push(m)?,
+                None => bail!(
+                    "the servers ended before {needle:?}: stdout {:?} stderr {:?}",
+                    self.seen.stdout(),
+                    self.seen.stderr()
+                ),
+            }
+        }
+        Ok(())
+    }
+}
+
 // ---- checks -----------------------------------------------------------------------------------
 
 /// Round trip before any half-close, then half-close: the reply written after the server
@@ -134,6 +165,29 @@ async fn check_round_trip(c: &Client) -> anyhow::Result<()> {
         String::from_utf8_lossy(&rest)
     );
     ensure!(rx.recv().await.is_none(), "data after EOF");
+    Ok(())
+}
+
+/// The server half-closes first: its EOF arrives, and data sent after it still reaches it.
+async fn check_server_half_close(c: &Client, out: &mut ServerOutput) -> anyhow::Result<()> {
+    let (mut tx, mut rx) = PortForwardConn::open(c.clone(), GREET_PORT).await?.split();
+    let greeting = read_all(&mut rx).await?;
+    ensure!(
+        greeting == b"GREETING\n",
+        "greeting {:?}",
+        String::from_utf8_lossy(&greeting)
+    );
+    let late = payload(100_000, 7);
+    tx.send(Bytes::from(late))
+        .await
+        .context("send after the server's EOF")?;
+    tx.close_write();
+    out.wait_for("TCP-GOT ").await?;
+    ensure!(
+        out.seen.stdout().contains("TCP-GOT 100000\n"),
+        "the greeting server says {:?}, want TCP-GOT 100000",
+        out.seen.stdout()
+    );
     Ok(())
 }
 
@@ -230,13 +284,17 @@ async fn drive(uds: &Path, failures: &mut Vec<String>) -> anyhow::Result<()> {
     })
     .await
     .context("SetupSandbox")?;
-    let srv = container(
-        "echo",
-        process(&["guest-probe", "tcp-echo-server", &ECHO_PORT.to_string()]),
+    let script = format!(
+        "guest-probe tcp-greet-server {GREET_PORT} & exec guest-probe tcp-echo-server {ECHO_PORT}"
     );
-    let (_, io) = podvisor_tests::agent::start(&mut c, srv).await?;
-    let (_io, _) = read_until(io, "TCP-LISTENING").await?;
-    println!("[portfwd] ok   echo server listening on 127.0.0.1:{ECHO_PORT}");
+    let (_, io) = podvisor_tests::agent::start(&mut c, container("servers", sh(&script))).await?;
+    let mut out = ServerOutput {
+        io,
+        seen: Output::default(),
+    };
+    out.wait_for(&format!("TCP-LISTENING {ECHO_PORT}")).await?;
+    out.wait_for(&format!("TCP-LISTENING {GREET_PORT}")).await?;
+    println!("[portfwd] ok   servers listening on 127.0.0.1:{ECHO_PORT} and :{GREET_PORT}");
 
     run_check(
         failures,
@@ -252,6 +310,12 @@ async fn drive(uds: &Path, failures: &mut Vec<String>) -> anyhow::Result<()> {
     .await;
     run_check(
         failures,
+        "the server half-closes first, then still receives",
+        check_server_half_close(&c, &mut out),
+    )
+    .await;
+    run_check(
+        failures,
         "closed port refused promptly",
         check_closed_port(&c),
     )
@@ -259,7 +323,7 @@ async fn drive(uds: &Path, failures: &mut Vec<String>) -> anyhow::Result<()> {
     run_check(failures, "bad ports refused", check_bad_port(&c)).await;
     run_check(failures, "8 concurrent forwards", check_concurrent(&c)).await;
 
-    delete(&mut c, "echo").await?;
+    delete(&mut c, "servers").await?;
     match tokio::time::timeout(CHECK_TIMEOUT, c.shutdown(ShutdownRequest {})).await {
         Ok(Ok(_)) => println!("[portfwd] ok   Shutdown answered"),
         Ok(Err(s)) => println!("[portfwd] Shutdown: {s:?} (checking the VMM's exit)"),

@@ -6,6 +6,8 @@
 //! guest-probe vsock-echo-client PORT MSG    # connect to the host (CID 2), send MSG, print the reply
 //! guest-probe tcp-echo-server PORT          # listen on 127.0.0.1:PORT only, echo every
 //!                                           # connection until its EOF (see `tcp`)
+//! guest-probe tcp-greet-server PORT         # listen on 127.0.0.1:PORT only, greet and
+//!                                           # half-close, count what comes (see `tcp`)
 //! guest-probe hello                         # prove a static program runs: print uid and pid
 //! guest-probe vsock-attack PORT             # as a hostile container: socket(AF_VSOCK) and
 //!                                           # connect to CID 1, the VM's own CID and the host
@@ -15,7 +17,7 @@
 //!                                           # frame (see `spoof`)
 //! ```
 //!
-//! Every line meant for the test starts with a fixed word (`VSOCK-LISTENING`, `TCP-LISTENING`,
+//! Every line meant for the test starts with a fixed word (`VSOCK-LISTENING`, `TCP-LISTENING`, `TCP-GOT`,
 //! `VSOCK-REPLY`, `BOOT-MARKER`, `SPOOF-SENT`); errors go to stderr as `guest-probe: ...`.
 
 mod spoof;
@@ -43,13 +45,18 @@ fn main() -> ExitCode {
                 .map_err(|_| format!("bad port {p}"))
                 .and_then(tcp::echo_server)
         }),
+        ["tcp-greet-server", port] => parse_port(port).and_then(|p| {
+            u16::try_from(p)
+                .map_err(|_| format!("bad port {p}"))
+                .and_then(tcp::greet_server)
+        }),
         ["hello"] => hello(),
         ["vsock-attack", port] => parse_port(port).map(vsock_attack),
         ["spoof", iface, own_ip, gateway, tag] => {
             spoof::spoof(iface, own_ip, gateway, tag).map(|lines| lines.iter().for_each(|l| say(l)))
         }
         _ => Err(format!(
-            "usage: guest-probe vsock-echo-server PORT | vsock-echo-client PORT MESSAGE | tcp-echo-server PORT | hello | vsock-attack PORT | spoof IFACE OWN_IP GATEWAY_IP TAG (got {args:?})"
+            "usage: guest-probe vsock-echo-server PORT | vsock-echo-client PORT MESSAGE | tcp-echo-server PORT | tcp-greet-server PORT | hello | vsock-attack PORT | spoof IFACE OWN_IP GATEWAY_IP TAG (got {args:?})"
         )),
     };
     match result {

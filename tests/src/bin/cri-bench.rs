@@ -23,29 +23,24 @@
 //! its own configuration, containerd with its own root, state, socket and CNI network. Both
 //! runtimes give their pods a network (a bridge CNI network, Debian's plugins).
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 use k8s_cri::v1 as cri;
 use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
-use oci_client::client::{ClientConfig, ClientProtocol, Config, ImageLayer};
-use oci_client::secrets::RegistryAuth;
-use oci_client::{Client, Reference};
+use podvisor_tests::containerd::{Containerd, containerd_available, push_pause};
 use podvisor_tests::cri::{
     CNI_BIN_DIR, Daemon, connect, delete_link, shell_container, write_bridge_conflist,
 };
-use podvisor_tests::procfs::{self, GuestRam};
-use podvisor_tests::registry::{Registry, busybox_layer, push_busybox};
+use podvisor_tests::procfs::{self, GuestRam, cmdline, pids, with_descendants};
+use podvisor_tests::registry::{Registry, push_busybox};
 use podvisor_tests::{artifacts, paths};
 use tonic::transport::Channel;
 
 /// Guest memory of the benchmark's pod VMs.
 const POD_MEM_MIB: u64 = 256;
-/// How long containerd may take to serve its socket.
-const CONTAINERD_START: Duration = Duration::from_secs(60);
 /// The container of every pod: exits at once on SIGTERM, as a well-behaved workload does.
 /// It says "ready" once its handler is in place: as the init of its own PID namespace it
 /// would not even see a SIGTERM that came before (the kernel drops signals a namespace's init
@@ -140,48 +135,6 @@ impl Runtime {
             }
         }
     }
-}
-
-fn pids() -> Vec<u32> {
-    std::fs::read_dir("/proc")
-        .map(|d| {
-            d.flatten()
-                .filter_map(|e| e.file_name().to_str()?.parse().ok())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-fn cmdline(pid: u32) -> String {
-    std::fs::read(format!("/proc/{pid}/cmdline"))
-        .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
-        .unwrap_or_default()
-}
-
-fn parent(pid: u32) -> Option<u32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // pid (comm) state ppid ...: comm may hold spaces and parentheses.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    rest.split_whitespace().nth(1)?.parse().ok()
-}
-
-/// `roots` and every process below them.
-fn with_descendants(roots: &[u32]) -> Vec<u32> {
-    let all: Vec<(u32, Option<u32>)> = pids().into_iter().map(|p| (p, parent(p))).collect();
-    let mut out = roots.to_vec();
-    let mut i = 0;
-    while i < out.len() {
-        let p = out[i];
-        out.extend(
-            all.iter()
-                .filter(|(_, pp)| *pp == Some(p))
-                .map(|(c, _)| *c)
-                .filter(|c| !out.contains(c))
-                .collect::<Vec<_>>(),
-        );
-        i += 1;
-    }
-    out
 }
 
 fn total_rss_kib(pid: u32) -> anyhow::Result<u64> {
@@ -592,229 +545,6 @@ fn print_table(
     }
 }
 
-/// Pushes busybox with `entrypoint` as `repo:tag`: containerd's sandbox ("pause") image,
-/// which must stay up doing nothing.
-async fn push_pause(host: &str, repo: &str, tag: &str) -> anyhow::Result<String> {
-    let (layer, diff_id) = busybox_layer()?;
-    let reference_text = format!("{host}/{repo}:{tag}");
-    let reference: Reference = reference_text.parse().context("parse pause reference")?;
-    let config = serde_json::json!({
-        "architecture": "amd64",
-        "os": "linux",
-        "config": {
-            "Entrypoint": ["/bin/sleep", "2147483647"],
-            "Env": ["PATH=/bin"],
-            "WorkingDir": "/",
-        },
-        "rootfs": {"type": "layers", "diff_ids": [diff_id]},
-    });
-    let client = Client::new(ClientConfig {
-        protocol: ClientProtocol::Http,
-        ..ClientConfig::default()
-    });
-    client
-        .push(
-            &reference,
-            &[ImageLayer::oci_v1_gzip(layer.clone(), None)],
-            Config::oci_v1(config.to_string().into_bytes(), None),
-            &RegistryAuth::Anonymous,
-            None,
-        )
-        .await
-        .map_err(|e| anyhow::anyhow!("push {reference_text}: {e}"))?;
-    Ok(reference_text)
-}
-
-/// containerd with its own configuration, directories and CNI network in a temporary
-/// directory; stopped and cleaned up on drop.
-struct Containerd {
-    child: Option<Child>,
-    dir: tempfile::TempDir,
-    socket: PathBuf,
-    bridge: &'static str,
-    netns_before: Vec<PathBuf>,
-}
-
-impl Containerd {
-    fn start(registry_host: &str, pause: &str) -> anyhow::Result<Self> {
-        // Short paths: the shims' sockets are named after the address.
-        let dir = tempfile::Builder::new()
-            .prefix("ctrd")
-            .tempdir_in("/tmp")
-            .context("temporary directory")?;
-        let d = dir.path();
-        let socket = d.join("containerd.sock");
-        let bridge = "pvbenchc0";
-        let cni_dir =
-            write_bridge_conflist(&d.join("cni"), "bench-containerd", bridge, "10.88.213.0/24")?;
-        let config = format!(
-            r#"version = 2
-root = "{root}"
-state = "{state}"
-disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper"]
-
-[grpc]
-  address = "{socket}"
-
-[ttrpc]
-  address = "{socket}.ttrpc"
-
-[plugins."io.containerd.internal.v1.opt"]
-  path = "{opt}"
-
-[plugins."io.containerd.grpc.v1.cri"]
-  sandbox_image = "{pause}"
-  # Lowering oom_score_adj (-998 for the pause container) is not allowed on every host.
-  restrict_oom_score_adj = true
-  [plugins."io.containerd.grpc.v1.cri".containerd]
-    snapshotter = "overlayfs"
-    default_runtime_name = "runc"
-    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
-      runtime_type = "io.containerd.runc.v2"
-      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
-        SystemdCgroup = false
-  [plugins."io.containerd.grpc.v1.cri".cni]
-    bin_dir = "{cni_bin}"
-    conf_dir = "{cni_conf}"
-  [plugins."io.containerd.grpc.v1.cri".registry.mirrors."{host}"]
-    endpoint = ["http://{host}"]
-"#,
-            root = d.join("root").display(),
-            state = d.join("state").display(),
-            socket = socket.display(),
-            opt = d.join("opt").display(),
-            cni_bin = CNI_BIN_DIR,
-            cni_conf = cni_dir.display(),
-            host = registry_host,
-        );
-        let config_path = d.join("config.toml");
-        std::fs::write(&config_path, config).context("write containerd config")?;
-        let log = std::fs::File::create(d.join("containerd.log")).context("containerd log")?;
-        let netns_before = netns_files();
-        let child = Command::new("containerd")
-            .arg("--config")
-            .arg(&config_path)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("start containerd")?;
-        let mut me = Self {
-            child: Some(child),
-            dir,
-            socket,
-            bridge,
-            netns_before,
-        };
-        let deadline = Instant::now() + CONTAINERD_START;
-        loop {
-            if std::os::unix::net::UnixStream::connect(&me.socket).is_ok() {
-                return Ok(me);
-            }
-            if let Some(c) = me.child.as_mut()
-                && let Some(status) = c.try_wait()?
-            {
-                me.child = None;
-                bail!("containerd exited ({status}):\n{}", me.log());
-            }
-            if Instant::now() >= deadline {
-                bail!(
-                    "containerd did not serve within {CONTAINERD_START:?}:\n{}",
-                    me.log()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
-    }
-
-    fn log(&self) -> String {
-        let text =
-            std::fs::read_to_string(self.dir.path().join("containerd.log")).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(40)..].join("\n")
-    }
-}
-
-fn netns_files() -> Vec<PathBuf> {
-    std::fs::read_dir("/run/netns")
-        .map(|d| d.flatten().map(|e| e.path()).collect())
-        .unwrap_or_default()
-}
-
-/// Mount points under `dir`, deepest first.
-fn mounts_under(dir: &Path) -> Vec<PathBuf> {
-    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let mut found: Vec<PathBuf> = text
-        .lines()
-        .filter_map(|l| l.split_whitespace().nth(4))
-        .map(PathBuf::from)
-        .filter(|p| p.starts_with(dir))
-        .collect();
-    found.sort_by_key(|p| std::cmp::Reverse(p.as_os_str().len()));
-    found
-}
-
-fn unmount(path: &Path) {
-    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
-        return;
-    };
-    // SAFETY: umount2(2) with a NUL-terminated path that lives across the call.
-    unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
-}
-
-impl Drop for Containerd {
-    fn drop(&mut self) {
-        let address = self.socket.display().to_string();
-        if let Some(mut child) = self.child.take() {
-            if let Ok(pid) = libc::pid_t::try_from(child.id()) {
-                // SAFETY: kill(2) on our child, not yet reaped.
-                unsafe { libc::kill(pid, libc::SIGTERM) };
-            }
-            let deadline = Instant::now() + Duration::from_secs(20);
-            while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        // Shims outlive containerd; ours name its address. Their processes go with them.
-        let shims: Vec<u32> = pids()
-            .into_iter()
-            .filter(|p| {
-                let c = cmdline(*p);
-                c.contains("containerd-shim") && c.contains(&address)
-            })
-            .collect();
-        for pid in with_descendants(&shims).into_iter().rev() {
-            if let Ok(pid) = libc::pid_t::try_from(pid) {
-                // SAFETY: kill(2) on a process of a shim of this containerd.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-            }
-        }
-        if !shims.is_empty() {
-            std::thread::sleep(Duration::from_millis(500));
-        }
-        for m in mounts_under(self.dir.path()) {
-            unmount(&m);
-        }
-        for ns in netns_files() {
-            if !self.netns_before.contains(&ns)
-                && ns
-                    .file_name()
-                    .is_some_and(|n| n.to_string_lossy().starts_with("cni-"))
-            {
-                unmount(&ns);
-                let _ = std::fs::remove_file(&ns);
-            }
-        }
-        delete_link(self.bridge);
-    }
-}
-
 /// podvisord's side: its CNI network goes with it.
 struct PodvisorNet {
     dir: tempfile::TempDir,
@@ -891,9 +621,9 @@ async fn run() -> anyhow::Result<()> {
 
     let containerd_samples = if !args.containerd {
         None
-    } else if which("containerd") && which("runc") {
+    } else if containerd_available() {
         let pause = push_pause(registry.host(), "bench/pause", "1").await?;
-        let ctrd = Containerd::start(registry.host(), &pause)?;
+        let ctrd = Containerd::start(registry.host(), &pause, "pvbenchc0", "10.88.213.0/24")?;
         let runtime = Runtime::Containerd {
             daemon_pid: ctrd.pid().context("containerd is not running")?,
         };
@@ -1024,11 +754,6 @@ fn template_build_secs(root_dir: &Path) -> anyhow::Result<f64> {
         }
     }
     bail!("no template was built under {}", dir.display())
-}
-
-fn which(name: &str) -> bool {
-    std::env::var_os("PATH")
-        .is_some_and(|path| std::env::split_paths(&path).any(|d| d.join(name).is_file()))
 }
 
 fn main() -> anyhow::Result<()> {
