@@ -59,7 +59,7 @@ unit-test: build
 # no-leak checks look at every podvisor namespace and TAP on the host. Built first, so the
 # two cargo runs only run tests.
 E2E_VM   := --test vmm --test agent --test portforward --test images --test cni
-E2E_PODS := --test cri --test network --test snapshot --test conformance
+E2E_PODS := --test cri --test network --test snapshot --test conformance --test stream
 
 e2e-test: guest probe build
 	$(CARGO) test -p podvisor-tests --tests --no-run

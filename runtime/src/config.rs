@@ -26,6 +26,13 @@
 //! conf_dir = "/etc/cni/net.d"
 //! bin_dirs = ["/usr/lib/cni", "/opt/cni/bin"]
 //!
+//! [streaming]                  # exec, attach, port-forward URLs (the defaults)
+//! address = "127.0.0.1"
+//! port = 0                     # any free port
+//! # tls_cert = "/etc/podvisor/stream.crt"   # both or neither: serve HTTPS
+//! # tls_key = "/etc/podvisor/stream.key"
+//! idle_timeout = "4h"          # a session passing no data this long is closed
+//!
 //! [handlers.podvisor]          # also the handler for "" (no RuntimeClass)
 //! vcpus = 1
 //! memory_mib = 256
@@ -46,6 +53,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::image::{ImageLimits, Limit};
+use crate::stream::config::{RawStreaming, StreamingSettings};
 
 /// Where podvisord looks without `--config`; only this file may be absent.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/podvisor/config.toml";
@@ -173,6 +181,8 @@ pub struct Config {
     pub images: ImageLimits,
     /// CNI.
     pub cni: CniSettings,
+    /// The CRI streaming server (exec, attach, port-forward).
+    pub streaming: StreamingSettings,
     default_handler: Handler,
     handlers: HashMap<String, Handler>,
 }
@@ -194,6 +204,8 @@ struct RawConfig {
     images: RawImages,
     #[serde(default)]
     cni: RawCni,
+    #[serde(default)]
+    streaming: RawStreaming,
     #[serde(default)]
     handlers: HashMap<String, RawHandler>,
 }
@@ -453,6 +465,10 @@ impl Config {
             },
         };
 
+        let streaming = raw
+            .streaming
+            .resolve()
+            .map_err(|(key, why)| invalid(key, why))?;
         let mut raw_handlers = raw.handlers;
         if raw_handlers.contains_key("") {
             return Err(invalid(
@@ -490,6 +506,7 @@ impl Config {
             },
             images,
             cni,
+            streaming,
             default_handler,
             handlers,
         })

@@ -22,45 +22,51 @@ const START_DEADLINE: Duration = Duration::from_secs(60);
 /// (override: `PODVISORD=/path/to/podvisord`).
 pub fn podvisord_binary() -> anyhow::Result<PathBuf> {
     static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    BIN.get_or_init(|| build_podvisord().map_err(|e| format!("{e:#}")))
-        .clone()
-        .map_err(|e| anyhow!(e))
+    BIN.get_or_init(|| {
+        match std::env::var_os("PODVISORD") {
+            Some(p) => Ok(PathBuf::from(p)),
+            None => build_runtime_binary("podvisord"),
+        }
+        .map_err(|e| format!("{e:#}"))
+    })
+    .clone()
+    .map_err(|e| anyhow!(e))
 }
 
-fn build_podvisord() -> anyhow::Result<PathBuf> {
-    if let Some(p) = std::env::var_os("PODVISORD") {
-        return Ok(PathBuf::from(p));
+/// A binary of the runtime crate (`podvisorctl`), built in this build's profile.
+pub fn runtime_binary(name: &str) -> anyhow::Result<PathBuf> {
+    if name == "podvisord" {
+        return podvisord_binary();
     }
+    build_runtime_binary(name)
+}
+
+fn build_runtime_binary(name: &str) -> anyhow::Result<PathBuf> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.current_dir(paths::workspace_root())
         .env_remove("CARGO_ENCODED_RUSTFLAGS")
         .env_remove("RUSTFLAGS")
-        .args([
-            "build",
-            "--quiet",
-            "-p",
-            "podvisor-runtime",
-            "--bin",
-            "podvisord",
-        ]);
+        .args(["build", "--quiet", "-p", "podvisor-runtime", "--bin", name]);
     let profile = if artifacts::release_profile() {
         cmd.arg("--release");
         "release"
     } else {
         "debug"
     };
-    let out = cmd.output().context("run cargo to build podvisord")?;
+    let out = cmd
+        .output()
+        .with_context(|| format!("run cargo to build {name}"))?;
     if !out.status.success() {
         bail!(
-            "building podvisord failed ({}):\n{}",
+            "building {name} failed ({}):\n{}",
             out.status,
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let bin = paths::target_dir().join(profile).join("podvisord");
+    let bin = paths::target_dir().join(profile).join(name);
     if !bin.is_file() {
-        bail!("cargo built podvisord but {} is missing", bin.display());
+        bail!("cargo built {name} but {} is missing", bin.display());
     }
     Ok(bin)
 }

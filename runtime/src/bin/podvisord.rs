@@ -12,6 +12,7 @@ use podvisor_runtime::config::{Config, DEFAULT_CONFIG_PATH};
 use podvisor_runtime::image::{ImageStore, RegistryConfig};
 use podvisor_runtime::pods::PodManager;
 use podvisor_runtime::state::StateStore;
+use podvisor_runtime::stream::StreamServer;
 use tokio::signal::unix::{SignalKind, signal};
 
 #[derive(Debug, Parser)]
@@ -69,9 +70,13 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     .context("image store task")?
     .with_context(|| format!("open the image store in {}", config.root_dir.display()))?;
     let socket = config.socket.clone();
+    let streaming = config.streaming.clone();
     let pods = PodManager::new(config, state, images).context("set up the pod manager")?;
     pods.recover().await.context("recover pods")?;
     pods.prepare_templates();
+    let streams = StreamServer::start(&streaming, pods.clone())
+        .await
+        .context("start the streaming server")?;
     let listener = podvisor_runtime::cri::bind(&socket)?;
     tracing::info!(socket = %socket.display(), version = env!("CARGO_PKG_VERSION"), "podvisord serving CRI");
 
@@ -83,7 +88,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             _ = int.recv() => tracing::info!("SIGINT: stopping; pod VMs keep running"),
         }
     };
-    let served = podvisor_runtime::cri::serve(listener, pods.clone(), shutdown).await;
+    let served = podvisor_runtime::cri::serve(listener, pods.clone(), streams, shutdown).await;
     pods.shutdown().await;
     served?;
     if let Err(e) = std::fs::remove_file(&socket) {

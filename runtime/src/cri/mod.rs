@@ -13,6 +13,7 @@ use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
 
 use crate::pods::{PodError, PodManager};
+use crate::stream::StreamServer;
 
 pub mod image_service;
 pub mod runtime_service;
@@ -72,9 +73,10 @@ pub fn bind(path: &Path) -> Result<UnixListener, ServeError> {
 pub async fn serve(
     listener: UnixListener,
     pods: PodManager,
+    streams: StreamServer,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
-    let runtime = RuntimeServiceServer::new(CriRuntimeService::new(pods.clone()))
+    let runtime = RuntimeServiceServer::new(CriRuntimeService::new(pods.clone(), streams))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let images = ImageServiceServer::new(CriImageService::new(pods.images().clone()))

@@ -47,6 +47,22 @@ impl PodManager {
                 "port forward: port 0 is not a port".into(),
             ));
         }
+        self.check_port_forward(sandbox_id)?;
+        let sb = self
+            .sandbox_arc(sandbox_id)
+            .ok_or_else(|| PodError::NotFound(format!("pod sandbox {sandbox_id:?} not found")))?;
+        let client = sb.agent()?;
+        let conn = PortForwardConn::open(client, port).await?;
+        tracing::debug!(sandbox = sandbox_id, port, "port forward connected");
+        Ok(conn)
+    }
+}
+
+impl PodManager {
+    /// Whether sandbox `sandbox_id` can take port forwards now: NOT_FOUND when unknown,
+    /// FAILED_PRECONDITION when not ready (the CRI PortForward RPC checks before it hands
+    /// out a URL).
+    pub fn check_port_forward(&self, sandbox_id: &str) -> Result<(), PodError> {
         let sb = self
             .sandbox_arc(sandbox_id)
             .ok_or_else(|| PodError::NotFound(format!("pod sandbox {sandbox_id:?} not found")))?;
@@ -55,10 +71,7 @@ impl PodManager {
                 "pod sandbox {sandbox_id} is not ready: no port forward"
             )));
         }
-        let client = sb.agent()?;
-        let conn = PortForwardConn::open(client, port).await?;
-        tracing::debug!(sandbox = sandbox_id, port, "port forward connected");
-        Ok(conn)
+        Ok(())
     }
 }
 

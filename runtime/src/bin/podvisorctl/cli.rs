@@ -74,11 +74,17 @@ pub(crate) enum Command {
     },
     /// Show a container's status.
     Inspect { id: String },
-    /// Run a command in a container and wait for it.
+    /// Run a command in a container and wait for it (streamed with -i or -t).
     Exec {
-        /// Seconds before the command is killed (0: no limit).
+        /// Seconds before the command is killed (0: no limit; not with -i/-t).
         #[arg(long, default_value_t = 0, value_name = "SECS")]
         timeout: i64,
+        /// Send stdin to the command.
+        #[arg(short, long)]
+        interactive: bool,
+        /// Allocate a terminal (the local one in raw mode).
+        #[arg(short, long)]
+        tty: bool,
         id: String,
         /// The command and its arguments.
         #[arg(
@@ -91,6 +97,49 @@ pub(crate) enum Command {
     },
     /// Print a container's log.
     Logs { id: String },
+    /// Attach to a running container's output (and stdin with -i).
+    Attach {
+        /// Send stdin to the container (it must have been created with stdin).
+        #[arg(short, long)]
+        interactive: bool,
+        /// The container has a terminal (the local one in raw mode).
+        #[arg(short, long)]
+        tty: bool,
+        id: String,
+    },
+    /// Forward local ports to ports inside a pod (dialled in the pod), until Ctrl-C.
+    PortForward {
+        pod_id: String,
+        /// `LOCAL:REMOTE`, `PORT` or `:REMOTE` (any free local port).
+        #[arg(required = true, value_name = "[LOCAL:]REMOTE")]
+        ports: Vec<String>,
+    },
+    /// Run a command in a new pod of its own and exit with its exit code.
+    Run {
+        /// Remove the pod when the command has ended (also after Ctrl-C).
+        #[arg(long)]
+        rm: bool,
+        /// Send stdin to the command.
+        #[arg(short, long)]
+        interactive: bool,
+        /// Allocate a terminal.
+        #[arg(short, long)]
+        tty: bool,
+        /// A host path for the container: `SRC:DST` or `SRC:DST:ro`.
+        #[arg(long = "mount", value_name = "SRC:DST[:ro]")]
+        mounts: Vec<String>,
+        /// The runtime handler (CRI `runtime_handler`).
+        #[arg(long, value_name = "HANDLER")]
+        runtime: Option<String>,
+        image: String,
+        /// The command and its arguments (else the image's).
+        #[arg(
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "CMD"
+        )]
+        cmd: Vec<String>,
+    },
     /// Pull an image.
     Pull {
         /// Registry credentials.
@@ -136,7 +185,10 @@ mod tests {
     fn exec_command_line() {
         let cli = Cli::try_parse_from(["podvisorctl", "exec", "--timeout", "5", "abc", "ls", "-l"])
             .expect("without --");
-        let Command::Exec { timeout, id, cmd } = cli.command else {
+        let Command::Exec {
+            timeout, id, cmd, ..
+        } = cli.command
+        else {
             panic!("not exec: {cli:?}");
         };
         assert_eq!((timeout, id.as_str()), (5, "abc"));
@@ -148,5 +200,48 @@ mod tests {
         };
         assert_eq!(cmd, ["sh", "-c", "exit 3"]);
         Cli::try_parse_from(["podvisorctl", "exec", "abc"]).expect_err("no command");
+        let cli = Cli::try_parse_from(["podvisorctl", "exec", "-it", "abc", "sh"]).expect("-it");
+        assert!(matches!(
+            cli.command,
+            Command::Exec {
+                interactive: true,
+                tty: true,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn run_command_line() {
+        let cli = Cli::try_parse_from([
+            "podvisorctl",
+            "run",
+            "--rm",
+            "-i",
+            "--mount",
+            "/a:/b:ro",
+            "busybox",
+            "--",
+            "sh",
+            "-c",
+            "exit 3",
+        ])
+        .expect("run");
+        let Command::Run {
+            rm,
+            interactive,
+            tty,
+            mounts,
+            image,
+            cmd,
+            ..
+        } = cli.command
+        else {
+            panic!("not run: {cli:?}");
+        };
+        assert!(rm && interactive && !tty);
+        assert_eq!(mounts, ["/a:/b:ro"]);
+        assert_eq!(image, "busybox");
+        assert_eq!(cmd, ["sh", "-c", "exit 3"]);
     }
 }

@@ -86,14 +86,19 @@ impl Cri {
 
 /// Joins the `P` (partial) entries of a CRI log into whole lines, per stream.
 #[derive(Debug, Default)]
-struct LogJoiner {
+pub(crate) struct LogJoiner {
     /// Text of partial entries not yet ended by an `F` entry: stdout, stderr.
     pending: [String; 2],
 }
 
 impl LogJoiner {
     /// Takes one entry; returns a line once its `F` entry arrives.
-    fn push(&mut self, stream: Stream, partial: bool, text: &str) -> Option<(Stream, String)> {
+    pub(crate) fn push(
+        &mut self,
+        stream: Stream,
+        partial: bool,
+        text: &str,
+    ) -> Option<(Stream, String)> {
         let pending = &mut self.pending[stream_index(stream)];
         pending.push_str(text);
         if partial {
@@ -104,7 +109,7 @@ impl LogJoiner {
     }
 
     /// What is left: output that did not end with a newline.
-    fn finish(self) -> Vec<(Stream, String)> {
+    pub(crate) fn finish(self) -> Vec<(Stream, String)> {
         let [out, err] = self.pending;
         [(Stream::Stdout, out), (Stream::Stderr, err)]
             .into_iter()
@@ -120,7 +125,7 @@ fn stream_index(stream: Stream) -> usize {
     }
 }
 
-fn write_line(
+pub(crate) fn write_line(
     stdout: &mut impl Write,
     stderr: &mut impl Write,
     stream: Stream,

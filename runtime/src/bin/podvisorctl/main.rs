@@ -16,7 +16,12 @@
 //!   ps [-a] [-q]                     list running (-a: all) containers
 //!   inspect ID                       container status (JSON)
 //!   exec [--timeout SECS] ID -- CMD...         run CMD in the container, exit with its code
+//!   exec -i|-t|-it ID -- CMD...      the same streamed: stdin, a terminal (raw, resized)
 //!   logs ID                          print the container's log
+//!   attach [-i] [-t] ID              attach to a running container
+//!   port-forward POD [LOCAL:]REMOTE...         forward local ports into the pod
+//!   run [--rm] [-i] [-t] [--mount SRC:DST[:ro]] IMAGE [-- CMD...]
+//!                                    a one-shot pod: its output, its exit code
 //!   pull [--creds USER:PASS] IMAGE   pull an image
 //!   images [-q]                      list images
 //!   rmi IMAGE                        remove an image
@@ -47,7 +52,8 @@
 //! ```
 //!
 //! Modules: `cli` (the command line), `client` (the connection and ID prefixes), `pods`
-//! (runtime, pod and container commands), `exec_logs` (`exec`, `logs`), `images` (`pull`,
+//! (runtime, pod and container commands), `exec_logs` (`exec`, `logs`), `stream`
+//! (`exec -i/-t`, `attach`, `port-forward`), `terminal` (raw mode, sizes), `run`, `images` (`pull`,
 //! `images`, `rmi`), `configs` (`POD.json`, `CONTAINER.json`) and `output` (tables, units,
 //! JSON).
 
@@ -58,6 +64,9 @@ mod exec_logs;
 mod images;
 mod output;
 mod pods;
+mod run;
+mod stream;
+mod terminal;
 
 use std::process::ExitCode;
 
@@ -66,6 +75,8 @@ use clap::Parser;
 
 use cli::{Cli, Command, SOCKET_ENV, socket_path};
 use client::Cri;
+use run::RunArgs;
+use stream::Interactive;
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
@@ -108,8 +119,57 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Rm { id } => cri.remove(&id).await?,
         Command::Ps { all, quiet } => cri.ps(all, quiet).await?,
         Command::Inspect { id } => cri.inspect(&id).await?,
-        Command::Exec { timeout, id, cmd } => return cri.exec(&id, cmd, timeout).await,
+        Command::Exec {
+            timeout,
+            interactive,
+            tty,
+            id,
+            cmd,
+        } => {
+            if interactive || tty {
+                let how = Interactive {
+                    stdin: interactive,
+                    tty,
+                };
+                return cri.exec_stream(&id, cmd, how).await;
+            }
+            return cri.exec(&id, cmd, timeout).await;
+        }
         Command::Logs { id } => cri.logs(&id).await?,
+        Command::Attach {
+            interactive,
+            tty,
+            id,
+        } => {
+            let how = Interactive {
+                stdin: interactive,
+                tty,
+            };
+            return cri.attach(&id, how).await;
+        }
+        Command::PortForward { pod_id, ports } => cri.port_forward(&pod_id, &ports).await?,
+        Command::Run {
+            rm,
+            interactive,
+            tty,
+            mounts,
+            runtime,
+            image,
+            cmd,
+        } => {
+            let args = RunArgs {
+                image,
+                cmd,
+                rm,
+                how: Interactive {
+                    stdin: interactive,
+                    tty,
+                },
+                mounts,
+                runtime: runtime.unwrap_or_default(),
+            };
+            return cri.run(args).await;
+        }
         Command::Pull { creds, image } => cri.pull(&image, creds.as_deref()).await?,
         Command::Images { quiet } => cri.images(quiet).await?,
         Command::Rmi { image } => cri.remove_image(&image).await?,

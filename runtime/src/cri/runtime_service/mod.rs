@@ -20,6 +20,7 @@ use super::{invalid, status};
 use crate::network;
 use crate::pods::PodManager;
 use crate::state::{ContainerRecord, ContainerState};
+use crate::stream::{StreamRequest, StreamServer, TokenError};
 use requests::{container_spec, resources, sandbox_spec};
 use statuses::{
     container_state, container_status, container_summary, id_matches, labels_match, sandbox_meta,
@@ -35,12 +36,21 @@ pub const RUNTIME_API_VERSION: &str = "v1";
 #[derive(Debug, Clone)]
 pub struct CriRuntimeService {
     pods: PodManager,
+    streams: StreamServer,
 }
 
 impl CriRuntimeService {
-    /// Serves `pods`.
-    pub fn new(pods: PodManager) -> Self {
-        Self { pods }
+    /// Serves `pods`, with `streams` for exec, attach and port-forward sessions.
+    pub fn new(pods: PodManager, streams: StreamServer) -> Self {
+        Self { pods, streams }
+    }
+
+    /// The URL for a validated streaming request.
+    fn stream_url(&self, request: StreamRequest) -> Result<String, Status> {
+        self.streams.url(request).map_err(|e| match e {
+            TokenError::Full => Status::resource_exhausted(e.to_string()),
+            TokenError::Random(_) => Status::internal(error_chain(&e)),
+        })
     }
 }
 
@@ -53,8 +63,6 @@ fn ok<T>(t: T) -> Rsp<T> {
 fn unimplemented(what: &str, why: &str) -> Status {
     Status::unimplemented(format!("{what} is not implemented by podvisor yet: {why}"))
 }
-
-const NO_STREAMING: &str = "it needs a streaming server (SPDY/WebSocket) podvisord does not have";
 
 #[tonic::async_trait]
 impl RuntimeService for CriRuntimeService {
@@ -296,22 +304,50 @@ impl RuntimeService for CriRuntimeService {
         })
     }
 
-    async fn exec(&self, _: Request<cri::ExecRequest>) -> Rsp<cri::ExecResponse> {
-        Err(unimplemented("Exec", NO_STREAMING))
+    async fn exec(&self, req: Request<cri::ExecRequest>) -> Rsp<cri::ExecResponse> {
+        let req = req.into_inner();
+        self.pods
+            .check_exec(
+                &req.container_id,
+                &req.cmd,
+                req.tty,
+                req.stdin,
+                req.stdout,
+                req.stderr,
+            )
+            .map_err(|e| status(&e))?;
+        let url = self.stream_url(StreamRequest::Exec(req))?;
+        ok(cri::ExecResponse { url })
     }
 
-    async fn attach(&self, _: Request<cri::AttachRequest>) -> Rsp<cri::AttachResponse> {
-        Err(unimplemented("Attach", NO_STREAMING))
+    async fn attach(&self, req: Request<cri::AttachRequest>) -> Rsp<cri::AttachResponse> {
+        let req = req.into_inner();
+        self.pods
+            .check_attach(
+                &req.container_id,
+                req.tty,
+                req.stdin,
+                req.stdout,
+                req.stderr,
+            )
+            .map_err(|e| status(&e))?;
+        let url = self.stream_url(StreamRequest::Attach(req))?;
+        ok(cri::AttachResponse { url })
     }
 
     async fn port_forward(
         &self,
-        _: Request<cri::PortForwardRequest>,
+        req: Request<cri::PortForwardRequest>,
     ) -> Rsp<cri::PortForwardResponse> {
-        Err(unimplemented(
-            "PortForward",
-            "it needs pod networking and a streaming server",
-        ))
+        let req = req.into_inner();
+        if let Some(p) = req.port.iter().find(|p| !(1..=65535).contains(*p)) {
+            return Err(invalid(format!("port forward: invalid port {p}")));
+        }
+        self.pods
+            .check_port_forward(&req.pod_sandbox_id)
+            .map_err(|e| status(&e))?;
+        let url = self.stream_url(StreamRequest::PortForward(req))?;
+        ok(cri::PortForwardResponse { url })
     }
 
     async fn container_stats(

@@ -29,7 +29,7 @@ mod tests;
 pub use headers::Headers;
 pub use session::{Incoming, Session, client, server};
 pub use stream::{Stream, StreamReader, StreamWriter};
-pub use upgrade::{connect, is_spdy_upgrade, negotiate_protocol, upgrade_response_headers};
+pub use upgrade::{NegotiateError, connect, is_spdy_upgrade, negotiate, upgrade_response_headers};
 
 /// Why a frame could not be decoded.
 #[derive(Debug, thiserror::Error)]

@@ -33,17 +33,50 @@ pub fn is_spdy_upgrade(headers: &HeaderMap) -> bool {
     connection && upgrade
 }
 
-/// The client's first offered subprotocol this server supports, as Kubernetes picks
-/// it (offers may also be comma-separated within one header).
-pub fn negotiate_protocol(headers: &HeaderMap, supported: &[&str]) -> Option<String> {
-    headers
+/// Why no subprotocol could be chosen.
+#[derive(Debug, thiserror::Error)]
+pub enum NegotiateError {
+    /// The client named none.
+    #[error(
+        "unable to upgrade: the request names no subprotocol in X-Stream-Protocol-Version; this server speaks {0}"
+    )]
+    Missing(String),
+    /// None of the client's is served.
+    #[error(
+        "unable to upgrade: unable to negotiate protocol: the client speaks {offered:?}, this server {supported}"
+    )]
+    Unsupported {
+        /// What the client offered.
+        offered: Vec<String>,
+        /// What is served.
+        supported: String,
+    },
+}
+
+/// The client's first offered subprotocol that `supported` holds, as Kubernetes picks it
+/// (offers may also be comma-separated within one header).
+pub fn negotiate(
+    headers: &HeaderMap,
+    supported: &[&'static str],
+) -> Result<&'static str, NegotiateError> {
+    let offered: Vec<String> = headers
         .get_all(PROTOCOL_VERSION_HEADER)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .map(str::trim)
-        .find(|offer| supported.contains(offer))
-        .map(str::to_owned)
+        .map(|p| p.trim().to_string())
+        .filter(|p| !p.is_empty())
+        .collect();
+    if offered.is_empty() {
+        return Err(NegotiateError::Missing(supported.join(", ")));
+    }
+    offered
+        .iter()
+        .find_map(|o| supported.iter().find(|s| **s == o.as_str()).copied())
+        .ok_or_else(|| NegotiateError::Unsupported {
+            offered,
+            supported: supported.join(", "),
+        })
 }
 
 /// The headers of the 101 answer that switches to SPDY/3.1 with `protocol`.
@@ -162,9 +195,8 @@ mod tests {
     async fn handle(
         req: Request<hyper::body::Incoming>,
     ) -> Result<Response<Full<Bytes>>, Infallible> {
-        let protocol =
-            negotiate_protocol(req.headers(), &["v5.channel.k8s.io", "v4.channel.k8s.io"]);
-        let (true, Some(protocol)) = (is_spdy_upgrade(req.headers()), protocol) else {
+        let protocol = negotiate(req.headers(), &["v5.channel.k8s.io", "v4.channel.k8s.io"]);
+        let (true, Ok(protocol)) = (is_spdy_upgrade(req.headers()), protocol) else {
             let mut resp = Response::new(Full::new(Bytes::from("no upgrade for you\n")));
             *resp.status_mut() = StatusCode::FORBIDDEN;
             return Ok(resp);
@@ -182,7 +214,7 @@ mod tests {
         });
         let mut resp = Response::new(Full::new(Bytes::new()));
         *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-        *resp.headers_mut() = upgrade_response_headers(&protocol).expect("headers");
+        *resp.headers_mut() = upgrade_response_headers(protocol).expect("headers");
         Ok(resp)
     }
 
@@ -255,9 +287,19 @@ mod tests {
             HeaderValue::from_static("v5.channel.k8s.io, v4.channel.k8s.io"),
         );
         assert_eq!(
-            negotiate_protocol(&h, &["v4.channel.k8s.io"]).as_deref(),
-            Some("v4.channel.k8s.io")
+            negotiate(&h, &["v4.channel.k8s.io"]).unwrap(),
+            "v4.channel.k8s.io"
         );
-        assert_eq!(negotiate_protocol(&h, &["v1"]), None);
+        let e = negotiate(&h, &["v1"]).unwrap_err().to_string();
+        assert!(e.contains("v5.channel.k8s.io") && e.contains("v1"), "{e}");
+        // The client's order wins over the server's.
+        assert_eq!(
+            negotiate(&h, &["v4.channel.k8s.io", "v5.channel.k8s.io"]).unwrap(),
+            "v5.channel.k8s.io"
+        );
+        assert!(matches!(
+            negotiate(&HeaderMap::new(), &["v1"]),
+            Err(NegotiateError::Missing(_))
+        ));
     }
 }
