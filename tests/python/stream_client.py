@@ -85,8 +85,11 @@ def portforward_session(url, port, request):
             break
         answer += chunk
     sock.close()
+    head_end = answer.find(b"\r\n\r\n")
+    body = answer[head_end + 4:] if head_end >= 0 else b""
     return {
         "sha256": hashlib.sha256(answer).hexdigest(),
+        "body_sha256": hashlib.sha256(body).hexdigest(),
         "len": len(answer),
         "head": answer[:200].decode("utf-8", "replace"),
         "error": pf.error(port),

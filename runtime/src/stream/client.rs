@@ -69,23 +69,41 @@ pub async fn remotecommand(url: &str, io: LocalIo) -> Result<i32, ClientError> {
     for (kind, sink) in [("stdout", io.stdout), ("stderr", io.stderr)] {
         if let Some(sink) = sink {
             let (reader, _) = open(kind).await?.split();
-            outputs.push(tokio::spawn(copy_out(reader, sink)));
+            outputs.push(copy_out(reader, sink));
         }
     }
-    if let Some(sizes) = io.tty {
-        let (_, writer) = open("resize").await?.split();
-        tokio::spawn(send_sizes(sizes, writer));
-    }
-    if let Some((input, writer)) = stdin {
-        tokio::spawn(copy_in(input, writer));
-    }
-    let status = read_capped(&mut error).await;
-    for o in outputs {
-        match o.await {
-            Ok(r) => r?,
-            Err(e) => tracing::debug!("output task: {e}"),
+    let sizes = match io.tty {
+        Some(sizes) => Some((sizes, open("resize").await?.split().1)),
+        None => None,
+    };
+    // Everything runs inside this future (nothing spawned): dropping it ends the session.
+    let inputs = async {
+        let stdin = async {
+            if let Some((input, writer)) = stdin {
+                copy_in(input, writer).await;
+            }
+        };
+        let sizes = async {
+            if let Some((sizes, writer)) = sizes {
+                send_sizes(sizes, writer).await;
+            }
+        };
+        tokio::join!(stdin, sizes);
+        // The inputs may end first; the session ends with the status.
+        std::future::pending::<Result<Vec<u8>, ClientError>>().await
+    };
+    let ending = async {
+        let (status, outputs) =
+            tokio::join!(read_capped(&mut error), futures::future::join_all(outputs));
+        for r in outputs {
+            r?;
         }
-    }
+        Ok::<_, ClientError>(status)
+    };
+    let status = tokio::select! {
+        s = ending => s?,
+        s = inputs => s?,
+    };
     drop(session);
     exit_code(&status)
 }

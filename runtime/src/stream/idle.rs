@@ -45,6 +45,16 @@ impl Idle {
     }
 }
 
+/// A spawned task aborted when this is dropped: a session's helper task ends with it.
+#[derive(Debug)]
+pub struct AbortOnDrop<T>(pub tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -12,6 +12,7 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use k8s_cri::v1 as cri;
+use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use super::{forward_error, parse_port};
@@ -52,6 +53,8 @@ struct Pair {
 async fn serve(shared: Arc<Shared>, session: Session, mut incoming: SpdyIncoming, sandbox: String) {
     let idle = Idle::new(shared.idle_timeout);
     let mut pairs: HashMap<String, Pair> = HashMap::new();
+    // The forwards end with the session (a JoinSet aborts its tasks when dropped).
+    let mut forwards = JoinSet::new();
     loop {
         let stream = tokio::select! {
             s = incoming.accept() => match s {
@@ -93,16 +96,18 @@ async fn serve(shared: Arc<Shared>, session: Session, mut incoming: SpdyIncoming
             continue;
         }
         *slot = Some(stream);
-        if let Some(Pair {
-            data: Some(data),
-            error: Some(error),
-            ..
-        }) = pairs
-            .remove(&id)
-            .filter(|p| p.data.is_some() && p.error.is_some())
+        let complete = pair.data.is_some() && pair.error.is_some();
+        if complete
+            && let Some(Pair {
+                data: Some(data),
+                error: Some(error),
+                ..
+            }) = pairs.remove(&id)
         {
             let pods = shared.pods.clone();
-            tokio::spawn(forward(pods, sandbox.clone(), data, error, idle.clone()));
+            forwards.spawn(forward(pods, sandbox.clone(), data, error, idle.clone()));
+            // Reap the finished ones so the set does not grow with the session's age.
+            while forwards.try_join_next().is_some() {}
         }
     }
     session.goaway();

@@ -12,10 +12,11 @@ use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use k8s_cri::v1 as cri;
 use tokio::sync::mpsc;
+use tokio::task::JoinSet;
 
 use super::{forward_error, parse_port};
 use crate::pods::PodManager;
-use crate::stream::idle::Idle;
+use crate::stream::idle::{AbortOnDrop, Idle};
 use crate::stream::server::{Shared, text};
 use crate::stream::websocket::{self, Outgoing, Ws, WsReader};
 
@@ -70,7 +71,8 @@ async fn serve(shared: Arc<Shared>, ws: Ws, sandbox: String, ports: Vec<u16>) {
     let (out, reader) = Outgoing::start(ws);
     let idle = Idle::new(shared.idle_timeout);
     let mut inputs = Vec::new();
-    let mut forwards = Vec::new();
+    // The forwards end with the session (a JoinSet aborts its tasks when dropped).
+    let mut forwards = JoinSet::new();
     for (i, port) in ports.iter().copied().enumerate() {
         let data = (2 * i) as u8;
         for channel in [data, data + 1] {
@@ -80,7 +82,7 @@ async fn serve(shared: Arc<Shared>, ws: Ws, sandbox: String, ports: Vec<u16>) {
         }
         let (tx, rx) = mpsc::channel::<Bytes>(DEPTH);
         inputs.push(tx);
-        forwards.push(tokio::spawn(forward(
+        forwards.spawn(forward(
             shared.pods.clone(),
             sandbox.clone(),
             port,
@@ -88,15 +90,15 @@ async fn serve(shared: Arc<Shared>, ws: Ws, sandbox: String, ports: Vec<u16>) {
             rx,
             out.clone(),
             idle.clone(),
-        )));
+        ));
     }
-    let input = tokio::spawn(read_input(reader, inputs, idle.clone()));
+    let input = AbortOnDrop(tokio::spawn(read_input(reader, inputs, idle.clone())));
     tokio::select! {
-        _ = futures::future::join_all(forwards) => {}
+        _ = forwards.join_all() => {}
         () = idle.expired() => tracing::info!(sandbox, "port forward idle; closing"),
         () = out.closed() => {}
     }
-    input.abort();
+    drop(input);
     // The last Outgoing dropped: the writer sends Close.
 }
 

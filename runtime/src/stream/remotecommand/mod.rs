@@ -146,8 +146,35 @@ pub(super) enum Outcome {
     Idle,
 }
 
+/// How long a terminal session waits for the client's first size before its process
+/// starts without one. Clients send it right after opening their streams; a process that
+/// starts first would see no size (`stty size` answers `0 0`).
+const INITIAL_SIZE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Waits (briefly) for the first terminal size, so the backend starts the process with it;
+/// the sizes then flow on unchanged.
+async fn with_initial_size(io: &mut ClientIo) {
+    let Some(mut rx) = io.resize.take() else {
+        return;
+    };
+    let first = tokio::time::timeout(INITIAL_SIZE_WAIT, rx.recv()).await;
+    let (tx, forwarded) = mpsc::channel(CHANNEL_DEPTH);
+    if let Ok(Some(size)) = first {
+        let _ = tx.try_send(size);
+    }
+    tokio::spawn(async move {
+        while let Some(size) = rx.recv().await {
+            if tx.send(size).await.is_err() {
+                return;
+            }
+        }
+    });
+    io.resize = Some(forwarded);
+}
+
 /// Runs the request's backend on `io`.
-pub(super) async fn run(pods: &PodManager, request: &StreamRequest, io: ClientIo) -> Outcome {
+pub(super) async fn run(pods: &PodManager, request: &StreamRequest, mut io: ClientIo) -> Outcome {
+    with_initial_size(&mut io).await;
     let result = match request {
         StreamRequest::Exec(e) => pods
             .exec_stream(&e.container_id, e.cmd.clone(), e.tty, io)

@@ -9,7 +9,7 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
+use tokio::task::JoinSet;
 
 use super::{Channels, Options, Outcome, ResizeDecoder, STREAM_CREATION_TIMEOUT, Version};
 use crate::stream::StreamRequest;
@@ -117,8 +117,10 @@ async fn serve(
             );
         }
     };
+    // Every task of the session ends with it (a JoinSet aborts its tasks when dropped).
+    let mut tasks = JoinSet::new();
     // Streams opened later are refused.
-    tokio::spawn(async move {
+    tasks.spawn(async move {
         while let Some(s) = incoming.accept().await {
             s.split().1.reset();
         }
@@ -126,11 +128,11 @@ async fn serve(
     let idle = Idle::new(shared.idle_timeout);
     let channels = Channels::new(opts, version);
     let mut writers: Vec<StreamWriter> = Vec::new();
-    let mut outputs: Vec<JoinHandle<()>> = Vec::new();
+    let mut outputs = JoinSet::new();
     if let (Some(s), Some(tx)) = (streams.stdin, channels.stdin) {
         let (reader, writer) = s.split();
         writers.push(writer);
-        tokio::spawn(pump_in(reader, tx, idle.clone()));
+        tasks.spawn(pump_in(reader, tx, idle.clone()));
     }
     for (s, rx) in [
         (streams.stdout, channels.stdout),
@@ -139,7 +141,9 @@ async fn serve(
         if let Some(s) = s {
             let (_, writer) = s.split();
             match rx {
-                Some(rx) => outputs.push(tokio::spawn(pump_out(rx, writer, idle.clone()))),
+                Some(rx) => {
+                    outputs.spawn(pump_out(rx, writer, idle.clone()));
+                }
                 None => writers.push(writer),
             }
         }
@@ -147,7 +151,7 @@ async fn serve(
     if let (Some(s), Some(tx)) = (streams.resize, channels.resize) {
         let (reader, writer) = s.split();
         writers.push(writer);
-        tokio::spawn(pump_resize(reader, tx));
+        tasks.spawn(pump_resize(reader, tx));
     }
     let Some(error) = streams.error else { return };
     let (_, error) = error.split();
@@ -158,7 +162,7 @@ async fn serve(
         () = idle.expired() => Outcome::Idle,
     };
     // The backend's senders are gone: the output pumps end once they have sent the rest.
-    let _ = tokio::time::timeout(DRAIN_TIMEOUT, futures::future::join_all(outputs)).await;
+    let _ = tokio::time::timeout(DRAIN_TIMEOUT, outputs.join_all()).await;
     if let Some(status) = super::final_status(version, &request, &outcome) {
         let _ = error.send(status).await;
     }

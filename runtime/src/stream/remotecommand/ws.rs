@@ -10,11 +10,12 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Request, Response};
 use tokio::sync::mpsc;
+use tokio::task::JoinSet;
 
 use super::{Channels, Options, Outcome, ResizeDecoder, Version};
 use crate::pods::TermSize;
 use crate::stream::StreamRequest;
-use crate::stream::idle::Idle;
+use crate::stream::idle::{AbortOnDrop, Idle};
 use crate::stream::server::Shared;
 use crate::stream::websocket::{self, Outgoing, Ws, WsReader};
 
@@ -49,32 +50,28 @@ async fn serve(shared: Arc<Shared>, ws: Ws, version: Version, request: StreamReq
     let (out, reader) = Outgoing::start(ws);
     let idle = Idle::new(shared.idle_timeout);
     let channels = Channels::new(opts, version);
-    let mut outputs = Vec::new();
+    // Every task of the session ends with it (a JoinSet aborts its tasks when dropped).
+    let mut outputs = JoinSet::new();
     for (channel, rx) in [(STDOUT, channels.stdout), (STDERR, channels.stderr)] {
         if let Some(rx) = rx {
-            outputs.push(tokio::spawn(pump_out(
-                rx,
-                out.clone(),
-                channel,
-                idle.clone(),
-            )));
+            outputs.spawn(pump_out(rx, out.clone(), channel, idle.clone()));
         }
     }
-    let mut input = tokio::spawn(read_input(
+    let mut input = AbortOnDrop(tokio::spawn(read_input(
         reader,
         channels.stdin,
         channels.resize,
         idle.clone(),
         version,
-    ));
+    )));
     let outcome = tokio::select! {
         o = super::run(&shared.pods, &request, channels.io) => o,
-        _ = &mut input => return tracing::debug!("the streaming client went away"),
+        _ = &mut input.0 => return tracing::debug!("the streaming client went away"),
         () = out.closed() => return tracing::debug!("the streaming client went away"),
         () = idle.expired() => Outcome::Idle,
     };
-    input.abort();
-    let _ = tokio::time::timeout(DRAIN_TIMEOUT, futures::future::join_all(outputs)).await;
+    drop(input);
+    let _ = tokio::time::timeout(DRAIN_TIMEOUT, outputs.join_all()).await;
     if let Some(status) = super::final_status(version, &request, &outcome) {
         let _ = out.send(ERROR, &status).await;
     }
