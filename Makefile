@@ -85,6 +85,7 @@ bench: setup guest probe vmm-release
 	$(CARGO) run --release -p podvisor-tests --bin agent-bench -- --runs 5
 	$(CARGO) run --release -p podvisor-tests --bin snapshot-bench -- --restores 5
 	$(CARGO) run --release -p podvisor-tests --bin cri-bench -- 3
+	$(CARGO) run --release -p podvisor-tests --bin stream-bench -- 10
 
 clean:
 	rm -rf build
