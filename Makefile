@@ -58,7 +58,7 @@ unit-test: build
 # pods. Every test that runs a podvisord is in the second group, one at a time: their
 # no-leak checks look at every podvisor namespace and TAP on the host. Built first, so the
 # two cargo runs only run tests.
-E2E_VM   := --test vmm --test agent --test portforward --test images --test cni
+E2E_VM   := --test vmm --test agent --test portforward --test images --test cni --test stream_interop
 E2E_PODS := --test cri --test network --test snapshot --test conformance --test stream
 
 e2e-test: guest probe build
@@ -85,6 +85,7 @@ bench: setup guest probe vmm-release
 	$(CARGO) run --release -p podvisor-tests --bin agent-bench -- --runs 5
 	$(CARGO) run --release -p podvisor-tests --bin snapshot-bench -- --restores 5
 	$(CARGO) run --release -p podvisor-tests --bin cri-bench -- 3
+	$(CARGO) run --release -p podvisor-tests --bin stream-bench -- 10
 
 clean:
 	rm -rf build

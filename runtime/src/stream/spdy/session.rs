@@ -113,7 +113,10 @@ impl Shared {
         }
     }
 
-    /// Resets a stream: marks it, tells the peer if `tell`, forgets it.
+    /// Resets a stream: marks it, tells the peer if `tell`, forgets it. A reset of ours
+    /// drops what was received and not read yet; the peer's (`!tell`) leaves it readable:
+    /// kubelet's streaming servers write the exec status and then reset every stream
+    /// (apimachinery's `connection.Close`), and the status must not be lost.
     pub(crate) fn reset_stream(&self, stream: &Arc<StreamShared>, code: u32, tell: bool) {
         {
             let mut st = lock(&stream.st);
@@ -121,8 +124,10 @@ impl Shared {
                 return;
             }
             st.reset = Some(code);
-            st.buf.clear();
-            st.buffered = 0;
+            if tell {
+                st.buf.clear();
+                st.buffered = 0;
+            }
         }
         if tell {
             self.send_ctl(Out::Frame(Frame::RstStream {

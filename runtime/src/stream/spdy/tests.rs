@@ -470,3 +470,37 @@ async fn an_open_given_up_on_resets_its_stream() {
     assert_eq!(opened.expect("open").id(), 3);
     assert_eq!(accepted.expect("accept").id(), 3);
 }
+
+/// kubelet's streaming servers write the exec status, then reset every stream: what came
+/// before the peer's RST_STREAM stays readable.
+#[tokio::test]
+async fn data_before_a_peer_reset_is_still_read() {
+    let (a, b) = tokio::io::duplex(64 << 10);
+    let (_s, mut incoming) = server(b);
+    let mut peer = RawPeer::new(a);
+    peer.send(&settings()).await;
+    peer.syn_stream(1, &Headers::new()).await;
+    let (mut r, _w) = with_timeout(incoming.accept())
+        .await
+        .expect("stream")
+        .split();
+    peer.send(&Frame::Data {
+        stream_id: 1,
+        flags: 0,
+        data: Bytes::from_static(b"status"),
+    })
+    .await;
+    peer.send(&Frame::RstStream {
+        stream_id: 1,
+        status: status::CANCEL,
+    })
+    .await;
+    // Frames are handled in order: the PING's answer means the reset was handled.
+    peer.send(&Frame::Ping { id: 1 }).await;
+    peer.until(|f| matches!(f, Frame::Ping { .. })).await;
+    assert_eq!(
+        with_timeout(r.recv()).await,
+        Some(Bytes::from_static(b"status"))
+    );
+    assert_eq!(with_timeout(r.recv()).await, None);
+}
