@@ -406,6 +406,11 @@ impl Drop for Daemon {
             // SAFETY: kill(2) on a pid just read from /proc; at worst it is gone already.
             unsafe { libc::kill(nix_pid(pid), libc::SIGKILL) };
         }
+        // Their cgroups can only go once they have exited (EBUSY before).
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !vmm_processes_under(self.dir.path()).is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
         // Nor network namespaces: those of sandboxes still recorded go (after their VMMs).
         let records = std::fs::read_dir(self.state_dir.join("sandboxes"))
             .map(|d| d.flatten().map(|e| e.path()).collect::<Vec<_>>())

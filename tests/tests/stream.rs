@@ -681,13 +681,24 @@ fn body(answer: &[u8]) -> &[u8] {
 
 /// 5. port-forward into the pod's loopback.
 async fn port_forward(rt: &mut Runtime, pod_id: &str, web: &str) -> Result<()> {
-    let want = exec_sync(rt, web, &["busybox", "sha256sum", "/www/big"]).await?;
-    let want = String::from_utf8_lossy(&want.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap_or("")
-        .to_string();
-    ensure!(want.len() == 64, "no sha256 of the big file: {want:?}");
+    // The file is moved into place whole once made: wait until it is there.
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    let want = loop {
+        let r = exec_sync(rt, web, &["busybox", "sha256sum", "/www/big"]).await?;
+        let sum = String::from_utf8_lossy(&r.stdout)
+            .split_whitespace()
+            .next()
+            .unwrap_or("")
+            .to_string();
+        if r.exit_code == 0 && sum.len() == 64 {
+            break sum;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "no sha256 of the big file: {r:?}"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
 
     let url = port_forward_url(rt, pod_id, WEB_PORT).await?;
     let f = PortForwarder::connect(&url).await?;
