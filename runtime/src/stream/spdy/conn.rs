@@ -16,8 +16,7 @@ use super::frame::{
     SETTINGS_INITIAL_WINDOW_SIZE, Setting, status,
 };
 use super::headers::{HeaderDecoder, HeaderEncoder};
-use super::session::{INITIAL_WINDOW, MAX_CTL_PENDING, MAX_STREAMS, Out, Shared, lock};
-use super::stream::StreamShared;
+use super::state::{INITIAL_WINDOW, MAX_CTL_PENDING, MAX_STREAMS, Out, Shared, StreamShared, lock};
 
 /// Bytes the writer gathers from its queues before one write.
 const WRITE_BATCH: usize = 64 << 10;

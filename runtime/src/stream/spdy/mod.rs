@@ -5,9 +5,15 @@
 //!
 //! - [`frame`]: frames on the wire, incremental decoding under size caps.
 //! - [`headers`]: header blocks and their per-direction zlib contexts.
-//! - `session`, `conn`, `stream`: the async session ([`server`], [`client`]), its
-//!   reader and writer tasks, and the per-stream halves.
+//! - `state`: what a session's parts share: the session and per-stream state, the
+//!   writer's queue entries, the limits.
+//! - `stream`: a stream's halves ([`Stream`], [`StreamReader`], [`StreamWriter`]).
+//! - `conn`: a session's reader and writer tasks.
+//! - `session`: the session's handles ([`server`], [`client`], [`Session`], [`Incoming`]).
 //! - [`upgrade`]: the HTTP/1.1 `Upgrade: SPDY/3.1` handshake.
+//!
+//! `state` names none of the others; `stream` and `conn` build on it alone, and
+//! `session` on all three.
 //!
 //! Flow control: spdystream implements none — it neither sends WINDOW_UPDATE nor
 //! honours one, and relies on TCP back-pressure. A session here therefore announces
@@ -20,6 +26,7 @@ mod conn;
 pub mod frame;
 pub mod headers;
 mod session;
+mod state;
 mod stream;
 pub mod upgrade;
 

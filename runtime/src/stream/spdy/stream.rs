@@ -1,89 +1,17 @@
-//! One SPDY stream: its shared state, and the [`StreamReader`] and [`StreamWriter`]
-//! halves an application holds.
+//! One SPDY stream as an application holds it: [`Stream`] and its [`StreamReader`] and
+//! [`StreamWriter`] halves. The state they share with the session is in `state`.
 
-use std::collections::VecDeque;
 use std::pin::pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use bytes::Bytes;
-use tokio::sync::Notify;
 
 use super::frame::{FLAG_FIN, Frame, status};
-use super::session::{Handle, INITIAL_WINDOW, Out, Shared, lock};
+use super::state::{Handle, INITIAL_WINDOW, Out, Shared, StreamShared, StreamState, lock};
 use super::{Headers, SpdyError};
 
 /// The largest data frame this side sends.
 pub(crate) const MAX_SEND_FRAME: usize = 32 << 10;
-
-/// Everything about a stream both the session's tasks and its halves touch.
-pub(crate) struct StreamShared {
-    pub(crate) id: u32,
-    pub(crate) st: Mutex<StreamState>,
-    /// Data, FIN, reset or session end for the reader.
-    pub(crate) readable: Notify,
-    /// Window, SYN_REPLY, reset or session end for writers and `open`.
-    pub(crate) writable: Notify,
-    /// The reader consumed: room for the session's reader task.
-    pub(crate) space: Notify,
-}
-
-/// A stream's mutable state.
-#[derive(Debug)]
-pub(crate) struct StreamState {
-    /// Received, not yet read.
-    pub(crate) buf: VecDeque<Bytes>,
-    /// Bytes in `buf`.
-    pub(crate) buffered: usize,
-    /// What the peer may still send before our next WINDOW_UPDATE.
-    pub(crate) recv_window: i64,
-    /// Read by the application, not yet returned to the peer.
-    pub(crate) unacked: u32,
-    /// The peer sent FIN.
-    pub(crate) remote_fin: bool,
-    /// The [`StreamReader`] is gone: data is dropped on arrival.
-    pub(crate) reader_gone: bool,
-    /// What this side may still send (when the peer does flow control).
-    pub(crate) send_window: i64,
-    /// This side sent FIN.
-    pub(crate) local_fin: bool,
-    /// RST_STREAM status, from either side.
-    pub(crate) reset: Option<u32>,
-    /// The session ended under the stream.
-    pub(crate) closed: bool,
-    /// For streams this side opened: SYN_REPLY came.
-    pub(crate) replied: bool,
-}
-
-impl StreamShared {
-    pub(crate) fn new(id: u32, send_window: i64) -> Arc<Self> {
-        Arc::new(Self {
-            id,
-            st: Mutex::new(StreamState {
-                buf: VecDeque::new(),
-                buffered: 0,
-                recv_window: i64::from(INITIAL_WINDOW),
-                unacked: 0,
-                remote_fin: false,
-                reader_gone: false,
-                send_window,
-                local_fin: false,
-                reset: None,
-                closed: false,
-                replied: false,
-            }),
-            readable: Notify::new(),
-            writable: Notify::new(),
-            space: Notify::new(),
-        })
-    }
-
-    /// Wakes every waiter: after a reset or the session's end.
-    pub(crate) fn wake_all(&self) {
-        self.readable.notify_waiters();
-        self.writable.notify_waiters();
-        self.space.notify_waiters();
-    }
-}
 
 /// A stream, before it is split into its halves.
 pub struct Stream {

@@ -443,7 +443,7 @@ async fn streams_past_the_cap_are_refused() {
     let (a, b) = tokio::io::duplex(1 << 20);
     let (_s, _incoming) = server(b);
     let mut peer = RawPeer::new(a);
-    let cap = super::session::MAX_STREAMS as u32;
+    let cap = super::state::MAX_STREAMS as u32;
     for i in 0..=cap {
         peer.syn_stream(2 * i + 1, &Headers::new()).await;
     }
