@@ -423,7 +423,15 @@ impl Drop for Daemon {
                 .filter(|id| id.bytes().all(|b| b.is_ascii_hexdigit()))
             {
                 for cgroup in cgroups_of(id) {
-                    let _ = std::fs::remove_dir(&cgroup);
+                    // KVM's worker thread of the VM leaves the cgroup a moment after its
+                    // VMM (EBUSY until then), as podvisord's own removal allows for.
+                    let deadline = Instant::now() + Duration::from_secs(10);
+                    while std::fs::remove_dir(&cgroup).is_err()
+                        && cgroup.exists()
+                        && Instant::now() < deadline
+                    {
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
                 }
             }
             let netns = std::fs::read(&record)

@@ -67,6 +67,8 @@ pub use error::PodError;
 pub use exec::ExecOutput;
 pub use image_slots::{IMAGE_SLOTS, PLACEHOLDER_BYTES, PLACEHOLDER_FILE};
 pub use interactive::{ClientIo, TermSize};
+// The hub type every container holds (a re-export, not a use: see module-cycles.py).
+pub(in crate::pods) use interactive::AttachHub;
 pub use port_forward::{PortForwardConn, PortForwardReceiver, PortForwardSender};
 pub use spec::{ContainerSpec, MountSpec, NamespaceMode, Resources, SandboxSpec};
 pub use stats::ContainerStats;
@@ -163,7 +165,7 @@ struct Container {
     /// True once the container has exited (its record says so).
     exited: watch::Sender<bool>,
     /// Its output fanned out to attach sessions, their stdin in (fed by `supervise`).
-    attach: interactive::AttachHub,
+    attach: AttachHub,
 }
 
 impl Container {

@@ -9,7 +9,7 @@ use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 
-use super::server::text;
+use super::reply::text;
 use super::spdy;
 
 /// Answers 101 with `protocol` and runs `session` on the SPDY session over the upgraded

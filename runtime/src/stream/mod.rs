@@ -16,6 +16,8 @@ mod handshake;
 mod idle;
 mod portforward;
 mod remotecommand;
+mod reply;
+mod request;
 mod server;
 pub mod spdy;
 mod tokens;
@@ -25,34 +27,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_cri::v1 as cri;
-
 use crate::pods::PodManager;
 pub use config::StreamingSettings;
+pub use request::StreamRequest;
 pub use server::StreamError;
 pub use tokens::TokenError;
-
-/// A validated streaming request, waiting for its connection.
-#[derive(Debug, Clone)]
-pub enum StreamRequest {
-    /// `/exec/<token>`.
-    Exec(cri::ExecRequest),
-    /// `/attach/<token>`.
-    Attach(cri::AttachRequest),
-    /// `/portforward/<token>`.
-    PortForward(cri::PortForwardRequest),
-}
-
-impl StreamRequest {
-    /// The URL path's first segment for this request.
-    fn kind(&self) -> &'static str {
-        match self {
-            StreamRequest::Exec(_) => "exec",
-            StreamRequest::Attach(_) => "attach",
-            StreamRequest::PortForward(_) => "portforward",
-        }
-    }
-}
 
 /// The running streaming server. Cheap to clone.
 #[derive(Debug, Clone)]

@@ -18,8 +18,10 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
 use super::config::StreamingSettings;
+use super::reply::text;
+use super::request::StreamRequest;
 use super::tokens::{TOKEN_TTL, Tokens};
-use super::{StreamRequest, remotecommand, websocket};
+use super::{remotecommand, websocket};
 use crate::pods::PodManager;
 
 /// How long a client may take to send its request headers.
@@ -170,17 +172,6 @@ where
     if let Err(e) = conn.await {
         tracing::debug!("streaming connection: {e}");
     }
-}
-
-/// A plain answer with a text body.
-pub(super) fn text(status: StatusCode, body: impl Into<String>) -> Response<Full<Bytes>> {
-    let mut rsp = Response::new(Full::new(Bytes::from(body.into() + "\n")));
-    *rsp.status_mut() = status;
-    rsp.headers_mut().insert(
-        hyper::header::CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    rsp
 }
 
 /// Finds the request for the URL and starts its session.

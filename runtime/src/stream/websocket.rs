@@ -20,7 +20,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 
-use super::server::text;
+use super::reply::text;
 
 /// An upgraded WebSocket connection.
 pub(super) type Ws = WebSocketStream<TokioIo<Upgraded>>;

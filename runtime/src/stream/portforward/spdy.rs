@@ -19,7 +19,8 @@ use super::{forward_error, parse_port};
 use crate::pods::PodManager;
 use crate::stream::idle::Idle;
 use crate::stream::remotecommand::STREAM_CREATION_TIMEOUT;
-use crate::stream::server::{Shared, text};
+use crate::stream::reply::text;
+use crate::stream::server::Shared;
 use crate::stream::spdy::{Incoming as SpdyIncoming, Session, Stream};
 use crate::stream::{handshake, spdy};
 

@@ -17,7 +17,8 @@ use tokio::task::JoinSet;
 use super::{forward_error, parse_port};
 use crate::pods::PodManager;
 use crate::stream::idle::{AbortOnDrop, Idle};
-use crate::stream::server::{Shared, text};
+use crate::stream::reply::text;
+use crate::stream::server::Shared;
 use crate::stream::websocket::{self, Outgoing, Ws, WsReader};
 
 /// The subprotocols kubelet serves port forwarding on.

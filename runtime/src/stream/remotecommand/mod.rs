@@ -10,7 +10,7 @@ use k8s_cri::v1 as cri;
 use serde::Deserialize;
 use tokio::sync::mpsc;
 
-use super::StreamRequest;
+use super::request::StreamRequest;
 use crate::pods::{ClientIo, PodError, PodManager, TermSize};
 
 pub(super) use spdy::spdy;

@@ -12,9 +12,10 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
 use super::{Channels, Options, Outcome, ResizeDecoder, STREAM_CREATION_TIMEOUT, Version};
-use crate::stream::StreamRequest;
 use crate::stream::idle::Idle;
-use crate::stream::server::{Shared, text};
+use crate::stream::reply::text;
+use crate::stream::request::StreamRequest;
+use crate::stream::server::Shared;
 use crate::stream::spdy::{Incoming as SpdyIncoming, Session, Stream, StreamReader, StreamWriter};
 use crate::stream::{handshake, spdy};
 

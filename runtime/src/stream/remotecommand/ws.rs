@@ -14,8 +14,8 @@ use tokio::task::JoinSet;
 
 use super::{Channels, Options, Outcome, ResizeDecoder, Version};
 use crate::pods::TermSize;
-use crate::stream::StreamRequest;
 use crate::stream::idle::{AbortOnDrop, Idle};
+use crate::stream::request::StreamRequest;
 use crate::stream::server::Shared;
 use crate::stream::websocket::{self, Outgoing, Ws, WsReader};
 
