@@ -204,14 +204,15 @@ async fn bad_requests(rt: &mut Runtime, images: &mut Images) -> anyhow::Result<(
         tonic::Code::InvalidArgument,
     )?;
     expect_code(
-        "Exec (streaming)",
+        "Exec (streaming) in an unknown container",
         rt.exec(cri::ExecRequest {
             container_id: unknown,
             cmd: vec!["true".into()],
+            stdout: true,
             ..Default::default()
         })
         .await,
-        tonic::Code::Unimplemented,
+        tonic::Code::NotFound,
     )?;
     Ok(())
 }
