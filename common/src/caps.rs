@@ -73,7 +73,13 @@ pub fn set(effective: u64, permitted: u64, inheritable: u64) -> Result<(), i32> 
 /// Drops every capability of the calling thread: bounding, ambient, effective, permitted and
 /// inheritable. Threads it starts afterwards have none either.
 pub fn drop_all() -> Result<(), i32> {
-    drop_bounding(0, 63)?;
+    keep_only(0)
+}
+
+/// Keeps only the capabilities in `keep` (bit n: capability n) in the calling thread's
+/// bounding, effective and permitted sets; none inheritable or ambient.
+pub fn keep_only(keep: u64) -> Result<(), i32> {
+    drop_bounding(keep, 63)?;
     // SAFETY: prctl with integer arguments only.
     let r = unsafe {
         libc::prctl(
@@ -87,7 +93,7 @@ pub fn drop_all() -> Result<(), i32> {
     if r < 0 {
         return Err(errno());
     }
-    set(0, 0, 0)
+    set(keep, keep, 0)
 }
 
 /// Sets no_new_privs for the calling thread (threads it starts afterwards inherit it).

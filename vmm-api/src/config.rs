@@ -35,6 +35,22 @@ pub struct NetDeviceConfig {
     pub mac: [u8; 6],
 }
 
+/// The longest virtio-fs tag (virtio 1.2, 5.11.4: `u8 tag[36]`).
+pub const FS_TAG_MAX: usize = 36;
+
+/// A virtio-fs device: one host directory shared with the guest, mounted there by its tag
+/// (`mount -t virtiofs <tag> <dir>`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FsDeviceConfig {
+    /// The tag the guest mounts, 1 to [`FS_TAG_MAX`] bytes.
+    pub tag: String,
+    /// The directory served, as the VMM opens it (before it enters its jail, so this is
+    /// a host path). None: the device is there for the guest's driver (a template VM)
+    /// but serves nothing; a VM restored from it attaches its own directory.
+    #[serde(default)]
+    pub shared_dir: Option<PathBuf>,
+}
+
 /// A virtio-vsock device with its host side on Unix sockets.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VsockDeviceConfig {
@@ -118,6 +134,9 @@ pub struct VmConfig {
     /// vsock device.
     #[serde(default)]
     pub vsock: Option<VsockDeviceConfig>,
+    /// virtio-fs device.
+    #[serde(default)]
+    pub fs: Option<FsDeviceConfig>,
     /// Control API socket.
     #[serde(default)]
     pub api_sock: Option<PathBuf>,
@@ -157,6 +176,35 @@ pub struct JailConfig {
     /// What the jail holds besides its devices.
     #[serde(default)]
     pub binds: Vec<JailBind>,
+    /// The pod's shared directory (a shared mount on the host), bound with everything
+    /// mounted beneath it at [`JAIL_SHARE_DIR`] as a slave: what the host mounts there
+    /// later appears in the jail too. With a share the VMM also gets its own `/proc` (only
+    /// its own process shows) and runs in a user namespace (see [`JailConfig::id_map_base`]).
+    #[serde(default)]
+    pub share: Option<PathBuf>,
+    /// With a share: the VMM runs as root of a user namespace whose ids 0 map to `uid` and
+    /// `gid`, and 1..65536 to `id_map_base + 1..`, keeping only the capabilities a file
+    /// server needs, in that namespace (it acts for the guest's users within the share).
+    #[serde(default = "default_id_map_base")]
+    pub id_map_base: u32,
+}
+
+/// The first host id of the VMM's user namespace: far from the ids of host users and from
+/// the usual subordinate id ranges (100000 and up).
+pub const DEFAULT_ID_MAP_BASE: u32 = 1 << 30;
+
+fn default_id_map_base() -> u32 {
+    DEFAULT_ID_MAP_BASE
+}
+
+/// How many ids the VMM's user namespace maps (0 to the jail's user, the rest above
+/// [`JailConfig::id_map_base`]).
+pub const ID_MAP_LEN: u32 = 65536;
+
+/// The `uid_map` / `gid_map` text of the VMM's user namespace for the jail's `id`: 0 is
+/// `id`, 1..[`ID_MAP_LEN`] are `base + 1..`. podvisord id-maps the share's binds the same.
+pub fn id_map(id: u32, base: u32) -> String {
+    format!("0 {id} 1\n1 {} {}\n", u64::from(base) + 1, ID_MAP_LEN - 1)
 }
 
 impl JailConfig {
@@ -185,6 +233,9 @@ impl JailConfig {
 /// Where the jail root's host directory is bound inside the jail (read-write: sockets, the
 /// console file, snapshots).
 pub const JAIL_POD_DIR: &str = "/pod";
+
+/// Where the pod's shared directory is bound inside the jail.
+pub const JAIL_SHARE_DIR: &str = "/share";
 
 /// One host file or directory bound into the jail.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -246,6 +297,9 @@ pub enum ConfigError {
     /// Reserved vsock CID.
     #[error("vsock cid {0} is reserved (use 3 or more)")]
     Cid(u64),
+    /// virtio-fs tag empty, too long or holding a NUL.
+    #[error("virtio-fs tag {0:?} must be 1 to {FS_TAG_MAX} bytes without NUL")]
+    FsTag(String),
 }
 
 fn opt_err(option: &'static str, value: &str, why: impl Into<String>) -> ConfigError {
@@ -363,6 +417,23 @@ pub fn parse_vsock(value: &str) -> Result<VsockDeviceConfig, ConfigError> {
     })
 }
 
+/// Parses `tag=TAG[,dir=PATH]`.
+pub fn parse_fs(value: &str) -> Result<FsDeviceConfig, ConfigError> {
+    let mut tag = None;
+    let mut shared_dir = None;
+    for p in value.split(',') {
+        match p.split_once('=') {
+            Some(("tag", t)) => tag = Some(t.to_string()),
+            Some(("dir", d)) if !d.is_empty() => shared_dir = Some(PathBuf::from(d)),
+            _ => return Err(opt_err("--fs", value, format!("unknown part {p:?}"))),
+        }
+    }
+    Ok(FsDeviceConfig {
+        tag: tag.ok_or_else(|| opt_err("--fs", value, "missing tag=TAG"))?,
+        shared_dir,
+    })
+}
+
 impl VmConfig {
     /// Checks everything that can be checked before touching KVM.
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -399,8 +470,10 @@ impl VmConfig {
                 return Err(ConfigError::DuplicateDrive(d.id.clone()));
             }
         }
-        let n =
-            self.drives.len() + usize::from(self.net.is_some()) + usize::from(self.vsock.is_some());
+        let n = self.drives.len()
+            + usize::from(self.net.is_some())
+            + usize::from(self.vsock.is_some())
+            + usize::from(self.fs.is_some());
         if n > MAX_VIRTIO_DEVICES {
             return Err(ConfigError::TooManyDevices(n));
         }
@@ -408,6 +481,13 @@ impl VmConfig {
             && v.cid < 3
         {
             return Err(ConfigError::Cid(v.cid));
+        }
+        // The shared directory is opened (and checked) by the device: a launcher may create
+        // it after validating the configuration.
+        if let Some(fs) = &self.fs
+            && (fs.tag.is_empty() || fs.tag.len() > FS_TAG_MAX || fs.tag.contains('\0'))
+        {
+            return Err(ConfigError::FsTag(fs.tag.clone()));
         }
         Ok(())
     }
@@ -464,6 +544,7 @@ mod tests {
             drives: vec![],
             net: None,
             vsock: None,
+            fs: None,
             api_sock: None,
             serial: SerialOutput::Null,
             restore: None,
@@ -492,6 +573,37 @@ mod tests {
         );
         assert!(parse_restore("state=/a").is_err());
         assert!(parse_restore("mem=/a,state=/b,x=1").is_err());
+    }
+
+    #[test]
+    fn fs_parses_and_validates() {
+        let f = parse_fs("tag=pod,dir=/tmp").unwrap();
+        assert_eq!(
+            f,
+            FsDeviceConfig {
+                tag: "pod".into(),
+                shared_dir: Some("/tmp".into()),
+            }
+        );
+        assert_eq!(parse_fs("tag=t").unwrap().shared_dir, None);
+        assert!(parse_fs("dir=/tmp").is_err());
+        assert!(parse_fs("tag=t,ro").is_err());
+        let long = "x".repeat(FS_TAG_MAX + 1);
+        for (tag, dir) in [("", None), (long.as_str(), None), ("a\0b", None)] {
+            let c = VmConfig {
+                fs: Some(FsDeviceConfig {
+                    tag: tag.into(),
+                    shared_dir: dir,
+                }),
+                ..base()
+            };
+            assert_eq!(c.validate(), Err(ConfigError::FsTag(tag.into())));
+        }
+        let c = VmConfig {
+            fs: Some(parse_fs("tag=t,dir=/tmp").unwrap()),
+            ..base()
+        };
+        assert_eq!(c.validate(), Ok(()));
     }
 
     #[test]
@@ -558,6 +670,8 @@ mod tests {
                     writable: false,
                 },
             ],
+            share: None,
+            id_map_base: DEFAULT_ID_MAP_BASE,
         };
         let map = |p: &str| jail.jail_path(Path::new(p));
         assert_eq!(map("/var/k/vmlinux"), Some("/boot/kernel".into()));

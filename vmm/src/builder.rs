@@ -14,7 +14,7 @@ use kvm_bindings::{KVM_PIT_SPEAKER_DUMMY, kvm_pit_config, kvm_userspace_memory_r
 use kvm_ioctls::{Cap, IoEventAddress, Kvm, VmFd};
 use podvisor_common::lock;
 use podvisor_vmm_api::config::{SerialOutput, VmConfig};
-use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{Address, GuestMemory, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
@@ -150,6 +150,7 @@ pub fn build(mut config: VmConfig, start: Instant) -> Result<Vm, VmError> {
         restored: entry.is_none(),
         start,
         seccomp: config.seccomp,
+        serves_share: config.fs.as_ref().is_some_and(|f| f.shared_dir.is_some()),
     })
 }
 

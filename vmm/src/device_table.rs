@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use crate::virtio::VirtioDevice;
 use crate::virtio::block::Block;
 use crate::virtio::block::persist::{self as block, BlockState};
+use crate::virtio::fs::persist::{self as fs, FsState};
 use crate::virtio::net::persist::{self as net, NetState};
 use crate::virtio::vsock::persist::{self as vsock, VsockState};
 
@@ -32,6 +33,8 @@ pub enum DeviceState {
     Net(NetState),
     /// A virtio-vsock device.
     Vsock(VsockState),
+    /// A virtio-fs device.
+    Fs(FsState),
 }
 
 /// `block:<id>`, `net` or `vsock`: how errors and logs name a device's kind.
@@ -41,6 +44,7 @@ impl std::fmt::Display for DeviceState {
             Self::Block(s) => s.fmt(f),
             Self::Net(s) => s.fmt(f),
             Self::Vsock(s) => s.fmt(f),
+            Self::Fs(s) => s.fmt(f),
         }
     }
 }
@@ -122,6 +126,10 @@ pub const DEVICE_KINDS: &[DeviceKind] = &[
         name: "vsock",
         attach: attach_vsock,
     },
+    DeviceKind {
+        name: "fs",
+        attach: attach_fs,
+    },
 ];
 
 /// Builds every virtio device `config` asks for, in MMIO order.
@@ -164,6 +172,15 @@ fn attach_vsock(config: &VmConfig, out: &mut Attachments) -> Result<(), DeviceEr
     Ok(())
 }
 
+fn attach_fs(config: &VmConfig, out: &mut Attachments) -> Result<(), DeviceError> {
+    if let Some(c) = &config.fs {
+        let (device, state) =
+            fs::build(c).map_err(|e| DeviceError::new(format!("fs {}", c.tag), e))?;
+        out.push(Arc::new(Mutex::new(device)), DeviceState::Fs(state));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -176,6 +193,8 @@ mod tests {
         assert_eq!(root.to_string(), "block:root");
         assert_eq!(DeviceState::Net(NetState {}).to_string(), "net");
         assert_eq!(DeviceState::Vsock(VsockState {}).to_string(), "vsock");
+        let fs = DeviceState::Fs(FsState { tag: "pod".into() });
+        assert_eq!(fs.to_string(), "fs:pod");
     }
 
     #[test]

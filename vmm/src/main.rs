@@ -51,6 +51,9 @@ struct Cli {
     /// vsock: cid=N,uds=PATH.
     #[arg(long)]
     vsock: Option<String>,
+    /// virtio-fs: tag=TAG[,dir=PATH] (no dir: the device serves nothing).
+    #[arg(long)]
+    fs: Option<String>,
     /// Control API socket.
     #[arg(long = "api-sock")]
     api_sock: Option<PathBuf>,
@@ -89,6 +92,7 @@ fn vm_config(cli: Cli) -> anyhow::Result<VmConfig> {
         drives,
         net: cli.net.as_deref().map(config::parse_net).transpose()?,
         vsock: cli.vsock.as_deref().map(config::parse_vsock).transpose()?,
+        fs: cli.fs.as_deref().map(config::parse_fs).transpose()?,
         api_sock: cli.api_sock,
         serial: match cli.serial.as_str() {
             "stdout" => SerialOutput::Stdout,
@@ -115,6 +119,7 @@ fn run(config: VmConfig, start: Instant) -> anyhow::Result<ExitReason> {
     }
     let api_sock = config.api_sock.clone();
     let level = config.seccomp;
+    let serves_share = config.fs.as_ref().is_some_and(|f| f.shared_dir.is_some());
     let mut vm = podvisor_vmm::builder::build(config, start)?;
     // Everything that needed root's capabilities (the TAP, KVM, the files) is open: the
     // jail's user from now on, and no capability, before any other thread starts, so that
@@ -122,7 +127,7 @@ fn run(config: VmConfig, start: Instant) -> anyhow::Result<ExitReason> {
     if let Some(jail) = &jail {
         podvisor_vmm::jail::drop_user(jail)?;
     }
-    podvisor_common::caps::drop_all()
+    podvisor_common::caps::keep_only(podvisor_vmm::jail::kept_caps(jail.as_ref(), serves_share))
         .map_err(std::io::Error::from_raw_os_error)
         .context("drop the VMM's capabilities")?;
     if let Some(path) = api_sock {

@@ -22,6 +22,9 @@ use seccompiler::{
 pub enum ThreadKind {
     /// The main thread: device event loop.
     EventLoop,
+    /// The event loop of a VM whose virtio-fs device serves a share: the file system
+    /// calls of the passthrough file system too.
+    EventLoopFs,
     /// A vCPU thread: KVM_RUN and the exits it handles (MMIO, port I/O).
     Vcpu,
     /// The control API thread: snapshots, drive swaps, pause, stop.
@@ -110,6 +113,44 @@ const EVENT_LOOP: &[i64] = &[
 
 /// A vCPU: KVM_RUN (ioctl), MMIO and port I/O handled in place (serial output, virtio
 /// notifications), pausing for snapshots.
+/// What the passthrough file system calls on top of [`EVENT_LOOP`] (fuse-backend-rs's
+/// `PassthroughFs`, the calls of every FUSE request it serves; no xattrs, no file handles).
+const FS: &[i64] = &[
+    libc::SYS_openat,
+    libc::SYS_fstat,
+    libc::SYS_newfstatat,
+    libc::SYS_statx,
+    libc::SYS_fstatfs,
+    libc::SYS_getdents64,
+    libc::SYS_mkdirat,
+    libc::SYS_mknodat,
+    libc::SYS_symlinkat,
+    libc::SYS_readlinkat,
+    libc::SYS_linkat,
+    libc::SYS_renameat,
+    libc::SYS_renameat2,
+    libc::SYS_fchmod,
+    libc::SYS_fchmodat,
+    libc::SYS_fchown,
+    libc::SYS_fchownat,
+    libc::SYS_utimensat,
+    libc::SYS_copy_file_range,
+    libc::SYS_preadv2,
+    libc::SYS_pwritev2,
+    libc::SYS_dup,
+    libc::SYS_flock,
+    libc::SYS_syncfs,
+    libc::SYS_umask,
+    libc::SYS_setresuid,
+    libc::SYS_setresgid,
+    libc::SYS_capget,
+    libc::SYS_capset,
+    libc::SYS_getuid,
+    libc::SYS_geteuid,
+    libc::SYS_getgid,
+    libc::SYS_getegid,
+];
+
 const VCPU: &[i64] = &[];
 
 /// The control API: its socket, snapshot files, drive swaps, stop.
@@ -138,17 +179,19 @@ const API: &[i64] = &[
 ];
 
 fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompiler::BackendError> {
-    let own = match kind {
-        ThreadKind::EventLoop => EVENT_LOOP,
-        ThreadKind::Vcpu => VCPU,
-        ThreadKind::Api => API,
+    let (own, fs): (&[i64], &[i64]) = match kind {
+        ThreadKind::EventLoop => (EVENT_LOOP, &[]),
+        ThreadKind::EventLoopFs => (EVENT_LOOP, FS),
+        ThreadKind::Vcpu => (VCPU, &[]),
+        ThreadKind::Api => (API, &[]),
     };
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = COMMON
         .iter()
         .chain(own)
+        .chain(fs)
         .map(|nr| (*nr, Vec::new()))
         .collect();
-    if kind == ThreadKind::EventLoop {
+    if matches!(kind, ThreadKind::EventLoop | ThreadKind::EventLoopFs) {
         // Unix sockets only (the vsock device connecting a guest to `<uds>_<port>`).
         rules.insert(
             libc::SYS_socket,
@@ -201,7 +244,12 @@ mod tests {
 
     #[test]
     fn filters_build_for_every_kind() {
-        for kind in [ThreadKind::EventLoop, ThreadKind::Vcpu, ThreadKind::Api] {
+        for kind in [
+            ThreadKind::EventLoop,
+            ThreadKind::EventLoopFs,
+            ThreadKind::Vcpu,
+            ThreadKind::Api,
+        ] {
             for level in [SeccompLevel::Kill, SeccompLevel::Log] {
                 assert!(filter(kind, level).expect("build").is_some());
             }

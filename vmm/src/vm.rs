@@ -143,6 +143,8 @@ pub struct Vm {
     pub(crate) start: Instant,
     /// The threads' seccomp filters.
     pub(crate) seccomp: SeccompLevel,
+    /// A virtio-fs device serves a shared directory from the event loop.
+    pub(crate) serves_share: bool,
 }
 
 impl std::fmt::Debug for Vm {
@@ -178,6 +180,7 @@ impl Vm {
             restored,
             start,
             seccomp: level,
+            serves_share,
         } = self;
         for r in runners {
             let name = format!("vcpu{}", r.id);
@@ -193,7 +196,12 @@ impl Vm {
         }
         // Every thread is started: from here the event loop needs no new thread, file or
         // mapping of its own.
-        seccomp::install(ThreadKind::EventLoop, level)?;
+        let kind = if serves_share {
+            ThreadKind::EventLoopFs
+        } else {
+            ThreadKind::EventLoop
+        };
+        seccomp::install(kind, level)?;
         tracing::info!(
             vcpus = handle.vcpus,
             mem_mib = handle.mem_mib,

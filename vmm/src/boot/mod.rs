@@ -18,7 +18,7 @@ use linux_loader::loader::elf::start_info::{
     hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
 };
 use linux_loader::loader::{self, BzImage, Elf, KernelLoader, PvhBootCapability};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryMmap};
 
 use crate::layout::{
     BASE_RAM_END, CMDLINE_START, HIMEM_START, MMIO_GAP_END, MMIO_GAP_START, PVH_INFO_START,
@@ -294,7 +294,7 @@ fn configure_linux64(
             params.e820_table[n] = boot_e820_entry {
                 addr,
                 size,
-                r#type: kind,
+                type_: kind,
             };
             n += 1;
         }

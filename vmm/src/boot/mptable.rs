@@ -1,7 +1,7 @@
 //! Intel MultiProcessor table (spec 1.4): how a guest without ACPI learns
 //! its CPUs, the IOAPIC and the ISA interrupt routing.
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
 use crate::layout::{APIC_ADDR, IOAPIC_ADDR, IOAPIC_PINS, MPTABLE_START};
 
@@ -118,7 +118,7 @@ pub fn build(num_cpus: u8) -> Result<Vec<u8>, MptableError> {
 }
 
 /// Writes the MP table for `num_cpus` vCPUs into guest memory.
-pub fn setup_mptable<M: GuestMemoryBackend>(mem: &M, num_cpus: u8) -> Result<(), MptableError> {
+pub fn setup_mptable<M: GuestMemory>(mem: &M, num_cpus: u8) -> Result<(), MptableError> {
     let table = build(num_cpus)?;
     mem.write_slice(&table, GuestAddress(MPTABLE_START))
         .map_err(MptableError::Write)

@@ -13,9 +13,8 @@ use std::sync::Arc;
 
 use vm_memory::mmap::MmapRegionError;
 use vm_memory::{
-    Address, Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap,
-    GuestMemoryRegion, GuestRegionCollectionError, GuestRegionMmap, MemoryRegionAddress,
-    MmapRegion,
+    Address, Bytes, FileOffset, GuestAddress, GuestMemory, GuestMemoryMmap, GuestMemoryRegion,
+    GuestRegionCollectionError, GuestRegionMmap, MemoryRegionAddress, MmapRegion,
 };
 
 use super::file::{commit_tmp, create_tmp, remove_tmp, tmp_path};

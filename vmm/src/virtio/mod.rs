@@ -15,6 +15,7 @@
 
 pub mod block;
 mod events;
+pub mod fs;
 mod interrupt;
 pub mod mmio;
 pub mod net;

@@ -27,7 +27,7 @@ fn test_vm(kvm: &Kvm) -> TestVm {
     .unwrap();
     let size = 2 << 20;
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size)]).unwrap();
-    let host = vm_memory::GuestMemoryBackend::get_host_address(&mem, GuestAddress(0)).unwrap();
+    let host = vm_memory::GuestMemory::get_host_address(&mem, GuestAddress(0)).unwrap();
     let region = kvm_userspace_memory_region {
         slot: 0,
         flags: 0,

@@ -3,7 +3,7 @@
 
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{DescriptorChain, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemory as _, Permissions};
+use vm_memory::{Bytes, GuestAddress, GuestMemory as _};
 
 use super::device::{Block, Disk};
 use super::io::FileAt;
@@ -204,10 +204,7 @@ impl Disk {
         if count < 2 {
             return Err((Malformed::NoStatus, None));
         }
-        if !last.is_write_only()
-            || last.len() == 0
-            || !mem.check_range(last.addr(), 1, Permissions::Write)
-        {
+        if !last.is_write_only() || last.len() == 0 || !mem.check_range(last.addr(), 1) {
             return Err((
                 Malformed::BadStatus {
                     addr: last.addr().0,
@@ -245,11 +242,6 @@ impl Disk {
         };
         let mut data_len = 0u32;
         if let Some(device_writes) = device_writes {
-            let access = if device_writes {
-                Permissions::Write
-            } else {
-                Permissions::Read
-            };
             for (index, desc) in data.iter().enumerate() {
                 if desc.is_write_only() != device_writes {
                     return fail(Malformed::DataDirection {
@@ -261,7 +253,7 @@ impl Disk {
                     Some(len) if len <= MAX_CHAIN_BYTES => len,
                     _ => return fail(Malformed::DataTooLong),
                 };
-                if !mem.check_range(desc.addr(), desc.len() as usize, access) {
+                if !mem.check_range(desc.addr(), desc.len() as usize) {
                     return fail(Malformed::DataOutside {
                         addr: desc.addr().0,
                         len: desc.len(),

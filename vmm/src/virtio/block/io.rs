@@ -11,8 +11,7 @@ use std::os::fd::AsRawFd;
 
 use vm_memory::bitmap::BitmapSlice;
 use vm_memory::{
-    GuestAddress, GuestMemory, Permissions, ReadVolatile, VolatileMemoryError, VolatileSlice,
-    WriteVolatile,
+    GuestAddress, GuestMemory, ReadVolatile, VolatileMemoryError, VolatileSlice, WriteVolatile,
 };
 
 /// A cursor on a file that reads with `pread` and writes with `pwrite`,
@@ -55,10 +54,7 @@ impl<'a> FileAt<'a> {
         addr: GuestAddress,
         len: usize,
     ) -> io::Result<()> {
-        let slices = mem
-            .get_slices(addr, len, Permissions::Write)
-            .map_err(io::Error::other)?;
-        for slice in slices {
+        for slice in mem.get_slices(addr, len) {
             let mut slice = slice.map_err(io::Error::other)?;
             self.read_exact_volatile(&mut slice).map_err(to_io)?;
         }
@@ -72,10 +68,7 @@ impl<'a> FileAt<'a> {
         addr: GuestAddress,
         len: usize,
     ) -> io::Result<()> {
-        let slices = mem
-            .get_slices(addr, len, Permissions::Read)
-            .map_err(io::Error::other)?;
-        for slice in slices {
+        for slice in mem.get_slices(addr, len) {
             let slice = slice.map_err(io::Error::other)?;
             self.write_all_volatile(&slice).map_err(to_io)?;
         }
