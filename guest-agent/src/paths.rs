@@ -25,9 +25,9 @@ impl Paths {
     pub fn sandbox(&self) -> PathBuf {
         self.run.join("sandbox")
     }
-    /// Volume directories (CopyFile may write beneath it).
-    pub fn volumes(&self) -> PathBuf {
-        self.run.join("volumes")
+    /// Where the pod's virtio-fs share is mounted (every container volume lives beneath).
+    pub fn share(&self) -> PathBuf {
+        self.run.join("share")
     }
     /// Per-container bundles (rootfs mount point, overlay upper/work).
     pub fn containers(&self) -> PathBuf {
@@ -38,8 +38,8 @@ impl Paths {
         self.run.join("images")
     }
     /// Roots beneath which CopyFile may write.
-    pub fn copy_file_roots(&self) -> [PathBuf; 2] {
-        [self.sandbox(), self.volumes()]
+    pub fn copy_file_roots(&self) -> [PathBuf; 1] {
+        [self.sandbox()]
     }
     /// Parent cgroup of all sandboxes.
     pub fn cgroup_podvisor(&self) -> PathBuf {
@@ -47,12 +47,7 @@ impl Paths {
     }
     /// Creates the run-time directories.
     pub fn create_dirs(&self) -> std::io::Result<()> {
-        for dir in [
-            self.sandbox(),
-            self.volumes(),
-            self.containers(),
-            self.images(),
-        ] {
+        for dir in [self.sandbox(), self.containers(), self.images()] {
             std::fs::create_dir_all(&dir)?;
         }
         Ok(())

@@ -105,6 +105,8 @@ pub struct Manager {
     images: Mutex<rootfs::ImageMounts>,
     /// Holder process of the pod-shared PID namespace (pid, namespace fd).
     pod_pidns: Mutex<Option<OwnedFd>>,
+    /// The pod's share is mounted at [`Paths::share`].
+    share_mounted: Mutex<bool>,
     last_cap: u32,
     /// Use cgroups (false in host tests without cgroup v2).
     use_cgroups: bool,
@@ -121,6 +123,7 @@ impl Manager {
             containers: Mutex::new(HashMap::new()),
             images: Mutex::new(rootfs::ImageMounts::default()),
             pod_pidns: Mutex::new(None),
+            share_mounted: Mutex::new(false),
             last_cap: caps::last_cap(),
             use_cgroups,
         }
@@ -368,6 +371,7 @@ impl Manager {
                 "container {id:?} already exists"
             )));
         }
+        self.mount_share_for(&r.mounts)?;
         let t = std::time::Instant::now();
         let image_root = lock(&self.images)
             .acquire(
@@ -410,6 +414,29 @@ impl Manager {
                 Err(status)
             }
         }
+    }
+
+    /// Mounts the pod's virtio-fs share the first time a container's mount comes from it
+    /// (pods without volumes never pay for the mount).
+    fn mount_share_for(&self, mounts: &[podvisor_proto::v1::Mount]) -> Result<(), Status> {
+        let share = self.paths.share();
+        if !mounts
+            .iter()
+            .any(|m| Path::new(&m.source).starts_with(&share))
+        {
+            return Ok(());
+        }
+        let mut mounted = lock(&self.share_mounted);
+        if *mounted {
+            return Ok(());
+        }
+        let t = std::time::Instant::now();
+        rootfs::mount_share(&share).map_err(|e| {
+            Status::failed_precondition(format!("mount the pod's share: {}", error_chain(&e)))
+        })?;
+        tracing::debug!(ms = t.elapsed().as_millis(), "pod share mounted");
+        *mounted = true;
+        Ok(())
     }
 
     /// Test hook: create from a directory instead of an image block device.
@@ -657,16 +684,8 @@ impl Manager {
         lock(&self.containers).remove(id);
         let bundle = c.bundle.clone();
         let cg = c.cgroup.clone();
-        // Files the host copied in for the container's volumes (CopyFile).
-        let volumes = self.paths.volumes().join(id);
         tokio::task::spawn_blocking(move || {
             rootfs::cleanup(&bundle);
-            // remove_dir_all does not follow symbolic links.
-            if let Err(e) = std::fs::remove_dir_all(&volumes)
-                && e.kind() != std::io::ErrorKind::NotFound
-            {
-                tracing::warn!("remove {}: {e}", volumes.display());
-            }
             if let Some(cg) = cg
                 && let Err(e) = cg.remove()
             {

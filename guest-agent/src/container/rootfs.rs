@@ -464,6 +464,22 @@ fn vm_devices(vm_dev: &Path, devfd: &OwnedFd, dev: &Path) -> Result<(), RootfsEr
     Ok(())
 }
 
+/// The virtio-fs tag podvisord's VMM serves the pod's share under.
+pub const SHARE_TAG: &str = "podvisor";
+
+/// Mounts the pod's virtio-fs share at `at` (created): no device nodes or set-id programs
+/// through it; each container's bind of a volume adds its own flags.
+pub fn mount_share(at: &Path) -> Result<(), RootfsError> {
+    fs::create_dir_all(at).map_err(io_err("create", at))?;
+    mnt(
+        Some(Path::new(SHARE_TAG)),
+        at,
+        Some("virtiofs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        None,
+    )
+}
+
 /// Validates the request's mounts without touching anything.
 pub fn validate_mounts(mounts: &[Mount]) -> Result<(), RootfsError> {
     for m in mounts {
