@@ -22,12 +22,11 @@ use super::exec::write_exec_defaults;
 use super::image_slots::{IMAGE_SLOTS, choose_slot, slot_index, slot_name, swap_in};
 use super::process::{self, ExecDefaults};
 use super::spec::{self, ContainerSpec, MountSpec, Resources, container_process};
-use super::supervise::{copy_volume_file, refresh_volumes};
-use super::volumes::{self, Budget, VolumeSource, VolumeWatch};
 use super::{Container, KILL_WAIT, LOST_EXIT_CODE, PodManager, Sandbox, VM_EXITED, new_id};
 use crate::image::{ImageError, ImageLease, ImageRecord};
 use crate::logs::CriLogWriter;
 use crate::state::{ContainerRecord, ContainerState, MountRecord, SandboxRecord, SandboxState};
+use crate::vmm;
 
 impl PodManager {
     /// CreateContainer: attaches the image, copies host paths in, creates the container in
@@ -68,40 +67,47 @@ impl PodManager {
         } else {
             Some(CriLogWriter::create(&log_path)?)
         };
-        let collected = collect_volumes(&id, &spec.mounts).await?;
-
-        // The image's slot.
-        let slot = choose_slot(&sb.id, &self.slot_users(&sb.id), &slots, &image.id)?;
-        swap_in(
-            &sb.id,
-            &sandbox.vmm,
-            &mut slots,
-            slot,
-            &image.id,
-            &lease.rootfs(),
-        )
-        .await?;
-        let serial = slot_name(slot);
-
-        let (mounts, watch) = copy_volumes(&mut client, &id, &spec.mounts, collected).await?;
-        let image_drive = agent::Image {
-            block_device_serial: serial.clone(),
-            subpath: String::new(),
-            size_bytes: image_bytes,
-        };
-        let req = spec::create_request(&id, &spec, process, image_drive, mounts);
-        let t = Instant::now();
-        let created = call(
-            format!("CreateContainer {id}"),
-            AGENT_CALL_TIMEOUT,
-            client.create_container(req),
-        )
-        .await?;
-        tracing::info!(container = %id, sandbox = %sb.id, pid = created.pid, ms = t.elapsed().as_millis(), "container created");
-
-        let record = new_record(&id, &sb.id, &spec, &image, log_path, created.pid, serial);
-        self.persist_created(&sb, &mut client, &record, &defaults)
+        let idmap = self.share_idmap()?;
+        let mounts = bind_volumes(&sandbox.vmm.dir, &id, &spec.mounts, idmap).await?;
+        // Everything after the binds: on error, the binds go again.
+        let created = async {
+            let slot = choose_slot(&sb.id, &self.slot_users(&sb.id), &slots, &image.id)?;
+            swap_in(
+                &sb.id,
+                &sandbox.vmm,
+                &mut slots,
+                slot,
+                &image.id,
+                &lease.rootfs(),
+            )
             .await?;
+            let serial = slot_name(slot);
+            let image_drive = agent::Image {
+                block_device_serial: serial.clone(),
+                subpath: String::new(),
+                size_bytes: image_bytes,
+            };
+            let req = spec::create_request(&id, &spec, process, image_drive, mounts);
+            let t = Instant::now();
+            let created = call(
+                format!("CreateContainer {id}"),
+                AGENT_CALL_TIMEOUT,
+                client.create_container(req),
+            )
+            .await?;
+            tracing::info!(container = %id, sandbox = %sb.id, pid = created.pid, ms = t.elapsed().as_millis(), "container created");
+            let record = new_record(&id, &sb.id, &spec, &image, log_path, created.pid, serial);
+            self.persist_created(&sb, &mut client, &record, &defaults)
+                .await?;
+            Ok::<_, PodError>(record)
+        }
+        .await;
+        if created.is_err()
+            && let Err(e) = vmm::unbind_volumes(&sandbox.vmm.dir, &id)
+        {
+            tracing::warn!(container = %id, "unbinding its volumes: {e}");
+        }
+        let record = created?;
         let c = Arc::new(Container {
             id: id.clone(),
             sandbox_id: sb.id.clone(),
@@ -113,7 +119,6 @@ impl PodManager {
         });
         lock(&self.inner.containers).insert(id.clone(), c.clone());
         drop(slots);
-        refresh_volumes(c.clone(), client.clone(), watch);
         self.supervise(c, client, true);
         Ok(id)
     }
@@ -396,46 +401,34 @@ fn log_path(sandbox: &SandboxRecord, spec: &ContainerSpec) -> Result<PathBuf, Po
     Ok(sandbox.log_directory.join(rel))
 }
 
-/// Reads the container's host paths, on a blocking thread.
-async fn collect_volumes(id: &str, mounts: &[MountSpec]) -> Result<Vec<VolumeSource>, PodError> {
-    let mounts_spec = mounts.to_vec();
-    let cid = id.to_string();
-    let collected = tokio::task::spawn_blocking(move || {
-        let mut budget = Budget::default();
-        mounts_spec
-            .iter()
-            .enumerate()
-            .map(|(n, m)| volumes::collect(&cid, n, &m.host_path, &mut budget))
-            .collect::<Result<Vec<_>, _>>()
-    })
-    .await
-    .map_err(|e| PodError::Internal(format!("volume task: {e}")))??;
-    Ok(collected)
-}
-
-/// Copies the host paths read into the guest; returns the container's mounts and the watch
-/// that copies them again when they change.
-async fn copy_volumes(
-    client: &mut AgentClient<Channel>,
+/// Binds the container's host paths into the pod's share (on a blocking thread); returns
+/// the container's mounts of them in the guest.
+async fn bind_volumes(
+    pod_dir: &Path,
     id: &str,
     mounts: &[MountSpec],
-    collected: Vec<VolumeSource>,
-) -> Result<(Vec<agent::Mount>, VolumeWatch), PodError> {
-    let mut out = Vec::new();
-    let mut watch = VolumeWatch::new(id);
-    for (n, (m, source)) in mounts.iter().zip(collected).enumerate() {
-        match source {
-            VolumeSource::Copied { source, files } => {
-                watch.add(n, &m.host_path, &files);
-                for f in files {
-                    copy_volume_file(client, f).await?;
-                }
-                out.push(spec::bind_mount(source, m));
-            }
-            VolumeSource::Empty => out.push(spec::tmpfs_mount(m)),
-        }
-    }
-    Ok((out, watch))
+    idmap: Option<Arc<vmm::IdMap>>,
+) -> Result<Vec<agent::Mount>, PodError> {
+    let volumes: Vec<vmm::Volume> = mounts
+        .iter()
+        .map(|m| vmm::Volume {
+            host_path: m.host_path.clone(),
+            readonly: m.readonly,
+            propagation: m.propagation,
+        })
+        .collect();
+    let (dir, cid) = (pod_dir.to_path_buf(), id.to_string());
+    let shared = tokio::task::spawn_blocking(move || {
+        vmm::bind_volumes(&dir, &cid, &volumes, idmap.as_deref())
+    })
+    .await
+    .map_err(|e| PodError::Internal(format!("volume task: {e}")))?
+    .map_err(PodError::Volume)?;
+    Ok(mounts
+        .iter()
+        .zip(shared)
+        .map(|(m, v)| spec::bind_mount(v.guest_path, m))
+        .collect())
 }
 
 /// The record of a container just created in sandbox `sandbox_id`.

@@ -6,7 +6,6 @@ use std::time::Duration;
 use podvisor_common::IoError;
 
 use super::process::ProcessError;
-use super::volumes::VolumeError;
 use crate::image::ImageError;
 use crate::logs::LogError;
 use crate::network::NetworkError;
@@ -38,9 +37,9 @@ pub enum PodError {
     /// The container's process cannot be composed.
     #[error(transparent)]
     Process(#[from] ProcessError),
-    /// A host path cannot be mounted.
-    #[error(transparent)]
-    Volume(#[from] VolumeError),
+    /// A host path cannot be bound into the pod's share.
+    #[error("volume")]
+    Volume(#[source] VmmError),
     /// The container's seccomp profile cannot be used.
     #[error(transparent)]
     Seccomp(#[from] SeccompError),
@@ -121,9 +120,11 @@ impl PodError {
             PodError::FailedPrecondition(_) => Code::FailedPrecondition,
             PodError::ResourceExhausted(_) => Code::ResourceExhausted,
             PodError::DeadlineExceeded(_) => Code::DeadlineExceeded,
-            PodError::Volume(VolumeError::TooLarge { .. }) => Code::ResourceExhausted,
-            PodError::Volume(VolumeError::Io(_)) => Code::Internal,
-            PodError::Volume(_) | PodError::Seccomp(_) => Code::InvalidArgument,
+            PodError::Volume(
+                VmmError::NotAbsolute(_) | VmmError::VolumeKind(_) | VmmError::ShareId(_),
+            )
+            | PodError::Seccomp(_) => Code::InvalidArgument,
+            PodError::Volume(_) => Code::Internal,
             PodError::Image(e) => e.code(),
             PodError::Agent { status, .. } => match status.code() {
                 c @ (Code::InvalidArgument
@@ -174,12 +175,12 @@ mod tests {
             Code::InvalidArgument
         );
         assert_eq!(
-            PodError::Volume(VolumeError::TooLarge { path: "/x".into() }).code(),
-            Code::ResourceExhausted
+            PodError::Volume(VmmError::VolumeKind("/dev/null".into())).code(),
+            Code::InvalidArgument
         );
         assert_eq!(
-            PodError::Volume(VolumeError::Symlink("/x".into())).code(),
-            Code::InvalidArgument
+            PodError::Volume(VmmError::StillMounted("/x".into())).code(),
+            Code::Internal
         );
         let agent = |code| PodError::Agent {
             what: "x".into(),

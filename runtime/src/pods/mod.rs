@@ -61,7 +61,6 @@ mod stats;
 mod supervise;
 pub mod template;
 mod vm;
-pub mod volumes;
 
 pub use error::PodError;
 pub use exec::ExecOutput;
@@ -193,6 +192,8 @@ struct Inner {
     placeholder: PathBuf,
     /// The user VMMs run as, jailed (None: unjailed, `vmm_user = ""`).
     jail: Option<crate::vmm::JailUser>,
+    /// The id map of jailed VMMs' shares, made at the first volume.
+    idmap: Mutex<Option<Arc<crate::vmm::IdMap>>>,
     templates: template::Templates,
     sandboxes: Mutex<HashMap<String, Arc<Sandbox>>>,
     containers: Mutex<HashMap<String, Arc<Container>>>,
@@ -226,6 +227,7 @@ impl PodManager {
         let templates = template::Templates::new(&config.root_dir);
         Ok(Self {
             inner: Arc::new(Inner {
+                idmap: Mutex::new(None),
                 templates,
                 config,
                 state,
@@ -326,11 +328,34 @@ impl PodManager {
     fn forget_container(&self, sb: &Sandbox, c: &Container) -> Result<(), PodError> {
         lock(&c.log).take();
         lock(&c.lease).take();
+        if let Err(e) = crate::vmm::unbind_volumes(&sb.record().vmm.dir, &c.id) {
+            tracing::warn!(container = %c.id, "unbinding its volumes: {e}");
+        }
         let _ = std::fs::remove_file(sb.exec_defaults_path(&c.id));
         self.inner.state.containers.remove(&c.id)?;
         lock(&self.inner.containers).remove(&c.id);
         c.exited.send_replace(true);
         Ok(())
+    }
+
+    /// The id map a jailed VMM's share is bound through (None: VMMs run unjailed, as root).
+    fn share_idmap(&self) -> Result<Option<Arc<crate::vmm::IdMap>>, PodError> {
+        let Some(user) = self.inner.jail else {
+            return Ok(None);
+        };
+        let mut held = lock(&self.inner.idmap);
+        if let Some(m) = held.as_ref() {
+            return Ok(Some(m.clone()));
+        }
+        let made = crate::vmm::IdMap::new(
+            user.uid,
+            user.gid,
+            podvisor_vmm_api::config::DEFAULT_ID_MAP_BASE,
+        )
+        .map_err(|e| PodError::Internal(format!("the share's id map (a user namespace): {e}")))?;
+        let made = Arc::new(made);
+        *held = Some(made.clone());
+        Ok(Some(made))
     }
 
     /// The sandbox's record.

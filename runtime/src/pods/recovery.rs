@@ -16,8 +16,6 @@ use tonic::transport::Channel;
 
 use super::agent::{AGENT_RECONNECT_TIMEOUT, connect_agent};
 use super::error::PodError;
-use super::supervise::refresh_volumes;
-use super::volumes::VolumeWatch;
 use super::{Container, LOST_EXIT_CODE, PODS_DIR, PodManager, Sandbox, VM_EXITED};
 use crate::logs::CriLogWriter;
 use crate::network;
@@ -181,15 +179,7 @@ impl PodManager {
         lock(&self.inner.containers).insert(c.id.clone(), c.clone());
         match (client, exited) {
             (_, true) => {}
-            (Some(client), false) => {
-                // What is in the guest is unknown: the first poll copies it all again.
-                let mut watch = VolumeWatch::new(&c.id);
-                for (n, m) in lock(&c.record).mounts.iter().enumerate() {
-                    watch.add(n, &m.host_path, &[]);
-                }
-                refresh_volumes(c.clone(), client.clone(), watch);
-                self.supervise(c, client.clone(), true);
-            }
+            (Some(client), false) => self.supervise(c, client.clone(), true),
             (None, false) => self.mark_exited(&c, LOST_EXIT_CODE, "Error", message),
         }
     }

@@ -218,6 +218,7 @@ impl PodManager {
             jail: self.inner.jail,
             cgroup: Some(id.to_string()),
             console_max_bytes: handler.console_max_bytes,
+            share: true,
         }
     }
 

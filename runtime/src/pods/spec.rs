@@ -107,6 +107,8 @@ pub struct MountSpec {
     pub host_path: PathBuf,
     /// Read-only.
     pub readonly: bool,
+    /// How later host mounts beneath the host path reach the container.
+    pub propagation: crate::vmm::Propagation,
 }
 
 /// A new container, validated.
@@ -241,24 +243,13 @@ pub(super) fn container_process(
     Ok((process, defaults))
 }
 
-/// A host path copied into the guest, bind-mounted from where it was copied to.
+/// A host path bound into the pod's share, bind-mounted from where the guest sees it.
 pub(super) fn bind_mount(source: String, m: &MountSpec) -> agent::Mount {
     agent::Mount {
         source,
         destination: m.container_path.clone(),
         r#type: "bind".into(),
         options: vec!["rbind".into()],
-        readonly: m.readonly,
-    }
-}
-
-/// A host path that is an empty directory: a fresh tmpfs in the guest.
-pub(super) fn tmpfs_mount(m: &MountSpec) -> agent::Mount {
-    agent::Mount {
-        source: "tmpfs".into(),
-        destination: m.container_path.clone(),
-        r#type: "tmpfs".into(),
-        options: vec!["nosuid".into(), "nodev".into(), "mode=0755".into()],
         readonly: m.readonly,
     }
 }

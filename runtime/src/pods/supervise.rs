@@ -15,10 +15,8 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
-use super::agent::{AGENT_CALL_TIMEOUT, AGENT_RETRY_MAX, call};
-use super::error::PodError;
+use super::agent::AGENT_RETRY_MAX;
 use super::vm::vmm_ended;
-use super::volumes::{self, VolumeWatch};
 use super::{Container, LOST_EXIT_CODE, PodManager, VM_EXITED};
 use crate::logs::Stream;
 
@@ -26,8 +24,6 @@ use crate::logs::Stream;
 const ATTACH_RETRY_TIMEOUT: Duration = Duration::from_secs(30);
 /// ProcessInput messages (attach sessions' stdin) queued towards the container.
 const INPUT_BUFFER: usize = 8;
-/// How often a container's copied host paths are compared with the host.
-const VOLUME_REFRESH_INTERVAL: Duration = Duration::from_secs(3);
 
 impl PodManager {
     /// Copies the container's output to its log and its attach sessions (when `attach`),
@@ -124,92 +120,6 @@ impl PodManager {
         }
         self.mark_exited(c, LOST_EXIT_CODE, "Error", &message);
     }
-}
-
-/// Writes one host file into the guest: renamed into place, except the file of a
-/// single-file mount, which the container binds itself and so must be rewritten in place.
-pub(super) async fn copy_volume_file(
-    client: &mut AgentClient<Channel>,
-    f: volumes::VolumeFile,
-) -> Result<(), PodError> {
-    let req = agent::CopyFileRequest {
-        path: f.guest_path,
-        mode: f.mode,
-        uid: f.uid,
-        gid: f.gid,
-        contents: f.contents,
-        atomic: !f.in_place,
-        create_parents: true,
-        dir_mode: 0o755,
-    };
-    call("CopyFile", AGENT_CALL_TIMEOUT, client.copy_file(req)).await?;
-    Ok(())
-}
-
-/// Copies the container's host paths into its guest again whenever they change on the
-/// host, every [`VOLUME_REFRESH_INTERVAL`], until the container exits or is removed (both
-/// set `exited`, as does StopPodSandbox). Files removed on the host stay in the guest.
-pub(super) fn refresh_volumes(
-    c: Arc<Container>,
-    mut client: AgentClient<Channel>,
-    watch: VolumeWatch,
-) {
-    if watch.is_empty() {
-        return;
-    }
-    let mut exited = c.exited.subscribe();
-    tokio::spawn(async move {
-        let mut watch = Some(watch);
-        // Warn once per run of failures, not every poll.
-        let mut failing = false;
-        loop {
-            tokio::select! {
-                _ = exited.wait_for(|e| *e) => return,
-                () = tokio::time::sleep(VOLUME_REFRESH_INTERVAL) => {}
-            }
-            let Some(w) = watch.take() else { return };
-            let (w, changes) = match tokio::task::spawn_blocking(move || {
-                let changes = w.changes();
-                (w, changes)
-            })
-            .await
-            {
-                Ok(r) => r,
-                Err(e) => {
-                    tracing::warn!(container = %c.id, "volume refresh task: {e}");
-                    return;
-                }
-            };
-            let w = watch.insert(w);
-            let result = match changes {
-                Ok(files) => {
-                    let mut result = Ok(());
-                    let count = files.len();
-                    for f in files {
-                        let (path, fingerprint) = (f.guest_path.clone(), f.fingerprint);
-                        if let Err(e) = copy_volume_file(&mut client, f).await {
-                            result = Err(e);
-                            break;
-                        }
-                        w.copied(path, fingerprint);
-                    }
-                    if result.is_ok() && count > 0 {
-                        tracing::info!(container = %c.id, files = count, "volume files copied again");
-                    }
-                    result
-                }
-                Err(e) => Err(PodError::from(e)),
-            };
-            match result {
-                Ok(()) => failing = false,
-                Err(e) if !failing && !*exited.borrow() => {
-                    failing = true;
-                    tracing::warn!(container = %c.id, "refreshing the container's volumes: {e}");
-                }
-                Err(_) => {}
-            }
-        }
-    });
 }
 
 /// Attaches to a container's output; also returns the input side of the stream (the

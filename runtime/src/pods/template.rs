@@ -483,6 +483,7 @@ async fn launch(
         jail: inputs.jail,
         cgroup: Some(format!("template-{}", template.key)),
         console_max_bytes: h.console_max_bytes,
+        share: false,
     };
     let binary = inputs.vmm_binary.clone();
     let handle = tokio::task::spawn_blocking(move || vmm::launch(&binary, &spec))

@@ -15,6 +15,21 @@ pub enum VmmError {
     /// The pod directory exists and is not a directory (a symlink, say).
     #[error("pod directory {0} is not a directory")]
     NotADirectory(PathBuf),
+    /// A container id that cannot name a directory of the pod's share.
+    #[error("container id {0:?} cannot name a directory of the pod's share")]
+    ShareId(String),
+    /// A volume's host path that is neither a file nor a directory.
+    #[error(
+        "host path {0} is neither a regular file nor a directory: only those can be shared \
+         with a VM"
+    )]
+    VolumeKind(PathBuf),
+    /// A volume's host path that is not absolute.
+    #[error("host path {0} is not absolute")]
+    NotAbsolute(PathBuf),
+    /// Something is still mounted beneath the share after the unmount.
+    #[error("{0} is still mounted; the pod's share is left in place")]
+    StillMounted(PathBuf),
     /// A socket path is longer than a Unix socket address holds.
     #[error("socket path {0} is too long for a Unix socket")]
     SocketPathTooLong(PathBuf),

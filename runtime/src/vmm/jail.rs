@@ -16,7 +16,9 @@
 
 use std::path::{Path, PathBuf};
 
-use podvisor_vmm_api::config::{JailBind, JailConfig, SerialOutput, VmConfig};
+use podvisor_vmm_api::config::{
+    DEFAULT_ID_MAP_BASE, JAIL_SHARE_DIR, JailBind, JailConfig, SerialOutput, VmConfig,
+};
 
 use super::error::{VmmError, file_err};
 
@@ -80,6 +82,8 @@ pub(super) fn confine(config: &mut VmConfig, dir: &Path, user: JailUser) -> Resu
         uid: user.uid,
         gid: user.gid,
         binds: Vec::new(),
+        share: None,
+        id_map_base: DEFAULT_ID_MAP_BASE,
     };
     let mut add = |host: &Path, at: &str, writable: bool| {
         jail.binds.push(JailBind {
@@ -121,6 +125,13 @@ pub(super) fn confine(config: &mut VmConfig, dir: &Path, user: JailUser) -> Resu
     }
     if let SerialOutput::File(f) = &config.serial {
         config.serial = SerialOutput::File(in_pod(f)?);
+    }
+    // The share is bound by the VMM itself, with what is mounted beneath it.
+    if let Some(fs) = &mut config.fs
+        && let Some(dir) = fs.shared_dir.take()
+    {
+        jail.share = Some(dir);
+        fs.shared_dir = Some(PathBuf::from(JAIL_SHARE_DIR));
     }
     config.jail = Some(jail);
     Ok(())
@@ -165,7 +176,7 @@ pub(super) fn hand_over_dir(dir: &Path, user: JailUser) -> Result<(), VmmError> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use podvisor_vmm_api::config::{DriveConfig, RestoreConfig, VsockDeviceConfig};
+    use podvisor_vmm_api::config::{DriveConfig, FsDeviceConfig, RestoreConfig, VsockDeviceConfig};
     use std::os::unix::fs::MetadataExt;
 
     fn config(dir: &Path) -> VmConfig {
@@ -191,6 +202,10 @@ mod tests {
             vsock: Some(VsockDeviceConfig {
                 cid: 3,
                 uds: dir.join("vsock.sock"),
+            }),
+            fs: Some(FsDeviceConfig {
+                tag: "podvisor".into(),
+                shared_dir: Some(dir.join("share")),
             }),
             api_sock: Some(dir.join("api.sock")),
             serial: SerialOutput::File(dir.join("console.log")),
@@ -219,8 +234,14 @@ mod tests {
             c.serial,
             SerialOutput::File(PathBuf::from("/pod/console.log"))
         );
+        // The share is bound by the VMM at /share, with what is mounted beneath it.
+        assert_eq!(
+            c.fs.as_ref().and_then(|f| f.shared_dir.as_deref()),
+            Some(Path::new("/share"))
+        );
         let jail = c.jail.unwrap();
         assert_eq!((jail.root.as_path(), jail.uid, jail.gid), (dir, 7, 8));
+        assert_eq!(jail.share.as_deref(), Some(dir.join("share").as_path()));
         let binds: Vec<_> = jail
             .binds
             .iter()

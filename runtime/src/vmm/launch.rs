@@ -40,6 +40,9 @@ pub fn launch(binary: &Path, spec: &VmmSpec) -> Result<VmmHandle, VmmError> {
     let config = vm_config(spec, &handle)?;
 
     create_pod_dir(&spec.dir)?;
+    if spec.share {
+        super::share::create_share(&spec.dir)?;
+    }
     clear_stale_socket(&handle.api_sock)?;
     clear_stale_socket(&handle.vsock_uds)?;
     let config_path = write_config(&spec.dir, &config)?;

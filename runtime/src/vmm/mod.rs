@@ -40,10 +40,12 @@
 mod cgroup;
 mod error;
 mod handle;
+mod idmap;
 mod jail;
 mod launch;
 mod pod_dir;
 mod process;
+mod share;
 mod spec;
 #[cfg(test)]
 mod test_support;
@@ -51,10 +53,15 @@ mod test_support;
 pub use cgroup::{CGROUP_PARENT, cgroup_pids, remove_cgroup};
 pub use error::VmmError;
 pub use handle::{StopOutcome, VmmHandle};
+pub use idmap::IdMap;
 pub use jail::JailUser;
 pub use launch::launch;
 pub use pod_dir::remove_pod_dir;
 pub use process::kill_vmms_with_config;
+pub use share::{
+    GUEST_SHARE_ROOT, Propagation, SHARE_TAG, SharedVolume, Volume, bind_volumes, create_share,
+    remove_share, unbind_volumes,
+};
 // Only the template tests need it outside this module (to stand a process in for a VM).
 #[cfg(test)]
 pub(crate) use process::process_start_time;

@@ -72,6 +72,9 @@ pub fn remove_pod_dir(dir: &Path) -> Result<(), VmmError> {
         Err(e) => return Err(file_err("inspect pod directory", dir)(e)),
     };
     let removed = if meta.is_dir() {
+        // The share first: remove_dir_all would otherwise walk into the volumes bound there
+        // and delete host files. Nothing is removed while anything is still mounted.
+        super::share::remove_share(dir)?;
         // std's remove_dir_all opens every level with O_NOFOLLOW and unlinks relative to it.
         std::fs::remove_dir_all(dir)
     } else {

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use podvisor_vmm_api::config::{
-    DriveConfig, SeccompLevel, SerialOutput, VmConfig, VsockDeviceConfig,
+    DriveConfig, FsDeviceConfig, SeccompLevel, SerialOutput, VmConfig, VsockDeviceConfig,
 };
 use serde::{Deserialize, Serialize};
 
@@ -75,6 +75,9 @@ pub struct VmmSpec {
     pub cgroup: Option<String>,
     /// The most bytes `console.log` holds.
     pub console_max_bytes: u64,
+    /// Serve the pod's share (`<dir>/share`, created at launch) through the virtio-fs
+    /// device. Every VM has the device; a template's serves nothing.
+    pub share: bool,
 }
 
 /// The VM configuration `spec` asks for.
@@ -120,6 +123,10 @@ pub(super) fn vm_config(spec: &VmmSpec, handle: &VmmHandle) -> Result<VmConfig, 
         vsock: Some(VsockDeviceConfig {
             cid: GUEST_CID,
             uds: handle.vsock_uds.clone(),
+        }),
+        fs: Some(FsDeviceConfig {
+            tag: super::share::SHARE_TAG.to_string(),
+            shared_dir: spec.share.then(|| super::share::share_dir(&spec.dir)),
         }),
         api_sock: Some(handle.api_sock.clone()),
         serial: SerialOutput::File(handle.console_log.clone()),
@@ -170,6 +177,7 @@ mod tests {
             jail: None,
             cgroup: None,
             console_max_bytes: 1 << 20,
+            share: false,
         };
         let net = vm_config(&spec, &h).unwrap().net.unwrap();
         assert_eq!(

@@ -51,6 +51,7 @@ impl FakeVmm {
             jail: None,
             cgroup: None,
             console_max_bytes: 1 << 20,
+            share: false,
         }
     }
 

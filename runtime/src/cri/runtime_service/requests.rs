@@ -318,6 +318,13 @@ fn mount_specs(mounts: Vec<cri::Mount>) -> Result<Vec<MountSpec>, Status> {
             container_path: m.container_path,
             host_path: PathBuf::from(m.host_path),
             readonly: m.readonly,
+            propagation: if m.propagation
+                == cri::MountPropagation::PropagationHostToContainer as i32
+            {
+                crate::vmm::Propagation::HostToContainer
+            } else {
+                crate::vmm::Propagation::Private
+            },
         });
     }
     Ok(specs)
