@@ -679,7 +679,7 @@ mod tests {
         assert_eq!(o.flags, MsFlags::MS_NOSUID | MsFlags::MS_RDONLY);
         assert_eq!(o.data, "size=64m,mode=755");
         let bad = [Mount {
-            source: "/run/podvisor/volumes/v".into(),
+            source: "/run/podvisor/share/c/0".into(),
             destination: "/data/../../etc".into(),
             r#type: "bind".into(),
             ..Default::default()
