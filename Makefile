@@ -59,7 +59,7 @@ unit-test: build
 # no-leak checks look at every podvisor namespace and TAP on the host. Built first, so the
 # two cargo runs only run tests.
 E2E_VM   := --test vmm --test agent --test portforward --test images --test cni --test stream_interop
-E2E_PODS := --test cri --test network --test snapshot --test conformance --test stream
+E2E_PODS := --test cri --test network --test snapshot --test conformance --test stream --test volumes
 
 e2e-test: guest probe build
 	$(CARGO) test -p podvisor-tests --tests --no-run
@@ -86,6 +86,7 @@ bench: setup guest probe vmm-release
 	$(CARGO) run --release -p podvisor-tests --bin snapshot-bench -- --restores 5
 	$(CARGO) run --release -p podvisor-tests --bin cri-bench -- 3
 	$(CARGO) run --release -p podvisor-tests --bin stream-bench -- 10
+	$(CARGO) run --release -p podvisor-tests --bin fs-bench -- --mib 16 --files 200
 
 clean:
 	rm -rf build

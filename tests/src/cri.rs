@@ -154,6 +154,17 @@ pub fn vmm_processes_under(dir: &Path) -> Vec<u32> {
         .collect()
 }
 
+/// Mount points at or beneath `dir` on the host (`/proc/self/mountinfo`), read here on its
+/// own so a leak check does not share podvisord's blind spots.
+pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    text.lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(PathBuf::from)
+        .filter(|p| p.starts_with(dir))
+        .collect()
+}
+
 /// Cgroup hierarchies mounted on the host (`/proc/self/mountinfo`). Read here on its own
 /// rather than through podvisord's code, so a leak check does not share its blind spots.
 pub fn cgroup_hierarchies() -> Vec<PathBuf> {
@@ -445,6 +456,17 @@ impl Drop for Daemon {
                 // SAFETY: umount2(2) with a NUL-terminated path that lives across the call.
                 unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
                 let _ = std::fs::remove_file(&netns);
+            }
+        }
+        // Nor the pods' shares: the temporary directory's removal would otherwise walk into
+        // the volumes bound there.
+        let mut mounts = mounts_under(self.dir.path());
+        mounts.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+        for m in mounts {
+            eprintln!("[cri] unmounting left-over {}", m.display());
+            if let Ok(c) = std::ffi::CString::new(m.as_os_str().as_encoded_bytes()) {
+                // SAFETY: umount2(2) with a NUL-terminated path that lives across the call.
+                unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
             }
         }
     }

@@ -437,7 +437,7 @@ async fn check_errors(mut c: Client) -> anyhow::Result<()> {
     note(expect_code(
         "CopyFile escaping its root with ..",
         c.copy_file(CopyFileRequest {
-            path: "/run/podvisor/volumes/../../../etc/podvisor-escape".into(),
+            path: "/run/podvisor/sandbox/../../../etc/podvisor-escape".into(),
             mode: 0o644,
             contents: b"x".to_vec(),
             create_parents: true,

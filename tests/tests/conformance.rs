@@ -21,8 +21,9 @@
 //! - Seccomp: RuntimeDefault (containerd's profile) in the container and its execs, refusing
 //!   user namespaces and AF_VSOCK sockets; Unconfined; a Localhost profile enforced; bad
 //!   references and AppArmor profiles refused.
-//! - The pod's VMM runs every thread under its seccomp filter, with no_new_privs and no
-//!   capability.
+//! - The pod's VMM runs every thread under its seccomp filter, with no_new_privs, as
+//!   podvisor in a user namespace of its own, keeping only a file server's capabilities
+//!   there (it serves the pod's share).
 //! - A hostile image's device node and setuid file are in its container as in the image
 //!   (the host never had the node).
 //! - No container reaches the guest agent over vsock, not even a privileged one: CID 1, the
@@ -179,7 +180,7 @@ fn vmm_is_jailed(pid: u32, sandbox_id: &str) -> anyhow::Result<()> {
     say(&format!(
         "the VMM's root holds {top:?}; its mounts: {mounts:?}"
     ));
-    let allowed_top = ["boot", "dev", "drives", "pod", "restore"];
+    let allowed_top = ["boot", "dev", "drives", "pod", "proc", "restore", "share"];
     ensure!(
         top.iter().all(|t| allowed_top.contains(&t.as_str()))
             && ["dev", "drives", "pod"]
@@ -191,6 +192,9 @@ fn vmm_is_jailed(pid: u32, sandbox_id: &str) -> anyhow::Result<()> {
         m == "/"
             || m == "/pod"
             || m == "/boot/kernel"
+            || m == "/proc"
+            || m == "/share"
+            || m.starts_with("/share/")
             || m.starts_with("/drives/")
             || m.starts_with("/restore/")
     };
@@ -200,6 +204,26 @@ fn vmm_is_jailed(pid: u32, sandbox_id: &str) -> anyhow::Result<()> {
                 .iter()
                 .any(|(m, o)| *m == "/" && o.split(',').any(|x| x == "ro")),
         "the VMM sees host mounts or a writable root: {mounts:?}"
+    );
+    // It serves the pod's share as root of a user namespace of its own that is podvisor
+    // on the host, ids 1..65536 far above every host user's.
+    let ns = |p: &str| std::fs::read_link(p).map(|l| l.display().to_string());
+    ensure!(
+        ns(&format!("/proc/{pid}/ns/user"))? != ns("/proc/self/ns/user")?,
+        "the VMM shares the host's user namespace"
+    );
+    let uid_map = std::fs::read_to_string(format!("/proc/{pid}/uid_map"))?;
+    let map: Vec<Vec<&str>> = uid_map
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    say(&format!("the VMM's uid map: {map:?}"));
+    ensure!(
+        map.first() == Some(&vec!["0", &uid.to_string(), "1"])
+            && map.get(1).is_some_and(|m| m[0] == "1"
+                && m[1].parse::<u64>().is_ok_and(|b| b > 65536)
+                && m[2] == "65535"),
+        "the VMM's uid map: {uid_map}"
     );
     let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))?;
     let own = format!("/podvisor/{sandbox_id}");
@@ -1147,11 +1171,13 @@ async fn conformance(daemon: &Daemon, setup: &CriSetup, special: &str) -> anyhow
     say(&format!(
         "the pod's VMM threads (name, Seccomp, NoNewPrivs, CapEff, CapBnd): {threads:?}"
     ));
-    let none = "0000000000000000";
+    // A VMM serving a share keeps the file server's capabilities (chown, dac_override,
+    // fowner, fsetid, setgid, setuid), in its own user namespace only; nothing else.
+    let fs_caps = "00000000000000db";
     ensure!(
         threads.len() >= 3
             && threads.iter().all(|[_, seccomp, nnp, eff, bnd]| {
-                seccomp == "2" && nnp == "1" && eff == none && bnd == none
+                seccomp == "2" && nnp == "1" && eff == fs_caps && bnd == fs_caps
             }),
         "the pod's VMM is not confined: {threads:?}"
     );

@@ -924,6 +924,8 @@ fn nothing_left(
     ensure!(netns.is_empty(), "network namespaces left: {netns:?}");
     let cgroups = cgroups_of(sandbox_id);
     ensure!(cgroups.is_empty(), "cgroups left: {cgroups:?}");
+    let mounts = podvisor_tests::cri::mounts_under(daemon.dir());
+    ensure!(mounts.is_empty(), "mounts left: {mounts:?}");
     Ok(())
 }
 

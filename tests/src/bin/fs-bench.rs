@@ -1,0 +1,276 @@
+//! `fs-bench [--mib M] [--files N]`: a pod's volume (virtio-fs) against the container's own
+//! root file system (overlay, upper layer on the guest's tmpfs) in the same guest, and the
+//! same work on the host, one run.
+//!
+//! In one privileged container of one pod (VM templates on; nothing timed includes the
+//! pod's start), for each place: a sequential write of M MiB (default 64; `dd bs=1M`, then
+//! fsync) and its read back after dropping the guest's caches (`dd bs=1M`), MiB/s; and N
+//! small files (default 1,000) created, stat'ed and unlinked, files/s. Times are taken in
+//! the guest (`/proc/uptime`, 10 ms steps) around each step, so no exec overhead counts.
+//! The host figures are the same steps with the same tools on a host directory.
+//!
+//! Prints figures and ratios; asserts no time. Needs root, /dev/kvm, the guest kernel and
+//! agent image (`make guest`) and the CNI plugins.
+
+use std::path::Path;
+use std::time::Instant;
+
+use tonic::transport::Channel;
+
+use anyhow::{Context, Result, bail, ensure};
+use k8s_cri::v1 as cri;
+use k8s_cri::v1::image_service_client::ImageServiceClient;
+use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
+use podvisor_tests::cri::{connect, pull_image, shell_container, start_cri_daemon};
+
+type Runtime = RuntimeServiceClient<Channel>;
+
+/// What one place measured: write and read MiB/s, small files per second.
+#[derive(Debug, Clone, Copy)]
+struct Figures {
+    write: f64,
+    read: f64,
+    files: f64,
+}
+
+/// The benchmark script for directory `dir`: prints `<step> <seconds>` lines, timed with
+/// `/proc/uptime` (guest) or `date` (host, where `uptime_cmd` differs).
+fn script(dir: &str, mib: u32, files: u32, drop_caches: bool) -> String {
+    let drop = if drop_caches {
+        "sync; echo 3 > /proc/sys/vm/drop_caches;"
+    } else {
+        ""
+    };
+    format!(
+        "set -e; now() {{ read u _ < /proc/uptime; echo $u; }}; d={dir}; mkdir -p $d; \
+         a=$(now); dd if=/dev/zero of=$d/big bs=1M count={mib} conv=fsync 2>/dev/null; \
+         b=$(now); echo write $a $b; {drop} \
+         a=$(now); dd if=$d/big of=/dev/null bs=1M 2>/dev/null; b=$(now); echo read $a $b; \
+         rm -f $d/big; mkdir -p $d/small; cd $d/small; \
+         a=$(now); i=0; while [ $i -lt {files} ]; do : > f$i; i=$((i+1)); done; \
+         stat * > /dev/null; rm -f f*; b=$(now); echo files $a $b; cd /; rmdir $d/small"
+    )
+}
+
+/// Reads `<step> <start> <end>` lines into figures.
+fn figures(out: &str, mib: u32, files: u32) -> Result<Figures> {
+    let mut f = Figures {
+        write: 0.0,
+        read: 0.0,
+        files: 0.0,
+    };
+    for line in out.lines() {
+        let parts: Vec<&str> = line.split_whitespace().collect();
+        let [step, a, b] = parts.as_slice() else {
+            continue;
+        };
+        let secs = (b.parse::<f64>()? - a.parse::<f64>()?).max(0.01);
+        match *step {
+            "write" => f.write = f64::from(mib) / secs,
+            "read" => f.read = f64::from(mib) / secs,
+            "files" => f.files = f64::from(files) / secs,
+            _ => {}
+        }
+    }
+    ensure!(
+        f.write > 0.0 && f.read > 0.0 && f.files > 0.0,
+        "incomplete: {out:?}"
+    );
+    Ok(f)
+}
+
+fn host_figures(dir: &Path, mib: u32, files: u32) -> Result<Figures> {
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(script(&dir.display().to_string(), mib, files, false))
+        .output()
+        .context("run the host script")?;
+    ensure!(
+        out.status.success(),
+        "host: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    figures(&String::from_utf8_lossy(&out.stdout), mib, files)
+}
+
+fn parse_args() -> Result<(u32, u32)> {
+    let (mut mib, mut files) = (64, 1000);
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let value = |v: Option<String>| -> Result<u32> {
+            v.context("a value is missing")?
+                .parse()
+                .context("not a number")
+        };
+        match a.as_str() {
+            "--mib" => mib = value(args.next())?,
+            "--files" => files = value(args.next())?,
+            other => bail!("unknown argument {other:?} (fs-bench [--mib M] [--files N])"),
+        }
+    }
+    Ok((mib, files))
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let (mib, files) = parse_args()?;
+    let (setup, mut daemon) = start_cri_daemon("fsbench", "pvfsbench0", "10.88.219.0/24").await?;
+    let result = run(&daemon, &setup.image_name, mib, files).await;
+    if result.is_err() {
+        eprintln!("{}", daemon.log());
+    }
+    daemon.stop()?;
+    result
+}
+
+/// The privileged pod with one idle container holding `volume` at /vol; returns the
+/// sandbox and container ids.
+async fn start_pod(
+    rt: &mut Runtime,
+    images: &mut ImageServiceClient<Channel>,
+    image: &str,
+    volume: &Path,
+) -> Result<(String, String)> {
+    let privileged = Some(cri::LinuxSandboxSecurityContext {
+        privileged: true,
+        ..Default::default()
+    });
+    let pod = cri::PodSandboxConfig {
+        metadata: Some(cri::PodSandboxMetadata {
+            name: "fsbench".into(),
+            uid: "uid-fsbench".into(),
+            namespace: "default".into(),
+            attempt: 0,
+        }),
+        linux: Some(cri::LinuxPodSandboxConfig {
+            security_context: privileged,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let sandbox = rt
+        .run_pod_sandbox(cri::RunPodSandboxRequest {
+            config: Some(pod.clone()),
+            runtime_handler: String::new(),
+        })
+        .await?
+        .into_inner()
+        .pod_sandbox_id;
+    let image = pull_image(images, image, &pod).await?;
+    let config = cri::ContainerConfig {
+        mounts: vec![cri::Mount {
+            container_path: "/vol".into(),
+            host_path: volume.display().to_string(),
+            ..Default::default()
+        }],
+        linux: Some(cri::LinuxContainerConfig {
+            security_context: Some(cri::LinuxContainerSecurityContext {
+                privileged: true,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..shell_container(
+            "bench",
+            &image,
+            "trap 'exit 0' TERM; while :; do sleep 1; done",
+        )
+    };
+    let id = rt
+        .create_container(cri::CreateContainerRequest {
+            pod_sandbox_id: sandbox.clone(),
+            config: Some(config),
+            sandbox_config: Some(pod),
+        })
+        .await?
+        .into_inner()
+        .container_id;
+    rt.start_container(cri::StartContainerRequest {
+        container_id: id.clone(),
+    })
+    .await?;
+    Ok((sandbox, id))
+}
+
+async fn run(
+    daemon: &podvisor_tests::cri::Daemon,
+    image: &str,
+    mib: u32,
+    files: u32,
+) -> Result<()> {
+    let channel = connect(&daemon.socket).await?;
+    let mut rt = RuntimeServiceClient::new(channel.clone());
+    let mut images = ImageServiceClient::new(channel);
+    let volume = daemon.dir().join("volume");
+    std::fs::create_dir_all(&volume)?;
+    let started = Instant::now();
+    let (sandbox, id) = start_pod(&mut rt, &mut images, image, &volume).await?;
+    eprintln!(
+        "[fs-bench] pod ready after {:.0} s (not a figure)",
+        started.elapsed().as_secs_f64()
+    );
+    let mut guest = Vec::new();
+    for (name, dir) in [
+        ("volume (virtio-fs)", "/vol/bench"),
+        ("rootfs (overlay)", "/bench"),
+    ] {
+        let out = rt
+            .exec_sync(cri::ExecSyncRequest {
+                container_id: id.clone(),
+                cmd: vec!["sh".into(), "-c".into(), script(dir, mib, files, true)],
+                timeout: 3600,
+            })
+            .await?
+            .into_inner();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        ensure!(
+            out.exit_code == 0,
+            "{name}: exit {}: {text}{}",
+            out.exit_code,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let f = figures(&text, mib, files)?;
+        eprintln!("[fs-bench] {name}: {f:?}");
+        guest.push(f);
+    }
+    let host = host_figures(&daemon.dir().join("host-bench"), mib, files)?;
+    rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
+        pod_sandbox_id: sandbox.clone(),
+    })
+    .await?;
+    rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
+        pod_sandbox_id: sandbox,
+    })
+    .await?;
+    print_table(mib, files, guest[0], guest[1], host);
+    Ok(())
+}
+
+/// How a row reads its figure.
+type Pick = fn(&Figures) -> f64;
+
+fn print_table(mib: u32, files: u32, vol: Figures, rootfs: Figures, host: Figures) {
+    println!(
+        "\nfs-bench: one run, {mib} MiB sequential, {files} small files, one privileged \
+         container\n"
+    );
+    println!(
+        "{:<44}{:>12}{:>12}{:>12}{:>12}{:>12}",
+        "", "volume", "rootfs", "host", "vol/rootfs", "vol/host"
+    );
+    let rows: [(&str, Pick); 3] = [
+        ("sequential write (+fsync), MiB/s", |f| f.write),
+        ("sequential read (cold cache), MiB/s", |f| f.read),
+        ("small files create+stat+unlink, files/s", |f| f.files),
+    ];
+    for (label, get) in rows {
+        println!(
+            "{label:<44}{:>12.2}{:>12.2}{:>12.2}{:>12.2}{:>12.4}",
+            get(&vol),
+            get(&rootfs),
+            get(&host),
+            get(&vol) / get(&rootfs),
+            get(&vol) / get(&host),
+        );
+    }
+}
