@@ -154,6 +154,20 @@ pub fn vmm_processes_under(dir: &Path) -> Vec<u32> {
         .collect()
 }
 
+/// Writes version `version` of a configMap volume with the key `greeting` as kubelet does:
+/// a `..<timestamp>` directory, `..data` pointing at it (a new link renamed over the old),
+/// and `greeting -> ..data/greeting`.
+pub fn write_configmap(dir: &Path, version: &str, greeting: &str) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir.join(version))?;
+    std::fs::write(dir.join(version).join("greeting"), greeting)?;
+    std::os::unix::fs::symlink(version, dir.join("..data_tmp"))?;
+    std::fs::rename(dir.join("..data_tmp"), dir.join("..data"))?;
+    if dir.join("greeting").symlink_metadata().is_err() {
+        std::os::unix::fs::symlink("..data/greeting", dir.join("greeting"))?;
+    }
+    Ok(())
+}
+
 /// Mount points at or beneath `dir` on the host (`/proc/self/mountinfo`), read here on its
 /// own so a leak check does not share podvisord's blind spots.
 pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {

@@ -30,7 +30,7 @@ use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use podvisor_runtime::logs::{Stream, parse_line};
 use podvisor_tests::cri::{
     Daemon, cgroups_of, connect, exec_sync as exec, pull_image, shell_container, start_cri_daemon,
-    vmm_processes_under,
+    vmm_processes_under, write_configmap,
 };
 use tonic::transport::Channel;
 
@@ -436,20 +436,6 @@ async fn list_containers(
         .context("ListContainers")?
         .into_inner()
         .containers)
-}
-
-/// Writes version `version` of a configMap volume with the key `greeting` as kubelet does:
-/// a `..<timestamp>` directory, `..data` pointing at it (a new link renamed over the old),
-/// and `greeting -> ..data/greeting`.
-fn write_configmap(dir: &Path, version: &str, greeting: &str) -> anyhow::Result<()> {
-    std::fs::create_dir_all(dir.join(version))?;
-    std::fs::write(dir.join(version).join("greeting"), greeting)?;
-    std::os::unix::fs::symlink(version, dir.join("..data_tmp"))?;
-    std::fs::rename(dir.join("..data_tmp"), dir.join("..data"))?;
-    if dir.join("greeting").symlink_metadata().is_err() {
-        std::os::unix::fs::symlink("..data/greeting", dir.join("greeting"))?;
-    }
-    Ok(())
 }
 
 /// The sidecar's mounts: a read-only configMap at /etc/config, a read-write directory at

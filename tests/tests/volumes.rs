@@ -28,6 +28,7 @@ use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use podvisor_tests::cri::{
     Daemon, connect, exec_sync, mounts_under, pull_image, shell_container, start_cri_daemon,
+    write_configmap,
 };
 use sha2::{Digest, Sha256};
 use tonic::transport::Channel;
@@ -199,19 +200,6 @@ async fn until_seen(
             String::from_utf8_lossy(&out.stderr)
         );
     }
-}
-
-/// kubelet's configMap layout: `..<version>/greeting`, `..data -> ..<version>` (swapped by
-/// a rename), `greeting -> ..data/greeting`.
-fn write_configmap(dir: &Path, version: &str, greeting: &str) -> anyhow::Result<()> {
-    std::fs::create_dir_all(dir.join(version))?;
-    std::fs::write(dir.join(version).join("greeting"), greeting)?;
-    std::os::unix::fs::symlink(version, dir.join("..data_tmp"))?;
-    std::fs::rename(dir.join("..data_tmp"), dir.join("..data"))?;
-    if dir.join("greeting").symlink_metadata().is_err() {
-        std::os::unix::fs::symlink("..data/greeting", dir.join("greeting"))?;
-    }
-    Ok(())
 }
 
 /// The host side of pod A's volumes, laid out as kubelet does.

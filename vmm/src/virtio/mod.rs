@@ -180,6 +180,19 @@ impl QueueSnapshot {
     }
 }
 
+/// Copies the read-only config space `config` at `offset` into `data`: bytes past its end
+/// (or at an offset that does not fit) read as 0, as every device's config reads.
+pub fn read_config_space(config: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let src = usize::try_from(offset)
+        .ok()
+        .and_then(|offset| config.get(offset..))
+        .unwrap_or_default();
+    for (dst, src) in data.iter_mut().zip(src) {
+        *dst = *src;
+    }
+}
+
 /// Counters a device keeps for the control API and tests.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct DeviceCounters {

@@ -101,15 +101,7 @@ impl VirtioDevice for Fs {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        data.fill(0);
-        let config = self.config_space();
-        let src = usize::try_from(offset)
-            .ok()
-            .and_then(|offset| config.get(offset..))
-            .unwrap_or_default();
-        for (dst, src) in data.iter_mut().zip(src) {
-            *dst = *src;
-        }
+        crate::virtio::read_config_space(&self.config_space(), offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {

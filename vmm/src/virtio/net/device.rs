@@ -220,14 +220,7 @@ impl VirtioDevice for Net {
     /// Config space is `struct virtio_net_config` up to `mac`: the other
     /// fields belong to features we do not offer.
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        for (i, byte) in data.iter_mut().enumerate() {
-            *byte = usize::try_from(offset)
-                .ok()
-                .and_then(|start| start.checked_add(i))
-                .and_then(|at| self.mac.get(at))
-                .copied()
-                .unwrap_or(0);
-        }
+        crate::virtio::read_config_space(&self.mac, offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
