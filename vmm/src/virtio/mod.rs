@@ -19,6 +19,7 @@ pub mod fs;
 mod interrupt;
 pub mod mmio;
 pub mod net;
+mod serve;
 pub mod vsock;
 
 use std::os::fd::RawFd;

@@ -1,8 +1,8 @@
 //! Request queue processing: parse each chain, check it completely, then do
 //! the I/O and report the status.
 
+use virtio_queue::DescriptorChain;
 use virtio_queue::desc::split::Descriptor;
-use virtio_queue::{DescriptorChain, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemory as _};
 
 use super::device::{Block, Disk};
@@ -12,6 +12,7 @@ use super::{
     VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
     VIRTIO_BLK_T_OUT,
 };
+use crate::virtio::serve::ServedQueue;
 use crate::virtio::{GuestMemory, MAX_CHAIN_BYTES};
 
 /// Chains served per queue event before the device yields the event loop to
@@ -86,51 +87,15 @@ impl Block {
         };
         let disk = &mut self.disk;
         let mem = &active.mem;
-        let queue = &mut active.queue;
-        let mut used = 0u32;
-        let mut budget = CHAINS_PER_EVENT;
-
-        loop {
-            if let Err(e) = queue.disable_notification(mem) {
-                tracing::debug!("block: disable queue notification: {e}");
-            }
-            let mut popped = 0u32;
-            while budget > 0 {
-                let Some(chain) = queue.pop_descriptor_chain(mem) else {
-                    break;
-                };
-                budget -= 1;
-                popped += 1;
-                let head = chain.head_index();
-                let len = disk.serve(mem, chain);
-                match queue.add_used(mem, head, len) {
-                    Ok(()) => used += 1,
-                    Err(e) => tracing::debug!("block: return chain {head}: {e}"),
-                }
-            }
-            if budget == 0 {
-                // Let the other devices run; the kick brings us back.
-                if let Err(e) = active.queue_evt.write(1) {
-                    crate::warn_limited!("block: re-kick queue eventfd: {e}");
-                }
-                break;
-            }
-            // Re-enable notifications, then look once more so a request that
-            // raced with re-enabling is not left waiting for a kick. A round
-            // that popped nothing while the ring claims more is a broken
-            // avail index: stop rather than spin.
-            let more = queue.enable_notification(mem).unwrap_or_else(|e| {
-                tracing::debug!("block: enable queue notification: {e}");
-                false
-            });
-            if !more || popped == 0 {
-                break;
-            }
+        ServedQueue {
+            name: "block",
+            mem,
+            queue: &mut active.queue,
+            evt: &active.queue_evt,
+            interrupt: &active.interrupt,
+            event_idx: active.event_idx,
         }
-
-        if used > 0 && (!active.event_idx || queue.needs_notification(mem).unwrap_or(true)) {
-            active.interrupt.signal_used_queue();
-        }
+        .serve(CHAINS_PER_EVENT, |chain| disk.serve(mem, chain));
     }
 }
 

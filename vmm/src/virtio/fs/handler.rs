@@ -1,12 +1,13 @@
 //! Queue processing: check each chain, hand it to the FUSE server, return it used.
 
 use fuse_backend_rs::transport::{Reader, VirtioFsWriter, Writer};
-use virtio_queue::{DescriptorChain, QueueT};
+use virtio_queue::DescriptorChain;
 use vm_memory::{Bytes, GuestMemory as _};
 
 use super::backend::{Backend, error_reply};
 use super::device::Fs;
 use super::{CHAINS_PER_EVENT, HIPRIO_QUEUE_TOKEN, MAX_DESCRIPTORS, MAX_REQUEST_BYTES};
+use crate::virtio::serve::ServedQueue;
 use crate::virtio::{DeviceCounters, EventToken, GuestMemory};
 
 /// Why a chain was dropped before the FUSE server saw it.
@@ -53,49 +54,21 @@ impl Fs {
         let Some(active) = self.active.as_mut() else {
             return;
         };
-        let mem = &active.mem;
         let Some(q) = active.queues.get_mut(index) else {
             return;
         };
-        let backend = &self.backend;
-        let counters = &mut self.counters;
-        let mut used = 0u32;
-        let mut budget = CHAINS_PER_EVENT;
-        loop {
-            if let Err(e) = q.queue.disable_notification(mem) {
-                tracing::debug!("virtio-fs: disable queue notification: {e}");
-            }
-            let mut popped = 0u32;
-            while budget > 0 {
-                let Some(chain) = q.queue.pop_descriptor_chain(mem) else {
-                    break;
-                };
-                budget -= 1;
-                popped += 1;
-                let head = chain.head_index();
-                let len = serve(backend, counters, mem, chain);
-                match q.queue.add_used(mem, head, len) {
-                    Ok(()) => used += 1,
-                    Err(e) => tracing::debug!("virtio-fs: return chain {head}: {e}"),
-                }
-            }
-            if budget == 0 {
-                if let Err(e) = q.evt.write(1) {
-                    crate::warn_limited!("virtio-fs: re-kick queue eventfd: {e}");
-                }
-                break;
-            }
-            let more = q.queue.enable_notification(mem).unwrap_or_else(|e| {
-                tracing::debug!("virtio-fs: enable queue notification: {e}");
-                false
-            });
-            if !more || popped == 0 {
-                break;
-            }
+        let (backend, counters, mem) = (&self.backend, &mut self.counters, &active.mem);
+        ServedQueue {
+            name: "virtio-fs",
+            mem,
+            queue: &mut q.queue,
+            evt: &q.evt,
+            interrupt: &active.interrupt,
+            event_idx: active.event_idx,
         }
-        if used > 0 && (!active.event_idx || q.queue.needs_notification(mem).unwrap_or(true)) {
-            active.interrupt.signal_used_queue();
-        }
+        .serve(CHAINS_PER_EVENT, |chain| {
+            serve(backend, counters, mem, chain)
+        });
     }
 }
 
