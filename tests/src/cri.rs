@@ -154,20 +154,6 @@ pub fn vmm_processes_under(dir: &Path) -> Vec<u32> {
         .collect()
 }
 
-/// Writes version `version` of a configMap volume with the key `greeting` as kubelet does:
-/// a `..<timestamp>` directory, `..data` pointing at it (a new link renamed over the old),
-/// and `greeting -> ..data/greeting`.
-pub fn write_configmap(dir: &Path, version: &str, greeting: &str) -> anyhow::Result<()> {
-    std::fs::create_dir_all(dir.join(version))?;
-    std::fs::write(dir.join(version).join("greeting"), greeting)?;
-    std::os::unix::fs::symlink(version, dir.join("..data_tmp"))?;
-    std::fs::rename(dir.join("..data_tmp"), dir.join("..data"))?;
-    if dir.join("greeting").symlink_metadata().is_err() {
-        std::os::unix::fs::symlink("..data/greeting", dir.join("greeting"))?;
-    }
-    Ok(())
-}
-
 /// Mount points at or beneath `dir` on the host (`/proc/self/mountinfo`), read here on its
 /// own so a leak check does not share podvisord's blind spots.
 pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
@@ -229,6 +215,16 @@ pub struct Daemon {
     pub root_dir: PathBuf,
     config: PathBuf,
     log: PathBuf,
+    launch: Launch,
+}
+
+/// Which podvisord a [`Daemon`] runs, and what it adds to its environment.
+#[derive(Debug, Clone, Default)]
+pub struct Launch {
+    /// The executable (an installed one); `None`: the build's, [`podvisord_binary`].
+    pub binary: Option<PathBuf>,
+    /// Environment variables set for podvisord (`NOTIFY_SOCKET`, to watch its readiness).
+    pub env: Vec<(String, String)>,
 }
 
 impl Daemon {
@@ -236,6 +232,24 @@ impl Daemon {
     /// starts podvisord with it; returns once the socket accepts connections.
     pub fn start(extra: &str) -> anyhow::Result<Self> {
         let vmm = artifacts::vmm_binary()?;
+        Self::start_with(Launch::default(), |socket, root_dir, state_dir| {
+            format!(
+                "socket = {:?}\nroot_dir = {:?}\nstate_dir = {:?}\nvmm_binary = {:?}\n{extra}",
+                socket.display().to_string(),
+                root_dir.display().to_string(),
+                state_dir.display().to_string(),
+                vmm.display().to_string(),
+            )
+        })
+    }
+
+    /// Starts the podvisord of `launch` with the configuration `config` writes for this
+    /// daemon's socket, root and state directories (its arguments, in that order); returns
+    /// once the socket accepts connections.
+    pub fn start_with(
+        launch: Launch,
+        config: impl FnOnce(&Path, &Path, &Path) -> String,
+    ) -> anyhow::Result<Self> {
         // Short paths: the pods' Unix sockets live under the state directory.
         let dir = tempfile::Builder::new()
             .prefix("pvd")
@@ -244,13 +258,7 @@ impl Daemon {
         let socket = dir.path().join("cri.sock");
         let state_dir = dir.path().join("state");
         let root_dir = dir.path().join("root");
-        let config = format!(
-            "socket = {:?}\nroot_dir = {:?}\nstate_dir = {:?}\nvmm_binary = {:?}\n{extra}",
-            socket.display().to_string(),
-            root_dir.display().to_string(),
-            state_dir.display().to_string(),
-            vmm.display().to_string(),
-        );
+        let config = config(&socket, &root_dir, &state_dir);
         let config_path = dir.path().join("config.toml");
         std::fs::write(&config_path, config).context("write config")?;
         let log = dir.path().join("podvisord.log");
@@ -262,6 +270,7 @@ impl Daemon {
             root_dir,
             config: config_path,
             log,
+            launch,
         };
         daemon.spawn()?;
         Ok(daemon)
@@ -270,7 +279,10 @@ impl Daemon {
     /// Starts podvisord with this daemon's configuration (appending to its log) and waits
     /// until its socket accepts connections.
     fn spawn(&mut self) -> anyhow::Result<()> {
-        let bin = podvisord_binary()?;
+        let bin = match &self.launch.binary {
+            Some(bin) => bin.clone(),
+            None => podvisord_binary()?,
+        };
         let log_file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -284,6 +296,7 @@ impl Daemon {
                 std::env::var("PODVISORD_LOG").unwrap_or_else(|_| "info".into()),
             )
             .env("NO_COLOR", "1")
+            .envs(self.launch.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log_file.try_clone()?)
             .stderr(log_file)
@@ -321,6 +334,19 @@ impl Daemon {
         if !status.success() {
             bail!("podvisord exited {status} on SIGTERM");
         }
+        self.spawn()
+    }
+
+    /// Stops podvisord with SIGTERM and starts it again with `extra` appended to its
+    /// configuration (top-level keys must come before the first table: `extra` is put
+    /// there); pod VMs keep running in between.
+    pub fn restart_with(&mut self, extra: &str) -> anyhow::Result<()> {
+        let status = self.stop()?;
+        if !status.success() {
+            bail!("podvisord exited {status} on SIGTERM");
+        }
+        let config = std::fs::read_to_string(&self.config).context("read config")?;
+        std::fs::write(&self.config, format!("{extra}\n{config}")).context("write config")?;
         self.spawn()
     }
 
@@ -541,6 +567,94 @@ pub fn expect_code<T: std::fmt::Debug>(
         }
         other => bail!("{what}: expected {code:?}, got {other:?}"),
     }
+}
+
+/// A sandbox RunPodSandbox made: its id, its VMM's pid and pod directory, and whether its
+/// VM was restored from a template.
+#[derive(Debug, Clone)]
+pub struct PodVm {
+    /// The sandbox id.
+    pub id: String,
+    /// The VMM's pid.
+    pub vmm_pid: u32,
+    /// The pod directory.
+    pub dir: PathBuf,
+    /// Restored from a VM template (its VM configuration names a snapshot).
+    pub restored: bool,
+}
+
+/// RunPodSandbox with `pod` (default handler); what it made, read from its verbose status.
+pub async fn run_pod_vm(
+    rt: &mut RuntimeServiceClient<Channel>,
+    pod: &cri::PodSandboxConfig,
+) -> anyhow::Result<PodVm> {
+    let id = rt
+        .run_pod_sandbox(cri::RunPodSandboxRequest {
+            config: Some(pod.clone()),
+            runtime_handler: String::new(),
+        })
+        .await
+        .context("RunPodSandbox")?
+        .into_inner()
+        .pod_sandbox_id;
+    let status = rt
+        .pod_sandbox_status(cri::PodSandboxStatusRequest {
+            pod_sandbox_id: id.clone(),
+            verbose: true,
+        })
+        .await?
+        .into_inner();
+    let info: serde_json::Value =
+        serde_json::from_str(status.info.get("info").context("no info")?)?;
+    let dir = PathBuf::from(info["vmm"]["dir"].as_str().context("no pod dir")?);
+    let vmm_pid = u32::try_from(info["vmm"]["pid"].as_u64().context("no VMM pid")?)?;
+    let vm: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("vmm.json"))?)?;
+    Ok(PodVm {
+        id,
+        vmm_pid,
+        dir,
+        restored: !vm["restore"].is_null(),
+    })
+}
+
+/// CreateContainer + StartContainer of `config` in `sandbox`; the container's id.
+pub async fn run_container(
+    rt: &mut RuntimeServiceClient<Channel>,
+    sandbox: &str,
+    pod: &cri::PodSandboxConfig,
+    config: cri::ContainerConfig,
+) -> anyhow::Result<String> {
+    let id = rt
+        .create_container(cri::CreateContainerRequest {
+            pod_sandbox_id: sandbox.into(),
+            config: Some(config),
+            sandbox_config: Some(pod.clone()),
+        })
+        .await
+        .context("CreateContainer")?
+        .into_inner()
+        .container_id;
+    rt.start_container(cri::StartContainerRequest {
+        container_id: id.clone(),
+    })
+    .await
+    .context("StartContainer")?;
+    Ok(id)
+}
+
+/// StopPodSandbox and RemovePodSandbox.
+pub async fn remove_pod(rt: &mut RuntimeServiceClient<Channel>, id: &str) -> anyhow::Result<()> {
+    rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
+        pod_sandbox_id: id.into(),
+    })
+    .await
+    .context("StopPodSandbox")?;
+    rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
+        pod_sandbox_id: id.into(),
+    })
+    .await
+    .context("RemovePodSandbox")?;
+    Ok(())
 }
 
 /// ExecSync of `cmd` in container `id`, with two minutes to run.

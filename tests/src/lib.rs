@@ -8,6 +8,8 @@
 //!
 //! - [`agent`]: a client of the guest agent (requests, output by stream, waits).
 //! - [`capture`]: raw frames on a host interface (AF_PACKET), searched for markers.
+//! - [`configmap`]: a configMap volume laid out as kubelet does, and its `..data` swap
+//!   timed from inside a container.
 //! - [`containerd`]: Debian's containerd + runc in a temporary directory, a reference CRI
 //!   runtime (and its streaming server) for interoperability tests.
 //! - [`cri`]: a real `podvisord` in a temporary directory, and the VMMs it leaves.
@@ -26,6 +28,7 @@
 pub mod agent;
 pub mod artifacts;
 pub mod capture;
+pub mod configmap;
 pub mod containerd;
 pub mod cri;
 pub mod host;

@@ -28,9 +28,10 @@ use k8s_cri::v1 as cri;
 use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use podvisor_runtime::logs::{Stream, parse_line};
+use podvisor_tests::configmap::write_configmap;
 use podvisor_tests::cri::{
     Daemon, cgroups_of, connect, exec_sync as exec, pull_image, shell_container, start_cri_daemon,
-    vmm_processes_under, write_configmap,
+    vmm_processes_under,
 };
 use tonic::transport::Channel;
 

@@ -1,4 +1,4 @@
-//! `fs-bench [--mib M] [--files N]`: a pod's volume (virtio-fs) against the container's own
+//! `fs-bench [--mib M] [--files N] [--swaps S]`: a pod's volume (virtio-fs) against the container's own
 //! root file system (overlay, upper layer on the guest's tmpfs) in the same guest, and the
 //! same work on the host, one run.
 //!
@@ -8,6 +8,9 @@
 //! small files (default 1,000) created, stat'ed and unlinked, files/s. Times are taken in
 //! the guest (`/proc/uptime`, 10 ms steps) around each step, so no exec overhead counts.
 //! The host figures are the same steps with the same tools on a host directory.
+//! Then S configMap `..data` swaps (default 5), each timed from the swap on the host to
+//! its value seen in the container (an upper bound: the container's write-back of a
+//! marker is included; see `podvisor_tests::configmap`).
 //!
 //! Prints figures and ratios; asserts no time. Needs root, /dev/kvm, the guest kernel and
 //! agent image (`make guest`) and the CNI plugins.
@@ -21,6 +24,7 @@ use anyhow::{Context, Result, bail, ensure};
 use k8s_cri::v1 as cri;
 use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
+use podvisor_tests::configmap::{SwapWatch, write_configmap};
 use podvisor_tests::cri::{connect, pull_image, shell_container, start_cri_daemon};
 
 type Runtime = RuntimeServiceClient<Channel>;
@@ -93,8 +97,15 @@ fn host_figures(dir: &Path, mib: u32, files: u32) -> Result<Figures> {
     figures(&String::from_utf8_lossy(&out.stdout), mib, files)
 }
 
-fn parse_args() -> Result<(u32, u32)> {
-    let (mut mib, mut files) = (64, 1000);
+/// What a run is asked to do.
+struct Args {
+    mib: u32,
+    files: u32,
+    swaps: u32,
+}
+
+fn parse_args() -> Result<Args> {
+    let (mut mib, mut files, mut swaps) = (64, 1000, 5);
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let value = |v: Option<String>| -> Result<u32> {
@@ -105,17 +116,21 @@ fn parse_args() -> Result<(u32, u32)> {
         match a.as_str() {
             "--mib" => mib = value(args.next())?,
             "--files" => files = value(args.next())?,
-            other => bail!("unknown argument {other:?} (fs-bench [--mib M] [--files N])"),
+            "--swaps" => swaps = value(args.next())?,
+            other => {
+                bail!("unknown argument {other:?} (fs-bench [--mib M] [--files N] [--swaps S])")
+            }
         }
     }
-    Ok((mib, files))
+    ensure!(swaps > 0, "--swaps must be at least 1");
+    Ok(Args { mib, files, swaps })
 }
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    let (mib, files) = parse_args()?;
+    let args = parse_args()?;
     let (setup, mut daemon) = start_cri_daemon("fsbench", "pvfsbench0", "10.88.219.0/24").await?;
-    let result = run(&daemon, &setup.image_name, mib, files).await;
+    let result = run(&daemon, &setup.image_name, &args).await;
     if result.is_err() {
         eprintln!("{}", daemon.log());
     }
@@ -123,13 +138,14 @@ async fn main() -> Result<()> {
     result
 }
 
-/// The privileged pod with one idle container holding `volume` at /vol; returns the
-/// sandbox and container ids.
+/// The privileged pod with one idle container holding `volume` at /vol and the configMap
+/// `config_map` at /config (read-only); returns the sandbox and container ids.
 async fn start_pod(
     rt: &mut Runtime,
     images: &mut ImageServiceClient<Channel>,
     image: &str,
     volume: &Path,
+    config_map: &Path,
 ) -> Result<(String, String)> {
     let privileged = Some(cri::LinuxSandboxSecurityContext {
         privileged: true,
@@ -158,11 +174,19 @@ async fn start_pod(
         .pod_sandbox_id;
     let image = pull_image(images, image, &pod).await?;
     let config = cri::ContainerConfig {
-        mounts: vec![cri::Mount {
-            container_path: "/vol".into(),
-            host_path: volume.display().to_string(),
-            ..Default::default()
-        }],
+        mounts: vec![
+            cri::Mount {
+                container_path: "/vol".into(),
+                host_path: volume.display().to_string(),
+                ..Default::default()
+            },
+            cri::Mount {
+                container_path: "/config".into(),
+                host_path: config_map.display().to_string(),
+                readonly: true,
+                ..Default::default()
+            },
+        ],
         linux: Some(cri::LinuxContainerConfig {
             security_context: Some(cri::LinuxContainerSecurityContext {
                 privileged: true,
@@ -192,19 +216,17 @@ async fn start_pod(
     Ok((sandbox, id))
 }
 
-async fn run(
-    daemon: &podvisor_tests::cri::Daemon,
-    image: &str,
-    mib: u32,
-    files: u32,
-) -> Result<()> {
+async fn run(daemon: &podvisor_tests::cri::Daemon, image: &str, args: &Args) -> Result<()> {
+    let Args { mib, files, swaps } = *args;
     let channel = connect(&daemon.socket).await?;
     let mut rt = RuntimeServiceClient::new(channel.clone());
     let mut images = ImageServiceClient::new(channel);
     let volume = daemon.dir().join("volume");
     std::fs::create_dir_all(&volume)?;
+    let config_map = daemon.dir().join("config-map");
+    write_configmap(&config_map, "..v0", "v0\n")?;
     let started = Instant::now();
-    let (sandbox, id) = start_pod(&mut rt, &mut images, image, &volume).await?;
+    let (sandbox, id) = start_pod(&mut rt, &mut images, image, &volume, &config_map).await?;
     eprintln!(
         "[fs-bench] pod ready after {:.0} s (not a figure)",
         started.elapsed().as_secs_f64()
@@ -234,6 +256,19 @@ async fn run(
         guest.push(f);
     }
     let host = host_figures(&daemon.dir().join("host-bench"), mib, files)?;
+    let watch = SwapWatch {
+        key_in_container: "/config/greeting".into(),
+        marker_in_container: "/vol/seen".into(),
+        marker_on_host: volume.join("seen"),
+    };
+    let mut seen = Vec::new();
+    for n in 1..=swaps {
+        let took = watch
+            .time_swap(&rt, &id, &config_map, &format!("..v{n}"), &format!("v{n}"))
+            .await?;
+        eprintln!("[fs-bench] configMap swap {n}: {:.3} s", took.as_secs_f64());
+        seen.push(took.as_secs_f64());
+    }
     rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
         pod_sandbox_id: sandbox.clone(),
     })
@@ -243,6 +278,13 @@ async fn run(
     })
     .await?;
     print_table(mib, files, guest[0], guest[1], host);
+    seen.sort_by(f64::total_cmp);
+    println!(
+        "\nconfigMap ..data swap seen in the container (upper bound), {swaps} swaps: \
+         median {:.3} s, max {:.3} s (target ≤ 1 s)",
+        seen[seen.len() / 2],
+        seen[seen.len() - 1]
+    );
     Ok(())
 }
 
