@@ -12,7 +12,7 @@ STATIC_FLAGS := -C target-feature=+crt-static
 AGENT_BIN    := target/$(TARGET)/release/podvisor-agent
 PROBE_BIN    := target/$(TARGET)/release/guest-probe
 
-.PHONY: all setup kernel agent probe rootfs guest build vmm-release release lint test unit-test e2e-test e2e-vm e2e-pods agent-test demo bench clean
+.PHONY: all setup kernel agent probe rootfs guest build vmm-release release lint test unit-test e2e-test e2e-vm e2e-pods agent-test demo bench install uninstall deb clean
 
 all: guest build
 
@@ -59,7 +59,7 @@ unit-test: build
 # no-leak checks look at every podvisor namespace and TAP on the host. Built first, so the
 # two cargo runs only run tests.
 E2E_VM   := --test vmm --test agent --test portforward --test images --test cni --test stream_interop
-E2E_PODS := --test cri --test network --test snapshot --test conformance --test stream --test volumes
+E2E_PODS := --test cri --test network --test snapshot --test conformance --test stream --test volumes --test node --test install
 
 e2e-test: guest probe build
 	$(CARGO) test -p podvisor-tests --tests --no-run
@@ -87,6 +87,22 @@ bench: setup guest probe vmm-release
 	$(CARGO) run --release -p podvisor-tests --bin cri-bench -- 3
 	$(CARGO) run --release -p podvisor-tests --bin stream-bench -- 10
 	$(CARGO) run --release -p podvisor-tests --bin fs-bench -- --mib 16 --files 200
+
+# Installs podvisor on this node: the release binaries in $(PREFIX)/bin (PREFIX=/usr), the
+# guest kernel and root image in $(PREFIX)/share/podvisor, podvisord.service, the podvisor
+# user's sysusers.d file, and /etc/podvisor/config.toml unless there is one. DESTDIR=DIR
+# lays the files out under DIR instead (scripts/install.sh says more).
+install: guest release
+	PREFIX='$(PREFIX)' DESTDIR='$(DESTDIR)' scripts/install.sh install
+
+uninstall:
+	PREFIX='$(PREFIX)' DESTDIR='$(DESTDIR)' scripts/install.sh uninstall
+
+# The Debian package target/debian/podvisor_<version>-1_amd64.deb: the files of `make install`
+# (PREFIX=/usr), the release binaries as they are. cargo-deb (pinned) is installed the first
+# time into /var/cache/podvisor/tools (scripts/cargo-deb.sh).
+deb: guest release
+	"$$(scripts/cargo-deb.sh)" -p podvisor-runtime --no-build --no-strip -o target/debian/
 
 clean:
 	rm -rf build

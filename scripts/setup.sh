@@ -16,6 +16,8 @@ packages=(
     docker-registry containernetworking-plugins iptables
     # image tests: layers as umoci writes them
     umoci
+    # install test: systemd-analyze verify of podvisord.service
+    systemd
     # CRI types (k8s-cri's build script runs protoc)
     protobuf-compiler
     # CRI streaming interoperability: containerd 1.6 (with runc) as the reference

@@ -225,21 +225,19 @@ pub struct Launch {
     pub binary: Option<PathBuf>,
     /// Environment variables set for podvisord (`NOTIFY_SOCKET`, to watch its readiness).
     pub env: Vec<(String, String)>,
+    /// Share VM templates with other test daemons through [`template_cache`]: the cached
+    /// ones are copied in before the first start, and the ones it built are cached when it
+    /// stops (for tests that do not look at template builds themselves).
+    pub shared_templates: bool,
 }
 
 impl Daemon {
     /// Writes a configuration (socket, directories, `vmm_binary`, then `extra` TOML) and
     /// starts podvisord with it; returns once the socket accepts connections.
     pub fn start(extra: &str) -> anyhow::Result<Self> {
-        let vmm = artifacts::vmm_binary()?;
+        artifacts::vmm_binary()?;
         Self::start_with(Launch::default(), |socket, root_dir, state_dir| {
-            format!(
-                "socket = {:?}\nroot_dir = {:?}\nstate_dir = {:?}\nvmm_binary = {:?}\n{extra}",
-                socket.display().to_string(),
-                root_dir.display().to_string(),
-                state_dir.display().to_string(),
-                vmm.display().to_string(),
-            )
+            base_config(socket, root_dir, state_dir, extra)
         })
     }
 
@@ -279,6 +277,9 @@ impl Daemon {
     /// Starts podvisord with this daemon's configuration (appending to its log) and waits
     /// until its socket accepts connections.
     fn spawn(&mut self) -> anyhow::Result<()> {
+        if self.launch.shared_templates && !self.root_dir.exists() {
+            seed_templates(&self.root_dir.join("templates"))?;
+        }
         let bin = match &self.launch.binary {
             Some(bin) => bin.clone(),
             None => podvisord_binary()?,
@@ -430,6 +431,9 @@ impl Daemon {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(status) = child.try_wait()? {
+                if self.launch.shared_templates {
+                    harvest_templates(&self.root_dir.join("templates"));
+                }
                 return Ok(status);
             }
             if Instant::now() >= deadline {
@@ -438,6 +442,98 @@ impl Daemon {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+}
+
+/// A test podvisord's configuration: its socket and directories, the build's VMM, then
+/// `extra`.
+fn base_config(socket: &Path, root_dir: &Path, state_dir: &Path, extra: &str) -> String {
+    // Found (and built) by the caller already: this only looks it up again.
+    let vmm = artifacts::vmm_binary().map_or_else(|_| String::new(), |p| p.display().to_string());
+    format!(
+        "socket = {:?}\nroot_dir = {:?}\nstate_dir = {:?}\nvmm_binary = {vmm:?}\n{extra}",
+        socket.display().to_string(),
+        root_dir.display().to_string(),
+        state_dir.display().to_string(),
+    )
+}
+
+/// Where test daemons share VM templates (`$PODVISOR_CACHE/test-templates`, by default
+/// under /var/cache/podvisor as the guest kernel), each under its podvisord key (a hash of
+/// every input: VMM, kernel and image contents, size, command line, drives), so a template
+/// is only ever used by a podvisord that would build the same one.
+pub fn template_cache() -> PathBuf {
+    std::env::var_os("PODVISOR_CACHE")
+        .map_or_else(|| PathBuf::from("/var/cache/podvisor"), PathBuf::from)
+        .join("test-templates")
+}
+/// The most templates the cache keeps (the newest).
+const TEMPLATE_CACHE_MAX: usize = 4;
+
+/// A template directory podvisord finished: its snapshot and its `template.json`, no build
+/// record.
+fn finished_template(dir: &Path) -> bool {
+    ["vm.state", "vm.mem", "template.json"]
+        .iter()
+        .all(|f| dir.join(f).is_file())
+        && !dir.join("build.json").exists()
+}
+
+/// `cp -a --sparse=always from to`: the memory file is mostly holes.
+fn copy_tree(from: &Path, to: &Path) -> anyhow::Result<()> {
+    let (from, to) = (from.display().to_string(), to.display().to_string());
+    crate::host::run("cp", &["-a", "--sparse=always", &from, &to]).map(drop)
+}
+
+/// Copies every cached template into `templates` (made 0700, as podvisord makes it).
+fn seed_templates(templates: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    let Ok(entries) = std::fs::read_dir(template_cache()) else {
+        return Ok(());
+    };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(templates)?;
+    if let Some(root) = templates.parent() {
+        std::fs::set_permissions(root, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
+    }
+    for e in entries.flatten() {
+        if finished_template(&e.path()) {
+            copy_tree(&e.path(), &templates.join(e.file_name()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Caches the finished templates of `templates` the cache lacks, then drops the oldest
+/// beyond [`TEMPLATE_CACHE_MAX`]. Best effort: a test never fails on its cache.
+fn harvest_templates(templates: &Path) {
+    let cache = template_cache();
+    let _ = std::fs::create_dir_all(&cache);
+    for e in std::fs::read_dir(templates).into_iter().flatten().flatten() {
+        let cached = cache.join(e.file_name());
+        if !finished_template(&e.path()) || cached.exists() {
+            continue;
+        }
+        let tmp = cache.join(format!(".{}.tmp", e.file_name().to_string_lossy()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        if copy_tree(&e.path(), &tmp).is_ok() && std::fs::rename(&tmp, &cached).is_ok() {
+            println!("[cri] cached VM template {}", cached.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&tmp);
+        }
+    }
+    let mut cached: Vec<(std::time::SystemTime, PathBuf)> = std::fs::read_dir(&cache)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+        .collect();
+    cached.sort();
+    cached.reverse();
+    for (_, old) in cached.into_iter().skip(TEMPLATE_CACHE_MAX) {
+        let _ = std::fs::remove_dir_all(old);
     }
 }
 
@@ -751,7 +847,15 @@ pub async fn start_cri_daemon(
         bridge,
     };
     let conf_dir = write_bridge_conflist(net.dir.path(), bridge, bridge, subnet)?;
-    let daemon = Daemon::start(&daemon_config(registry.host(), &conf_dir)?)?;
+    let config = daemon_config(registry.host(), &conf_dir)?;
+    artifacts::vmm_binary()?;
+    let daemon = Daemon::start_with(
+        Launch {
+            shared_templates: true,
+            ..Launch::default()
+        },
+        |socket, root_dir, state_dir| base_config(socket, root_dir, state_dir, &config),
+    )?;
     let setup = CriSetup {
         registry,
         net,

@@ -13,6 +13,7 @@ use podvisor_runtime::image::{ImageStore, RegistryConfig};
 use podvisor_runtime::pods::PodManager;
 use podvisor_runtime::state::StateStore;
 use podvisor_runtime::stream::StreamServer;
+use sd_notify::NotifyState;
 use tokio::signal::unix::{SignalKind, signal};
 
 #[derive(Debug, Parser)]
@@ -79,6 +80,10 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .context("start the streaming server")?;
     let listener = podvisor_runtime::cri::bind(&socket)?;
     tracing::info!(socket = %socket.display(), version = env!("CARGO_PKG_VERSION"), "podvisord serving CRI");
+    // systemd's Type=notify readiness (packaging/podvisord.service): the socket is bound, so a
+    // client connecting from now on is served. Without NOTIFY_SOCKET (not under systemd) this
+    // does nothing; a failure to tell systemd is logged, never fatal.
+    notify_systemd(&[NotifyState::Ready, NotifyState::Status("serving CRI")]);
 
     let mut term = signal(SignalKind::terminate()).context("watch SIGTERM")?;
     let mut int = signal(SignalKind::interrupt()).context("watch SIGINT")?;
@@ -87,6 +92,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             _ = term.recv() => tracing::info!("SIGTERM: stopping; pod VMs keep running"),
             _ = int.recv() => tracing::info!("SIGINT: stopping; pod VMs keep running"),
         }
+        notify_systemd(&[NotifyState::Stopping]);
     };
     let served = podvisor_runtime::cri::serve(listener, pods.clone(), streams, shutdown).await;
     pods.shutdown().await;
@@ -95,4 +101,11 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         tracing::warn!("remove {}: {e}", socket.display());
     }
     Ok(())
+}
+
+/// Tells systemd about podvisord's state when it runs podvisord as a Type=notify service.
+fn notify_systemd(state: &[NotifyState<'_>]) {
+    if let Err(e) = sd_notify::notify(state) {
+        tracing::warn!("notify systemd: {e}");
+    }
 }
