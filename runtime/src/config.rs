@@ -7,6 +7,8 @@
 //! state_dir = "/run/podvisor"
 //! vmm_binary = "/usr/bin/podvisor-vmm"
 //! vmm_user = "podvisor"         # or "UID:GID"; VMMs run jailed as it ("": unjailed, as root)
+//! cgroup_driver = "cgroupfs"    # or "systemd": kubelet's --cgroup-driver (RuntimeConfig
+//!                               # reports it); how pods' cgroup_parent is read
 //!
 //! [registry]
 //! insecure = ["127.0.0.1:5000"]
@@ -24,6 +26,8 @@
 //!
 //! [cni]
 //! conf_dir = "/etc/cni/net.d"
+//! # conf_template = "/etc/podvisor/cni.template"  # rendered with kubelet's pod CIDR
+//! #   ({{.PodCIDR}}) into conf_dir/10-podvisor-net.conflist on UpdateRuntimeConfig
 //! bin_dirs = ["/usr/lib/cni", "/opt/cni/bin"]
 //!
 //! [streaming]                  # exec, attach, port-forward URLs (the defaults)
@@ -34,8 +38,10 @@
 //! idle_timeout = "4h"          # a session passing no data this long is closed
 //!
 //! [handlers.podvisor]          # also the handler for "" (no RuntimeClass)
-//! vcpus = 1
-//! memory_mib = 256
+//! vcpus = 1                    # a pod's VM: its limits and overhead, at least these
+//! memory_mib = 256             # (memory rounded up to a power of two), at most:
+//! max_vcpus = 8
+//! max_memory_mib = 16384
 //! kernel = "/usr/share/podvisor/vmlinux"
 //! image = "/usr/share/podvisor/rootfs.ext4"
 //! kernel_cmdline_extra = ""
@@ -54,6 +60,7 @@ use serde::Deserialize;
 
 use crate::image::{ImageLimits, Limit};
 use crate::stream::config::{RawStreaming, StreamingSettings};
+pub use crate::vmm::CgroupDriver;
 
 /// Where podvisord looks without `--config`; only this file may be absent.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/podvisor/config.toml";
@@ -75,6 +82,8 @@ const DEFAULT_CNI_CONF_DIR: &str = "/etc/cni/net.d";
 const DEFAULT_CNI_BIN_DIRS: [&str; 2] = ["/usr/lib/cni", "/opt/cni/bin"];
 const DEFAULT_VCPUS: u8 = 1;
 const DEFAULT_MEMORY_MIB: u64 = 256;
+const DEFAULT_MAX_VCPUS: u8 = 8;
+const DEFAULT_MAX_MEMORY_MIB: u64 = 16384;
 const DEFAULT_KERNEL: &str = "/usr/share/podvisor/vmlinux";
 const DEFAULT_IMAGE: &str = "/usr/share/podvisor/rootfs.ext4";
 /// A pod's `console.log` at most, by default.
@@ -134,6 +143,9 @@ pub struct CniSettings {
     pub conf_dir: PathBuf,
     /// Directories searched for plugin binaries, in order.
     pub bin_dirs: Vec<PathBuf>,
+    /// A CNI config template rendered with kubelet's pod CIDR (UpdateRuntimeConfig) into
+    /// `conf_dir`, as containerd's `conf_template`; None: the network add-on writes one.
+    pub conf_template: Option<PathBuf>,
 }
 
 /// The microVM of one RuntimeClass handler.
@@ -145,6 +157,10 @@ pub struct Handler {
     pub vcpus: u8,
     /// Guest memory in MiB.
     pub memory_mib: u64,
+    /// The most vCPUs a pod's VM gets (from its CPU limits and overhead).
+    pub max_vcpus: u8,
+    /// The most guest memory in MiB a pod's VM gets (from its memory limits and overhead).
+    pub max_memory_mib: u64,
     /// Guest kernel.
     pub kernel: PathBuf,
     /// The guest root image (the agent is its init).
@@ -175,6 +191,9 @@ pub struct Config {
     /// never root. Empty: no jail (the VMM runs as root in the host's mount namespace; for
     /// debugging only).
     pub vmm_user: String,
+    /// How kubelet names the pods' cgroups (their `cgroup_parent`), reported to kubelet by
+    /// the RuntimeConfig call.
+    pub cgroup_driver: CgroupDriver,
     /// Registry access.
     pub registry: RegistrySettings,
     /// Caps on what one image may take from the host (see [`crate::image::limits`]).
@@ -198,6 +217,8 @@ struct RawConfig {
     state_dir: Option<PathBuf>,
     vmm_binary: Option<PathBuf>,
     vmm_user: Option<String>,
+    #[serde(default)]
+    cgroup_driver: CgroupDriver,
     #[serde(default)]
     registry: RawRegistry,
     #[serde(default)]
@@ -260,6 +281,7 @@ impl RawImages {
 struct RawCni {
     conf_dir: Option<PathBuf>,
     bin_dirs: Option<Vec<PathBuf>>,
+    conf_template: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -267,6 +289,8 @@ struct RawCni {
 struct RawHandler {
     vcpus: Option<u8>,
     memory_mib: Option<u64>,
+    max_vcpus: Option<u8>,
+    max_memory_mib: Option<u64>,
     kernel: Option<PathBuf>,
     image: Option<PathBuf>,
     kernel_cmdline_extra: Option<String>,
@@ -315,6 +339,22 @@ impl RawHandler {
                 format!("{memory_mib} is below the minimum of {MIN_MEMORY_MIB} MiB"),
             ));
         }
+        let max_vcpus = self.max_vcpus.unwrap_or(base.max_vcpus.max(vcpus));
+        if max_vcpus < vcpus {
+            return Err(invalid(
+                key("max_vcpus"),
+                format!("{max_vcpus} is below vcpus ({vcpus})"),
+            ));
+        }
+        let max_memory_mib = self
+            .max_memory_mib
+            .unwrap_or(base.max_memory_mib.max(memory_mib));
+        if max_memory_mib < memory_mib {
+            return Err(invalid(
+                key("max_memory_mib"),
+                format!("{max_memory_mib} is below memory_mib ({memory_mib})"),
+            ));
+        }
         let console_max_bytes = self.console_max_bytes.unwrap_or(base.console_max_bytes);
         if console_max_bytes < MIN_CONSOLE_BYTES {
             return Err(invalid(
@@ -329,6 +369,8 @@ impl RawHandler {
             name: name.to_string(),
             vcpus,
             memory_mib,
+            max_vcpus,
+            max_memory_mib,
             kernel: path("kernel", self.kernel, &base.kernel)?,
             image: path("image", self.image, &base.image)?,
             kernel_cmdline_extra: self
@@ -345,6 +387,8 @@ fn builtin_handler() -> Handler {
         name: DEFAULT_HANDLER.to_string(),
         vcpus: DEFAULT_VCPUS,
         memory_mib: DEFAULT_MEMORY_MIB,
+        max_vcpus: DEFAULT_MAX_VCPUS,
+        max_memory_mib: DEFAULT_MAX_MEMORY_MIB,
         kernel: PathBuf::from(DEFAULT_KERNEL),
         image: PathBuf::from(DEFAULT_IMAGE),
         kernel_cmdline_extra: String::new(),
@@ -463,6 +507,11 @@ impl Config {
                     .collect::<Result<_, _>>()?,
                 None => DEFAULT_CNI_BIN_DIRS.iter().map(PathBuf::from).collect(),
             },
+            conf_template: raw
+                .cni
+                .conf_template
+                .map(|p| absolute("cni.conf_template", p))
+                .transpose()?,
         };
 
         let streaming = raw
@@ -500,6 +549,7 @@ impl Config {
             )?,
             vmm_binary,
             vmm_user: raw.vmm_user.unwrap_or_else(|| DEFAULT_VMM_USER.into()),
+            cgroup_driver: raw.cgroup_driver,
             registry: RegistrySettings {
                 insecure: raw.registry.insecure,
                 mirrors: raw.registry.mirrors,
@@ -563,6 +613,21 @@ mod tests {
         assert_eq!(h.image, Path::new("/usr/share/podvisor/rootfs.ext4"));
         assert_eq!(c.handler("podvisor").unwrap(), h);
         assert_eq!(c.handler_names(), ["podvisor"]);
+        assert_eq!(c.cgroup_driver, CgroupDriver::Cgroupfs);
+    }
+
+    #[test]
+    fn the_cgroup_driver_is_one_of_two() {
+        let c = Config::parse("cgroup_driver = \"systemd\"").unwrap();
+        assert_eq!(c.cgroup_driver, CgroupDriver::Systemd);
+        let c = Config::parse("cgroup_driver = \"cgroupfs\"").unwrap();
+        assert_eq!(c.cgroup_driver, CgroupDriver::Cgroupfs);
+        let e = Config::parse("cgroup_driver = \"cgroupv2\"").unwrap_err();
+        assert!(
+            podvisor_common::error_chain(&e).contains("cgroupfs"),
+            "{}",
+            podvisor_common::error_chain(&e)
+        );
     }
 
     #[test]

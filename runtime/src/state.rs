@@ -365,6 +365,12 @@ pub struct SandboxRecord {
     /// Privileged inside its VM: its containers may be too.
     #[serde(default)]
     pub privileged: bool,
+    /// Its VM's vCPUs (0: a record from before pods were sized).
+    #[serde(default)]
+    pub vcpus: u8,
+    /// Its VM's memory, MiB (0: a record from before pods were sized).
+    #[serde(default)]
+    pub memory_mib: u64,
 }
 
 /// A container's state.
@@ -494,6 +500,8 @@ mod tests {
             log_directory: "/var/log/pods/default_web_u-1".into(),
             hostname: "web".into(),
             privileged: false,
+            vcpus: 1,
+            memory_mib: 256,
             dns: DnsConfig {
                 servers: vec!["10.96.0.10".into()],
                 searches: vec!["default.svc.cluster.local".into()],

@@ -675,6 +675,7 @@ mod tests {
         let settings = CniSettings {
             conf_dir: dir.path().into(),
             bin_dirs: vec![],
+            conf_template: None,
         };
         let cni = back.cni(&settings, &file).unwrap();
         assert_eq!(cni.network().name, "n");
@@ -691,6 +692,7 @@ mod tests {
         let settings = CniSettings {
             conf_dir: dir.path().into(),
             bin_dirs: vec![dir.path().join("bin")],
+            conf_template: None,
         };
         let e = load(&settings).unwrap_err();
         assert!(e.is_not_ready(), "{e}");

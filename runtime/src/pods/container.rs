@@ -366,6 +366,7 @@ impl PodManager {
                 "container {id} has exited"
             )));
         }
+        super::sizing::check_fits(sb.record().memory_mib, &resources)?;
         let mut client = sb.agent()?;
         let req = agent::UpdateResourcesRequest {
             container_id: lock(&c.record).agent_container_id.clone(),

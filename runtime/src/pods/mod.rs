@@ -41,8 +41,9 @@
 //! - [`port_forward`]: PortForward, dialled by the guest agent inside the VM.
 //! - [`recovery`]: finding sandboxes and containers again after a restart, and sweeping
 //!   what a crash during RunPodSandbox left.
-//! - [`process`], [`volumes`], [`template`]: composing a container's process, copying host
-//!   paths, VM templates.
+//! - [`process`], [`template`]: composing a container's process, VM templates.
+//! - [`readiness`]: whether a pod VM could be launched now (Status's RuntimeReady).
+//! - [`sizing`]: a pod's VM size from its limits and overhead, in size classes.
 
 mod agent;
 mod container;
@@ -54,8 +55,10 @@ mod interactive;
 mod names;
 mod port_forward;
 pub mod process;
+pub mod readiness;
 mod recovery;
 mod sandbox;
+mod sizing;
 mod spec;
 mod stats;
 mod supervise;
@@ -70,7 +73,7 @@ pub use interactive::{ClientIo, TermSize};
 pub(in crate::pods) use interactive::AttachHub;
 pub use port_forward::{PortForwardConn, PortForwardReceiver, PortForwardSender};
 pub use spec::{ContainerSpec, MountSpec, NamespaceMode, Resources, SandboxSpec};
-pub use stats::ContainerStats;
+pub use stats::{ContainerStats, PodStats};
 
 use std::collections::HashMap;
 use std::io::Read;

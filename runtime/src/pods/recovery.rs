@@ -73,10 +73,15 @@ impl PodManager {
         if let Some(id) = network::recorded_sandbox_id(dir)? {
             network::release_recorded(&self.inner.config.cni, &id, dir).await?;
             network::delete_netns(&id).await?;
-            vmm::remove_cgroup(&id).map_err(|source| PodError::Vmm {
+            let vmm_err = |source| PodError::Vmm {
                 sandbox: id.clone(),
                 source,
-            })?;
+            };
+            let cgroup = match vmm::recorded_cgroup(dir, &id).map_err(vmm_err)? {
+                Some(path) => path,
+                None => vmm::CgroupPath::podvisor(&id).map_err(vmm_err)?,
+            };
+            vmm::remove_cgroup(&cgroup).map_err(vmm_err)?;
         }
         vmm::remove_pod_dir(dir).map_err(|source| PodError::Vmm {
             sandbox: dir.display().to_string(),

@@ -19,6 +19,7 @@ use super::agent::{
 use super::error::PodError;
 use super::image_slots::slot_drives;
 use super::names::sandbox_key;
+use super::sizing::{self, PodAsk};
 use super::spec::{SandboxSpec, resolv_conf};
 use super::template::{self, Template};
 use super::vm::{self, VMM_STOP_TIMEOUT};
@@ -47,8 +48,22 @@ impl PodManager {
             .inner
             .config
             .handler(&spec.runtime_handler)
-            .map_err(|e| PodError::InvalidArgument(e.to_string()))?
-            .clone();
+            .map_err(|e| PodError::InvalidArgument(e.to_string()))?;
+        // The pod's size: the handler's, grown to its limits and overhead; its template is
+        // that size class's.
+        let size = sizing::vm_size(handler, PodAsk::new(&spec.resources, &spec.overhead)).map_err(
+            |e| match e {
+                PodError::InvalidArgument(m) => {
+                    PodError::InvalidArgument(format!("RunPodSandbox: {m}"))
+                }
+                other => other,
+            },
+        )?;
+        let handler = Handler {
+            vcpus: size.vcpus,
+            memory_mib: size.memory_mib,
+            ..handler.clone()
+        };
         let key = sandbox_key(&spec.name, &spec.namespace, &spec.uid, spec.attempt);
         let _name = self
             .inner
@@ -58,11 +73,15 @@ impl PodManager {
             spec.hostname = node_hostname()?;
         }
         let id = new_id()?;
+        // Kubelet's cgroup parent in the form of podvisord's driver, or nothing is made.
+        let cgroup =
+            vmm::CgroupPath::for_sandbox(self.inner.config.cgroup_driver, &spec.cgroup_parent, &id)
+                .map_err(|e| PodError::InvalidArgument(format!("RunPodSandbox: {e}")))?;
         let dir = self.new_pod_dir(&id)?;
         // The network first: the VMM starts inside its namespace, on its TAP.
         let net = self.setup_network(&id, &dir, &spec).await?;
         let template = self.template_for(&id, &handler).await;
-        let vmm_spec = self.vmm_spec(&id, &dir, &handler, &net, template.as_ref());
+        let vmm_spec = self.vmm_spec(&id, &dir, &handler, &net, template.as_ref(), cgroup);
         let started = Instant::now();
         let handle = match self.launch(&id, &vmm_spec).await {
             Ok(h) => h,
@@ -72,7 +91,7 @@ impl PodManager {
                 return Err(e);
             }
         };
-        let record = new_record(&id, &spec, &handle, &net);
+        let record = new_record(&id, &spec, &handler, &handle, &net);
         let booted = self
             .record_and_boot(&record, &handle, &spec, &net, template.is_some())
             .await;
@@ -193,7 +212,7 @@ impl PodManager {
     }
 
     /// The VMM of a new sandbox: the handler's kernel, image and size, the image slots, the
-    /// pod's TAP and namespace, and the template to restore from, if any.
+    /// pod's TAP and namespace, its cgroup, and the template to restore from, if any.
     fn vmm_spec(
         &self,
         id: &str,
@@ -201,6 +220,7 @@ impl PodManager {
         handler: &Handler,
         net: &PodNetwork,
         template: Option<&Template>,
+        cgroup: vmm::CgroupPath,
     ) -> VmmSpec {
         VmmSpec {
             sandbox_id: id.to_string(),
@@ -216,7 +236,7 @@ impl PodManager {
             netns: Some(net.netns_path().to_owned()),
             restore: template.map(Template::restore_config),
             jail: self.inner.jail,
-            cgroup: Some(id.to_string()),
+            cgroup: Some(cgroup),
             console_max_bytes: handler.console_max_bytes,
             share: true,
         }
@@ -282,9 +302,11 @@ impl PodManager {
     }
 
     /// In the background: removes the templates no handler uses any more (an earlier VMM,
-    /// kernel, image or configuration), then builds the VM template of every handler that
-    /// uses one, so that the first pod of a handler restores instead of waiting for a kernel
-    /// boot. Failures are logged: those pods boot cold.
+    /// kernel, image or configuration; every size class of a handler is kept), then builds
+    /// the VM template of every handler that uses one at its default size, so that the
+    /// first pod of a handler restores instead of waiting for a kernel boot. Other size
+    /// classes are built when a pod first needs one. Failures are logged: those pods boot
+    /// cold.
     pub fn prepare_templates(&self) -> tokio::task::JoinHandle<()> {
         let this = self.clone();
         tokio::spawn(async move {
@@ -296,15 +318,31 @@ impl PodManager {
                 .filter(|h| h.template)
                 .map(|h| (h.name.clone(), this.template_inputs(h)))
                 .collect();
-            let (t, w) = (this.clone(), wanted.clone());
+            let sized: Vec<(String, template::TemplateInputs)> = wanted
+                .iter()
+                .flat_map(|(name, inputs)| {
+                    sizing::classes(&inputs.handler).into_iter().map(|size| {
+                        let mut inputs = inputs.clone();
+                        inputs.handler.vcpus = size.vcpus;
+                        inputs.handler.memory_mib = size.memory_mib;
+                        (name.clone(), inputs)
+                    })
+                })
+                .collect();
+            let t = this.clone();
             let pruned = tokio::task::spawn_blocking(move || {
                 let mut keep = Vec::new();
-                for (name, inputs) in &w {
+                let mut failed = std::collections::HashSet::new();
+                for (name, inputs) in &sized {
+                    if failed.contains(name) {
+                        continue;
+                    }
                     match t.inner.templates.key(inputs) {
                         Ok(key) => keep.push(key),
                         // Its pods fail the same way; nothing of it is worth keeping.
                         Err(e) => {
-                            tracing::warn!(handler = %name, "template inputs: {}", error_chain(&e))
+                            tracing::warn!(handler = %name, "template inputs: {}", error_chain(&e));
+                            failed.insert(name.clone());
                         }
                     }
                 }
@@ -492,6 +530,12 @@ impl PodManager {
         let h = handle.clone();
         let stopped = vm::blocking(id, "stop", move || h.stop(VMM_STOP_TIMEOUT)).await?;
         tracing::info!(sandbox = id, outcome = ?stopped, "sandbox VM stopped");
+        // The VMM's leaf goes now, not at removal: kubelet removes a stopped pod's cgroup
+        // (our leaf inside it) possibly before it removes the sandbox.
+        let h = handle.clone();
+        if let Err(e) = vm::blocking(id, "remove the cgroup", move || h.remove_cgroup()).await {
+            tracing::warn!(sandbox = id, "remove the VMM's cgroup: {e}");
+        }
         for c in self.containers_of(id) {
             self.mark_exited(&c, 137, "Error", "stopped with its pod");
         }
@@ -533,7 +577,13 @@ impl PodManager {
 }
 
 /// The record of a new sandbox, NotReady, on VM `handle` and network `net`.
-fn new_record(id: &str, spec: &SandboxSpec, handle: &VmmHandle, net: &PodNetwork) -> SandboxRecord {
+fn new_record(
+    id: &str,
+    spec: &SandboxSpec,
+    handler: &Handler,
+    handle: &VmmHandle,
+    net: &PodNetwork,
+) -> SandboxRecord {
     SandboxRecord {
         id: id.to_string(),
         name: spec.name.clone(),
@@ -553,6 +603,8 @@ fn new_record(id: &str, spec: &SandboxSpec, handle: &VmmHandle, net: &PodNetwork
         ips: net.ips(),
         netns: Some(net.netns_path().to_owned()),
         privileged: spec.privileged,
+        vcpus: handler.vcpus,
+        memory_mib: handler.memory_mib,
     }
 }
 

@@ -63,6 +63,12 @@ pub struct SandboxSpec {
     pub sysctls: HashMap<String, String>,
     /// Privileged inside its VM (its containers may be privileged).
     pub privileged: bool,
+    /// Kubelet's cgroup for the pod ("" for none), in the form of podvisord's cgroup driver.
+    pub cgroup_parent: String,
+    /// The containers' limits together (kubelet's `linux.resources`).
+    pub resources: Resources,
+    /// The RuntimeClass overhead (`linux.overhead`).
+    pub overhead: Resources,
 }
 
 /// Container resources (cgroup v2 in the guest); zero means unset.

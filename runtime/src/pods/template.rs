@@ -481,7 +481,10 @@ async fn launch(
         netns: Some(ns.path().to_path_buf()),
         restore: None,
         jail: inputs.jail,
-        cgroup: Some(format!("template-{}", template.key)),
+        cgroup: Some(vmm::CgroupPath::podvisor(&format!(
+            "template-{}",
+            template.key
+        ))?),
         console_max_bytes: h.console_max_bytes,
         share: false,
     };

@@ -122,6 +122,22 @@ pub enum VmmError {
     /// A cgroup name that is not `[A-Za-z0-9_-]{1,128}`.
     #[error("cgroup name {0:?} must be 1 to 128 of [A-Za-z0-9_-]")]
     CgroupName(String),
+    /// A recorded cgroup path that is not a plain relative path.
+    #[error("cgroup path {path:?}: {why}")]
+    CgroupPath {
+        /// The path.
+        path: String,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// Kubelet's cgroup parent for a pod podvisord cannot place a VMM under.
+    #[error("cgroup_parent {parent:?}: {why}")]
+    CgroupParent {
+        /// The parent as given.
+        parent: String,
+        /// What is wrong with it.
+        why: String,
+    },
 }
 
 /// A closure for `map_err`: a failed file operation of the pod directory.

@@ -44,9 +44,9 @@ pub struct VmmHandle {
     pub console_log: PathBuf,
     /// The VMM's own output.
     pub vmm_log: PathBuf,
-    /// Its cgroup's name (`podvisor/<name>` in each hierarchy), removed with the directory.
+    /// Its cgroup (the same path in each hierarchy), removed with the directory.
     #[serde(default)]
-    pub cgroup: Option<String>,
+    pub cgroup: Option<super::CgroupPath>,
 }
 
 /// How [`VmmHandle::stop`] ended the VMM.
@@ -258,7 +258,7 @@ impl VmmHandle {
             return Err(VmmError::StillRunning(self.pid));
         }
         match &self.cgroup {
-            Some(name) => remove_cgroup(name),
+            Some(path) => remove_cgroup(path),
             None => Ok(()),
         }
     }

@@ -11,7 +11,7 @@ use std::process::{Child, Command, Stdio};
 use podvisor_common::IoError;
 use podvisor_vmm_api::config::VmConfig;
 
-use super::cgroup::{PodCgroup, remove_cgroup};
+use super::cgroup::{PodCgroup, record_cgroup, remove_cgroup};
 use super::error::{VmmError, file_err};
 use super::handle::VmmHandle;
 use super::jail::hand_over_dir;
@@ -49,7 +49,10 @@ pub fn launch(binary: &Path, spec: &VmmSpec) -> Result<VmmHandle, VmmError> {
     if let Some(user) = spec.jail {
         hand_over_dir(&spec.dir, user)?;
     }
-    let cgroup = spec.cgroup.as_deref().map(PodCgroup::create).transpose()?;
+    if let Some(path) = &spec.cgroup {
+        record_cgroup(&spec.dir, path)?;
+    }
+    let cgroup = spec.cgroup.as_ref().map(PodCgroup::create).transpose()?;
     handle.cgroup = spec.cgroup.clone();
 
     let started = spawn_detached(binary, spec, &handle, &config_path, cgroup.as_ref())
@@ -254,7 +257,9 @@ mod tests {
             "{ printf '%s\\n' \"$@\"; pwd; echo \"HOME=${HOME-unset}\"; ulimit -n; ulimit -c; \
              echo \"NO_COLOR=$NO_COLOR\"; } > \"$0.args\"\nexec sleep 30",
         );
-        let cgroup = format!("unit-launch-{}", std::process::id());
+        let cgroup =
+            crate::vmm::CgroupPath::podvisor(&format!("unit-launch-{}", std::process::id()))
+                .unwrap();
         let spec = VmmSpec {
             cgroup: Some(cgroup.clone()),
             ..fake.spec()
@@ -283,7 +288,7 @@ mod tests {
             format!("--config\n{config_arg}\n/\nHOME=unset\n4096\n0\nNO_COLOR=1\n"),
             "a clean environment, the file and core limits"
         );
-        assert_eq!(handle.cgroup.as_deref(), Some(cgroup.as_str()));
+        assert_eq!(handle.cgroup.as_ref(), Some(&cgroup));
         assert_eq!(crate::vmm::cgroup_pids(&cgroup).unwrap(), [handle.pid]);
 
         let config: VmConfig =
@@ -406,7 +411,7 @@ mod tests {
 
         let cgroup = format!("unit-nostart-{}", std::process::id());
         let with_cgroup = VmmSpec {
-            cgroup: Some(cgroup.clone()),
+            cgroup: Some(crate::vmm::CgroupPath::podvisor(&cgroup).unwrap()),
             ..fake.spec()
         };
         let e = launch(&fake.dir.path().join("no-vmm"), &with_cgroup).unwrap_err();

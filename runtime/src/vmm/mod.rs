@@ -11,6 +11,7 @@
 //! | `api.sock`     | the VMM's control API                                         |
 //! | `vsock.sock`   | the vsock device's host side; `vsock.sock_<port>` are the     |
 //! |                | host listeners guest connections to `<port>` go to            |
+//! | `cgroup`       | the VMM's cgroup path, written before the cgroup is made      |
 //!
 //! Detaching: the VMM runs in a session of its own (`setsid`), so neither a terminal nor a
 //! signal to podvisord's process group reaches it. While podvisord runs it is the VMM's
@@ -30,7 +31,7 @@
 //! detached process and its reaper), `handle` ([`VmmHandle`]: a launched VMM, its control
 //! API, stop and kill), `process` (`/proc/<pid>/stat` and pidfds), `pod_dir` (the directory
 //! on disk), `jail` ([`JailUser`], the configuration rewritten for the VMM's jail), `cgroup`
-//! (the VMM's cgroup) and `error` ([`VmmError`]).
+//! (the VMM's cgroup), `usage` (what its cgroup and TAP count) and `error` ([`VmmError`]).
 //!
 //! The VMM is jailed unless the spec says otherwise ([`VmmSpec::jail`]): its own mount
 //! namespace with only the pod directory, its files and two device nodes, its own cgroup,
@@ -49,8 +50,12 @@ mod share;
 mod spec;
 #[cfg(test)]
 mod test_support;
+mod usage;
 
-pub use cgroup::{CGROUP_PARENT, cgroup_pids, remove_cgroup};
+pub use cgroup::{
+    CGROUP_FILE, CGROUP_PARENT, CgroupDriver, CgroupPath, cgroup_pids, recorded_cgroup,
+    remove_cgroup,
+};
 pub use error::VmmError;
 pub use handle::{StopOutcome, VmmHandle};
 pub use idmap::IdMap;
@@ -62,6 +67,7 @@ pub use share::{
     GUEST_SHARE_ROOT, Propagation, SHARE_TAG, SharedVolume, Volume, bind_volumes, create_share,
     remove_share, unbind_volumes,
 };
+pub use usage::{CgroupUsage, NetUsage, cgroup_usage, tap_usage};
 // Only the template tests need it outside this module (to stand a process in for a VM).
 #[cfg(test)]
 pub(crate) use process::process_start_time;

@@ -71,8 +71,8 @@ pub struct VmmSpec {
     pub restore: Option<podvisor_vmm_api::config::RestoreConfig>,
     /// Run the VMM jailed as this user (None: unjailed, as root; for debugging).
     pub jail: Option<super::JailUser>,
-    /// The VMM's cgroup, `podvisor/<cgroup>` in each hierarchy (None: podvisord's).
-    pub cgroup: Option<String>,
+    /// The VMM's cgroup, the same path in each hierarchy (None: podvisord's).
+    pub cgroup: Option<super::CgroupPath>,
     /// The most bytes `console.log` holds.
     pub console_max_bytes: u64,
     /// Serve the pod's share (`<dir>/share`, created at launch) through the virtio-fs

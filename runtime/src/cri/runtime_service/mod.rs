@@ -17,14 +17,15 @@ use podvisor_common::error_chain;
 use tonic::{Request, Response, Status};
 
 use super::{invalid, status};
+use crate::config::CgroupDriver;
 use crate::network;
-use crate::pods::PodManager;
+use crate::pods::{PodManager, readiness};
 use crate::state::{ContainerRecord, ContainerState};
 use crate::stream::{StreamRequest, StreamServer, TokenError};
 use requests::{container_spec, resources, sandbox_spec};
 use statuses::{
-    container_state, container_status, container_summary, id_matches, labels_match, sandbox_meta,
-    sandbox_state, sandbox_status, stats_of, verbose_info,
+    container_state, container_status, container_summary, id_matches, labels_match, pod_stats_of,
+    sandbox_meta, sandbox_state, sandbox_status, stats_of, verbose_info,
 };
 
 /// The runtime name in `Version`.
@@ -384,35 +385,70 @@ impl RuntimeService for CriRuntimeService {
 
     async fn pod_sandbox_stats(
         &self,
-        _: Request<cri::PodSandboxStatsRequest>,
+        req: Request<cri::PodSandboxStatsRequest>,
     ) -> Rsp<cri::PodSandboxStatsResponse> {
-        Err(unimplemented(
-            "PodSandboxStats",
-            "pod-level statistics come later",
-        ))
+        let id = req.into_inner().pod_sandbox_id;
+        let record = self.pods.sandbox(&id).map_err(|e| status(&e))?;
+        let stats = self.pods.pod_stats(vec![record]).await;
+        ok(cri::PodSandboxStatsResponse {
+            stats: stats.first().map(pod_stats_of),
+        })
     }
 
     async fn list_pod_sandbox_stats(
         &self,
-        _: Request<cri::ListPodSandboxStatsRequest>,
+        req: Request<cri::ListPodSandboxStatsRequest>,
     ) -> Rsp<cri::ListPodSandboxStatsResponse> {
-        Err(unimplemented(
-            "ListPodSandboxStats",
-            "pod-level statistics come later",
-        ))
+        let filter = req.into_inner().filter.unwrap_or_default();
+        let records = self
+            .pods
+            .sandboxes()
+            .into_iter()
+            .filter(|r| id_matches(&r.id, &filter.id))
+            .filter(|r| labels_match(&r.labels, &filter.label_selector))
+            .collect();
+        let stats = self.pods.pod_stats(records).await;
+        ok(cri::ListPodSandboxStatsResponse {
+            stats: stats.iter().map(pod_stats_of).collect(),
+        })
     }
 
     async fn update_runtime_config(
         &self,
         req: Request<cri::UpdateRuntimeConfigRequest>,
     ) -> Rsp<cri::UpdateRuntimeConfigResponse> {
-        // kubelet sends the pod CIDR here; it matters once pods have networking (issue 5).
+        // Kubelet sends the node's pod CIDR here. With a CNI config template (containerd's
+        // conf_template) it becomes the node's CNI config; otherwise the network add-on's
+        // own config carries the CIDR.
         let cidr = req
             .into_inner()
             .runtime_config
             .and_then(|c| c.network_config)
             .map(|n| n.pod_cidr)
             .unwrap_or_default();
+        let cni = &self.pods.config().cni;
+        if let (Some(template), false) = (&cni.conf_template, cidr.is_empty()) {
+            let (template, conf_dir, c) = (template.clone(), cni.conf_dir.clone(), cidr.clone());
+            let written = tokio::task::spawn_blocking(move || {
+                network::cni::template::write(&template, &conf_dir, &c)
+            })
+            .await
+            .map_err(|e| Status::internal(format!("CNI template task: {e}")))?;
+            match written {
+                Ok(path) => {
+                    tracing::info!(pod_cidr = %cidr, path = %path.display(), "CNI config written from the template");
+                }
+                Err(e @ network::cni::template::TemplateError::Cidr(_)) => {
+                    return Err(invalid(format!("UpdateRuntimeConfig: {}", error_chain(&e))));
+                }
+                Err(e) => {
+                    return Err(Status::failed_precondition(format!(
+                        "UpdateRuntimeConfig: {}",
+                        error_chain(&e)
+                    )));
+                }
+            }
+        }
         tracing::info!(pod_cidr = %cidr, "UpdateRuntimeConfig accepted");
         ok(cri::UpdateRuntimeConfigResponse {})
     }
@@ -435,20 +471,25 @@ impl RuntimeService for CriRuntimeService {
                 message: error_chain(&e),
             },
         };
-        let conditions = vec![
-            cri::RuntimeCondition {
+        // Ready while a pod VM could be launched (KVM, the VMM, kernels and images).
+        let runtime = match readiness::check(self.pods.config()) {
+            Ok(()) => cri::RuntimeCondition {
                 r#type: "RuntimeReady".into(),
                 status: true,
                 reason: String::new(),
                 message: String::new(),
             },
-            network,
-        ];
-        let runtime_handlers = self
-            .pods
-            .config()
-            .handler_names()
-            .into_iter()
+            Err(e) => cri::RuntimeCondition {
+                r#type: "RuntimeReady".into(),
+                status: false,
+                reason: "CannotLaunchVMs".into(),
+                message: error_chain(&e),
+            },
+        };
+        let conditions = vec![runtime, network];
+        // The default handler answers to "" (no RuntimeClass) as well as to its name.
+        let runtime_handlers = std::iter::once("")
+            .chain(self.pods.config().handler_names())
             .map(|name| cri::RuntimeHandler {
                 name: name.to_string(),
                 features: Some(cri::RuntimeHandlerFeatures {
@@ -514,9 +555,13 @@ impl RuntimeService for CriRuntimeService {
         &self,
         _: Request<cri::RuntimeConfigRequest>,
     ) -> Rsp<cri::RuntimeConfigResponse> {
+        let cgroup_driver = match self.pods.config().cgroup_driver {
+            CgroupDriver::Cgroupfs => cri::CgroupDriver::Cgroupfs,
+            CgroupDriver::Systemd => cri::CgroupDriver::Systemd,
+        };
         ok(cri::RuntimeConfigResponse {
             linux: Some(cri::LinuxRuntimeConfiguration {
-                cgroup_driver: cri::CgroupDriver::Cgroupfs as i32,
+                cgroup_driver: cgroup_driver as i32,
             }),
         })
     }

@@ -104,7 +104,28 @@ pub(super) fn sandbox_spec(req: cri::RunPodSandboxRequest) -> Result<SandboxSpec
         port_mappings,
         sysctls: linux.sysctls,
         privileged,
+        cgroup_parent: linux.cgroup_parent,
+        resources: sandbox_resources(linux.resources.as_ref(), "resources")?,
+        overhead: sandbox_resources(linux.overhead.as_ref(), "overhead")?,
     })
+}
+
+/// The pod-level resources of a RunPodSandbox (none: all unset).
+fn sandbox_resources(
+    r: Option<&cri::LinuxContainerResources>,
+    what: &str,
+) -> Result<Resources, Status> {
+    r.map_or_else(
+        || Ok(Resources::default()),
+        |r| {
+            resources(r).map_err(|s| {
+                invalid(format!(
+                    "RunPodSandbox: config.linux.{what}: {}",
+                    s.message()
+                ))
+            })
+        },
+    )
 }
 
 /// Checks what the pod's VM is set up with before any work starts: a bad field is refused

@@ -175,6 +175,57 @@ pub(super) fn stats_of(s: &crate::pods::ContainerStats) -> cri::ContainerStats {
     }
 }
 
+/// A pod's statistics for kubelet: the VMM's host cgroup as the pod's CPU and memory, its
+/// TAP as the pod's `eth0`, and its running containers'.
+pub(super) fn pod_stats_of(s: &crate::pods::PodStats) -> cri::PodSandboxStats {
+    let r = &s.record;
+    let u = |value: u64| Some(cri::UInt64Value { value });
+    let ts = s.timestamp_ns;
+    let usage = s.usage.unwrap_or_default();
+    cri::PodSandboxStats {
+        attributes: Some(cri::PodSandboxAttributes {
+            id: r.id.clone(),
+            metadata: Some(sandbox_meta(r)),
+            labels: r.labels.clone(),
+            annotations: r.annotations.clone(),
+        }),
+        linux: Some(cri::LinuxPodSandboxStats {
+            cpu: usage.cpu_ns.map(|ns| cri::CpuUsage {
+                timestamp: ts,
+                usage_core_nano_seconds: u(ns),
+                usage_nano_cores: None,
+            }),
+            memory: usage.memory_bytes.map(|bytes| cri::MemoryUsage {
+                timestamp: ts,
+                usage_bytes: u(bytes),
+                working_set_bytes: usage.working_set_bytes.and_then(u),
+                rss_bytes: usage.rss_bytes.and_then(u),
+                ..Default::default()
+            }),
+            network: s.network.map(|n| {
+                let eth0 = cri::NetworkInterfaceUsage {
+                    name: "eth0".into(),
+                    rx_bytes: u(n.rx_bytes),
+                    rx_errors: u(n.rx_errors),
+                    tx_bytes: u(n.tx_bytes),
+                    tx_errors: u(n.tx_errors),
+                };
+                cri::NetworkUsage {
+                    timestamp: ts,
+                    default_interface: Some(eth0.clone()),
+                    interfaces: vec![eth0],
+                }
+            }),
+            process: usage.pids.map(|pids| cri::ProcessUsage {
+                timestamp: ts,
+                process_count: u(pids),
+            }),
+            containers: s.containers.iter().map(stats_of).collect(),
+        }),
+        windows: None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -13,6 +13,7 @@ mod error;
 pub mod config;
 pub mod exec;
 pub mod result;
+pub mod template;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
