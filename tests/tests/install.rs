@@ -285,16 +285,7 @@ async fn run_one_pod(daemon: &Daemon, image: &str, vmm: &Path) -> anyhow::Result
     })
     .await
     .context("RemoveContainer")?;
-    rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
-        pod_sandbox_id: sandbox.clone(),
-    })
-    .await
-    .context("StopPodSandbox")?;
-    rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
-        pod_sandbox_id: sandbox.clone(),
-    })
-    .await
-    .context("RemovePodSandbox")?;
+    cri_helpers::remove_pod(&mut rt, &sandbox).await?;
     let pods = rt
         .list_pod_sandbox(cri::ListPodSandboxRequest { filter: None })
         .await?

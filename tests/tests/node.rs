@@ -174,6 +174,21 @@ async fn sandbox_state(rt: &mut Runtime, id: &str) -> anyhow::Result<i32> {
         .state)
 }
 
+/// RunPodSandbox of `pod`, which must be refused with InvalidArgument; the message.
+async fn run_refused(
+    rt: &mut Runtime,
+    pod: cri::PodSandboxConfig,
+    what: &str,
+) -> anyhow::Result<String> {
+    let r = rt
+        .run_pod_sandbox(cri::RunPodSandboxRequest {
+            config: Some(pod),
+            runtime_handler: String::new(),
+        })
+        .await;
+    expect_code("node", what, r, tonic::Code::InvalidArgument)
+}
+
 fn value(v: Option<&cri::UInt64Value>) -> u64 {
     v.map_or(0, |v| v.value)
 }
@@ -275,18 +290,12 @@ async fn scenario(daemon: &mut Daemon, image_name: &str) -> anyhow::Result<()> {
         std::fs::read_dir(d.state_dir.join("pods")).map_or(0, std::iter::Iterator::count)
     };
     let pods_before = pod_dirs(daemon);
-    let refused = rt
-        .run_pod_sandbox(cri::RunPodSandboxRequest {
-            config: Some(pod_config("wrong", "kubepods-besteffort-podx.slice")),
-            runtime_handler: String::new(),
-        })
-        .await;
-    let msg = expect_code(
-        "node",
+    let msg = run_refused(
+        &mut rt,
+        pod_config("wrong", "kubepods-besteffort-podx.slice"),
         "a slice under cgroupfs",
-        refused,
-        tonic::Code::InvalidArgument,
-    )?;
+    )
+    .await?;
     ensure!(msg.contains("cgroup_driver is cgroupfs"), "{msg}");
     ensure!(
         pod_dirs(daemon) == pods_before,
@@ -450,18 +459,12 @@ async fn scenario(daemon: &mut Daemon, image_name: &str) -> anyhow::Result<()> {
     let mut rt = RuntimeServiceClient::new(channel.clone());
     let mut images = ImageServiceClient::new(channel);
     ensure!(cgroup_driver(&mut rt).await? == cri::CgroupDriver::Systemd as i32);
-    let refused = rt
-        .run_pod_sandbox(cri::RunPodSandboxRequest {
-            config: Some(pod_config("wrong", "/kubepods/besteffort/podx")),
-            runtime_handler: String::new(),
-        })
-        .await;
-    let msg = expect_code(
-        "node",
+    let msg = run_refused(
+        &mut rt,
+        pod_config("wrong", "/kubepods/besteffort/podx"),
         "a path under systemd",
-        refused,
-        tonic::Code::InvalidArgument,
-    )?;
+    )
+    .await?;
     ensure!(msg.contains("not a systemd slice"), "{msg}");
     // Sized too: its containers ask for 600 MiB, so it gets the 1 GiB class (its own
     // template, built now), while the first pod had the default 256 MiB one.
@@ -477,18 +480,7 @@ async fn scenario(daemon: &mut Daemon, image_name: &str) -> anyhow::Result<()> {
         }),
         ..pod.clone()
     };
-    let refused = rt
-        .run_pod_sandbox(cri::RunPodSandboxRequest {
-            config: Some(too_big),
-            runtime_handler: String::new(),
-        })
-        .await;
-    let msg = expect_code(
-        "node",
-        "a 64 GiB pod",
-        refused,
-        tonic::Code::InvalidArgument,
-    )?;
+    let msg = run_refused(&mut rt, too_big, "a 64 GiB pod").await?;
     ensure!(msg.contains("MiB of memory"), "{msg}");
     if let Some(linux) = pod.linux.as_mut() {
         linux.resources = Some(cri::LinuxContainerResources {
