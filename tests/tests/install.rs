@@ -218,15 +218,7 @@ async fn run_one_pod(daemon: &Daemon, image: &str, vmm: &Path) -> anyhow::Result
     };
     let image_ref = pull_image(&mut images, image, &pod).await?;
     let started = Instant::now();
-    let sandbox = rt
-        .run_pod_sandbox(cri::RunPodSandboxRequest {
-            config: Some(pod.clone()),
-            runtime_handler: String::new(),
-        })
-        .await
-        .context("RunPodSandbox")?
-        .into_inner()
-        .pod_sandbox_id;
+    let sandbox = cri_helpers::run_pod_vm(&mut rt, &pod).await?.id;
     println!(
         "[{TAG}] pod {sandbox} ready after {:.1} s",
         started.elapsed().as_secs_f64()
@@ -242,24 +234,16 @@ async fn run_one_pod(daemon: &Daemon, image: &str, vmm: &Path) -> anyhow::Result
             vmm.display()
         );
     }
-    let container = rt
-        .create_container(cri::CreateContainerRequest {
-            pod_sandbox_id: sandbox.clone(),
-            config: Some(cri::ContainerConfig {
-                log_path: "hello.log".into(),
-                ..shell_container("hello", &image_ref, "echo installed podvisor says hello")
-            }),
-            sandbox_config: Some(pod),
-        })
-        .await
-        .context("CreateContainer")?
-        .into_inner()
-        .container_id;
-    rt.start_container(cri::StartContainerRequest {
-        container_id: container.clone(),
-    })
-    .await
-    .context("StartContainer")?;
+    let container = cri_helpers::run_container(
+        &mut rt,
+        &sandbox,
+        &pod,
+        cri::ContainerConfig {
+            log_path: "hello.log".into(),
+            ..shell_container("hello", &image_ref, "echo installed podvisor says hello")
+        },
+    )
+    .await?;
     let log = logs.join("hello.log");
     let deadline = Instant::now() + LOG_DEADLINE;
     loop {

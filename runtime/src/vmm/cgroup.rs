@@ -116,7 +116,7 @@ impl CgroupPath {
                 if parts.is_empty() {
                     return Err(bad("names no cgroup below the root"));
                 }
-                format!("{}/podvisor-{sandbox}", parts.join("/"))
+                format!("{}/{}", parts.join("/"), leaf_name(driver, sandbox))
             }
             CgroupDriver::Systemd if !is_slice => {
                 return Err(bad(
@@ -124,8 +124,9 @@ impl CgroupPath {
                 ));
             }
             CgroupDriver::Systemd => format!(
-                "{}podvisor-{sandbox}.scope",
-                expand_slice(parent).map_err(&bad)?
+                "{}{}",
+                expand_slice(parent).map_err(&bad)?,
+                leaf_name(driver, sandbox)
             ),
         };
         Self::checked(path).map_err(|e| match e {
@@ -182,6 +183,14 @@ impl From<CgroupPath> for String {
 impl std::fmt::Display for CgroupPath {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.0)
+    }
+}
+
+/// The VMM's own cgroup below kubelet's pod cgroup, as `driver` names it.
+fn leaf_name(driver: CgroupDriver, sandbox: &str) -> String {
+    match driver {
+        CgroupDriver::Cgroupfs => format!("podvisor-{sandbox}"),
+        CgroupDriver::Systemd => format!("podvisor-{sandbox}.scope"),
     }
 }
 
@@ -295,8 +304,9 @@ pub fn recorded_cgroup(dir: &Path, sandbox: &str) -> Result<Option<CgroupPath>, 
     let path = CgroupPath::try_from(text)?;
     let leaf = path.relative().file_name().and_then(|n| n.to_str());
     let ours = path.0 == format!("{CGROUP_PARENT}/{sandbox}")
-        || leaf == Some(&format!("podvisor-{sandbox}"))
-        || leaf == Some(&format!("podvisor-{sandbox}.scope"));
+        || [CgroupDriver::Cgroupfs, CgroupDriver::Systemd]
+            .iter()
+            .any(|d| leaf == Some(leaf_name(*d, sandbox).as_str()));
     if ours {
         Ok(Some(path))
     } else {
