@@ -38,6 +38,8 @@ impl ServedQueue<'_> {
         } = self;
         let mut used = 0u32;
         let mut budget = budget;
+        // Rounds in a row that popped nothing although the ring claimed more.
+        let mut stalled = 0u32;
         loop {
             if let Err(e) = queue.disable_notification(mem) {
                 tracing::debug!("{name}: disable queue notification: {e}");
@@ -63,14 +65,22 @@ impl ServedQueue<'_> {
                 }
                 break;
             }
-            // Re-enable notifications, then look once more so a request that raced with
-            // re-enabling is not left waiting for a kick. A round that popped nothing while
-            // the ring claims more is a broken avail index: stop rather than spin.
+            // Re-enable notifications, then look once more: a request the driver added
+            // while they were off came without a kick, and nothing else may ever kick (a
+            // guest whose other processes wait on this one). That holds for a round that
+            // popped nothing too: the request may have come just after the pop found the
+            // ring empty. Only a second such round in a row means a broken avail index:
+            // stop rather than spin.
             let more = queue.enable_notification(mem).unwrap_or_else(|e| {
                 tracing::debug!("{name}: enable queue notification: {e}");
                 false
             });
-            if !more || popped == 0 {
+            if !more {
+                break;
+            }
+            stalled = if popped == 0 { stalled + 1 } else { 0 };
+            if stalled > 1 {
+                crate::warn_limited!("{name}: avail index ahead of what can be popped");
                 break;
             }
         }
