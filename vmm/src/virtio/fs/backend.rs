@@ -9,13 +9,17 @@ use std::time::Duration;
 use fuse_backend_rs::abi::fuse_abi::{InHeader, OutHeader};
 use fuse_backend_rs::api::server::Server;
 use fuse_backend_rs::passthrough::{CachePolicy, Config, PassthroughFs};
+
+use super::share::Share;
 use fuse_backend_rs::transport::{Reader, Writer};
 use vm_memory::ByteValued;
 
 /// How long the guest may trust a name or an attribute before asking again. Short, so that
 /// what the host changes (kubelet's atomic `..data` swap of configMaps and secrets, files a
-/// host process writes) is seen in the guest within a second.
-const CACHE_TIMEOUT: Duration = Duration::from_millis(500);
+/// host process writes) is seen in the guest within a second: at most this long for the
+/// cached `..data` entry, the rest of the second for the guest's own path walk, which costs
+/// a FUSE round trip per component on a slow (emulated) guest kernel.
+const CACHE_TIMEOUT: Duration = Duration::from_millis(250);
 
 // FUSE opcodes that get no reply (the Linux FUSE protocol, `enum fuse_opcode`).
 const FUSE_FORGET: u32 = 2;
@@ -51,11 +55,9 @@ pub enum FsError {
     },
 }
 
-type Passthrough = PassthroughFs<()>;
-
 /// The FUSE side of the device.
 pub struct Backend {
-    server: Option<Server<Arc<Passthrough>>>,
+    server: Option<Server<Arc<Share>>>,
     dir: Option<PathBuf>,
 }
 
@@ -96,16 +98,17 @@ impl Backend {
             do_import: true,
             ..Config::default()
         };
-        let fs = PassthroughFs::new(config).map_err(|source| FsError::Passthrough {
-            dir: dir.to_owned(),
-            source,
-        })?;
+        let fs: PassthroughFs<()> =
+            PassthroughFs::new(config).map_err(|source| FsError::Passthrough {
+                dir: dir.to_owned(),
+                source,
+            })?;
         fs.import().map_err(|source| FsError::Open {
             dir: dir.to_owned(),
             source,
         })?;
         Ok(Self {
-            server: Some(Server::new(Arc::new(fs))),
+            server: Some(Server::new(Arc::new(Share::new(fs)))),
             dir: Some(dir.to_owned()),
         })
     }

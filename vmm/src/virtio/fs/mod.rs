@@ -30,6 +30,7 @@ mod backend;
 mod device;
 mod handler;
 pub mod persist;
+mod share;
 
 #[cfg(test)]
 mod tests;
@@ -44,11 +45,15 @@ pub const HIPRIO_QUEUE_TOKEN: EventToken = 0;
 /// The one request queue reports this token.
 pub const REQUEST_QUEUE_TOKEN: EventToken = 1;
 
-/// Sizes of the high-priority and the request queue.
-pub const QUEUE_SIZES: [u16; 2] = [128, 256];
+/// Sizes of the high-priority and the request queue. The request queue holds a whole chain
+/// of the largest request (see [`MAX_DESCRIPTORS`]): without indirect descriptors, a guest
+/// driver cannot add a chain longer than its queue.
+pub const QUEUE_SIZES: [u16; 2] = [128, 512];
 
-/// Longest descriptor chain the device walks.
-pub const MAX_DESCRIPTORS: usize = 256;
+/// Longest descriptor chain the device walks: a READ or WRITE of `max_pages` (256, one
+/// descriptor per page, one more when the buffer is not page-aligned) plus the FUSE headers
+/// and arguments around it.
+pub const MAX_DESCRIPTORS: usize = 272;
 
 /// The most bytes of one request or reply: the FUSE server's largest message (1 MiB of
 /// data) plus a page for headers.

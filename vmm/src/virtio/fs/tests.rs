@@ -4,8 +4,10 @@
 use std::sync::Arc;
 
 use fuse_backend_rs::abi::fuse_abi::{
-    Attr, EntryOut, InHeader, InitIn, OpenIn, OpenOut, OutHeader, ReadIn,
+    Attr, EntryOut, InHeader, InitIn, InitOut, OpenIn, OpenOut, OutHeader, ReadIn, WriteIn,
+    WriteOut,
 };
+use fuse_backend_rs::api::filesystem::FsOptions;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Address, ByteValued, Bytes, GuestAddress};
 use vmm_sys_util::epoll::Epoll;
@@ -29,6 +31,7 @@ const FUSE_FORGET: u32 = 2;
 const FUSE_READLINK: u32 = 5;
 const FUSE_OPEN: u32 = 14;
 const FUSE_READ: u32 = 15;
+const FUSE_WRITE: u32 = 16;
 const FUSE_INIT: u32 = 26;
 const ROOT: u64 = 1;
 
@@ -192,14 +195,33 @@ impl Harness {
     }
 
     fn init(&mut self) {
+        self.init_offering(FsOptions::empty());
+    }
+
+    /// FUSE_INIT with the guest offering `flags`; returns the server's answer.
+    fn init_offering(&mut self, flags: FsOptions) -> InitOut {
         let init = InitIn {
             major: 7,
             minor: 31,
             max_readahead: 1 << 20,
-            flags: 0,
+            flags: u32::try_from(flags.bits()).expect("flags of the first word"),
         };
-        let (out, _) = self.request(FUSE_INIT, 0, init.as_slice(), 4096);
+        let (out, rest) = self.request(FUSE_INIT, 0, init.as_slice(), 4096);
         assert_eq!(out.error, 0, "FUSE_INIT failed");
+        *InitOut::from_slice(&rest[..std::mem::size_of::<InitOut>()]).expect("init out")
+    }
+
+    /// FUSE_OPEN of `nodeid` with `flags`; returns the file handle.
+    fn open(&mut self, nodeid: u64, flags: i32) -> u64 {
+        let open = OpenIn {
+            flags: flags as u32,
+            fuse_flags: 0,
+        };
+        let (out, rest) = self.request(FUSE_OPEN, nodeid, open.as_slice(), 4096);
+        assert_eq!(out.error, 0, "FUSE_OPEN failed");
+        OpenOut::from_slice(&rest[..std::mem::size_of::<OpenOut>()])
+            .expect("open out")
+            .fh
     }
 
     fn lookup(&mut self, parent: u64, name: &str) -> Result<EntryOut, i32> {
@@ -389,4 +411,63 @@ fn malformed_chains_are_dropped_and_the_device_serves_on() {
     let entry = h.lookup(ROOT, "f").expect("lookup after the bad chains");
     let attr: Attr = entry.attr;
     assert_eq!(attr.size, 1);
+}
+
+#[test]
+fn large_requests_are_offered_and_a_one_mib_write_arrives_whole() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("big"), b"").expect("write");
+    let mut h = Harness::passthrough(dir.path());
+    // A guest that offers neither keeps FUSE's 4 KiB writes.
+    let plain = h.init_offering(FsOptions::empty());
+    assert_eq!(plain.max_write, 4096);
+    let mut h = Harness::passthrough(dir.path());
+    let init = h.init_offering(FsOptions::BIG_WRITES | FsOptions::MAX_PAGES);
+    let enabled = FsOptions::from_bits_truncate(u64::from(init.flags));
+    assert!(enabled.contains(FsOptions::MAX_PAGES | FsOptions::BIG_WRITES));
+    assert_eq!((init.max_pages, init.max_write), (256, 1 << 20));
+
+    let nodeid = h.lookup(ROOT, "big").expect("lookup big").nodeid;
+    let fh = h.open(nodeid, libc::O_RDWR);
+    // The guest's chain: FUSE header and WriteIn, one descriptor per page of data, reply.
+    let data: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251) as u8).collect();
+    const DATA: u64 = 0x40_0000;
+    h.mem.write_slice(&data, GuestAddress(DATA)).expect("data");
+    h.unique += 1;
+    let write = WriteIn {
+        fh,
+        offset: 0,
+        size: 1 << 20,
+        ..Default::default()
+    };
+    let header = InHeader {
+        len: (std::mem::size_of::<InHeader>() + std::mem::size_of::<WriteIn>() + data.len()) as u32,
+        opcode: FUSE_WRITE,
+        unique: h.unique,
+        nodeid,
+        ..Default::default()
+    };
+    let mut msg = header.as_slice().to_vec();
+    msg.extend_from_slice(write.as_slice());
+    h.mem
+        .write_slice(&msg, GuestAddress(REQUEST))
+        .expect("request");
+    let mut chain = vec![(REQUEST, msg.len() as u32, false)];
+    chain.extend((0..256).map(|page| (DATA + page * 4096, 4096, false)));
+    chain.push((REPLY, 4096, true));
+    let used = h.send(1, &chain).expect("write returned");
+    let out: OutHeader = h.mem.read_obj(GuestAddress(REPLY)).expect("out header");
+    assert_eq!((out.error, out.len), (0, used));
+    let written: WriteOut = h.mem.read_obj(GuestAddress(REPLY + 16)).expect("write out");
+    assert_eq!(written.size, 1 << 20);
+    assert_eq!(std::fs::read(dir.path().join("big")).expect("read"), data);
+
+    // One descriptor more than the device walks: dropped, counted, and the device serves on.
+    let mut long = vec![(REQUEST, msg.len() as u32, false)];
+    long.extend((0..MAX_DESCRIPTORS as u64).map(|page| (DATA + (page % 256) * 4096, 4096, false)));
+    long.push((REPLY, 4096, true));
+    assert_eq!(long.len(), MAX_DESCRIPTORS + 2);
+    assert_eq!(h.send(1, &long), Some(0));
+    assert_eq!(h.fs.counters().malformed_chains, 1);
+    assert!(h.lookup(ROOT, "big").is_ok());
 }
