@@ -655,7 +655,7 @@ fn templates_at_start(daemon: &mut Daemon) -> Result<()> {
     let status = daemon.stop()?;
     ensure!(status.success(), "podvisord exited {status} on SIGTERM");
     let left = vmm_processes_under(&templates);
-    let netns = run("ip", &["netns", "list"])?;
+    let netns = build_namespaces(daemon)?;
     let mut dirs: Vec<String> = std::fs::read_dir(&templates)?
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
@@ -664,8 +664,8 @@ fn templates_at_start(daemon: &mut Daemon) -> Result<()> {
     daemon.start_again()?;
     ensure!(left.is_empty(), "template VMs left after SIGTERM: {left:?}");
     ensure!(
-        !netns.contains("podvisor-tpl-"),
-        "template namespace left after SIGTERM: {netns}"
+        netns.is_empty(),
+        "template namespace left after SIGTERM: {netns:?}"
     );
     ensure!(
         dirs == ["00000000deadbeef"],
@@ -737,9 +737,23 @@ async fn template_fallback(daemon: &Daemon, rt: &mut Runtime) -> Result<()> {
     ensure!(fell_back, "no fallback in the log:\n{log}");
     ensure!(removed, "the corrupt template was kept");
     let netns = run("ip", &["netns", "list"])?;
+    ensure!(!netns.contains(&c), "namespaces left: {netns}");
+    let building = build_namespaces(daemon)?;
     ensure!(
-        !netns.contains(&c) && !netns.contains("podvisor-tpl-"),
-        "namespaces left: {netns}"
+        building.is_empty(),
+        "template build namespaces left: {building:?}"
     );
     Ok(())
+}
+
+/// The network namespaces of `daemon`'s template builds (other podvisords on the host have
+/// their own, with another tag).
+fn build_namespaces(daemon: &Daemon) -> Result<Vec<String>> {
+    let tag = podvisor_runtime::pods::template::build_tag(&daemon.root_dir.join("templates"));
+    Ok(run("ip", &["netns", "list"])?
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|n| n.starts_with("podvisor-tpl-") && n.ends_with(&format!("-{tag}")))
+        .map(str::to_string)
+        .collect())
 }

@@ -87,9 +87,16 @@ pub enum TemplateError {
     Stopping,
 }
 
-/// The network namespace a template VM of `key` is built in.
-fn build_netns(key: &str) -> String {
-    format!("podvisor-tpl-{}", &key[..8.min(key.len())])
+/// What ends the names of the build namespaces and cgroups of the templates under
+/// `templates` (a podvisord's `<root_dir>/templates`): 8 hex digits of its path's hash.
+pub fn build_tag(templates: &Path) -> String {
+    use std::os::unix::ffi::OsStrExt;
+    hex::encode(&Sha256::digest(templates.as_os_str().as_bytes())[..4])
+}
+
+/// The network namespace `template`'s VM is built in.
+fn build_netns(template: &Template) -> String {
+    format!("podvisor-tpl-{}", template.build_name())
 }
 
 /// Whether `name` can be a template directory's name (a key).
@@ -113,6 +120,21 @@ impl Template {
             state: self.dir.join(STATE_FILE),
             mem: self.dir.join(MEM_FILE),
         }
+    }
+
+    /// The name of this template's build VM, its network namespace and cgroup: the key's
+    /// first 8 digits, then the [`build_tag`] of the templates directory. Two podvisords
+    /// with their own root directories on one host (tests run several) may build the same
+    /// template at once; neither may take the other's namespace or cgroup (removing a
+    /// cgroup another VMM runs in fails, and a "leftover" namespace would be deleted under
+    /// it).
+    fn build_name(&self) -> String {
+        let templates = self.dir.parent().unwrap_or(&self.dir);
+        format!(
+            "{}-{}",
+            &self.key[..8.min(self.key.len())],
+            build_tag(templates)
+        )
     }
 
     fn is_complete(&self) -> bool {
@@ -203,7 +225,7 @@ impl Templates {
                         tracing::warn!(template = %template.key, "{}", error_chain(&e));
                     }
                     template.discard();
-                    delete_build_netns(&template.key);
+                    delete_build_netns(&template);
                 }
                 // The directory keeps its build record: the next podvisord kills it.
                 Err(e) => {
@@ -354,10 +376,10 @@ fn template_key(
 }
 
 /// Deletes the build namespace of `key`; one already gone is fine.
-fn delete_build_netns(key: &str) {
-    match netns::delete(&build_netns(key)) {
+fn delete_build_netns(template: &Template) {
+    match netns::delete(&build_netns(template)) {
         Ok(()) | Err(NetnsError::NotFound(_)) => {}
-        Err(e) => tracing::warn!(template = %key, "delete template namespace: {e}"),
+        Err(e) => tracing::warn!(template = %template.key, "delete template namespace: {e}"),
     }
 }
 
@@ -382,7 +404,7 @@ fn stop_leftover_build(template: &Template) -> Result<(), TemplateError> {
         // previous podvisord died right then; its VM is not findable.
         Err(e) => tracing::warn!(template = %template.key, "unreadable {}: {e}", record.display()),
     }
-    delete_build_netns(&template.key);
+    delete_build_netns(template);
     std::fs::remove_file(&record).map_err(IoError::at("remove", &record))?;
     Ok(())
 }
@@ -397,7 +419,7 @@ async fn build(
 ) -> Result<(), TemplateError> {
     let dir = &template.dir;
     std::fs::create_dir_all(dir).map_err(IoError::at("create", dir))?;
-    let ns_name = build_netns(&template.key);
+    let ns_name = build_netns(template);
     // A namespace left by a crashed build.
     match netns::delete(&ns_name) {
         Ok(()) | Err(NetnsError::NotFound(_)) => {}
@@ -483,7 +505,7 @@ async fn launch(
         jail: inputs.jail,
         cgroup: Some(vmm::CgroupPath::podvisor(&format!(
             "template-{}",
-            template.key
+            template.build_name()
         ))?),
         console_max_bytes: h.console_max_bytes,
         share: false,
@@ -567,6 +589,26 @@ async fn snapshot_vm(
 mod tests {
     use super::*;
     use std::os::unix::process::ExitStatusExt;
+
+    #[test]
+    fn build_names_differ_between_root_directories_and_stay_put_in_one() {
+        let key = "cc081fc7032994fd".to_string();
+        let at = |dir: &str| Template {
+            key: key.clone(),
+            dir: PathBuf::from(dir).join(&key),
+        };
+        let (a, b) = (at("/tmp/a/templates"), at("/tmp/b/templates"));
+        assert_ne!(a.build_name(), b.build_name());
+        assert_eq!(a.build_name(), at("/tmp/a/templates").build_name());
+        assert!(
+            a.build_name().starts_with("cc081fc7-"),
+            "{}",
+            a.build_name()
+        );
+        assert_ne!(build_netns(&a), build_netns(&b));
+        let tag = build_tag(Path::new("/tmp/a/templates"));
+        assert_eq!(build_netns(&a), format!("podvisor-tpl-cc081fc7-{tag}"));
+    }
 
     #[test]
     fn prune_removes_only_stale_templates_and_kills_their_build_vm() {
