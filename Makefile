@@ -12,7 +12,7 @@ STATIC_FLAGS := -C target-feature=+crt-static
 AGENT_BIN    := target/$(TARGET)/release/podvisor-agent
 PROBE_BIN    := target/$(TARGET)/release/guest-probe
 
-.PHONY: all setup kernel agent probe rootfs guest build vmm-release release lint test unit-test e2e-test e2e-vm e2e-pods agent-test demo bench install uninstall deb clean
+.PHONY: all setup kernel agent probe rootfs guest build vmm-release release lint test unit-test e2e-build e2e-test e2e-vm e2e-conformance e2e-pods-a e2e-pods-b agent-test demo bench install uninstall deb clean
 
 all: guest build
 
@@ -53,23 +53,42 @@ lint:
 unit-test: build
 	$(CARGO) test --workspace --lib --bins
 
-# Two groups of end-to-end test binaries run side by side (a microVM keeps about one core
-# busy; the machine has two): the VMM and the agent on their own microVMs, and podvisord's
-# pods. Every test that runs a podvisord is in the second group, one at a time: their
-# no-leak checks look at every podvisor namespace and TAP on the host. Built first, so the
-# two cargo runs only run tests.
-E2E_VM   := --test vmm --test agent --test portforward --test images --test cni --test stream_interop
-E2E_PODS := --test cri --test network --test snapshot --test conformance --test stream --test volumes --test node --test install
+# End-to-end tests in two lanes side by side (a microVM keeps about one core busy; the
+# machine has two). Every binary the tests run is built first, with the very cargo commands
+# the tests use (tests/src/cri.rs, artifacts.rs), so nothing is compiled or linked while
+# tests run; those commands then only find it fresh. cargo-deb (the install test's) too.
+#
+# conformance compares every podvisor network namespace on the host before and after, so it
+# runs beside the VMM and agent tests only, which make none. Once it is done, the other
+# podvisord tests run in two lanes (each lane one test at a time; their checks look at their
+# own pods, bridges and directories): lane A after the VMM tests, lane B right away.
+E2E_VM     := --test vmm --test agent --test portforward --test images --test cni --test stream_interop
+E2E_PODS_A := --test stream --test network --test snapshot
+E2E_PODS_B := --test volumes --test node --test cri --test install
 
-e2e-test: guest probe build
+# (Not `build`: its whole-workspace feature set gives other hashes than `-p podvisor-tests`,
+# which would build every test binary twice.)
+e2e-build: guest probe
 	$(CARGO) test -p podvisor-tests --tests --no-run
-	$(MAKE) --no-print-directory -j2 e2e-vm e2e-pods
+	$(CARGO) build -p podvisor-runtime --bin podvisord
+	$(CARGO) build -p podvisor-runtime --bin podvisorctl
+	$(CARGO) build -p podvisor-vmm --bin podvisor-vmm
+	scripts/cargo-deb.sh >/dev/null
+
+e2e-test: e2e-build
+	$(MAKE) --no-print-directory -j2 e2e-pods-a e2e-pods-b
 
 e2e-vm:
 	$(CARGO) test -p podvisor-tests $(E2E_VM) -- --test-threads=2
 
-e2e-pods:
-	$(CARGO) test -p podvisor-tests $(E2E_PODS) -- --test-threads=1
+e2e-conformance:
+	$(CARGO) test -p podvisor-tests --test conformance -- --test-threads=1
+
+e2e-pods-a: e2e-vm e2e-conformance
+	$(CARGO) test -p podvisor-tests $(E2E_PODS_A) -- --test-threads=1
+
+e2e-pods-b: e2e-conformance
+	$(CARGO) test -p podvisor-tests $(E2E_PODS_B) -- --test-threads=1
 
 test: setup guest probe lint unit-test e2e-test
 

@@ -499,8 +499,23 @@ fn seed_templates(templates: &Path) -> anyhow::Result<()> {
         std::fs::set_permissions(root, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
     }
     for e in entries.flatten() {
-        if finished_template(&e.path()) {
-            copy_tree(&e.path(), &templates.join(e.file_name()))?;
+        if !finished_template(&e.path()) {
+            continue;
+        }
+        // Another test process may prune this entry while it is copied: then this daemon
+        // builds that template itself.
+        let to = templates.join(e.file_name());
+        if copy_tree(&e.path(), &to).is_err() {
+            eprintln!("[cri] cached VM template {} went away", e.path().display());
+            std::fs::remove_dir_all(&to)
+                .or_else(|e| {
+                    if e.kind() == std::io::ErrorKind::NotFound {
+                        Ok(())
+                    } else {
+                        Err(e)
+                    }
+                })
+                .with_context(|| format!("remove {}", to.display()))?;
         }
     }
     Ok(())
@@ -516,7 +531,12 @@ fn harvest_templates(templates: &Path) {
         if !finished_template(&e.path()) || cached.exists() {
             continue;
         }
-        let tmp = cache.join(format!(".{}.tmp", e.file_name().to_string_lossy()));
+        // Per process: two test groups run side by side and may harvest the same template.
+        let tmp = cache.join(format!(
+            ".{}.{}.tmp",
+            e.file_name().to_string_lossy(),
+            std::process::id()
+        ));
         let _ = std::fs::remove_dir_all(&tmp);
         if copy_tree(&e.path(), &tmp).is_ok() && std::fs::rename(&tmp, &cached).is_ok() {
             println!("[cri] cached VM template {}", cached.display());
@@ -528,6 +548,8 @@ fn harvest_templates(templates: &Path) {
         .into_iter()
         .flatten()
         .flatten()
+        // Dot entries are another process's copies in progress.
+        .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
         .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
         .collect();
     cached.sort();
