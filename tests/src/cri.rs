@@ -507,15 +507,9 @@ fn seed_templates(templates: &Path) -> anyhow::Result<()> {
         let to = templates.join(e.file_name());
         if copy_tree(&e.path(), &to).is_err() {
             eprintln!("[cri] cached VM template {} went away", e.path().display());
-            std::fs::remove_dir_all(&to)
-                .or_else(|e| {
-                    if e.kind() == std::io::ErrorKind::NotFound {
-                        Ok(())
-                    } else {
-                        Err(e)
-                    }
-                })
-                .with_context(|| format!("remove {}", to.display()))?;
+            if to.exists() {
+                std::fs::remove_dir_all(&to).with_context(|| format!("remove {}", to.display()))?;
+            }
         }
     }
     Ok(())

@@ -9,10 +9,10 @@ use std::time::Duration;
 use fuse_backend_rs::abi::fuse_abi::{InHeader, OutHeader};
 use fuse_backend_rs::api::server::Server;
 use fuse_backend_rs::passthrough::{CachePolicy, Config, PassthroughFs};
-
-use super::share::Share;
 use fuse_backend_rs::transport::{Reader, Writer};
 use vm_memory::ByteValued;
+
+use super::share::Share;
 
 /// How long the guest may trust a name or an attribute before asking again. Short, so that
 /// what the host changes (kubelet's atomic `..data` swap of configMaps and secrets, files a
