@@ -61,10 +61,12 @@ unit-test: build
 # conformance compares every podvisor network namespace on the host before and after, so it
 # runs beside the VMM and agent tests only, which make none. Once it is done, the other
 # podvisord tests run in two lanes (each lane one test at a time; their checks look at their
-# own pods, bridges and directories): lane A after the VMM tests, lane B right away.
+# own pods, bridges and directories): lane A after the VMM tests, lane B right away. volumes
+# is the longest test (~20 min in CI), so lane A holds it and the short snapshot test; the
+# rest (~18 min together) is lane B.
 E2E_VM     := --test vmm --test agent --test portforward --test images --test cni --test stream_interop
-E2E_PODS_A := --test stream --test network --test snapshot
-E2E_PODS_B := --test volumes --test node --test cri --test install
+E2E_PODS_A := --test volumes --test snapshot
+E2E_PODS_B := --test cri --test install --test node --test network --test stream
 
 # (Not `build`: its whole-workspace feature set gives other hashes than `-p podvisor-tests`,
 # which would build every test binary twice.)
