@@ -155,6 +155,14 @@ impl v1::agent_server::Agent for AgentService {
         Ok(Response::new(DeleteContainerResponse {}))
     }
 
+    async fn kill_all(
+        &self,
+        req: Request<KillAllRequest>,
+    ) -> Result<Response<KillAllResponse>, Status> {
+        let resp = self.manager.kill_all(&req.into_inner()).await?;
+        Ok(Response::new(resp))
+    }
+
     async fn exec_process(
         &self,
         req: Request<ExecProcessRequest>,

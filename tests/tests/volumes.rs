@@ -505,6 +505,17 @@ async fn scenario(daemon: &Daemon, image_name: &str) -> anyhow::Result<()> {
     println!("[volumes] {walks} walks overlapped three directory/symlink swaps");
     done("hostile guest root", t);
 
+    // A process still writing when its pod stops: the guest's page cache holds the write
+    // (the share caches writes back), so it reaches the host only if the pod's stop kills
+    // the process (closing its file) and flushes the share before the VM ends.
+    let last = host.empty_dir.join("last");
+    sh(
+        &mut rt,
+        &writer,
+        "( exec 3>/shared/last; echo last-words >&3; exec sleep 100000 ) >/dev/null 2>&1 &",
+    )
+    .await?;
+
     // Removal: nothing of either pod stays mounted, the host's data stays.
     let t = step("remove both pods");
     for id in [&a, &b] {
@@ -526,5 +537,10 @@ async fn scenario(daemon: &Daemon, image_name: &str) -> anyhow::Result<()> {
     ensure!(std::fs::read(host.empty_dir.join("big"))?.len() == big_bytes);
     ensure!(std::fs::read_to_string(host.host_path.join("g"))? == "from-guest\n");
     ensure!(std::fs::read_to_string(b_volume.join("mine"))? == "pod b\n");
+    let said = std::fs::read_to_string(&last).unwrap_or_default();
+    ensure!(
+        said == "last-words\n",
+        "a running container's last write was lost when its pod stopped: {said:?}"
+    );
     Ok(())
 }

@@ -10,7 +10,7 @@
 //! Modules: `rootfs` (image, overlay, /dev, mounts), `spawn` (namespaces and the child),
 //! `cgroup`, `devices` (which devices a container may open), `users`, `caps` (capabilities,
 //! rlimits, no_new_privs), `io` (pipes, pty),
-//! `exit` (exit codes, OOM), `stats`.
+//! `exit` (exit codes, OOM), `stats`, `stop` (the pod's stop: every container at once).
 
 pub mod caps;
 pub mod cgroup;
@@ -21,6 +21,7 @@ pub mod rootfs;
 pub mod seccomp;
 pub mod spawn;
 pub mod stats;
+mod stop;
 pub mod users;
 
 use std::collections::HashMap;
@@ -666,19 +667,7 @@ impl Manager {
                     "container {id:?} is running (use force)"
                 )));
             }
-            // Closing the start pipe makes a created-but-not-started child exit on its own.
-            lock(&c.start).take();
-            match &c.cgroup {
-                Some(cg) => {
-                    let _ = cg.kill_all();
-                }
-                None => {
-                    let _ = nix::sys::signal::kill(
-                        nix::unistd::Pid::from_raw(c.init.pid),
-                        nix::sys::signal::Signal::SIGKILL,
-                    );
-                }
-            }
+            c.kill();
             let _ = tokio::time::timeout(std::time::Duration::from_secs(10), c.init.wait()).await;
         }
         lock(&self.containers).remove(id);

@@ -511,16 +511,17 @@ impl PodManager {
             .collect();
         let client = lock(&sb.agent).clone();
         if let (false, Some(mut client)) = (live.is_empty(), client) {
-            for c in &live {
-                let req = agent::DeleteContainerRequest {
-                    container_id: lock(&c.record).agent_container_id.clone(),
-                    force: true,
-                };
-                if let Err(e) =
-                    call("DeleteContainer", KILL_WAIT, client.delete_container(req)).await
-                {
-                    tracing::warn!(container = %c.id, "kill with its pod: {e}");
+            // One call kills them all and flushes the share; their mounts and cgroups go
+            // with the VM, not one guest round trip each.
+            let req = agent::KillAllRequest {
+                timeout_ms: POD_KILL_WAIT.as_millis() as u32,
+            };
+            match call("KillAll", KILL_WAIT, client.kill_all(req)).await {
+                Ok(r) if r.left > 0 => {
+                    tracing::warn!(sandbox = id, left = r.left, "containers outlived SIGKILL");
                 }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(sandbox = id, "kill the containers with their pod: {e}"),
             }
             for c in &live {
                 c.wait_exited(POD_KILL_WAIT).await;
