@@ -11,6 +11,7 @@ use hyper_util::rt::TokioIo;
 use k8s_cri::v1 as cri;
 use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
+use podvisor_runtime::pods::template;
 use tonic::transport::{Channel, Endpoint, Uri};
 
 use crate::{artifacts, paths};
@@ -559,9 +560,12 @@ fn nix_pid(pid: u32) -> libc::pid_t {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
+        // A test that failed before it stopped podvisord: SIGTERM first (podvisord stops a
+        // template build and deletes its namespace), SIGKILL after 30 s.
+        if self.child.is_some()
+            && let Err(e) = self.stop()
+        {
+            eprintln!("[cri] {e:#}");
         }
         // VMMs are detached from podvisord: a failed test must not leave VMs running.
         for pid in vmm_processes_under(self.dir.path()) {
@@ -601,13 +605,19 @@ impl Drop for Daemon {
                 .ok()
                 .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
                 .and_then(|v| v["netns"].as_str().map(PathBuf::from));
-            if let Some(netns) = netns.filter(|p| p.starts_with("/run/netns"))
-                && let Ok(c) = std::ffi::CString::new(netns.as_os_str().as_encoded_bytes())
-            {
-                eprintln!("[cri] removing left-over {}", netns.display());
-                // SAFETY: umount2(2) with a NUL-terminated path that lives across the call.
-                unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
-                let _ = std::fs::remove_file(&netns);
+            if let Some(netns) = netns.filter(|p| p.starts_with("/run/netns")) {
+                remove_left_netns(&netns);
+            }
+        }
+        // Nor the namespaces of template builds a killed podvisord left.
+        let templates = self.root_dir.join("templates");
+        let built = std::fs::read_dir("/run/netns")
+            .map(|d| d.flatten().map(|e| e.path()).collect::<Vec<_>>())
+            .unwrap_or_default();
+        for netns in built {
+            let name = netns.file_name().unwrap_or_default().to_string_lossy();
+            if template::is_build_netns_of(&name, &templates) {
+                remove_left_netns(&netns);
             }
         }
         // Nor the pods' shares: the temporary directory's removal would otherwise walk into
@@ -622,6 +632,17 @@ impl Drop for Daemon {
             }
         }
     }
+}
+
+/// Unmounts and removes the network namespace file `netns` (under /run/netns) a failed
+/// test left.
+fn remove_left_netns(netns: &Path) {
+    eprintln!("[cri] removing left-over {}", netns.display());
+    if let Ok(c) = std::ffi::CString::new(netns.as_os_str().as_encoded_bytes()) {
+        // SAFETY: umount2(2) with a NUL-terminated path that lives across the call.
+        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+    }
+    let _ = std::fs::remove_file(netns);
 }
 
 /// PullImage of `image` for `pod`, as kubelet asks; returns the image reference to create

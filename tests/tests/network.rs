@@ -36,6 +36,7 @@ use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use podvisor_runtime::network::netns::NetNs;
 use podvisor_runtime::network::tap;
+use podvisor_runtime::pods::template;
 use podvisor_tests::capture::Capture;
 use podvisor_tests::cri::{
     CNI_BIN_DIR, Daemon, connect, daemon_config, delete_link, pull_image, shell_container,
@@ -749,11 +750,11 @@ async fn template_fallback(daemon: &Daemon, rt: &mut Runtime) -> Result<()> {
 /// The network namespaces of `daemon`'s template builds (other podvisords on the host have
 /// their own, with another tag).
 fn build_namespaces(daemon: &Daemon) -> Result<Vec<String>> {
-    let tag = podvisor_runtime::pods::template::build_tag(&daemon.root_dir.join("templates"));
+    let templates = daemon.root_dir.join("templates");
     Ok(run("ip", &["netns", "list"])?
         .lines()
         .filter_map(|l| l.split_whitespace().next())
-        .filter(|n| n.starts_with("podvisor-tpl-") && n.ends_with(&format!("-{tag}")))
+        .filter(|n| template::is_build_netns_of(n, &templates))
         .map(str::to_string)
         .collect())
 }

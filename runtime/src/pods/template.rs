@@ -89,14 +89,26 @@ pub enum TemplateError {
 
 /// What ends the names of the build namespaces and cgroups of the templates under
 /// `templates` (a podvisord's `<root_dir>/templates`): 8 hex digits of its path's hash.
-pub fn build_tag(templates: &Path) -> String {
+fn build_tag(templates: &Path) -> String {
     use std::os::unix::ffi::OsStrExt;
     hex::encode(&Sha256::digest(templates.as_os_str().as_bytes())[..4])
 }
 
+/// The start of a template build namespace's name.
+const BUILD_NETNS_PREFIX: &str = "podvisor-tpl-";
+
 /// The network namespace `template`'s VM is built in.
 fn build_netns(template: &Template) -> String {
-    format!("podvisor-tpl-{}", template.build_name())
+    format!("{BUILD_NETNS_PREFIX}{}", template.build_name())
+}
+
+/// Whether `netns` names a namespace a template of `templates` (a podvisord's templates
+/// directory) is built in; other podvisords on the host build in their own.
+pub fn is_build_netns_of(netns: &str, templates: &Path) -> bool {
+    netns
+        .strip_prefix(BUILD_NETNS_PREFIX)
+        .and_then(|rest| rest.strip_suffix(&format!("-{}", build_tag(templates))))
+        .is_some_and(|key| key.len() == 8 && key.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
 /// Whether `name` can be a template directory's name (a key).
@@ -600,6 +612,10 @@ mod tests {
         let (a, b) = (at("/tmp/a/templates"), at("/tmp/b/templates"));
         assert_ne!(a.build_name(), b.build_name());
         assert_eq!(a.build_name(), at("/tmp/a/templates").build_name());
+        let templates = Path::new("/tmp/a/templates");
+        assert!(is_build_netns_of(&build_netns(&a), templates));
+        assert!(!is_build_netns_of(&build_netns(&b), templates));
+        assert!(!is_build_netns_of("podvisor-tpl-cc081fc7", templates));
         assert!(
             a.build_name().starts_with("cc081fc7-"),
             "{}",
