@@ -511,18 +511,7 @@ impl PodManager {
             .collect();
         let client = lock(&sb.agent).clone();
         if let (false, Some(mut client)) = (live.is_empty(), client) {
-            // One call kills them all and flushes the share; their mounts and cgroups go
-            // with the VM, not one guest round trip each.
-            let req = agent::KillAllRequest {
-                timeout_ms: POD_KILL_WAIT.as_millis() as u32,
-            };
-            match call("KillAll", KILL_WAIT, client.kill_all(req)).await {
-                Ok(r) if r.left > 0 => {
-                    tracing::warn!(sandbox = id, left = r.left, "containers outlived SIGKILL");
-                }
-                Ok(_) => {}
-                Err(e) => tracing::warn!(sandbox = id, "kill the containers with their pod: {e}"),
-            }
+            kill_live(id, &mut client, &live).await;
             for c in &live {
                 c.wait_exited(POD_KILL_WAIT).await;
             }
@@ -574,6 +563,36 @@ impl PodManager {
         lock(&self.inner.sandboxes).remove(id);
         tracing::info!(sandbox = id, "sandbox removed");
         Ok(())
+    }
+}
+
+/// Kills the pod's running containers `live` in its VM, which is stopped next. One KillAll
+/// kills them all and flushes the share; their mounts and cgroups go with the VM, not one
+/// guest round trip each. A pod whose agent predates KillAll (started by an older
+/// podvisord) gets a DeleteContainer for each.
+async fn kill_live(sandbox: &str, client: &mut AgentClient<Channel>, live: &[Arc<Container>]) {
+    let req = agent::KillAllRequest {
+        timeout_ms: POD_KILL_WAIT.as_millis() as u32,
+    };
+    match call("KillAll", KILL_WAIT, client.kill_all(req)).await {
+        Ok(r) if r.left > 0 => {
+            tracing::warn!(sandbox, left = r.left, "containers outlived SIGKILL");
+        }
+        Ok(_) => {}
+        Err(PodError::Agent { status, .. }) if status.code() == tonic::Code::Unimplemented => {
+            for c in live {
+                let req = agent::DeleteContainerRequest {
+                    container_id: lock(&c.record).agent_container_id.clone(),
+                    force: true,
+                };
+                if let Err(e) =
+                    call("DeleteContainer", KILL_WAIT, client.delete_container(req)).await
+                {
+                    tracing::warn!(container = %c.id, "kill with its pod: {e}");
+                }
+            }
+        }
+        Err(e) => tracing::warn!(sandbox, "kill the containers with their pod: {e}"),
     }
 }
 
