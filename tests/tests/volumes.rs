@@ -479,14 +479,19 @@ async fn scenario(daemon: &Daemon, image_name: &str) -> anyhow::Result<()> {
     // name swapped between a directory and a symlink to / while another process walks
     // through it: the guest resolves every one of them in its own tree; the host follows
     // none. The swapper is bounded (three swaps, each seconds of emulated guest kernel)
-    // and the walker walks until it is done, so the two overlap.
+    // and the walker walks until it is done, so the two overlap. The walker opens the name
+    // with a shell redirection and `read` (no fork; a line without its newline is kept)
+    // at the lowest priority: it runs whenever the swapper waits for the host, not in its
+    // place (on the pod's one vCPU, a walker forking `cat` at the swapper's priority made
+    // this step take 5 to 18 minutes).
     let attempts = format!(
         "cd /mnt/share/{writer}/0; ln -s {secret} abs; \
          ln -s ../../../../../../../../{secret_rel} rel; \
          cat abs rel ../../../{secret_rel} /mnt/share/../{secret_rel} 2>/dev/null; \
          ( i=0; while [ $i -lt 3 ]; do mkdir d; rmdir d; ln -s / d; rm d; i=$((i+1)); done ) \
-           > /dev/null 2>&1 & swapper=$!; walks=0; \
-         while kill -0 $swapper 2>/dev/null; do cat d/{secret_rel} 2>/dev/null; \
+           > /dev/null 2>&1 & swapper=$!; walks=0; renice -n 19 -p $$ > /dev/null; \
+         while kill -0 $swapper 2>/dev/null; do \
+           line=; read -r line 2>/dev/null < d/{secret_rel}; [ -z \"$line\" ] || echo \"$line\"; \
            walks=$((walks+1)); done; wait; \
          rm -f abs rel; echo \"walks $walks\"; echo done"
     );
