@@ -498,7 +498,7 @@ async fn scenario(daemon: &mut Daemon, image_name: &str) -> anyhow::Result<()> {
         shell_container(
             "idle",
             &image,
-            "trap 'exit 0' TERM; while :; do sleep 1; done",
+            "trap 'exit 0' TERM; while :; do sleep 3600 & wait $!; done",
         ),
     )
     .await?;

@@ -197,7 +197,7 @@ async fn start_pod(
         ..shell_container(
             "bench",
             &image,
-            "trap 'exit 0' TERM; while :; do sleep 1; done",
+            "trap 'exit 0' TERM; while :; do sleep 3600 & wait $!; done",
         )
     };
     let id = rt
