@@ -61,12 +61,12 @@ unit-test: build
 # conformance compares every podvisor network namespace on the host before and after, so it
 # runs beside the VMM and agent tests only, which make none. Once it is done, the other
 # podvisord tests run in two lanes (each lane one test at a time; their checks look at their
-# own pods, bridges and directories): lane A after the VMM tests, lane B right away. volumes
-# is the longest test (~20 min in CI), so lane A holds it and the short snapshot test; the
-# rest (~18 min together) is lane B.
+# own pods, bridges and directories): lane A after the VMM tests, lane B right away. stream
+# is the longest test (6 to 19 min here, by what runs beside it), so lane A holds it and the
+# short snapshot test; the rest (~17 min together) is lane B.
 E2E_VM     := --test vmm --test agent --test portforward --test images --test cni --test stream_interop
-E2E_PODS_A := --test volumes --test snapshot
-E2E_PODS_B := --test cri --test install --test node --test network --test stream
+E2E_PODS_A := --test stream --test snapshot
+E2E_PODS_B := --test cri --test install --test network --test node --test volumes
 
 # (Not `build`: its whole-workspace feature set gives other hashes than `-p podvisor-tests`,
 # which would build every test binary twice.)
