@@ -37,16 +37,21 @@ struct Figures {
     files: f64,
 }
 
-/// The benchmark script for directory `dir`: prints `<step> <seconds>` lines, timed with
-/// `/proc/uptime` (guest) or `date` (host, where `uptime_cmd` differs).
-fn script(dir: &str, mib: u32, files: u32, drop_caches: bool) -> String {
-    let drop = if drop_caches {
-        "sync; echo 3 > /proc/sys/vm/drop_caches;"
+/// The benchmark script for directory `dir`: prints `<step> <start> <end>` lines. In the
+/// guest (`in_guest`: caches dropped) the clock is `/proc/uptime` (10 ms steps, no fork;
+/// the guest's steps take seconds); on the host `date +%s.%N`, as its steps take about a
+/// millisecond.
+fn script(dir: &str, mib: u32, files: u32, in_guest: bool) -> String {
+    let (drop, now) = if in_guest {
+        (
+            "sync; echo 3 > /proc/sys/vm/drop_caches;",
+            "read u _ < /proc/uptime; echo $u",
+        )
     } else {
-        ""
+        ("", "date +%s.%N")
     };
     format!(
-        "set -e; now() {{ read u _ < /proc/uptime; echo $u; }}; d={dir}; mkdir -p $d; \
+        "set -e; now() {{ {now}; }}; d={dir}; mkdir -p $d; \
          a=$(now); dd if=/dev/zero of=$d/big bs=1M count={mib} conv=fsync 2>/dev/null; \
          b=$(now); echo write $a $b; {drop} \
          a=$(now); dd if=$d/big of=/dev/null bs=1M 2>/dev/null; b=$(now); echo read $a $b; \
@@ -68,7 +73,8 @@ fn figures(out: &str, mib: u32, files: u32) -> Result<Figures> {
         let [step, a, b] = parts.as_slice() else {
             continue;
         };
-        let secs = (b.parse::<f64>()? - a.parse::<f64>()?).max(0.01);
+        // A floor against a zero interval on the host's nanosecond clock.
+        let secs = (b.parse::<f64>()? - a.parse::<f64>()?).max(1e-6);
         match *step {
             "write" => f.write = f64::from(mib) / secs,
             "read" => f.read = f64::from(mib) / secs,
