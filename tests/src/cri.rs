@@ -667,6 +667,10 @@ pub async fn pull_image(
         .image_ref)
 }
 
+/// A [`shell_container`] script that idles until SIGTERM (then exits 0). It sleeps in
+/// `wait`: on kvm_pvm a fork and exec of `sleep` every second keeps a host core ~70 % busy.
+pub const IDLE_SCRIPT: &str = "trap 'exit 0' TERM; while :; do sleep 3600 & wait $!; done";
+
 /// A container `name` of `image` running busybox `sh -c script`; callers add what else
 /// they need (log path, mounts, security context) with struct update syntax.
 pub fn shell_container(name: &str, image: &str, script: &str) -> cri::ContainerConfig {
@@ -796,11 +800,21 @@ pub async fn exec_sync(
     id: &str,
     cmd: &[&str],
 ) -> anyhow::Result<cri::ExecSyncResponse> {
+    exec_sync_within(rt, id, cmd, Duration::from_secs(120)).await
+}
+
+/// [`exec_sync`] with its own timeout.
+pub async fn exec_sync_within(
+    rt: &mut RuntimeServiceClient<Channel>,
+    id: &str,
+    cmd: &[&str],
+    timeout: Duration,
+) -> anyhow::Result<cri::ExecSyncResponse> {
     Ok(rt
         .exec_sync(cri::ExecSyncRequest {
             container_id: id.into(),
             cmd: cmd.iter().map(|s| (*s).to_string()).collect(),
-            timeout: 120,
+            timeout: timeout.as_secs() as i64,
         })
         .await
         .with_context(|| format!("ExecSync {cmd:?}"))?

@@ -31,8 +31,8 @@ use k8s_cri::v1 as cri;
 use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use podvisor_tests::cri::{
-    Daemon, cgroup_hierarchies, connect, exec_sync, expect_code, pull_image, remove_pod,
-    run_container, run_pod_vm, shell_container, start_cri_daemon,
+    Daemon, IDLE_SCRIPT, cgroup_hierarchies, connect, exec_sync, expect_code, pull_image,
+    remove_pod, run_container, run_pod_vm, shell_container, start_cri_daemon,
 };
 use tonic::transport::Channel;
 
@@ -495,11 +495,7 @@ async fn scenario(daemon: &mut Daemon, image_name: &str) -> anyhow::Result<()> {
         &mut rt,
         &vm.id,
         &pod,
-        shell_container(
-            "idle",
-            &image,
-            "trap 'exit 0' TERM; while :; do sleep 3600 & wait $!; done",
-        ),
+        shell_container("idle", &image, IDLE_SCRIPT),
     )
     .await?;
     let out = exec_sync(&mut rt, &idle, &["cat", "/proc/meminfo"]).await?;

@@ -37,7 +37,8 @@ use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use podvisor_runtime::pods::TermSize;
 use podvisor_runtime::stream::client::{LocalIo, PortForwarder, remotecommand};
 use podvisor_tests::cri::{
-    Daemon, connect, expect_code, pull_image, runtime_binary, shell_container, start_cri_daemon,
+    Daemon, connect, exec_sync_within, expect_code, pull_image, runtime_binary, shell_container,
+    start_cri_daemon,
 };
 use podvisor_tests::python::kubernetes_python;
 use sha2::{Digest, Sha256};
@@ -688,21 +689,17 @@ async fn port_forward(rt: &mut Runtime, pod_id: &str, web: &str) -> Result<()> {
     // asleep between looks: execs polling from here would each take guest time from the
     // making, which beside other VMs takes many minutes of emulated guest kernel. If the
     // making fails, `web` exits and the exec with it.
-    let r = rt
-        .exec_sync(cri::ExecSyncRequest {
-            container_id: web.into(),
-            cmd: [
-                "sh",
-                "-c",
-                "while [ ! -e /www/big ]; do sleep 10; done; sha256sum /www/big",
-            ]
-            .map(String::from)
-            .to_vec(),
-            timeout: BIG_FILE_TIMEOUT.as_secs() as i64,
-        })
-        .await
-        .context("ExecSync: wait for the big file")?
-        .into_inner();
+    let r = exec_sync_within(
+        rt,
+        web,
+        &[
+            "sh",
+            "-c",
+            "while [ ! -e /www/big ]; do sleep 10; done; sha256sum /www/big",
+        ],
+        BIG_FILE_TIMEOUT,
+    )
+    .await?;
     let want = String::from_utf8_lossy(&r.stdout)
         .split_whitespace()
         .next()

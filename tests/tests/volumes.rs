@@ -28,7 +28,7 @@ use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use podvisor_tests::configmap::{SwapWatch, write_configmap};
 use podvisor_tests::cri::{
-    Daemon, connect, exec_sync, mounts_under, pull_image, run_container, run_pod_vm,
+    Daemon, IDLE_SCRIPT, connect, exec_sync, mounts_under, pull_image, run_container, run_pod_vm,
     shell_container, start_cri_daemon,
 };
 use sha2::{Digest, Sha256};
@@ -239,7 +239,6 @@ async fn scenario(daemon: &Daemon, image_name: &str) -> anyhow::Result<()> {
     let pod_a = pod_config("a", true);
     let (a, a_dir) = run_pod(&mut rt, &pod_a).await?;
     let image = pull_image(&mut images, image_name, &pod_a).await?;
-    let idle = "trap 'exit 0' TERM; while :; do sleep 3600 & wait $!; done";
     let writer = run_container(
         &mut rt,
         &a,
@@ -250,7 +249,7 @@ async fn scenario(daemon: &Daemon, image_name: &str) -> anyhow::Result<()> {
                 mount(&host.host_path, "/host", false),
                 mount(&host.config_map, "/config", true),
             ],
-            ..shell_container("writer", &image, idle)
+            ..shell_container("writer", &image, IDLE_SCRIPT)
         },
     )
     .await?;
@@ -260,7 +259,7 @@ async fn scenario(daemon: &Daemon, image_name: &str) -> anyhow::Result<()> {
         &pod_a,
         cri::ContainerConfig {
             mounts: vec![mount(&host.empty_dir, "/shared", false)],
-            ..shell_container("reader", &image, idle)
+            ..shell_container("reader", &image, IDLE_SCRIPT)
         },
     )
     .await?;
@@ -426,7 +425,7 @@ async fn scenario(daemon: &Daemon, image_name: &str) -> anyhow::Result<()> {
         &pod_b,
         cri::ContainerConfig {
             mounts: vec![mount(&b_volume, "/data", false)],
-            ..shell_container("app", &image, idle)
+            ..shell_container("app", &image, IDLE_SCRIPT)
         },
     )
     .await?;
@@ -448,7 +447,7 @@ async fn scenario(daemon: &Daemon, image_name: &str) -> anyhow::Result<()> {
                 }),
                 ..Default::default()
             }),
-            ..shell_container("raw", &image, idle)
+            ..shell_container("raw", &image, IDLE_SCRIPT)
         },
     )
     .await?;

@@ -25,7 +25,7 @@ use k8s_cri::v1 as cri;
 use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use podvisor_tests::configmap::{SwapWatch, write_configmap};
-use podvisor_tests::cri::{connect, pull_image, shell_container, start_cri_daemon};
+use podvisor_tests::cri::{IDLE_SCRIPT, connect, pull_image, shell_container, start_cri_daemon};
 
 type Runtime = RuntimeServiceClient<Channel>;
 
@@ -200,11 +200,7 @@ async fn start_pod(
             }),
             ..Default::default()
         }),
-        ..shell_container(
-            "bench",
-            &image,
-            "trap 'exit 0' TERM; while :; do sleep 3600 & wait $!; done",
-        )
+        ..shell_container("bench", &image, IDLE_SCRIPT)
     };
     let id = rt
         .create_container(cri::CreateContainerRequest {
