@@ -8,7 +8,9 @@
 //! - a pod with kubelet's cgroupfs parent `/kubepods/burstable/pod<uid>` has its VMM in
 //!   `<parent>/podvisor-<sandbox>` in every hierarchy; PodSandboxStats and
 //!   ListPodSandboxStats (by id prefix and by label) show it busy: CPU and memory from the
-//!   VMM's cgroup, traffic on its TAP, its running container; a memory limit set on the pod's
+//!   VMM's cgroup, traffic on its TAP, its running container; ContainerStats and
+//!   ListContainerStats show the megabyte the container wrote into its rootfs as its
+//!   writable layer, and no swap (the VM has none); a memory limit set on the pod's
 //!   cgroup (as kubelet sets it) applies to the VMM: the guest touching more memory than
 //!   the limit gets the VMM killed by the host's OOM killer, counted in that cgroup, and
 //!   the sandbox turns NotReady;
@@ -207,6 +209,66 @@ async fn pod_ip(rt: &mut Runtime, id: &str) -> anyhow::Result<std::net::IpAddr> 
     ip.parse().with_context(|| format!("pod IP {ip:?}"))
 }
 
+/// What the busy container writes into its own rootfs, so its writable layer holds at least
+/// that.
+const LAYER_BYTES: u64 = 1 << 20;
+
+/// The writable layer's bytes and inodes of running container `id` once it holds
+/// [`LAYER_BYTES`] (waited for: the container writes them as it starts), from
+/// ContainerStats, checked against ListContainerStats; its swap figures are those of a VM
+/// without swap (none used, none available).
+async fn container_layer(rt: &mut Runtime, id: &str) -> anyhow::Result<(u64, u64)> {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let stats = rt
+            .container_stats(cri::ContainerStatsRequest {
+                container_id: id.into(),
+            })
+            .await?
+            .into_inner()
+            .stats
+            .context("no container stats")?;
+        let swap = stats.swap.as_ref().context("no swap figures")?;
+        ensure!(
+            swap.swap_usage_bytes.as_ref().map(|v| v.value) == Some(0)
+                && swap.swap_available_bytes.as_ref().map(|v| v.value) == Some(0),
+            "swap in a VM without swap: {swap:?}"
+        );
+        let layer = stats.writable_layer.as_ref().context("no writable layer")?;
+        let (bytes, inodes) = (
+            value(layer.used_bytes.as_ref()),
+            value(layer.inodes_used.as_ref()),
+        );
+        if bytes >= LAYER_BYTES {
+            ensure!(inodes >= 1, "{layer:?}");
+            let listed = rt
+                .list_container_stats(cri::ListContainerStatsRequest {
+                    filter: Some(cri::ContainerStatsFilter {
+                        id: id.into(),
+                        ..Default::default()
+                    }),
+                })
+                .await?
+                .into_inner()
+                .stats;
+            let listed_bytes = listed
+                .first()
+                .and_then(|s| s.writable_layer.as_ref())
+                .map(|w| value(w.used_bytes.as_ref()));
+            ensure!(
+                listed.len() == 1 && listed_bytes >= Some(LAYER_BYTES),
+                "ListContainerStats for {id}: {listed:?}"
+            );
+            return Ok((bytes, inodes));
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "the writable layer never reached {LAYER_BYTES} bytes: {layer:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 /// PodSandboxStats of `id`, checked to be what ListPodSandboxStats gives for the id and
 /// for the pod's label.
 async fn pod_stats(rt: &mut Runtime, id: &str, name: &str) -> anyhow::Result<cri::PodSandboxStats> {
@@ -328,9 +390,14 @@ async fn scenario(daemon: &mut Daemon, image_name: &str) -> anyhow::Result<()> {
         &mut rt,
         &vm.id,
         &pod,
-        shell_container("busy", &image, "while :; do :; done"),
+        shell_container(
+            "busy",
+            &image,
+            &format!("head -c {LAYER_BYTES} /dev/zero > /layer-file; while :; do :; done"),
+        ),
     )
     .await?;
+    let layer = container_layer(&mut rt, &busy).await?;
     let ip = pod_ip(&mut rt, &vm.id).await?;
     // Traffic both ways: a SYN in, the guest's RST out.
     let refused = std::net::TcpStream::connect_timeout(&(ip, 9).into(), Duration::from_secs(30));
@@ -369,6 +436,19 @@ async fn scenario(daemon: &mut Daemon, image_name: &str) -> anyhow::Result<()> {
             .iter()
             .any(|c| c.attributes.as_ref().is_some_and(|a| a.id == busy) && c.cpu.is_some()),
         "the busy container is not in its pod's stats: {stats:?}"
+    );
+    ensure!(
+        linux.containers.iter().any(|c| c
+            .writable_layer
+            .as_ref()
+            .and_then(|w| w.used_bytes.as_ref())
+            .is_some_and(|b| b.value >= LAYER_BYTES)),
+        "the busy container's writable layer is not in its pod's stats: {stats:?}"
+    );
+    println!(
+        "[node] container stats: writable layer {} KiB in {} inodes",
+        layer.0 >> 10,
+        layer.1
     );
     let none = rt
         .list_pod_sandbox_stats(cri::ListPodSandboxStatsRequest {

@@ -856,6 +856,7 @@ impl Manager {
             out.push(ContainerStats {
                 container_id: id,
                 stats: c.cgroup.as_ref().map(|cg| stats::read_stats(&cg.path)),
+                writable_layer: stats::fs_usage(&rootfs::upper_dir(&c.bundle)),
             });
         }
         let sandbox_dir = self

@@ -306,6 +306,12 @@ pub fn rootfs_dir(bundle: &Path) -> PathBuf {
     bundle.join("rootfs")
 }
 
+/// The container's writable layer: a tmpfs of its own holding the overlay's upper and work
+/// directories.
+pub fn upper_dir(bundle: &Path) -> PathBuf {
+    bundle.join("upper")
+}
+
 const DEVICES: [(&str, u64, u64); 6] = [
     ("null", 1, 3),
     ("zero", 1, 5),
@@ -505,7 +511,7 @@ pub fn validate_mounts(mounts: &[Mount]) -> Result<(), RootfsError> {
 /// [`cleanup`].
 pub fn prepare(spec: &RootfsSpec<'_>) -> Result<PreparedRootfs, RootfsError> {
     validate_mounts(spec.mounts)?;
-    let upper = spec.bundle.join("upper");
+    let upper = upper_dir(&spec.bundle);
     let rootfs = rootfs_dir(&spec.bundle);
     for d in [&upper, &rootfs] {
         fs::create_dir_all(d).map_err(io_err("mkdir", d))?;
@@ -631,7 +637,7 @@ fn bind(
 
 /// Unmounts everything below the bundle and removes it.
 pub fn cleanup(bundle: &Path) {
-    for p in [rootfs_dir(bundle), bundle.join("upper")] {
+    for p in [rootfs_dir(bundle), upper_dir(bundle)] {
         match umount2(&p, MntFlags::MNT_DETACH) {
             Ok(()) | Err(nix::Error::EINVAL) | Err(nix::Error::ENOENT) => {}
             Err(e) => tracing::warn!("unmount {}: {e}", p.display()),

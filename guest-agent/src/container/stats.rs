@@ -1,9 +1,9 @@
-//! cgroup v2 statistics.
+//! cgroup v2 statistics, and the usage of a container's writable layer.
 
 use std::fs;
 use std::path::Path;
 
-use podvisor_proto::v1::CgroupStats;
+use podvisor_proto::v1::{CgroupStats, FsUsage};
 
 use super::cgroup::flat_keyed;
 use super::exit::now_nanos;
@@ -16,8 +16,18 @@ fn single(dir: &Path, file: &str) -> u64 {
     read(dir, file).trim().parse().unwrap_or(0)
 }
 
-/// Reads cpu.stat, memory.current, memory.stat, memory.events and pids.current of `dir`.
+/// Reads cpu.stat, memory.current, memory.stat, memory.events, memory.swap.* and
+/// pids.current of `dir`.
 pub fn read_stats(dir: &Path) -> CgroupStats {
+    read_stats_with(
+        dir,
+        &fs::read_to_string("/proc/meminfo").unwrap_or_default(),
+    )
+}
+
+/// [`read_stats`] with the VM's `/proc/meminfo` text given.
+fn read_stats_with(dir: &Path, meminfo: &str) -> CgroupStats {
+    let (swap_usage_bytes, swap_available_bytes) = swap(dir, meminfo).unzip();
     let cpu = read(dir, "cpu.stat");
     let mem = read(dir, "memory.stat");
     let usage = single(dir, "memory.current");
@@ -32,7 +42,42 @@ pub fn read_stats(dir: &Path) -> CgroupStats {
         oom_kills: flat_keyed(&read(dir, "memory.events"), "oom_kill").unwrap_or(0),
         pids_current: single(dir, "pids.current"),
         timestamp_unix_nanos: now_nanos(),
+        swap_usage_bytes,
+        swap_available_bytes,
     }
+}
+
+/// The cgroup's swap usage and what it could still swap: the VM's free swap within
+/// `memory.swap.max`. None when the kernel keeps no swap accounting (no memory.swap.current).
+fn swap(dir: &Path, meminfo: &str) -> Option<(u64, u64)> {
+    let usage: u64 = fs::read_to_string(dir.join("memory.swap.current"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    // "max" (or a missing file, as on the root cgroup) is no limit of the cgroup's own.
+    let max = read(dir, "memory.swap.max")
+        .trim()
+        .parse()
+        .unwrap_or(u64::MAX);
+    let free = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("SwapFree:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .unwrap_or(0)
+        .saturating_mul(1024);
+    Some((usage, free.min(max.saturating_sub(usage))))
+}
+
+/// Bytes and inodes in use on the file system at `path` (a container's writable layer is a
+/// tmpfs of its own, so this is what the container wrote). None when `path` cannot be read.
+pub fn fs_usage(path: &Path) -> Option<FsUsage> {
+    let st = nix::sys::statvfs::statvfs(path).ok()?;
+    let used_blocks = st.blocks().saturating_sub(st.blocks_free());
+    Some(FsUsage {
+        used_bytes: used_blocks.saturating_mul(st.fragment_size()),
+        inodes_used: st.files().saturating_sub(st.files_free()),
+    })
 }
 
 #[cfg(test)]
@@ -54,7 +99,10 @@ mod tests {
         );
         w("memory.events", "oom 2\noom_kill 1\n");
         w("pids.current", "3\n");
-        let s = read_stats(d.path());
+        w("memory.swap.current", "8192\n");
+        w("memory.swap.max", "max\n");
+        let meminfo = "SwapTotal:        2048 kB\nSwapFree:         1024 kB\n";
+        let s = read_stats_with(d.path(), meminfo);
         assert_eq!(s.cpu_usage_usec, 1500);
         assert_eq!(s.cpu_system_usec, 500);
         assert_eq!(s.memory_usage_bytes, 10_485_760);
@@ -62,5 +110,27 @@ mod tests {
         assert_eq!(s.memory_rss_bytes, 4096);
         assert_eq!(s.oom_kills, 1);
         assert_eq!(s.pids_current, 3);
+        assert_eq!(s.swap_usage_bytes, Some(8192));
+        assert_eq!(s.swap_available_bytes, Some(1_048_576));
+        // A cgroup limit below the VM's free swap bounds what is available.
+        w("memory.swap.max", "12288\n");
+        let s = read_stats_with(d.path(), meminfo);
+        assert_eq!(s.swap_available_bytes, Some(4096));
+        // No swap accounting in the kernel: no figures, not zeros.
+        fs::remove_file(d.path().join("memory.swap.current")).expect("rm");
+        let s = read_stats_with(d.path(), meminfo);
+        assert_eq!((s.swap_usage_bytes, s.swap_available_bytes), (None, None));
+    }
+
+    #[test]
+    fn fs_usage_counts_what_was_written() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let before = fs_usage(d.path()).expect("statvfs");
+        assert!(fs_usage(&d.path().join("missing")).is_none());
+        // Usage of a shared file system moves with others' writes; only check it is sane.
+        assert!(
+            before.used_bytes > 0 && before.inodes_used > 0,
+            "{before:?}"
+        );
     }
 }

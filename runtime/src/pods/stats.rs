@@ -26,6 +26,8 @@ pub struct ContainerStats {
     pub record: ContainerRecord,
     /// Its cgroup statistics, when its VM answered.
     pub stats: Option<agent::CgroupStats>,
+    /// Its writable layer's usage, when its VM answered.
+    pub writable_layer: Option<agent::FsUsage>,
 }
 
 /// One pod's statistics.
@@ -112,7 +114,7 @@ impl PodManager {
             .filter(|r| r.state == ContainerState::Running)
             .map(|r| r.agent_container_id.clone())
             .collect();
-        let mut stats: HashMap<String, agent::CgroupStats> = HashMap::new();
+        let mut stats: HashMap<String, agent::ContainerStats> = HashMap::new();
         if let (Some(mut client), false) = (client, running.is_empty()) {
             let req = agent::StatsRequest {
                 container_ids: running,
@@ -120,9 +122,7 @@ impl PodManager {
             match call("Stats", STATS_TIMEOUT, client.stats(req)).await {
                 Ok(resp) => {
                     for cs in resp.containers {
-                        if let Some(s) = cs.stats {
-                            stats.insert(cs.container_id, s);
-                        }
+                        stats.insert(cs.container_id.clone(), cs);
                     }
                 }
                 Err(e) => tracing::warn!(sandbox = %sandbox_id, "stats: {e}"),
@@ -130,9 +130,14 @@ impl PodManager {
         }
         records
             .into_iter()
-            .map(|r| ContainerStats {
-                stats: stats.remove(&r.agent_container_id),
-                record: r,
+            .map(|r| {
+                let s = stats.remove(&r.agent_container_id);
+                let (stats, writable_layer) = s.map(|s| (s.stats, s.writable_layer)).unzip();
+                ContainerStats {
+                    stats: stats.flatten(),
+                    writable_layer: writable_layer.flatten(),
+                    record: r,
+                }
             })
             .collect()
     }

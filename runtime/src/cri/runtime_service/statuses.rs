@@ -170,8 +170,24 @@ pub(super) fn stats_of(s: &crate::pods::ContainerStats) -> cri::ContainerStats {
             rss_bytes: u(st.memory_rss_bytes),
             ..Default::default()
         }),
-        writable_layer: None,
-        swap: None,
+        // The layer is a tmpfs inside the VM (guest memory, charged to the pod's cgroup),
+        // on no host file system: no fs_id, so kubelet does not look one up.
+        writable_layer: s.writable_layer.as_ref().map(|w| cri::FilesystemUsage {
+            timestamp: s
+                .stats
+                .as_ref()
+                .map_or_else(podvisor_common::now_ns, |st| st.timestamp_unix_nanos),
+            fs_id: None,
+            used_bytes: u(w.used_bytes),
+            inodes_used: u(w.inodes_used),
+        }),
+        swap: s.stats.as_ref().and_then(|st| {
+            Some(cri::SwapUsage {
+                timestamp: st.timestamp_unix_nanos,
+                swap_usage_bytes: u(st.swap_usage_bytes?),
+                swap_available_bytes: st.swap_available_bytes.and_then(u),
+            })
+        }),
     }
 }
 
