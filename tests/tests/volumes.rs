@@ -455,7 +455,9 @@ async fn scenario(daemon: &Daemon, image_name: &str) -> anyhow::Result<()> {
         &mut rt,
         &raw,
         &format!(
-            "mkdir -p /mnt/share && mount -t virtiofs podvisor /mnt/share && ls /mnt/share; \
+            "mkdir -p /mnt/share && mount -t virtiofs podvisor /mnt/share && \
+             dev=$(grep ' /mnt/share ' /proc/self/mountinfo | cut -d' ' -f3) && \
+             echo readahead $(cat /sys/class/bdi/$dev/read_ahead_kb) && ls /mnt/share; \
              if echo x > /mnt/share/{writer}/2/new 2>/dev/null; then echo ro-writable; \
              else echo ro-refused; fi"
         ),
@@ -471,6 +473,12 @@ async fn scenario(daemon: &Daemon, image_name: &str) -> anyhow::Result<()> {
         "pod A's share shows pod B's container: {out:?}"
     );
     ensure!(listed.last() == Some(&"ro-refused"), "{out:?}");
+    // The agent raised the share's readahead to the device's largest request (a second
+    // mount of the tag is the same super block).
+    ensure!(
+        listed.first() == Some(&"readahead 1024"),
+        "the share's readahead: {out:?}"
+    );
     ensure!(!host.config_map.join("new").exists());
     let secret = host.secret.display();
     let secret_rel = host.secret.strip_prefix("/")?.display();
