@@ -271,10 +271,12 @@ fn files_in(dir: &Path) -> Vec<PathBuf> {
         .unwrap_or_default()
 }
 
-/// A log line the container writes once a file appears: `app` prints `/tmp/say` whenever an
-/// ExecSync puts it there, so a test can make it log a line exactly when it wants.
-const SAY_LOOP: &str = "while true; do if [ -f /tmp/say ]; then cat /tmp/say; rm -f /tmp/say; \
-                        fi; sleep 1; done";
+/// A log line the container writes when asked: `app` prints each line an ExecSync writes
+/// into the FIFO `/tmp/say`, so a test can make it log a line exactly when it wants. It
+/// waits in `open` of the FIFO (no process forked per check: on kvm_pvm a `sleep` loop keeps
+/// a host core busy).
+const SAY_LOOP: &str =
+    "mkfifo /tmp/say; while :; do read -r line < /tmp/say && echo \"$line\"; done";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubelet_lifecycle_on_a_real_vm() -> anyhow::Result<()> {
@@ -419,7 +421,8 @@ async fn run_container(
 
 /// Makes `app` (running [`SAY_LOOP`]) write `line` to its stdout.
 async fn say(rt: &mut Runtime, app: &str, line: &str) -> anyhow::Result<()> {
-    let script = format!("echo {line} > /tmp/say.new && mv /tmp/say.new /tmp/say");
+    // The FIFO is made when `app` starts; until then a write would make a plain file.
+    let script = format!("while [ ! -p /tmp/say ]; do sleep 0.2; done; echo {line} > /tmp/say");
     let out = exec(rt, app, &["sh", "-c", &script]).await?;
     ensure!(out.exit_code == 0, "exec: {out:?}");
     Ok(())
