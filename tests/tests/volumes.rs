@@ -39,7 +39,8 @@ type Runtime = RuntimeServiceClient<Channel>;
 /// The shared file and the small files of step 1. CI runs 2 MiB and 100 files: every byte
 /// and file operation crosses the emulated guest kernel on a kvm_pvm host (about
 /// 0.15 MiB/s and 2 files/s here, the container's own root file system being about twice
-/// that), so the 64 MiB and 2,000 files take some twenty minutes. Set
+/// that), so the 64 MiB and 2,000 files take about 40 minutes (42 min here, with
+/// the writer's and the reader's steps 12–14 min each). Set
 /// `PODVISOR_VOLUMES_MIB=64 PODVISOR_VOLUMES_FILES=2000` to run those.
 fn sizes() -> (usize, usize) {
     let get = |name: &str, default: usize| {
