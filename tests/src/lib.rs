@@ -38,6 +38,15 @@ pub mod paths;
 pub mod procfs;
 pub mod python;
 pub mod registry;
+
+/// The SHA-256 of `data`, lowercase hex (as `sha256sum` prints it).
+pub fn sha256_hex(data: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
 pub mod vm;
 
 pub use vm::{DriveSpec, GuestRoot, Pattern, Vm, VmSpec};

@@ -331,9 +331,9 @@ async fn installed_podvisor_runs_a_pod_and_the_deb_holds_the_same_files() -> any
     // 1. The install, and the files it lays out.
     let step = Instant::now();
     let rootfs = paths::agent_rootfs_path();
-    let rootfs_id = |p: &Path| {
-        std::fs::metadata(p).map(|m| (std::os::unix::fs::MetadataExt::ino(&m), m.modified().ok()))
-    };
+    // By content: another test's `make rootfs` touches an up-to-date image, and a rebuild
+    // from the same agent is byte for byte the same image.
+    let rootfs_id = |p: &Path| std::fs::read(p).map(|bytes| podvisor_tests::sha256_hex(&bytes));
     let rootfs_before = rootfs_id(&rootfs)?;
     run(
         &mut install_sh("install", &dest, &bin_dir),
@@ -557,8 +557,8 @@ async fn installed_podvisor_runs_a_pod_and_the_deb_holds_the_same_files() -> any
     )?;
     ensure!(
         rootfs_id(&rootfs)? == rootfs_before,
-        "build/guest/rootfs.ext4 was rebuilt while this test ran (another test's `make \
-         rootfs`): the install and the package hold different images; run it again"
+        "build/guest/rootfs.ext4 changed while this test ran (another test's `make rootfs` \
+         from another agent): the install and the package hold different images"
     );
     let deb = std::fs::read_dir(&deb_dir)?
         .flatten()

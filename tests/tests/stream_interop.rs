@@ -47,7 +47,7 @@ use podvisor_runtime::stream::client::{LocalIo, PortForwarder, remotecommand};
 use podvisor_tests::containerd::{Containerd, containerd_available, push_pause};
 use podvisor_tests::cri::{connect, exec_sync, pull_image, shell_container};
 use podvisor_tests::registry::{Registry, push_busybox};
-use sha2::{Digest, Sha256};
+use podvisor_tests::sha256_hex;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tonic::transport::Channel;
@@ -65,13 +65,6 @@ const STEP_TIMEOUT: Duration = Duration::from_secs(120);
 /// The test's containerd network.
 const BRIDGE: &str = "pvinterop0";
 const SUBNET: &str = "10.88.215.0/24";
-
-fn sha256_hex(data: &[u8]) -> String {
-    Sha256::digest(data)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
 
 fn random_bytes(n: usize) -> Result<Vec<u8>> {
     let mut v = vec![0u8; n];

@@ -20,9 +20,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail, ensure};
 use podvisor_tests::netns::NetNs;
+use podvisor_tests::sha256_hex;
 use podvisor_tests::vm::host_vsock_echo;
 use podvisor_tests::{DriveSpec, Pattern, Vm, VmSpec, artifacts, paths};
-use sha2::{Digest, Sha256};
 
 /// From spawn to the guest's init marker: generous, as a loaded kvm_pvm host
 /// can take minutes (override with `PODVISOR_TEST_BOOT_TIMEOUT=<seconds>`).
@@ -44,13 +44,6 @@ fn boot_timeout() -> Duration {
         .ok()
         .and_then(|s| s.parse().ok())
         .map_or(BOOT_TIMEOUT, Duration::from_secs)
-}
-
-fn sha256_hex(data: &[u8]) -> String {
-    Sha256::digest(data)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
 }
 
 /// The 512 bytes main.sh writes: `yes podvisor-pattern- | head -c 512`.

@@ -31,7 +31,7 @@ use podvisor_tests::cri::{
     Daemon, IDLE_SCRIPT, connect, exec_sync, mounts_under, pull_image, run_container, run_pod_vm,
     shell_container, start_cri_daemon,
 };
-use sha2::{Digest, Sha256};
+use podvisor_tests::sha256_hex;
 use tonic::transport::Channel;
 
 type Runtime = RuntimeServiceClient<Channel>;
@@ -83,13 +83,6 @@ fn step(name: &str) -> Instant {
 
 fn done(name: &str, t: Instant) {
     println!("[volumes] {name} took {:.2} s", t.elapsed().as_secs_f64());
-}
-
-fn sha256_hex(data: &[u8]) -> String {
-    Sha256::digest(data)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
 }
 
 fn pod_config(name: &str, privileged: bool) -> cri::PodSandboxConfig {
