@@ -38,6 +38,9 @@ pub mod paths;
 pub mod procfs;
 pub mod python;
 pub mod registry;
+pub mod vm;
+
+pub use vm::{DriveSpec, GuestRoot, Pattern, Vm, VmSpec};
 
 /// The SHA-256 of `data`, lowercase hex (as `sha256sum` prints it).
 pub fn sha256_hex(data: &[u8]) -> String {
@@ -47,6 +50,3 @@ pub fn sha256_hex(data: &[u8]) -> String {
         .map(|b| format!("{b:02x}"))
         .collect()
 }
-pub mod vm;
-
-pub use vm::{DriveSpec, GuestRoot, Pattern, Vm, VmSpec};

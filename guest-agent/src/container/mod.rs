@@ -848,6 +848,7 @@ impl Manager {
         } else {
             r.container_ids.clone()
         };
+        let meminfo = stats::meminfo();
         let mut out = Vec::new();
         for id in ids {
             let c = containers
@@ -855,7 +856,10 @@ impl Manager {
                 .ok_or_else(|| Status::not_found(format!("container {id:?} not found")))?;
             out.push(ContainerStats {
                 container_id: id,
-                stats: c.cgroup.as_ref().map(|cg| stats::read_stats(&cg.path)),
+                stats: c
+                    .cgroup
+                    .as_ref()
+                    .map(|cg| stats::read_stats(&cg.path, &meminfo)),
                 writable_layer: stats::fs_usage(&rootfs::upper_dir(&c.bundle)),
             });
         }
@@ -864,7 +868,9 @@ impl Manager {
             .cgroup_podvisor()
             .join(lock(&self.sandbox_id).as_str());
         Ok(StatsResponse {
-            sandbox: self.use_cgroups.then(|| stats::read_stats(&sandbox_dir)),
+            sandbox: self
+                .use_cgroups
+                .then(|| stats::read_stats(&sandbox_dir, &meminfo)),
             containers: out,
         })
     }

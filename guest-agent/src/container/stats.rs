@@ -16,17 +16,15 @@ fn single(dir: &Path, file: &str) -> u64 {
     read(dir, file).trim().parse().unwrap_or(0)
 }
 
-/// Reads cpu.stat, memory.current, memory.stat, memory.events, memory.swap.* and
-/// pids.current of `dir`.
-pub fn read_stats(dir: &Path) -> CgroupStats {
-    read_stats_with(
-        dir,
-        &fs::read_to_string("/proc/meminfo").unwrap_or_default(),
-    )
+/// The VM's `/proc/meminfo`, read once per statistics call and given to [`read_stats`] for
+/// each cgroup (empty if unreadable: no free swap).
+pub fn meminfo() -> String {
+    fs::read_to_string("/proc/meminfo").unwrap_or_default()
 }
 
-/// [`read_stats`] with the VM's `/proc/meminfo` text given.
-fn read_stats_with(dir: &Path, meminfo: &str) -> CgroupStats {
+/// Reads cpu.stat, memory.current, memory.stat, memory.events, memory.swap.* and
+/// pids.current of `dir`; `meminfo` is the VM's [`meminfo`].
+pub fn read_stats(dir: &Path, meminfo: &str) -> CgroupStats {
     let (swap_usage_bytes, swap_available_bytes) = swap(dir, meminfo).unzip();
     let cpu = read(dir, "cpu.stat");
     let mem = read(dir, "memory.stat");
@@ -102,7 +100,7 @@ mod tests {
         w("memory.swap.current", "8192\n");
         w("memory.swap.max", "max\n");
         let meminfo = "SwapTotal:        2048 kB\nSwapFree:         1024 kB\n";
-        let s = read_stats_with(d.path(), meminfo);
+        let s = read_stats(d.path(), meminfo);
         assert_eq!(s.cpu_usage_usec, 1500);
         assert_eq!(s.cpu_system_usec, 500);
         assert_eq!(s.memory_usage_bytes, 10_485_760);
@@ -114,11 +112,11 @@ mod tests {
         assert_eq!(s.swap_available_bytes, Some(1_048_576));
         // A cgroup limit below the VM's free swap bounds what is available.
         w("memory.swap.max", "12288\n");
-        let s = read_stats_with(d.path(), meminfo);
+        let s = read_stats(d.path(), meminfo);
         assert_eq!(s.swap_available_bytes, Some(4096));
         // No swap accounting in the kernel: no figures, not zeros.
         fs::remove_file(d.path().join("memory.swap.current")).expect("rm");
-        let s = read_stats_with(d.path(), meminfo);
+        let s = read_stats(d.path(), meminfo);
         assert_eq!((s.swap_usage_bytes, s.swap_available_bytes), (None, None));
     }
 

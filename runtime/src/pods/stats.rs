@@ -131,11 +131,12 @@ impl PodManager {
         records
             .into_iter()
             .map(|r| {
-                let s = stats.remove(&r.agent_container_id);
-                let (stats, writable_layer) = s.map(|s| (s.stats, s.writable_layer)).unzip();
+                let (stats, writable_layer) = stats
+                    .remove(&r.agent_container_id)
+                    .map_or((None, None), |s| (s.stats, s.writable_layer));
                 ContainerStats {
-                    stats: stats.flatten(),
-                    writable_layer: writable_layer.flatten(),
+                    stats,
+                    writable_layer,
                     record: r,
                 }
             })
